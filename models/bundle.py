@@ -1,0 +1,317 @@
+"""Bundle format v1: the only artifact that passes from training to serving.
+
+A bundle is a folder::
+
+    manifest.json                  schema version, backbones, encoders, label sets, file hashes
+    class_vectors.safetensors      one [N, D] float32 tensor per label set (rows in class order)
+    prompts.safetensors            learned prompt rows: "image" [J, n, w], "text" [J, n, w]
+    projector.safetensors          PromptKD projector state (optional)
+    backbones/<key>.safetensors    embedded backbone weights (optional; required for random init)
+    image_encoder.onnx[.data]      exported image tower (optional)
+
+``save_bundle`` writes the tensors first and the manifest last (atomically), so a folder with a
+manifest is always complete. ``load_bundle`` validates everything it reads and raises a
+:class:`BundleError` subclass naming the exact problem. Reading needs only ``models/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load_file, save_file
+
+from models.backbone import PreprocessConfig, sha256_file
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+CLASS_VECTORS = "class_vectors.safetensors"
+PROMPTS = "prompts.safetensors"
+PROJECTOR = "projector.safetensors"
+DEFAULT_LABEL_SET = "default"
+
+
+class BundleError(ValueError):
+    """A bundle cannot be used; the message names the file and the problem."""
+
+
+class BundleMissingFile(BundleError):
+    """manifest.json or a file the manifest lists is absent."""
+
+
+class BundleChecksumError(BundleError):
+    """A file's sha256 differs from the manifest's."""
+
+
+class BundleSchemaError(BundleError):
+    """The manifest was written by a newer promptdistill, or is malformed."""
+
+
+class BundleDimensionError(BundleError):
+    """Tensor shapes disagree with the manifest or with each other."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneRef(_Model):
+    """How to rebuild one backbone: open_clip config + weights reference."""
+
+    name: str  # as the user gave it: architecture name, config path, local-dir:, hf-hub:
+    open_clip_config: dict[str, Any]  # resolved model config (no external file needed)
+    pretrained: str | None = None  # tag or original weights file path
+    weights_file: str | None = None  # embedded weights, relative to the bundle (wins over pretrained)
+    weights_sha256: str | None = None  # of the original weights file, where it was a file
+
+
+class PreprocessSpec(_Model):
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+
+    def to_config(self) -> PreprocessConfig:
+        return PreprocessConfig(**self.model_dump())
+
+    @classmethod
+    def from_config(cls, cfg: PreprocessConfig) -> PreprocessSpec:
+        return cls(**cfg.__dict__)
+
+
+class PromptSpec(_Model):
+    n_tokens: int = 0
+    depth: int = 1
+    init: str | None = None  # text prompts only: the phrase row 0 started from
+
+
+class ProjectorSpec(_Model):
+    in_dim: int
+    out_dim: int
+
+
+class OnnxSpec(_Model):
+    file: str  # relative path of the .onnx file
+    data_file: str | None = None  # external weights written next to it, if any
+    opset: int
+    input_name: str = "pixels"
+    output_name: str = "embedding"  # L2-normalised [B, embed_dim]
+    max_abs_diff: float  # measured against torch at export time
+    quantization: Literal["none", "dynamic-int8"] = "none"
+    parity: dict[str, float] = Field(default_factory=dict)  # extra checks (top-1 agreement, ...)
+
+
+class ImageEncoderSpec(_Model):
+    backbone: str  # key into Manifest.backbones
+    preprocess: PreprocessSpec
+    prompts: PromptSpec = PromptSpec()
+    projector: ProjectorSpec | None = None
+    output_dim: int
+    onnx: list[OnnxSpec] = Field(default_factory=list)
+
+
+class TextEncoderSpec(_Model):
+    """The text side: encodes a new class name exactly as the exporter encoded the stored ones."""
+
+    backbone: str
+    prompts: PromptSpec = PromptSpec()
+    templates: list[str]  # each with one "{}"; class vector = normalised mean over templates
+    output_dim: int
+
+
+class ClassEntry(_Model):
+    id: int
+    name: str
+    provenance: str = "bundle"  # e.g. "zeroshot", "promptkd:base", "promptkd:novel", "runtime"
+
+
+class LabelSetSpec(_Model):
+    name: str
+    classes: list[ClassEntry]  # index order = row order of the class-vector tensor
+
+
+class Manifest(_Model):
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    producer: dict[str, str] = Field(default_factory=dict)  # method, promptdistill version, ...
+    backbones: dict[str, BackboneRef]
+    embed_dim: int  # dimension of class vectors and image embeddings
+    logit_scale: float  # exp(logit_scale): softmax temperature multiplier (100 for OpenAI CLIP)
+    image_encoder: ImageEncoderSpec
+    text_encoder: TextEncoderSpec | None = None  # None: no runtime class addition possible
+    label_sets: list[LabelSetSpec]
+    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
+    extra: dict[str, Any] = Field(default_factory=dict)  # method-specific facts (metrics, configs)
+
+
+@dataclass
+class Bundle:
+    """An in-memory bundle: manifest plus tensors. ``root`` is set when loaded from disk."""
+
+    manifest: Manifest
+    class_vectors: dict[str, torch.Tensor]  # label-set name -> [N, D]
+    prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # "image"/"text" -> [J, n, w]
+    projector: dict[str, torch.Tensor] | None = None
+    backbone_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # to embed
+    root: Path | None = None
+
+    def path(self, relative: str) -> Path:
+        if self.root is None:
+            raise BundleError("bundle has no folder yet; save it first")
+        return self.root / relative
+
+    def label_set(self, name: str = DEFAULT_LABEL_SET) -> LabelSetSpec:
+        for ls in self.manifest.label_sets:
+            if ls.name == name:
+                return ls
+        raise KeyError(name)
+
+
+def save_bundle(bundle: Bundle, out_dir: str | Path, extra_files: dict[str, Path] | None = None) -> Path:
+    """Write ``bundle`` into ``out_dir`` (created; an existing manifest there is replaced).
+
+    Args:
+        bundle: manifest + tensors. The manifest's ``files`` are recomputed here.
+        out_dir: target folder.
+        extra_files: already-written files inside ``out_dir`` to checksum too (ONNX models).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _validate(bundle)
+    written: list[str] = [CLASS_VECTORS]
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in bundle.class_vectors.items()}, out / CLASS_VECTORS)
+    if bundle.prompts:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in bundle.prompts.items()}, out / PROMPTS)
+        written.append(PROMPTS)
+    if bundle.projector is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in bundle.projector.items()}, out / PROJECTOR)
+        written.append(PROJECTOR)
+    backbones = dict(bundle.manifest.backbones)
+    for key, state in bundle.backbone_states.items():
+        rel = f"backbones/{key}.safetensors"
+        (out / "backbones").mkdir(exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / rel)
+        backbones[key] = backbones[key].model_copy(update={"weights_file": rel})
+        written.append(rel)
+    for rel in extra_files or {}:
+        written.append(rel)
+    files = {rel: sha256_file(out / rel) for rel in written}
+    manifest = bundle.manifest.model_copy(update={"files": files, "backbones": backbones})
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2))
+    os.replace(tmp, out / MANIFEST)
+    bundle.manifest, bundle.root = manifest, out
+    return out
+
+
+def load_bundle(bundle_dir: str | Path, *, verify: bool = True) -> Bundle:
+    """Read and validate a bundle folder.
+
+    Raises:
+        BundleMissingFile: no manifest, or a listed file is absent.
+        BundleSchemaError: schema newer than this reader, or a malformed manifest.
+        BundleChecksumError: a file's sha256 differs from the manifest (skipped if ``verify=False``).
+        BundleDimensionError: tensor shapes disagree with the manifest.
+    """
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    for rel, digest in manifest.files.items():
+        path = root / rel
+        if not path.is_file():
+            raise BundleMissingFile(f"bundle {root}: file {rel} listed in manifest.json is missing")
+        if verify and sha256_file(path) != digest:
+            raise BundleChecksumError(
+                f"bundle {root}: {rel} is corrupted (sha256 differs from manifest.json); re-export the bundle"
+            )
+    if CLASS_VECTORS not in manifest.files:
+        raise BundleSchemaError(f"bundle {root}: manifest lists no {CLASS_VECTORS}")
+    bundle = Bundle(
+        manifest=manifest,
+        class_vectors=load_file(root / CLASS_VECTORS),
+        prompts=load_file(root / PROMPTS) if PROMPTS in manifest.files else {},
+        projector=load_file(root / PROJECTOR) if PROJECTOR in manifest.files else None,
+        root=root,
+    )
+    _validate(bundle)
+    return bundle
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = root / MANIFEST
+    if not path.is_file():
+        hint = " (the folder does not exist)" if not root.exists() else ""
+        raise BundleMissingFile(f"not a bundle: {path} is missing{hint}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleSchemaError(f"bundle {root}: manifest.json is not valid JSON: {e}") from e
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if not isinstance(version, int):
+        raise BundleSchemaError(f"bundle {root}: manifest.json has no integer schema_version")
+    if version > SCHEMA_VERSION:
+        raise BundleSchemaError(
+            f"bundle {root} has schema version {version}, newer than this reader "
+            f"(supports <= {SCHEMA_VERSION}); upgrade promptdistill to read it"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        raise BundleSchemaError(f"bundle {root}: manifest.json is invalid: {e}") from e
+
+
+def _validate(bundle: Bundle) -> None:
+    """Cross-check tensors against the manifest."""
+    m = bundle.manifest
+    for ref_key in [m.image_encoder.backbone] + ([m.text_encoder.backbone] if m.text_encoder else []):
+        if ref_key not in m.backbones:
+            raise BundleSchemaError(f"encoder refers to backbone {ref_key!r}, not in backbones {list(m.backbones)}")
+    names = [ls.name for ls in m.label_sets]
+    if len(set(names)) != len(names):
+        raise BundleSchemaError(f"duplicate label-set names: {names}")
+    for ls in m.label_sets:
+        vec = bundle.class_vectors.get(ls.name)
+        if vec is None:
+            raise BundleMissingFile(f"class vectors for label set {ls.name!r} are missing from {CLASS_VECTORS}")
+        if vec.ndim != 2 or vec.shape[0] != len(ls.classes) or vec.shape[1] != m.embed_dim:
+            raise BundleDimensionError(
+                f"label set {ls.name!r}: class vectors have shape {tuple(vec.shape)}, manifest says "
+                f"[{len(ls.classes)}, {m.embed_dim}]"
+            )
+        ids = [c.id for c in ls.classes]
+        if len(set(ids)) != len(ids):
+            raise BundleSchemaError(f"label set {ls.name!r} has duplicate class ids")
+    if m.image_encoder.output_dim != m.embed_dim:
+        raise BundleDimensionError(f"image encoder output_dim {m.image_encoder.output_dim} != embed_dim {m.embed_dim}")
+    if m.text_encoder is not None and m.text_encoder.output_dim != m.embed_dim:
+        raise BundleDimensionError(f"text encoder output_dim {m.text_encoder.output_dim} != embed_dim {m.embed_dim}")
+    proj = m.image_encoder.projector
+    if proj is not None and proj.out_dim != m.embed_dim:
+        raise BundleDimensionError(f"projector out_dim {proj.out_dim} != embed_dim {m.embed_dim}")
+    if (proj is None) != (bundle.projector is None):
+        raise BundleSchemaError("manifest projector spec and projector tensors must both be present or absent")
+    for side, spec in (("image", m.image_encoder.prompts), ("text", m.text_encoder.prompts if m.text_encoder else None)):
+        rows = bundle.prompts.get(side)
+        want = spec is not None and spec.n_tokens > 0
+        if want != (rows is not None):
+            raise BundleSchemaError(f"{side} prompts: manifest and {PROMPTS} disagree about their presence")
+        if rows is not None and spec is not None and tuple(rows.shape[:2]) != (spec.depth, spec.n_tokens):
+            raise BundleDimensionError(
+                f"{side} prompts have shape {tuple(rows.shape)}, manifest says depth {spec.depth} x {spec.n_tokens} tokens"
+            )
+
+
+def copy_into(bundle_dir: Path, src: Path, rel: str) -> str:
+    """Copy a file into the bundle folder (for ONNX exports made elsewhere); returns ``rel``."""
+    dst = bundle_dir / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return rel

@@ -1,0 +1,137 @@
+"""Zero-shot bundles: a frozen CLIP + template-ensemble class vectors, no training needed.
+
+The first producer of bundles, so the service can start before any training exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from models import __version__
+from models.backbone import Backbone, load_backbone
+from models.bundle import (
+    DEFAULT_LABEL_SET,
+    Bundle,
+    ClassEntry,
+    ImageEncoderSpec,
+    LabelSetSpec,
+    Manifest,
+    PreprocessSpec,
+    TextEncoderSpec,
+    save_bundle,
+)
+from models.class_vectors import encode_class_names, validate_templates
+from models.preprocess import preprocess_batch
+from models.prompts import PromptedImageEncoder, PromptedTextEncoder
+from models.samples import sample_photos
+from models.towers import ImageTower, backbone_ref, needs_embedded_weights
+
+log = logging.getLogger(__name__)
+BACKBONE_KEY = "clip"
+
+
+def named_templates(which: str) -> list[str]:
+    """``imagenet`` (OpenAI's 80), ``simple`` (open_clip's 2), or a file with one template per line."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    if which == "imagenet":
+        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    if which == "simple":
+        return [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
+    path = Path(which)
+    if not path.is_file():
+        raise FileNotFoundError(f"templates: {which!r} is neither 'imagenet', 'simple' nor a file")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return validate_templates([ln for ln in lines if ln and not ln.startswith("#")])
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """One class name per line (blank lines and ``#`` comments skipped), or a JSON list."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"class file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        import json
+
+        names = json.loads(text)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{p}: expected a JSON list of strings")
+    else:
+        names = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not names:
+        raise ValueError(f"{p}: no class names")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{p}: duplicate class names {dupes[:5]}")
+    return names
+
+
+def zeroshot_bundle(backbone: Backbone, class_names: Sequence[str], templates: Sequence[str], progress: bool = True) -> Bundle:
+    """An in-memory zero-shot bundle for a loaded backbone."""
+    templates = validate_templates(templates)
+    model = backbone.model
+    text = PromptedTextEncoder(model, backbone.tokenizer)
+    vectors = encode_class_names(text, list(class_names), templates, progress=progress)
+    embed_dim = int(vectors.shape[1])
+    manifest = Manifest(
+        producer={"method": "zeroshot", "promptdistill": __version__},
+        backbones={BACKBONE_KEY: backbone_ref(backbone)},
+        embed_dim=embed_dim,
+        logit_scale=float(model.logit_scale.exp().item()),
+        image_encoder=ImageEncoderSpec(
+            backbone=BACKBONE_KEY, preprocess=PreprocessSpec.from_config(backbone.preprocess), output_dim=embed_dim
+        ),
+        text_encoder=TextEncoderSpec(backbone=BACKBONE_KEY, templates=templates, output_dim=embed_dim),
+        label_sets=[
+            LabelSetSpec(
+                name=DEFAULT_LABEL_SET,
+                classes=[ClassEntry(id=i, name=n, provenance="zeroshot") for i, n in enumerate(class_names)],
+            )
+        ],
+    )
+    states = {BACKBONE_KEY: model.state_dict()} if needs_embedded_weights(backbone) else {}
+    return Bundle(manifest=manifest, class_vectors={DEFAULT_LABEL_SET: vectors}, backbone_states=states)
+
+
+def add_onnx(bundle: Bundle, tower: ImageTower, out: Path, sample: torch.Tensor | None = None) -> dict[str, Path]:
+    """Export the image tower into ``out`` and record it in the manifest; returns files to checksum."""
+    from models.onnx_export import export_image_tower
+
+    if sample is None:
+        cfg = bundle.manifest.image_encoder.preprocess.to_config()
+        sample = torch.from_numpy(preprocess_batch(sample_photos(), cfg))
+    spec = export_image_tower(tower, out, sample)
+    enc = bundle.manifest.image_encoder.model_copy(update={"onnx": [spec]})
+    bundle.manifest = bundle.manifest.model_copy(update={"image_encoder": enc})
+    files = {spec.file: out / spec.file}
+    if spec.data_file:
+        files[spec.data_file] = out / spec.data_file
+    return files
+
+
+def build_zeroshot_bundle(
+    model: str,
+    pretrained: str | None,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    out: str | Path,
+    *,
+    onnx: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Bundle:
+    """Build, optionally ONNX-export, and save a zero-shot bundle; returns it loaded from ``out``."""
+    backbone = load_backbone(model, pretrained, device=device)
+    bundle = zeroshot_bundle(backbone, class_names, templates, progress=progress)
+    out = Path(out)
+    extra: dict[str, Path] = {}
+    if onnx:
+        extra = add_onnx(bundle, ImageTower(PromptedImageEncoder(backbone.model)), out)
+    save_bundle(bundle, out, extra_files=extra)
+    log.info("wrote zero-shot bundle with %d classes to %s", len(class_names), out)
+    return bundle

@@ -1,0 +1,1 @@
+"""promptdistill: prompt-distilled CLIP classifiers, trained offline and served over REST."""

@@ -1,0 +1,3 @@
+from promptdistill.cli import main
+
+raise SystemExit(main())
