@@ -1,0 +1,1 @@
+"""FastAPI classification service over a bundle."""

@@ -1,0 +1,92 @@
+"""Shared fixtures. Every test runs offline: non-loopback connections fail at once."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "models" / "configs" / "tiny-clip.json"
+_real_connect = socket.socket.connect
+
+
+def _loopback_only(self: socket.socket, address: object) -> None:
+    host = address[0] if isinstance(address, tuple) else None
+    if isinstance(host, str) and host not in ("localhost", ""):
+        try:
+            allowed = ipaddress.ip_address(host.split("%")[0]).is_loopback
+        except ValueError:
+            allowed = False
+        if not allowed:
+            raise OSError(f"network disabled in tests: connect to {address!r} refused")
+    _real_connect(self, address)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(socket.socket, "connect", _loopback_only)
+    monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo)
+    yield
+
+
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _guarded_getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host not in (None, "localhost", "127.0.0.1", "::1", ""):
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                raise OSError(f"network disabled in tests: lookup of {host!r} refused")
+        except ValueError:
+            raise socket.gaierror(socket.EAI_NONAME, f"network disabled in tests: lookup of {host!r} refused") from None
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Path:
+    """Path of the tiny open_clip architecture (3.4 M params, 64x64 images)."""
+    return TINY_CONFIG
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():  # type: ignore[no-untyped-def]
+    """A random-init tiny backbone (seeded), shared read-only across tests."""
+    from models.backbone import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone(str(TINY_CONFIG))
+
+
+@pytest.fixture(scope="session")
+def photos():  # type: ignore[no-untyped-def]
+    """Real photos from scikit-learn and scikit-image (PIL images)."""
+    from models.samples import sample_photos
+
+    return sample_photos()
+
+
+CLASS_NAMES = ["cat", "dog", "astronaut", "coffee cup", "rocket", "flower", "temple", "coins"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A zero-shot bundle (tiny random CLIP, ONNX included) built by the real builder, read-only."""
+    from models.zeroshot import build_zeroshot_bundle, named_templates
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    build_zeroshot_bundle(str(TINY_CONFIG), None, CLASS_NAMES, named_templates("simple"), out, onnx=True, progress=False)
+    return out

@@ -1,0 +1,1 @@
+"""Offline trainers (PromptKD, MoPD): data, methods, evaluation, bundle export."""
