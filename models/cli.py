@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     zs.add_argument("--templates", default="imagenet", help="imagenet | simple | PATH (one template per line with {})")
     zs.add_argument("--out", required=True, help="bundle folder to write")
     zs.add_argument("--onnx", action="store_true", help="also export the image tower to ONNX (parity-checked)")
+    zs.add_argument(
+        "--int8", action="store_true", help="also add a dynamically quantised int8 ONNX image tower (implies --onnx)"
+    )
     zs.add_argument("--device", default="cpu")
     zs.set_defaults(func=_zeroshot)
     show = bsub.add_parser("inspect", help="validate a bundle and print its manifest summary")
@@ -36,6 +39,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         named_templates(args.templates),
         args.out,
         onnx=args.onnx,
+        int8=args.int8,
         device=args.device,
     )
     log.info("bundle ready: promptdistill serve --bundle %s", args.out)

@@ -78,3 +78,80 @@ def export_image_tower(
                 data_name = produced.name
     log.info("exported %s (max |onnx - torch| = %.2e on %d images)", out_dir / name, diff, len(pixels))
     return OnnxSpec(file=name, data_file=data_name, opset=OPSET, max_abs_diff=diff)
+
+
+INT8_NAME = "image_encoder.int8.onnx"
+DEFAULT_MIN_COSINE = 0.99
+
+
+def quantize_image_tower(
+    onnx_path: Path,
+    out_path: Path,
+    sample_pixels: torch.Tensor,
+    class_vectors: torch.Tensor | None = None,
+    *,
+    per_channel: bool = False,
+    min_cosine: float = DEFAULT_MIN_COSINE,
+) -> OnnxSpec:
+    """Dynamically quantise an exported fp32 image tower to int8 weights and check it against fp32.
+
+    ONNX Runtime's ``quantize_dynamic`` stores MatMul/Gemm/Conv weights as int8 and quantises
+    activations on the fly, so no calibration set is needed. The result is compared with the fp32
+    graph (itself parity-checked against torch) on ``sample_pixels``; the figures go into
+    ``OnnxSpec.parity``: ``cosine_mean``/``cosine_min`` (per image, int8 vs fp32 embedding) and,
+    given ``class_vectors``, ``top1_agreement`` (fraction of images whose arg-max class is the same)
+    plus ``top1_classes`` (distinct fp32 arg-max classes: agreement over 1 class says little).
+    ``max_abs_diff`` is measured against the fp32 graph.
+
+    Args:
+        onnx_path: the fp32 graph written by :func:`export_image_tower` (its ``.data`` file beside it).
+        out_path: where to write the int8 graph (a single file; int8 weights fit in the protobuf).
+        sample_pixels: preprocessed real photos [B, 3, H, W].
+        class_vectors: [N, D] normalised class vectors for the top-1 agreement check.
+        per_channel: per-output-channel weight scales (slower to quantise, rarely needed).
+        min_cosine: refuse the graph if any image's int8-vs-fp32 cosine is lower.
+
+    Raises:
+        OnnxParityError: the smallest cosine is below ``min_cosine``; nothing was written.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out_path = Path(out_path)
+    pixels = sample_pixels.detach().float().cpu().numpy()  # [B, 3, H, W]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp) / out_path.name
+        quantize_dynamic(str(onnx_path), str(tmp_path), weight_type=QuantType.QInt8, per_channel=per_channel)
+        want = _run(Path(onnx_path), pixels)  # [B, D]
+        got = _run(tmp_path, pixels)  # [B, D]
+        parity = int8_parity(want, got, None if class_vectors is None else class_vectors.detach().float().cpu().numpy())
+        if not parity["cosine_min"] >= min_cosine:
+            raise OnnxParityError(
+                f"int8 image tower: min cosine vs fp32 {parity['cosine_min']:.4f} < {min_cosine}; not written"
+            )
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path.replace(out_path)
+    diff = float(np.abs(got - want).max())
+    log.info("quantised %s -> %s (%s)", onnx_path, out_path, ", ".join(f"{k}={v:.4g}" for k, v in parity.items()))
+    return OnnxSpec(
+        file=out_path.name, data_file=None, opset=OPSET, max_abs_diff=diff, quantization="dynamic-int8", parity=parity
+    )
+
+
+def int8_parity(fp32: np.ndarray, int8: np.ndarray, class_vectors: np.ndarray | None = None) -> dict[str, float]:
+    """Cosine per image and (given class vectors [N, D]) top-1 agreement of two embedding sets [B, D]."""
+    cos = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))  # [B]
+    out = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "n_images": float(len(cos))}
+    if class_vectors is not None:
+        top_fp32 = (fp32 @ class_vectors.T).argmax(1)  # [B]
+        top_int8 = (int8 @ class_vectors.T).argmax(1)  # [B]
+        out["top1_agreement"] = float((top_fp32 == top_int8).mean())
+        out["top1_classes"] = float(len(set(top_fp32.tolist())))
+        out["n_classes"] = float(len(class_vectors))
+    return out
+
+
+def _run(path: Path, pixels: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["embedding"], {"pixels": pixels})[0])

@@ -98,19 +98,34 @@ def zeroshot_bundle(backbone: Backbone, class_names: Sequence[str], templates: S
     return Bundle(manifest=manifest, class_vectors={DEFAULT_LABEL_SET: vectors}, backbone_states=states)
 
 
-def add_onnx(bundle: Bundle, tower: ImageTower, out: Path, sample: torch.Tensor | None = None) -> dict[str, Path]:
-    """Export the image tower into ``out`` and record it in the manifest; returns files to checksum."""
-    from models.onnx_export import export_image_tower
+def add_onnx(
+    bundle: Bundle, tower: ImageTower, out: Path, sample: torch.Tensor | None = None, *, int8: bool = False
+) -> dict[str, Path]:
+    """Export the image tower into ``out`` and record it in the manifest; returns files to checksum.
+
+    With ``int8`` a dynamically quantised copy is added after the fp32 graph (``onnx[1]``), its
+    int8-vs-fp32 parity (cosine, top-1 agreement over the bundle's first label set) measured on the
+    sample photos and their mirror images and stored in its ``OnnxSpec.parity``.
+    """
+    from models.onnx_export import INT8_NAME, export_image_tower, quantize_image_tower
 
     if sample is None:
         cfg = bundle.manifest.image_encoder.preprocess.to_config()
         sample = torch.from_numpy(preprocess_batch(sample_photos(), cfg))
     spec = export_image_tower(tower, out, sample)
-    enc = bundle.manifest.image_encoder.model_copy(update={"onnx": [spec]})
+    specs = [spec]
+    if int8:
+        first_set = bundle.manifest.label_sets[0].name if bundle.manifest.label_sets else None
+        vectors = bundle.class_vectors.get(first_set) if first_set else None
+        parity_pixels = torch.cat([sample, sample.flip(-1)])  # [2B, 3, H, W]: photos + mirror images
+        specs.append(quantize_image_tower(out / spec.file, out / INT8_NAME, parity_pixels, vectors))
+    enc = bundle.manifest.image_encoder.model_copy(update={"onnx": specs})
     bundle.manifest = bundle.manifest.model_copy(update={"image_encoder": enc})
-    files = {spec.file: out / spec.file}
-    if spec.data_file:
-        files[spec.data_file] = out / spec.data_file
+    files: dict[str, Path] = {}
+    for s in specs:
+        files[s.file] = out / s.file
+        if s.data_file:
+            files[s.data_file] = out / s.data_file
     return files
 
 
@@ -122,16 +137,20 @@ def build_zeroshot_bundle(
     out: str | Path,
     *,
     onnx: bool = False,
+    int8: bool = False,
     device: str = "cpu",
     progress: bool = True,
 ) -> Bundle:
-    """Build, optionally ONNX-export, and save a zero-shot bundle; returns it loaded from ``out``."""
+    """Build, optionally ONNX-export, and save a zero-shot bundle; returns it loaded from ``out``.
+
+    ``int8`` adds a dynamically quantised ONNX image tower next to the fp32 one (implies ``onnx``).
+    """
     backbone = load_backbone(model, pretrained, device=device)
     bundle = zeroshot_bundle(backbone, class_names, templates, progress=progress)
     out = Path(out)
     extra: dict[str, Path] = {}
-    if onnx:
-        extra = add_onnx(bundle, ImageTower(PromptedImageEncoder(backbone.model)), out)
+    if onnx or int8:
+        extra = add_onnx(bundle, ImageTower(PromptedImageEncoder(backbone.model)), out, int8=int8)
     save_bundle(bundle, out, extra_files=extra)
     log.info("wrote zero-shot bundle with %d classes to %s", len(class_names), out)
     return bundle
