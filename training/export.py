@@ -1,0 +1,192 @@
+"""Assemble bundles (models.bundle) from trained parts, and write them (optionally with ONNX).
+
+A trainer hands over live modules; this module turns them into a self-describing folder that
+``models/`` alone can load. Any method (PromptKD, MoPD, ...) uses the same two calls::
+
+    bundle = assemble_bundle(ImageParts(...), {"default": vectors}, [label_set(...)],
+                             text=TextParts(...), producer={"method": "promptkd"})
+    write_bundle(bundle, out_dir, onnx=True)        # parity-checked ONNX of the image tower
+
+Backbones are stored by reference (name + pretrained tag / file + resolved config). Random-init
+or trained-from-scratch backbones (``pretrained is None``) must travel inside the bundle;
+``embed_weights=None`` decides that automatically.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import __version__
+from models.backbone import Backbone
+from models.bundle import (
+    Bundle,
+    ClassEntry,
+    ImageEncoderSpec,
+    LabelSetSpec,
+    Manifest,
+    PreprocessSpec,
+    ProjectorSpec,
+    TextEncoderSpec,
+    load_bundle,
+    save_bundle,
+)
+from models.class_vectors import validate_templates
+from models.heads import Projector
+from models.prompts import PromptedImageEncoder, PromptedTextEncoder
+from models.towers import ImageTower, backbone_ref, needs_embedded_weights, prompt_spec
+from models.zeroshot import add_onnx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageParts:
+    """The image side of a bundle: backbone + prompted encoder (+ projector)."""
+
+    backbone: Backbone
+    encoder: PromptedImageEncoder
+    projector: Projector | None = None
+    key: str = "student"  # backbone key in the manifest
+
+
+@dataclass
+class TextParts:
+    """The text side: how new class names are encoded (must reproduce the stored vectors)."""
+
+    backbone: Backbone
+    encoder: PromptedTextEncoder
+    templates: list[str] = field(default_factory=lambda: ["{}."])
+    key: str = "teacher"
+
+
+def label_set(name: str, class_names: Sequence[str], provenance: Sequence[str] | str = "bundle") -> LabelSetSpec:
+    """A label set with ids ``0..N-1`` in row order; ``provenance`` per class or one for all."""
+    provs = [provenance] * len(class_names) if isinstance(provenance, str) else list(provenance)
+    if len(provs) != len(class_names):
+        raise ValueError(f"{len(class_names)} class names but {len(provs)} provenance entries")
+    return LabelSetSpec(
+        name=name,
+        classes=[
+            ClassEntry(id=i, name=n, provenance=p) for i, (n, p) in enumerate(zip(class_names, provs, strict=True))
+        ],
+    )
+
+
+def image_tower(parts: ImageParts) -> ImageTower:
+    """The serving image tower for these parts (shares the live modules)."""
+    return ImageTower(parts.encoder, parts.projector)
+
+
+def assemble_bundle(
+    image: ImageParts,
+    class_vectors: dict[str, torch.Tensor],
+    label_sets: list[LabelSetSpec],
+    *,
+    text: TextParts | None = None,
+    logit_scale: float | None = None,
+    producer: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+    embed_weights: bool | None = None,
+) -> Bundle:
+    """An in-memory bundle from trained parts (nothing is written).
+
+    Args:
+        image: image side; its backbone's exp(logit_scale) is the default ``logit_scale``.
+        class_vectors: label-set name -> [N, D] L2-normalised rows (row i = class id i).
+        label_sets: one spec per entry of ``class_vectors``.
+        text: text side for runtime class addition (None: the service cannot add classes).
+        producer: e.g. ``{"method": "promptkd"}``; the promptdistill version is added.
+        extra: method facts (metrics, configs) kept in the manifest.
+        embed_weights: store backbone weights inside the bundle; None = only when the backbone
+            has no weights reference (random init / trained here).
+    """
+    embed_dim = int(next(iter(class_vectors.values())).shape[1])
+    out_dim = image.projector.cfg.out_dim if image.projector is not None else image.encoder.output_dim
+    if out_dim != embed_dim:
+        raise ValueError(f"image side outputs {out_dim}-d features but class vectors are {embed_dim}-d")
+    backbones = {image.key: image.backbone}
+    text_spec = None
+    prompts = {}
+    if image.encoder.prompts is not None:
+        prompts["image"] = image.encoder.prompts.detach().float().cpu()
+    if text is not None:
+        if text.backbone is image.backbone:
+            text = TextParts(text.backbone, text.encoder, text.templates, image.key)
+        elif text.key == image.key:
+            raise ValueError("image and text sides use different backbones but the same key")
+        backbones[text.key] = text.backbone
+        text_spec = TextEncoderSpec(
+            backbone=text.key,
+            prompts=prompt_spec(text.encoder.cfg),
+            templates=validate_templates(text.templates),
+            output_dim=embed_dim,
+        )
+        if text.encoder.prompts is not None:
+            prompts["text"] = text.encoder.prompts.detach().float().cpu()
+    projector_state = None
+    projector_spec = None
+    if image.projector is not None:
+        projector_state = {k: v.detach().cpu() for k, v in image.projector.state_dict().items()}
+        projector_spec = ProjectorSpec(in_dim=image.projector.cfg.in_dim, out_dim=image.projector.cfg.out_dim)
+    scale = logit_scale if logit_scale is not None else float(image.backbone.model.logit_scale.exp().item())
+    manifest = Manifest(
+        producer={"promptdistill": __version__, **(producer or {})},
+        backbones={k: backbone_ref(bb) for k, bb in backbones.items()},
+        embed_dim=embed_dim,
+        logit_scale=scale,
+        image_encoder=ImageEncoderSpec(
+            backbone=image.key,
+            preprocess=PreprocessSpec.from_config(image.backbone.preprocess),
+            prompts=prompt_spec(image.encoder.cfg),
+            projector=projector_spec,
+            output_dim=embed_dim,
+        ),
+        text_encoder=text_spec,
+        label_sets=label_sets,
+        extra=extra or {},
+    )
+    states = {
+        k: {n: t.detach().cpu() for n, t in bb.model.state_dict().items()}
+        for k, bb in backbones.items()
+        if (embed_weights if embed_weights is not None else needs_embedded_weights(bb))
+    }
+    return Bundle(
+        manifest=manifest,
+        class_vectors={k: v.detach().float().cpu() for k, v in class_vectors.items()},
+        prompts=prompts,
+        projector=projector_state,
+        backbone_states=states,
+    )
+
+
+def write_bundle(
+    bundle: Bundle,
+    out_dir: str | Path,
+    *,
+    onnx: bool = False,
+    tower: ImageTower | None = None,
+    sample_pixels: torch.Tensor | None = None,
+) -> Bundle:
+    """Save ``bundle`` (and with ``onnx`` the parity-checked ONNX image tower); returns it re-loaded.
+
+    ``tower`` is required with ``onnx`` (use :func:`image_tower`); ``sample_pixels``
+    [B, 3, H, W] are the images for the parity check (default: the shipped sample photos).
+    """
+    out = Path(out_dir)
+    extra_files: dict[str, Path] = {}
+    if onnx:
+        if tower is None:
+            raise ValueError("onnx export needs the image tower")
+        was_training = tower.training
+        device = next(tower.parameters()).device
+        extra_files = add_onnx(bundle, tower.eval(), out, sample_pixels)
+        tower.to(device).train(was_training)  # the exporter moved it to CPU
+    save_bundle(bundle, out, extra_files=extra_files)
+    log.info("wrote bundle to %s", out)
+    return load_bundle(out)
