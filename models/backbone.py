@@ -306,12 +306,16 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
         if _is_torchscript(path):
             # OpenAI's .pt files are TorchScript archives whose parameter names match open_clip's.
             state = torch.jit.load(path, map_location="cpu").state_dict()
-            for key in ("input_resolution", "context_length", "vocab_size"):
+            # Scalars OpenAI stored next to the weights, and buffers our model keeps out of its
+            # state dict (a traced open_clip model carries attn_mask), are not weights.
+            persistent = set(model.state_dict())
+            transient = {n for n, _ in model.named_buffers()} - persistent
+            for key in ("input_resolution", "context_length", "vocab_size", *transient):
                 state.pop(key, None)
             model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         else:
             open_clip.load_checkpoint(model, path, strict=True)
-    except (RuntimeError, KeyError, ValueError, OSError) as e:
+    except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as e:  # open_clip asserts on shapes
         raise BackboneError(f"weights {path} do not fit this architecture: {e}") from e
 
 

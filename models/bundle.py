@@ -204,6 +204,13 @@ def save_bundle(bundle: Bundle, out_dir: str | Path, extra_files: dict[str, Path
         written.append(rel)
     for rel in extra_files or {}:
         written.append(rel)
+    # Files a loaded bundle already had (embedded weights, ONNX graphs) travel with it.
+    if bundle.root is not None:
+        for rel in bundle.manifest.files:
+            if rel not in written:
+                if bundle.root.resolve() != out.resolve():
+                    copy_into(out, bundle.root / rel, rel)
+                written.append(rel)
     files = {rel: sha256_file(out / rel) for rel in written}
     manifest = bundle.manifest.model_copy(update={"files": files, "backbones": backbones})
     tmp = out / (MANIFEST + ".tmp")

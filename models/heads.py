@@ -31,7 +31,7 @@ class Projector(nn.Module):
         )
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return dict(self.net.named_parameters())
+        return dict(self.named_parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, in_dim] -> [B, out_dim]
         return self.net(x)
@@ -67,5 +67,8 @@ class Gate(nn.Module):
     def forward(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image_features [B, D] -> (weights [B, k] summing to 1, indices [B, k] into the pool)."""
         scores = self.linear(F.normalize(image_features, dim=-1))  # [B, P]
-        values, indices = scores.topk(self.cfg.top_k, dim=-1)
-        return values.softmax(dim=-1), indices
+        # A stable sort, not topk: ties (all of them at step 0) resolve to the lowest prompt
+        # index on every device, as the official code's CUDA topk happened to do.
+        values, indices = scores.sort(dim=-1, descending=True, stable=True)
+        k = self.cfg.top_k
+        return values[:, :k].softmax(dim=-1), indices[:, :k]
