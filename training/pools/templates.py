@@ -45,11 +45,7 @@ DATASET_POOLS: dict[str, list[str]] = {
     "dtd": _family("NOUN of {}, a type of texture.", "a texture"),
     "eurosat": [
         *(f"a centered satellite {n} of {{}}." for n in ("photo", "picture", "image")),
-        *(
-            f"a centered satellite {n}, {p} {{}}."
-            for n in ("photo", "picture", "image")
-            for p in _PHRASINGS
-        ),
+        *(f"a centered satellite {n}, {p} {{}}." for n in ("photo", "picture", "image") for p in _PHRASINGS),
     ],
     "ucf101": _family("NOUN of a person doing {}.", "a person doing"),
 }
