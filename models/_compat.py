@@ -19,7 +19,7 @@ def ensure_torchvision_importable() -> None:
     global _TORCHVISION_SHIM
     if _TORCHVISION_SHIM is not None or _has_nms():
         return
-    lib = torch.library.Library("torchvision", "DEF")  # noqa: TOR901 - kept alive in a global
+    lib = torch.library.Library("torchvision", "DEF")
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _TORCHVISION_SHIM = lib

@@ -27,13 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import open_clip
 import torch
+from open_clip.factory import get_model_config, parse_model_name
+from open_clip.pretrained import get_pretrained_cfg
 
 from models import _compat  # noqa: F401  (must precede open_clip)
-
-import open_clip  # noqa: E402  isort: skip
-from open_clip.factory import get_model_config, parse_model_name  # noqa: E402  isort: skip
-from open_clip.pretrained import get_pretrained_cfg  # noqa: E402  isort: skip
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +168,7 @@ def _create(arch: str, pretrained: str | None, cache_dir: str | None) -> tuple[A
     return model, preprocess_cfg
 
 
-def _resolve_architecture(
-    name: str, model_config: dict[str, Any] | None
-) -> tuple[str, dict[str, Any]]:
+def _resolve_architecture(name: str, model_config: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
     """Return a registered architecture name and its config, registering config files/dicts."""
     if model_config is not None:
         return _register(Path(name).stem if name.endswith(".json") else name, model_config), model_config
@@ -230,7 +227,7 @@ def _resolve_weights(arch: str, pretrained: str | None, cache_dir: str | None) -
     _require_network(f"pretrained tag {arch}/{pretrained}", cache_dir)
     try:
         return str(open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir))
-    except Exception as e:  # noqa: BLE001 - any download failure becomes one clear message
+    except Exception as e:
         raise BackboneError(f"downloading {arch}/{pretrained} failed: {e}") from e
 
 
@@ -243,9 +240,11 @@ def _cached_tag_file(tag_cfg: dict[str, Any], cache_dir: str | None) -> str | No
 
     parts = hub.split("/")
     repo_id, explicit = "/".join(parts[:2]), "/".join(parts[2:])
-    candidates = [explicit] if explicit else [
-        "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin"
-    ]
+    candidates = (
+        [explicit]
+        if explicit
+        else ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin"]
+    )
     for fname in candidates:
         path = try_to_load_from_cache(repo_id, fname, cache_dir=cache_dir)
         if isinstance(path, str):

@@ -305,14 +305,18 @@ def _validate(bundle: Bundle) -> None:
         raise BundleDimensionError(f"projector out_dim {proj.out_dim} != embed_dim {m.embed_dim}")
     if (proj is None) != (bundle.projector is None):
         raise BundleSchemaError("manifest projector spec and projector tensors must both be present or absent")
-    for side, spec in (("image", m.image_encoder.prompts), ("text", m.text_encoder.prompts if m.text_encoder else None)):
+    for side, spec in (
+        ("image", m.image_encoder.prompts),
+        ("text", m.text_encoder.prompts if m.text_encoder else None),
+    ):
         rows = bundle.prompts.get(side)
         want = spec is not None and spec.n_tokens > 0
         if want != (rows is not None):
             raise BundleSchemaError(f"{side} prompts: manifest and {PROMPTS} disagree about their presence")
         if rows is not None and spec is not None and tuple(rows.shape[:2]) != (spec.depth, spec.n_tokens):
             raise BundleDimensionError(
-                f"{side} prompts have shape {tuple(rows.shape)}, manifest says depth {spec.depth} x {spec.n_tokens} tokens"
+                f"{side} prompts have shape {tuple(rows.shape)}, "
+                f"manifest says depth {spec.depth} x {spec.n_tokens} tokens"
             )
 
 

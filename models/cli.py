@@ -9,7 +9,7 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     bundle = sub.add_parser("bundle", help="build or inspect bundles")
     bsub = bundle.add_subparsers(dest="bundle_cmd", required=True)
     zs = bsub.add_parser("zeroshot", help="zero-shot bundle from a (pre)trained CLIP and class names")
@@ -54,7 +54,9 @@ def _inspect(args: argparse.Namespace) -> int:
     summary = {
         "schema_version": m.schema_version,
         "producer": m.producer,
-        "backbones": {k: {"name": v.name, "pretrained": v.pretrained, "embedded": v.weights_file} for k, v in m.backbones.items()},
+        "backbones": {
+            k: {"name": v.name, "pretrained": v.pretrained, "embedded": v.weights_file} for k, v in m.backbones.items()
+        },
         "embed_dim": m.embed_dim,
         "logit_scale": m.logit_scale,
         "label_sets": {ls.name: len(ls.classes) for ls in m.label_sets},

@@ -62,7 +62,7 @@ class Gate(nn.Module):
         nn.init.zeros_(self.linear.weight)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {"linear.weight": self.linear.weight}
+        return {"linear.weight": self.linear.weight}  # type: ignore[dict-item]
 
     def forward(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image_features [B, D] -> (weights [B, k] summing to 1, indices [B, k] into the pool)."""

@@ -68,6 +68,6 @@ def _center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
         padded = Image.new("RGB", (max(w, width), max(h, height)))
         padded.paste(img, ((max(w, width) - w) // 2, (max(h, height) - h) // 2))
         img, (w, h) = padded, padded.size
-    top = int(round((h - height) / 2.0))
-    left = int(round((w - width) / 2.0))
+    top = round((h - height) / 2.0)  # torchvision: int(round(...)); round() of a float is an int
+    left = round((w - width) / 2.0)
     return img.crop((left, top, left + width, top + height))

@@ -182,10 +182,7 @@ class PromptedImageEncoder(nn.Module):
             x = torch.cat([x, self.prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
         x = v.ln_pre(x)
         x = _run_blocks(v.transformer, x, self.prompts, self.cfg.depth, x.shape[1] - n, None)
-        if getattr(v, "final_ln_after_pool", False):
-            pooled = v.ln_post(x[:, 0])
-        else:
-            pooled = v.ln_post(x)[:, 0]
+        pooled = v.ln_post(x[:, 0]) if getattr(v, "final_ln_after_pool", False) else v.ln_post(x)[:, 0]
         if v.proj is not None:
             pooled = pooled @ v.proj
         return F.normalize(pooled, dim=-1) if normalize else pooled

@@ -49,7 +49,9 @@ class TextSide:
     encoder: PromptedTextEncoder
     templates: list[str]
 
-    def class_vectors(self, names: list[str], templates: list[str] | None = None, progress: bool = False) -> torch.Tensor:
+    def class_vectors(
+        self, names: list[str], templates: list[str] | None = None, progress: bool = False
+    ) -> torch.Tensor:
         """[N, D] class vectors; ``templates`` overrides the bundle's (only for prompt-free text sides)."""
         return encode_class_names(self.encoder, names, templates or self.templates, progress=progress)
 
@@ -83,7 +85,9 @@ def _visual_cfg(spec: PromptSpec) -> VisualPromptCfg:
     return VisualPromptCfg(n_tokens=spec.n_tokens, depth=spec.depth)
 
 
-def build_image_tower(bundle: Bundle, device: str | torch.device = "cpu", backbone: Backbone | None = None) -> ImageTower:
+def build_image_tower(
+    bundle: Bundle, device: str | torch.device = "cpu", backbone: Backbone | None = None
+) -> ImageTower:
     """The bundle's image tower in eval mode on ``device``."""
     spec = bundle.manifest.image_encoder
     bb = backbone or load_bundle_backbone(bundle, spec.backbone, device)
@@ -136,6 +140,8 @@ def _load_rows(param: nn.Parameter, rows: torch.Tensor, side: str) -> None:
     if param.shape != rows.shape:
         from models.bundle import BundleDimensionError
 
-        raise BundleDimensionError(f"{side} prompts: bundle has {tuple(rows.shape)}, backbone needs {tuple(param.shape)}")
+        raise BundleDimensionError(
+            f"{side} prompts: bundle has {tuple(rows.shape)}, backbone needs {tuple(param.shape)}"
+        )
     with torch.no_grad():
         param.copy_(rows.to(param.dtype))

@@ -71,7 +71,9 @@ def read_class_names(path: str | Path) -> list[str]:
     return names
 
 
-def zeroshot_bundle(backbone: Backbone, class_names: Sequence[str], templates: Sequence[str], progress: bool = True) -> Bundle:
+def zeroshot_bundle(
+    backbone: Backbone, class_names: Sequence[str], templates: Sequence[str], progress: bool = True
+) -> Bundle:
     """An in-memory zero-shot bundle for a loaded backbone."""
     templates = validate_templates(templates)
     model = backbone.model

@@ -13,7 +13,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -88,5 +88,7 @@ def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("bundle") / "tiny"
-    build_zeroshot_bundle(str(TINY_CONFIG), None, CLASS_NAMES, named_templates("simple"), out, onnx=True, progress=False)
+    build_zeroshot_bundle(
+        str(TINY_CONFIG), None, CLASS_NAMES, named_templates("simple"), out, onnx=True, progress=False
+    )
     return out

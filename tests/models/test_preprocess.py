@@ -17,9 +17,10 @@ MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_matches_open_clip_transform(photos, size: int, mode: str, interpolation: str) -> None:  # type: ignore[no-untyped-def]
     cfg = PreprocessConfig(size=(size, size), mean=MEAN, std=STD, interpolation=interpolation, resize_mode=mode)
-    ref_tf = open_clip.image_transform(size, is_train=False, mean=MEAN, std=STD,
-                                        interpolation=interpolation, resize_mode=mode)
-    for im in photos + [photos[0].convert("L"), photos[1].convert("RGBA"), photos[2].resize((size, size // 2))]:
+    ref_tf = open_clip.image_transform(
+        size, is_train=False, mean=MEAN, std=STD, interpolation=interpolation, resize_mode=mode
+    )
+    for im in [*photos, photos[0].convert("L"), photos[1].convert("RGBA"), photos[2].resize((size, size // 2))]:
         ours = preprocess_image(im, cfg)
         ref = ref_tf(im).numpy()
         assert ours.shape == ref.shape == (3, size, size)

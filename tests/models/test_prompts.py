@@ -59,7 +59,9 @@ def test_coop_init_reproduces_handwritten_prompt(tiny_backbone, depth: int) -> N
 
 def test_coop_init_phrase_length_is_checked(tiny_backbone) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="n_tokens=4"):
-        PromptedTextEncoder(tiny_backbone.model, tiny_backbone.tokenizer, TextPromptCfg(n_tokens=3, init="a photo of a"))
+        PromptedTextEncoder(
+            tiny_backbone.model, tiny_backbone.tokenizer, TextPromptCfg(n_tokens=3, init="a photo of a")
+        )
 
 
 def test_depth_beyond_layers_is_rejected(tiny_backbone) -> None:  # type: ignore[no-untyped-def]
@@ -101,7 +103,9 @@ def test_gradients_reach_only_prompts_projector_and_gate(tiny_backbone) -> None:
         gate.linear.weight.normal_()  # break the zero-init tie so top-k weights depend on the gate
     feats = image(torch.randn(4, 3, 64, 64))
     weights, _ = gate(feats)
-    loss = projector(feats).pow(2).mean() + text.encode(["lion.", "cat."]).pow(2).mean() + (weights * feats[:, :2]).sum()
+    loss = (
+        projector(feats).pow(2).mean() + text.encode(["lion.", "cat."]).pow(2).mean() + (weights * feats[:, :2]).sum()
+    )
     loss.backward()
     trainable = {id(p) for m in (image, text, projector, gate) for p in m.trainable_parameters().values()}
     for name, p in clip.named_parameters():

@@ -54,7 +54,9 @@ def _onnx_vs_torch(tower: ImageTower, pixels: torch.Tensor, out: Path) -> float:
 
 def test_onnx_prompted_tower_matches_torch_on_real_photos(tiny_backbone, photos, tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(5)
-    tower = ImageTower(PromptedImageEncoder(tiny_backbone.model, VisualPromptCfg(4, 2)), Projector(ProjectorCfg(64, 32)))
+    tower = ImageTower(
+        PromptedImageEncoder(tiny_backbone.model, VisualPromptCfg(4, 2)), Projector(ProjectorCfg(64, 32))
+    )
     tower.eval()
     pixels = torch.from_numpy(preprocess_batch(photos, tiny_backbone.preprocess))
     assert _onnx_vs_torch(tower, pixels, tmp_path) <= 1e-4
@@ -75,8 +77,23 @@ def test_cli_builds_a_servable_bundle(tmp_path, tiny_config, photos) -> None:  #
     templates = tmp_path / "templates.txt"
     templates.write_text("a photo of a {}.\na drawing of a {}.\n")
     out = tmp_path / "bundle"
-    rc = main(["bundle", "zeroshot", "--model", str(tiny_config), "--pretrained", "none",
-               "--classes", str(classes), "--templates", str(templates), "--out", str(out), "--onnx"])
+    rc = main(
+        [
+            "bundle",
+            "zeroshot",
+            "--model",
+            str(tiny_config),
+            "--pretrained",
+            "none",
+            "--classes",
+            str(classes),
+            "--templates",
+            str(templates),
+            "--out",
+            str(out),
+            "--onnx",
+        ]
+    )
     assert rc == 0
     b = load_bundle(out)
     assert [c.name for c in b.label_set().classes] == read_class_names(classes) == ["cat", "dog", "rocket"]
@@ -90,8 +107,18 @@ def test_cli_builds_a_servable_bundle(tmp_path, tiny_config, photos) -> None:  #
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_config, caplog) -> None:  # type: ignore[no-untyped-def]
-    rc = main(["bundle", "zeroshot", "--model", str(tiny_config), "--classes", str(tmp_path / "nope.txt"),
-               "--out", str(tmp_path / "b")])
+    rc = main(
+        [
+            "bundle",
+            "zeroshot",
+            "--model",
+            str(tiny_config),
+            "--classes",
+            str(tmp_path / "nope.txt"),
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
     assert rc == 2
     assert "class file not found" in caplog.text
 
