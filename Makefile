@@ -1,0 +1,44 @@
+# Everyday verbs. `make serve` and `make test` are the README's two set-up commands.
+PYTHON  ?= python3
+VENV    ?= .venv
+FLAVOUR ?= cpu
+BIN      = $(VENV)/bin
+DEMO    ?= outputs/demo
+BUNDLE  ?= $(DEMO)/bundle
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+STAMP    = $(VENV)/.installed-$(FLAVOUR)
+
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install test lint serve demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch is pinned to 2.13.0 in pyproject.toml: never let pip pick a newer (CUDA) build.
+	$(BIN)/pip install --quiet -e ".[$(FLAVOUR),dev]"
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy models service training promptdistill
+
+demo: install
+	$(BIN)/promptdistill demo --out $(DEMO)
+
+# Serve $(BUNDLE); offline and without a bundle, build the demo bundle first.
+serve: install
+	@test -f $(BUNDLE)/manifest.json || $(BIN)/promptdistill demo --out $(DEMO)
+	$(BIN)/promptdistill serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT) --state-dir $(DEMO)/state
+
+bench: install
+	$(BIN)/python -m bench all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
