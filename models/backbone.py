@@ -134,7 +134,12 @@ def load_backbone(
     if schema is not None:
         if schema == "hf-hub":
             _require_hub(name, cache_dir)
-        model, preprocess_cfg = _create(name, None, cache_dir)
+        try:
+            model, preprocess_cfg = _create(name, None, cache_dir)
+        except BackboneError as e:
+            if schema == "hf-hub":  # offline and not cached: say what works offline
+                raise BackboneError(_offline_message(name, str(e), cache_dir)) from e
+            raise
         cfg = model_config or _resolved_config(name)
         tokenizer = open_clip.get_tokenizer(name)
     else:
@@ -261,15 +266,17 @@ def _require_hub(name: str, cache_dir: str | None) -> None:
 def _require_network(what: str, cache_dir: str | None) -> None:
     """Fail within seconds, naming the offline alternatives, when the hub cannot be reached."""
     reason = _hub_unreachable()
-    if reason is None:
-        return
+    if reason is not None:
+        raise BackboneError(_offline_message(what, f"{HUB_HOST} is unreachable ({reason})", cache_dir))
+
+
+def _offline_message(what: str, reason: str, cache_dir: str | None) -> str:
     cache = cache_dir or os.environ.get("HF_HUB_CACHE") or "~/.cache/huggingface/hub"
-    raise BackboneError(
-        f"{what} needs a download and {HUB_HOST} is unreachable ({reason}). Offline, give the "
-        f"weights as a local file (--pretrained /path/to/open_clip_model.safetensors, a torch "
-        f"state dict, or an OpenAI TorchScript .pt), a folder (local-dir:/path with "
-        f"open_clip_config.json + weights), or pre-populate the cache dir ({cache}) on a machine "
-        f"with network and copy it here."
+    return (
+        f"{what} needs a download and {reason}. Offline, give the weights as a local file "
+        f"(--pretrained /path/to/open_clip_model.safetensors, a torch state dict, or an OpenAI "
+        f"TorchScript .pt), a folder (local-dir:/path with open_clip_config.json + weights), or "
+        f"pre-populate the cache dir ({cache}) on a machine with network and copy it here."
     )
 
 

@@ -1,6 +1,6 @@
 """The ``promptdistill`` console script: one parser, subcommands registered by each package.
 
-Heavy imports (torch, open_clip, FastAPI) happen inside the handlers, so ``--help`` is instant.
+Heavy imports (open_clip, FastAPI, training code) happen inside the handlers, so ``--help`` is quick.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import importlib
 import logging
 import os
 import sys
+
+from models.runtime_check import check_flavour
 
 # Each package contributes its subcommands through ``register(subparsers)``.
 COMMAND_MODULES = ("models.cli",)
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        check_flavour()
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         # Domain errors carry a message that says what to do; a traceback adds nothing for users.

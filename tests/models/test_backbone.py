@@ -124,3 +124,11 @@ def test_weights_of_another_architecture_are_rejected(reference, tmp_path) -> No
     save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, tmp_path / "tiny.safetensors")
     with pytest.raises(BackboneError, match="do not fit"):
         load_backbone("ViT-B-32", str(tmp_path / "tiny.safetensors"))
+
+
+def test_hub_reference_with_offline_env_names_alternatives(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    with pytest.raises(BackboneError, match="local-dir:"):
+        load_backbone("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+    assert time.monotonic() - t0 < 10
