@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from models.class_vectors import encode_class_names, format_template, validate_t
 from models.heads import Gate, GateCfg
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder, TextPromptCfg
 from training.mopd.loss import MoPDLossCfg, mopd_loss
+
+if TYPE_CHECKING:
+    from training.mopd.diagnostics import GateStats
 
 STUDENT_TEMPLATES = ["{}."]  # CoOp: "<ctx x n> {name}."
 
@@ -67,7 +71,7 @@ class MoPDModel(nn.Module):
         bank: torch.Tensor,
         cfg: MoPDModelCfg | None = None,
         loss_cfg: MoPDLossCfg | None = None,
-        image_encoder: nn.Module | None = None,
+        image_encoder: PromptedImageEncoder | None = None,
     ) -> None:
         super().__init__()
         cfg = cfg or MoPDModelCfg()
@@ -86,6 +90,7 @@ class MoPDModel(nn.Module):
         self.gate = Gate(GateCfg(embed_dim=int(bank.shape[2]), n_prompts=int(bank.shape[0]), top_k=cfg.top_k))
         scale = cfg.logit_scale or float(backbone.model.logit_scale.exp().item())
         self.logit_scale = scale
+        self.gate_stats: GateStats | None = None  # set by the trainer to record training-time choices
 
     @property
     def n_prompts(self) -> int:
@@ -119,6 +124,8 @@ class MoPDModel(nn.Module):
         teacher_logits = self.logit_scale * torch.einsum("bd,pnd->bpn", feats, self.bank)  # [B, P, N]
         weights, indices = self.gate(feats)  # [B, k], [B, k]
         out = mopd_loss(student_logits, teacher_logits, weights, indices, labels, self.loss_cfg)
+        if self.training and self.gate_stats is not None:
+            self.gate_stats.update(weights, indices)
         out["gate_weights"] = weights.detach()
         out["gate_indices"] = indices
         return out
@@ -126,6 +133,11 @@ class MoPDModel(nn.Module):
     def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """pixels [B, 3, H, W], labels [B] -> {"loss", "ce", "mpd", "mps", "acc", "gate_weights", "gate_indices"}."""
         return self.losses_from_features(self.image_features(pixels), labels)
+
+    @torch.no_grad()
+    def class_vectors(self, names: Sequence[str]) -> torch.Tensor:
+        """[N, D] student class vectors via models.class_vectors (what the bundle's text side computes)."""
+        return encode_class_names(self.text, list(names), STUDENT_TEMPLATES)
 
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor, names: Sequence[str]) -> torch.Tensor:

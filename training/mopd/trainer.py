@@ -1,0 +1,168 @@
+"""Run MoPD end to end: data, model, the shared training loop, evaluation, plots, bundle.
+
+Output folder::
+
+    config.yaml  history.csv  tb/  checkpoint.pt      (shared loop conventions)
+    results.json   base / novel / HM (last epoch), zero-shot pool baseline, gate diagnostics
+    loss.png  base_novel.png  gate.png
+    bundle/        serving bundle (learned soft prompt as the text side)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from models.backbone import Backbone, load_backbone
+from models.class_vectors import encode_class_names
+from models.prompts import PromptedTextEncoder
+from training.benchmark import Benchmark, load_benchmark
+from training.config import save_config
+from training.data import Subset, build_transform
+from training.evaluate import (
+    accuracy,
+    base_novel_result,
+    per_class_accuracy,
+    plot_base_novel,
+    plot_history,
+    predict,
+    save_json,
+)
+from training.loop import EvalCallback, Trainer, pick_device
+from training.mopd.config import MoPDRunCfg
+from training.mopd.diagnostics import GateDiagnostics, GateStats, plot_gate
+from training.mopd.model import MoPDModel, build_prompt_bank
+from training.pools import resolve_pool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MoPDRun:
+    """What a finished run hands back (the combined MoPD -> PromptKD pipeline reuses it)."""
+
+    model: MoPDModel
+    backbone: Backbone
+    bench: Benchmark
+    templates: list[str]
+    results: dict[str, Any]
+
+
+def build_model(cfg: MoPDRunCfg, backbone: Backbone, base_names: list[str]) -> tuple[MoPDModel, list[str]]:
+    """Pool -> frozen bank over the base names -> MoPD model (seeded)."""
+    templates = resolve_pool(cfg.mopd.pool, cfg.mopd.dataset)
+    model_cfg = cfg.mopd.model_cfg()
+    if model_cfg.top_k > len(templates):
+        raise ValueError(f"mopd.top_k={model_cfg.top_k} exceeds the pool size {len(templates)}")
+    plain = PromptedTextEncoder(backbone.model, backbone.tokenizer)
+    bank = build_prompt_bank(plain, base_names, templates)  # [P, N_base, D]
+    torch.manual_seed(cfg.loop.seed)
+    return MoPDModel(backbone, base_names, bank, model_cfg, cfg.mopd.loss_cfg()), templates
+
+
+def _classify(model: MoPDModel, vectors: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: model.logit_scale * model.image_features(x) @ vectors.to(x.device).t()
+
+
+def evaluate(
+    model: MoPDModel, bench: Benchmark, transform: Any, device: torch.device, batch_size: int, templates: list[str]
+) -> dict[str, Any]:
+    """Base / novel / HM of the student (each subset among its own names) and of the pool's zero-shot ensemble."""
+    model.eval()
+    plain = PromptedTextEncoder(model.text.clip, model.text.tokenizer)
+    out: dict[str, Any] = {}
+    zs: dict[str, float] = {}
+    pairs: tuple[tuple[Subset, str], ...] = (("base", "base"), ("new", "novel"))
+    for subset, key in pairs:
+        ds = bench.dataset("test", subset, transform)
+        names = bench.names(subset)
+        logits, labels = predict(_classify(model, model.class_vectors(names)), ds, device=device, batch_size=batch_size)
+        out[key], out[f"{key}_per_class"] = accuracy(logits, labels), per_class_accuracy(logits, labels)
+        zs_vectors = encode_class_names(plain, names, templates)
+        zs_logits, zs_labels = predict(_classify(model, zs_vectors), ds, device=device, batch_size=batch_size)
+        zs[key] = accuracy(zs_logits, zs_labels)
+    model.train()
+    res = base_novel_result(out.pop("base"), out.pop("novel"), **out)
+    res["zeroshot_pool"] = base_novel_result(zs["base"], zs["novel"])
+    return res
+
+
+@torch.no_grad()
+def gate_on(model: MoPDModel, ds: Dataset[Any], device: torch.device, batch_size: int) -> GateStats:
+    """The trained gate's choices over a dataset (e.g. base test images)."""
+    stats = GateStats(model.n_prompts)
+    predict(lambda x: _record(model, stats, x), ds, device=device, batch_size=batch_size)
+    return stats
+
+
+def _record(model: MoPDModel, stats: GateStats, x: torch.Tensor) -> torch.Tensor:
+    weights, indices = model.gate(model.image_features(x))
+    stats.update(weights, indices)
+    return torch.as_tensor(weights)
+
+
+def train(cfg: MoPDRunCfg, out: Path, backbone: Backbone | None = None) -> MoPDRun:
+    """Train and evaluate (no export); ``backbone`` overrides ``cfg.backbone`` (tests, pipelines)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    bb = backbone or load_backbone(cfg.backbone.name, cfg.backbone.pretrained)
+    bench = load_benchmark(cfg.data, image_size=bb.preprocess.size[0])
+    train_ds = bench.dataset("train", "base", build_transform(bb.preprocess, train=True), cfg.data.shots, cfg.loop.seed)
+    test_tf = build_transform(bb.preprocess, train=False)
+    model, templates = build_model(cfg, bb, bench.names("base"))
+    model.gate_stats = GateStats(model.n_prompts)
+    device = pick_device(cfg.loop.device)
+    diagnostics = GateDiagnostics(model.gate_stats)
+
+    def base_acc(m: Any) -> dict[str, float]:
+        ds = bench.dataset("test", "base", test_tf)
+        m.eval()
+        logits, labels = predict(_classify(m, m.class_vectors(bench.names("base"))), ds, device=device)
+        m.train()
+        return {"base_acc": accuracy(logits, labels)}
+
+    callbacks = [EvalCallback(base_acc, cfg.loop.eval_every), diagnostics]
+    trainer = Trainer(model, train_ds, cfg.optim, cfg.loop, out, batch_size=cfg.data.batch_size,
+                      num_workers=cfg.data.num_workers, callbacks=callbacks)  # fmt: skip
+    state = trainer.fit()
+    model.gate_stats = None
+    results = evaluate(model, bench, test_tf, device, cfg.data.test_batch_size, templates)
+    train_gate = diagnostics.history[-1] if diagnostics.history else None
+    test_gate = gate_on(model, bench.dataset("test", "base", test_tf), device, cfg.data.test_batch_size)
+    results |= {
+        "method": "mopd",
+        "seed": cfg.loop.seed,
+        "n_train_images": len(train_ds),  # type: ignore[arg-type]
+        "class_names": bench.class_names,
+        "n_base": bench.n_base,
+        "loss_weights": cfg.mopd.loss_cfg().__dict__,
+        "top_k": model.cfg.top_k,
+        "epochs": cfg.optim.epochs,
+        "gate": {"test_base": test_gate.summary(templates), "train_last_epoch": train_gate, "templates": templates},
+    }
+    save_json(results, out / "results.json")
+    plot_history(state.history, out / "loss.png", title="MoPD")
+    plot_base_novel({"zero-shot (pool)": results["zeroshot_pool"], "MoPD": results}, out / "base_novel.png")
+    plot_gate(results["gate"]["test_base"], diagnostics.history, out / "gate.png", title="gate on base test images")
+    log.info("MoPD: base %.2f novel %.2f HM %.2f -> %s", results["base"], results["novel"], results["hm"], out)
+    return MoPDRun(model, bb, bench, templates, results)
+
+
+def run_mopd(cfg: MoPDRunCfg, out_dir: str | Path | None = None, backbone: Backbone | None = None) -> MoPDRun:
+    """``promptdistill train mopd``: train, evaluate, plot, and (``export.bundle``) write ``out/bundle``."""
+    out = Path(out_dir or cfg.out_dir or "runs/mopd")
+    run = train(cfg, out, backbone)
+    if cfg.export.bundle:
+        from training.mopd.export import export_mopd
+
+        facts = {k: run.results[k] for k in ("base", "novel", "hm", "seed", "top_k", "epochs", "loss_weights")}
+        export_mopd(run.model, run.backbone, run.bench.class_names, run.bench.n_base, out / "bundle",
+                    onnx=cfg.export.onnx, extra={"mopd": facts, "pool": run.templates})  # fmt: skip
+        log.info("bundle ready: promptdistill serve --bundle %s", out / "bundle")
+    return run
