@@ -51,12 +51,12 @@ class DataCfg(Cfg):
     test_csv: Path | None = None
     classnames_file: Path | None = None  # CSV only: one class name per line, in label-id order
     unlabeled_root: Path | None = None  # distillation: extra unlabeled image folder (all of it is used)
-    shots: int = Field(16, ge=0)  # labeled images per class for prompt tuning; 0 = all
-    batch_size: int = Field(8, ge=1)
-    test_batch_size: int = Field(100, ge=1)
-    num_workers: int = Field(0, ge=0)
+    shots: int = Field(default=16, ge=0)  # labeled images per class for prompt tuning; 0 = all
+    batch_size: int = Field(default=8, ge=1)
+    test_batch_size: int = Field(default=100, ge=1)
+    num_workers: int = Field(default=0, ge=0)
     check_images: bool = False  # open every image once up front and drop unreadable ones
-    digits_test_fraction: float = Field(0.3, gt=0, lt=1)  # digits only: held-out share per class
+    digits_test_fraction: float = Field(default=0.3, gt=0, lt=1)  # digits only: held-out share per class
 
     @model_validator(mode="after")
     def _paths_for_kind(self) -> DataCfg:
@@ -75,12 +75,12 @@ class DataCfg(Cfg):
 class OptimCfg(Cfg):
     """SGD with cosine decay after constant warm-up epochs (Dassl defaults, stepped per epoch)."""
 
-    lr: float = Field(0.005, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    epochs: int = Field(20, ge=1)
-    warmup_epochs: int = Field(1, ge=0)
-    warmup_lr: float = Field(1e-5, gt=0)  # constant lr during warm-up ("constant" warm-up type)
+    lr: float = Field(default=0.005, gt=0)
+    momentum: float = Field(default=0.9, ge=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    epochs: int = Field(default=20, ge=1)
+    warmup_epochs: int = Field(default=1, ge=0)
+    warmup_lr: float = Field(default=1e-5, gt=0)  # constant lr during warm-up ("constant" warm-up type)
 
 
 class LoopCfg(Cfg):
@@ -89,10 +89,10 @@ class LoopCfg(Cfg):
     amp: bool = False  # autocast (fp16 on CUDA with a grad scaler, bf16 on CPU); one code path
     progress: bool = True  # tqdm bars
     tensorboard: bool = True
-    eval_every: int = Field(1, ge=1)  # epochs between evaluations
+    eval_every: int = Field(default=1, ge=1)  # epochs between evaluations
     checkpoint: bool = True  # save a resumable checkpoint after every epoch
     resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
-    max_steps_per_epoch: int | None = Field(None, ge=1)  # cap (smoke tests / quick looks)
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)  # cap (smoke tests / quick looks)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
