@@ -73,8 +73,12 @@ def evaluate_student(
     out: dict[str, Any] = {}
     for subset in subsets:
         rows = bench.rows(subset)
+
+        def logits_fn(x: torch.Tensor, r: slice = rows) -> torch.Tensor:
+            return model.logits(x, r)
+
         logits, labels = predict(
-            lambda x, r=rows: model.logits(x, r),
+            logits_fn,
             bench.dataset("test", subset, transform),
             device=device,
             batch_size=batch_size,
