@@ -1,0 +1,100 @@
+"""The app factory: ``create_app(settings)`` -> FastAPI app whose lifespan loads the bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from models import __version__
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimit, RequestMetrics
+from service.routes import classify, health, label_sets
+from service.schemas import ClassifyRequest
+from service.settings import Settings, get_settings
+from service.state import build_services
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Image classification with prompt-distilled CLIP bundles.
+
+* Classify against named, versioned, durable **label sets** (`default` holds the bundle's classes);
+  every answer names the set and the version it came from.
+* Add or remove classes at runtime: names are encoded through the bundle's own text side.
+* Or bring `candidate_labels` per request (Hugging Face zero-shot request shape accepted).
+* Mutating routes need `X-API-Key` when the server has a key. Image URLs are never fetched.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    services = await asyncio.to_thread(build_services, settings, app.state.metrics)
+    services.engine.start()
+    app.state.services = services
+    log.info(
+        "serving bundle %s with %s (%s); state in %s",
+        settings.bundle,
+        services.encoder.backend,
+        services.encoder.provider,
+        settings.state_dir,
+    )
+    try:
+        yield
+    finally:
+        log.info("draining the engine (%d images queued)", services.engine.depth)
+        await services.engine.stop(settings.graceful_shutdown_s)
+        services.close()
+        log.info("shut down cleanly")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; nothing heavy happens until the lifespan starts (startup errors are raised there)."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="promptdistill",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "classify", "description": "images in, top-k classes out"},
+            {"name": "label sets", "description": "named, versioned, durable class lists"},
+            {"name": "health", "description": "liveness, readiness, metrics (never behind the key)"},
+        ],
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.dependency_overrides[get_settings] = lambda: settings
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    for module in (health, label_sets, classify):
+        app.include_router(module.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (worker processes read PROMPTDISTILL_* from the environment)."""
+    return create_app(Settings())
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the JSON classify body (the route parses JSON and multipart itself)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes, tags=app.openapi_tags
+    )
+    body = ClassifyRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(body.pop("$defs", {}))
+    components["ClassifyRequest"] = body
+    app.openapi_schema = schema
+    return schema

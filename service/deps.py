@@ -1,0 +1,47 @@
+"""FastAPI dependencies as ``Annotated`` aliases; handlers touch no globals."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from service.errors import Unauthorized
+from service.registry import Registry
+from service.settings import Settings, get_settings
+from service.state import Services
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_registry(services: ServicesDep) -> Registry:
+    return services.registry
+
+
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+
+def require_api_key(
+    settings: SettingsDep,
+    x_api_key: Annotated[
+        str | None, Header(description="required on mutating routes when the server has a key")
+    ] = None,
+) -> None:
+    """401 unless the configured key was sent in ``X-API-Key`` (no key configured: open)."""
+    if settings.api_key is None:
+        return
+    expected = settings.api_key.get_secret_value().encode()
+    if x_api_key is None or not secrets.compare_digest(x_api_key.encode(), expected):
+        raise Unauthorized("missing or wrong API key: send it in the X-API-Key header")
+
+
+ApiKeyDep = Depends(require_api_key)

@@ -1,0 +1,90 @@
+"""Image encoders behind one interface: ONNX Runtime or torch, both fed by ``models.preprocess``.
+
+``encode(pixels [B, 3, H, W] float32) -> [B, D]`` L2-normalised embeddings. The two backends run
+the same exported :class:`models.towers.ImageTower`; a test checks they agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import numpy as np
+
+from models.bundle import Bundle
+from service.errors import StartupError
+
+log = logging.getLogger(__name__)
+
+
+class ImageEncoder(Protocol):
+    backend: str
+    provider: str
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+def cuda_wanted(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import torch
+
+    available = bool(torch.cuda.is_available())
+    if device == "cuda" and not available:
+        raise StartupError("device 'cuda' was requested but torch sees no CUDA device; use --device auto or cpu")
+    return available
+
+
+class OnnxImageEncoder:
+    """ONNX Runtime session over the bundle's exported image tower."""
+
+    backend = "onnx"
+
+    def __init__(self, bundle: Bundle, device: str, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        specs = bundle.manifest.image_encoder.onnx
+        if not specs:
+            raise StartupError(
+                f"backend 'onnx' needs an ONNX image encoder, but bundle {bundle.root} has none; re-export the "
+                "bundle with --onnx (e.g. promptdistill bundle zeroshot ... --onnx) or start with --backend torch"
+            )
+        spec = specs[0]
+        available = ort.get_available_providers()
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in available:
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device == "cuda":
+            raise StartupError(
+                f"device 'cuda' requested but ONNX Runtime offers only {available}; install the gpu extra"
+            )
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(bundle.path(spec.file)), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.input_name, self.output_name = spec.input_name, spec.output_name
+        log.info("image encoder: ONNX Runtime %s with %s (asked for %s)", ort.__version__, self.provider, providers)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(pixels, dtype=np.float32)})
+        return np.asarray(out[0], dtype=np.float32)  # [B, D]
+
+
+class TorchImageEncoder:
+    """The bundle's :class:`~models.towers.ImageTower` in torch (CUDA when available)."""
+
+    backend = "torch"
+
+    def __init__(self, tower: Any, device: str) -> None:
+        self.tower = tower
+        self.device = device
+        self.provider = f"torch:{device}"
+        log.info("image encoder: torch ImageTower on %s", device)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
+            return self.tower(x).float().cpu().numpy()  # [B, D]

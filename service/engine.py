@@ -1,0 +1,204 @@
+"""The batching engine between routes and the image encoder.
+
+Requests put their preprocessed images into one bounded queue; a single worker task takes up to
+``max_batch_size`` images, waiting at most ``max_wait_ms`` after the oldest one arrived for more
+company, and runs the encoder on a dedicated thread (one batch at a time). A request whose queue
+slots are not free is refused at once (429 + Retry-After); work whose client disconnected or
+whose deadline passed is dropped before it reaches the encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import ClientGone, DeadlineExceeded, Overloaded
+
+log = logging.getLogger(__name__)
+POLL_S = 0.05  # how often a waiting request checks whether its client is still there
+
+
+@dataclass(frozen=True)
+class EngineCfg:
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    queue_size: int = 256
+    retry_after_s: int = 1
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray  # [3, H, W]
+    future: asyncio.Future[np.ndarray]
+    enqueued: float
+    deadline: float
+
+
+class EngineHooks:
+    """Observers (metrics); the defaults do nothing."""
+
+    def batch(self, size: int, seconds: float) -> None: ...
+    def depth(self, depth: int) -> None: ...
+    def dropped(self, reason: str, n: int) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+
+
+class Engine:
+    """Dynamic micro-batching over ``encode(pixels [B, 3, H, W]) -> [B, D]``."""
+
+    def __init__(
+        self, encode: Callable[[np.ndarray], np.ndarray], cfg: EngineCfg, hooks: EngineHooks | None = None
+    ) -> None:
+        self.encode = encode
+        self.cfg = cfg
+        self.hooks = hooks or EngineHooks()
+        self._pending: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        self.batches = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done() and not self._closing
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="batching-engine")
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new work (503), finish what is queued, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._worker), timeout_s)
+            except TimeoutError:
+                log.warning("engine drain timed out with %d images queued", len(self._pending))
+                self._worker.cancel()
+        self._executor.shutdown(wait=True)
+
+    async def embed(
+        self,
+        pixels: np.ndarray,
+        *,
+        timeout_s: float,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        bypass_capacity: bool = False,
+    ) -> np.ndarray:
+        """pixels [B, 3, H, W] -> embeddings [B, D], batched with other requests' images."""
+        if self._closing or self._worker is None:
+            self.hooks.rejected("draining")
+            raise Overloaded(
+                "the server is shutting down; retry on another replica",
+                retry_after_s=self.cfg.retry_after_s,
+                status=503,
+            )
+        n = len(pixels)
+        if not bypass_capacity and len(self._pending) + n > self.cfg.queue_size:
+            self.hooks.rejected("queue_full")
+            raise Overloaded(
+                f"the inference queue is full ({len(self._pending)} of {self.cfg.queue_size} images waiting); "
+                "retry later",
+                retry_after_s=self.cfg.retry_after_s,
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        futures: list[asyncio.Future[np.ndarray]] = [loop.create_future() for _ in range(n)]
+        for p, f in zip(pixels, futures, strict=True):
+            self._pending.append(_Item(p, f, now, now + timeout_s))
+        self.hooks.depth(len(self._pending))
+        self._wakeup.set()
+        try:
+            await self._wait(futures, now + timeout_s, is_disconnected)
+        finally:
+            for f in futures:
+                f.cancel()  # no-op for finished ones; the worker skips cancelled items
+        return np.stack([f.result() for f in futures])  # [B, D]
+
+    async def _wait(
+        self,
+        futures: list[asyncio.Future[np.ndarray]],
+        deadline: float,
+        is_disconnected: Callable[[], Awaitable[bool]] | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceeded("the request's deadline passed before its images were encoded")
+            _, pending = await asyncio.wait(futures, timeout=min(POLL_S, remaining))
+            if not pending:
+                return
+            if is_disconnected is not None and await is_disconnected():
+                raise ClientGone("client disconnected; its queued images were dropped")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            fill_by = self._pending[0].enqueued + self.cfg.max_wait_ms / 1000.0
+            while len(self._pending) < self.cfg.max_batch_size and not self._closing:
+                remaining = fill_by - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take(loop.time())
+            self.hooks.depth(len(self._pending))
+            if batch:
+                await self._encode(batch)
+
+    def _take(self, now: float) -> list[_Item]:
+        batch: list[_Item] = []
+        gone = late = 0
+        while self._pending and len(batch) < self.cfg.max_batch_size:
+            item = self._pending.popleft()
+            if item.future.done():  # cancelled: client gone, deadline, or a sibling image failed
+                gone += 1
+            elif now > item.deadline:
+                late += 1
+                item.future.cancel()
+            else:
+                batch.append(item)
+        if gone:
+            self.hooks.dropped("cancelled", gone)
+        if late:
+            self.hooks.dropped("deadline", late)
+        return batch
+
+    async def _encode(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        pixels = np.stack([it.pixels for it in batch])  # [B, 3, H, W]
+        start = loop.time()
+        try:
+            out = await loop.run_in_executor(self._executor, self.encode, pixels)
+        except Exception as e:
+            log.exception("image encoder failed on a batch of %d", len(batch))
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(e)
+            return
+        self.batches += 1
+        self.hooks.batch(len(batch), loop.time() - start)
+        for it, row in zip(batch, out, strict=True):
+            if not it.future.done():
+                it.future.set_result(row)

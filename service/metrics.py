@@ -1,0 +1,72 @@
+"""Prometheus metrics, one registry per app (several apps can live in one test process)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.engine import EngineHooks
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics(EngineHooks):
+    """All service metrics; also the engine's hooks."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "promptdistill_"
+        self.requests = Counter(p + "requests", "HTTP requests", ["method", "route", "status"], registry=r)
+        self.latency = Histogram(
+            p + "request_seconds", "HTTP request latency", ["method", "route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(p + "batch_size", "images per encoder call", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram(
+            p + "batch_seconds", "encoder time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(p + "queue_depth", "images waiting for the encoder", registry=r)
+        self.dropped_total = Counter(
+            p + "dropped_images", "queued images dropped before encoding", ["reason"], registry=r
+        )
+        self.rejected_total = Counter(p + "rejected_requests", "requests refused by the engine", ["reason"], registry=r)
+        self.label_set_version = Gauge(
+            p + "label_set_version", "version served per label set", ["label_set"], registry=r
+        )
+        self.label_set_classes = Gauge(p + "label_set_classes", "classes per label set", ["label_set"], registry=r)
+        self.text_calls = Counter(p + "text_encoder_calls", "text encoder invocations", registry=r)
+        self.text_names = Counter(p + "text_encoder_names", "names encoded by the text encoder", registry=r)
+        self.images = Counter(p + "images_classified", "images classified", registry=r)
+        self.info = Gauge(p + "image_encoder_info", "image encoder in use", ["backend", "provider"], registry=r)
+
+    # engine hooks
+    def batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def dropped(self, reason: str, n: int) -> None:
+        self.dropped_total.labels(reason).inc(n)
+
+    def rejected(self, reason: str) -> None:
+        self.rejected_total.labels(reason).inc()
+
+    # registry / text hooks
+    def version(self, label_set: str, version: int, n_classes: int) -> None:
+        if version < 0:
+            for gauge in (self.label_set_version, self.label_set_classes):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(label_set)
+            return
+        self.label_set_version.labels(label_set).set(version)
+        self.label_set_classes.labels(label_set).set(n_classes)
+
+    def text_call(self, n_names: int) -> None:
+        self.text_calls.inc()
+        self.text_names.inc(n_names)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,132 @@
+"""Request and response bodies (pydantic), with OpenAPI examples."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_TINY_PNG = (  # a 16x16 orange square
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mM8UaHBQApgYiARjGoY1TB0"
+    "NAAAgJwBiHEHVqAAAAAASUVORK5CYII="
+)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HFParameters(_Body):
+    """The Hugging Face zero-shot-image-classification ``parameters``."""
+
+    candidate_labels: list[str] | None = Field(default=None, description="labels for this request only")
+    hypothesis_template: str | None = Field(default=None, description="e.g. 'This is a photo of {}.'")
+    top_k: int | None = Field(default=None, ge=1)
+
+
+class ClassifyRequest(_Body):
+    """JSON classify request: our shape (``images``) or Hugging Face's (``inputs`` + ``parameters``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"images": [_TINY_PNG], "label_set": "default", "top_k": 3},
+                {"images": [_TINY_PNG], "candidate_labels": ["cat", "dog"], "hypothesis_template": "a photo of a {}."},
+                {"inputs": _TINY_PNG, "parameters": {"candidate_labels": ["cat", "dog"]}},
+            ]
+        },
+    )
+
+    images: list[str] | None = Field(default=None, description="base64 or data: URI per image (URLs are refused)")
+    inputs: str | list[str] | None = Field(default=None, description="Hugging Face shape: one image or a list")
+    parameters: HFParameters | None = None
+    label_set: str = Field(default="default", description="named label set to classify against")
+    top_k: int = Field(default=5, ge=1, description="predictions per image")
+    candidate_labels: list[str] | None = Field(
+        default=None, description="classify against these labels instead of a set"
+    )
+    hypothesis_template: str | None = Field(default=None, description="template with one {} for candidate_labels")
+    unknown_threshold: float | None = Field(
+        default=None, ge=-1.0, le=1.0, description="top-1 cosine below this -> 'unknown'"
+    )
+
+
+class Prediction(BaseModel):
+    class_id: int = Field(description="class id in the label set (position in candidate_labels for ad-hoc labels)")
+    label: str
+    score: float = Field(description="softmax over the whole set with the bundle's logit scale")
+    cosine: float = Field(description="cosine similarity of image and class vector (independent of the set)")
+
+
+class ImageResult(BaseModel):
+    index: int
+    label: str = Field(description="top-1 label, or 'unknown' when below unknown_threshold")
+    unknown: bool = False
+    predictions: list[Prediction]
+
+
+class ClassifyResponse(BaseModel):
+    label_set: str | None = Field(description="the set answered from; null for candidate_labels requests")
+    version: int | None = Field(description="the set's version this answer was computed from")
+    results: list[ImageResult]
+
+
+class ClassesIn(_Body):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"names": ["red panda", "okapi"]}, {"names": ["axolotl"], "templates": ["a photo of a {}."]}]
+        },
+    )
+
+    names: list[str] = Field(description="class names to add (all or none)")
+    templates: list[str] | None = Field(
+        default=None, description="override the bundle's templates (prompt-free text sides only)"
+    )
+
+
+class LabelSetIn(ClassesIn):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "pets", "names": ["cat", "dog", "hamster"]}]}
+    )
+
+    name: str = Field(description="1-64 characters: letters, digits, '.', '_', '-'")
+
+
+class ClassOut(BaseModel):
+    id: int
+    name: str
+    provenance: str
+
+
+class LabelSetSummary(BaseModel):
+    name: str
+    version: int
+    n_classes: int
+
+
+class LabelSetList(BaseModel):
+    label_sets: list[LabelSetSummary]
+
+
+class ClassList(BaseModel):
+    label_set: str
+    version: int
+    index_size: int = Field(description="vectors in the FAISS index serving this version")
+    classes: list[ClassOut]
+
+
+class ChangeOut(BaseModel):
+    label_set: str
+    version: int
+    classes: list[ClassOut] = Field(description="the classes added or removed")
+
+
+class DeletedSet(BaseModel):
+    label_set: str
+    deleted: bool = True
+    version: int = Field(description="the store's clock after the deletion")
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,96 @@
+"""Service settings: one pydantic-settings model, read from ``PROMPTDISTILL_*`` environment variables.
+
+Nothing is read at import time; :func:`get_settings` builds (and caches) the settings on first use,
+and tests either pass a :class:`Settings` to ``create_app`` or override the ``get_settings``
+dependency.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told. Environment: ``PROMPTDISTILL_<FIELD>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTDISTILL_", extra="ignore", frozen=True)
+
+    # --- what to serve
+    bundle: Path | None = Field(default=None, description="bundle folder (manifest.json + tensors)")
+    state_dir: Path = Field(default=Path("promptdistill-state"), description="SQLite database of label sets lives here")
+    backend: Literal["onnx", "torch"] = Field(default="onnx", description="image encoder runtime")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
+    faiss_gpu: bool = Field(default=True, description="use a FAISS GPU index when FAISS GPU and a GPU are present")
+    threads: int | None = Field(
+        default=None, ge=1, description="intra-op threads for the encoder (None: runtime default)"
+    )
+    # --- engine (dynamic micro-batching)
+    max_batch_size: int = Field(default=16, ge=1, le=4096, description="images per encoder call")
+    max_wait_ms: float = Field(
+        default=5.0, ge=0, le=10_000, description="how long the first queued image waits for company"
+    )
+    queue_size: int = Field(default=256, ge=1, description="images waiting at most; beyond this requests get 429")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline for queued inference")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429/503")
+    # --- input caps
+    max_request_bytes: int = Field(default=64 * MiB, ge=1024, description="whole request body")
+    max_image_bytes: int = Field(default=16 * MiB, ge=1024, description="one encoded image")
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="width x height of one image (decompression bombs)"
+    )
+    min_image_side: int = Field(default=16, ge=1, description="smaller images are rejected")
+    max_images_per_request: int = Field(default=32, ge=1)
+    max_labels_per_request: int = Field(default=1000, ge=1, description="names or candidate labels in one request")
+    max_name_length: int = Field(default=200, ge=1)
+    max_templates: int = Field(default=100, ge=1)
+    max_top_k: int = Field(default=1000, ge=1)
+    text_cache_size: int = Field(default=4096, ge=0, description="LRU entries of encoded candidate labels")
+    # --- security and serving
+    api_key: SecretStr | None = Field(default=None, description="X-API-Key required on mutating routes when set")
+    allow_insecure_bind: bool = Field(default=False, description="listen on a non-loopback host without an API key")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    graceful_shutdown_s: float = Field(default=30.0, gt=0)
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            raise ValueError("api_key is empty; unset PROMPTDISTILL_API_KEY or give a real key")
+        if self.max_image_bytes > self.max_request_bytes:
+            raise ValueError("max_image_bytes cannot exceed max_request_bytes")
+        return self
+
+    def insecure_bind_problem(self) -> str | None:
+        """Why listening on ``host`` would be unsafe, or None when it is fine."""
+        if self.api_key is not None or self.allow_insecure_bind or is_loopback(self.host):
+            return None
+        return (
+            f"refusing to listen on {self.host!r} without an API key: anyone who can reach it could change "
+            "label sets. Set --api-key / PROMPTDISTILL_API_KEY, bind to 127.0.0.1, or pass "
+            "--allow-insecure-bind (PROMPTDISTILL_ALLOW_INSECURE_BIND=1) if a proxy in front does authentication"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, built once (tests: ``app.dependency_overrides`` or pass Settings)."""
+    return Settings()

@@ -1,0 +1,134 @@
+"""Everything the lifespan loads: bundle, encoders, engine, label-set registry (on ``app.state``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from models.bundle import Bundle, BundleError, load_bundle
+from models.preprocess import preprocess_image
+from models.towers import TextSide
+from service.encoders import ImageEncoder, OnnxImageEncoder, TorchImageEncoder, cuda_wanted
+from service.engine import Engine, EngineCfg
+from service.errors import StartupError
+from service.images import ImageLimits, configure_pil
+from service.metrics import Metrics
+from service.registry import Registry
+from service.settings import Settings
+from service.store import LabelSetStore
+from service.text import TextEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    bundle: Bundle
+    encoder: ImageEncoder
+    text: TextEncoder
+    registry: Registry
+    engine: Engine
+    metrics: Metrics
+    limits: ImageLimits
+    probe: np.ndarray  # [1, 3, H, W] a fixed synthetic image for readiness checks
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.bundle.manifest.logit_scale)
+
+    def close(self) -> None:
+        self.registry.store.close()
+
+
+def load_checked_bundle(settings: Settings) -> Bundle:
+    if settings.bundle is None:
+        raise StartupError("no bundle given: pass --bundle DIR or set PROMPTDISTILL_BUNDLE")
+    try:
+        return load_bundle(settings.bundle, verify=True)
+    except BundleError as e:
+        raise StartupError(f"cannot serve bundle {settings.bundle}: {e}") from e
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Create ``state_dir`` and prove we can write (and fsync) a file there."""
+    hint = "choose a writable folder with --state-dir or PROMPTDISTILL_STATE_DIR"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".write-test-") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise StartupError(f"state directory {state_dir} is not writable ({e.strerror or e}); {hint}") from e
+
+
+def build_services(settings: Settings, metrics: Metrics) -> Services:
+    """Load and check everything; raises :class:`StartupError` with what to fix. (Blocking.)"""
+    bundle = load_checked_bundle(settings)
+    check_state_dir(settings.state_dir)
+    configure_pil(settings.max_image_pixels)
+    device = "cuda" if cuda_wanted(settings.device) else "cpu"
+    encoder, text_side = _encoders(bundle, settings, device)
+    spec = bundle.manifest.text_encoder
+    text = TextEncoder(
+        text_side,
+        learned_prompts=bool(spec and spec.prompts.n_tokens > 0),
+        cache_size=settings.text_cache_size,
+        on_call=metrics.text_call,
+    )
+    store = LabelSetStore(settings.state_dir, bundle.manifest.embed_dim)
+    registry = Registry(store, text, use_gpu=settings.faiss_gpu and device == "cuda", on_version=metrics.version)
+    try:
+        registry.open(bundle)
+    except BaseException:
+        store.close()
+        raise
+    cfg = EngineCfg(settings.max_batch_size, settings.max_wait_ms, settings.queue_size, settings.retry_after_s)
+    metrics.info.labels(encoder.backend, encoder.provider).set(1)
+    pre = bundle.manifest.image_encoder.preprocess.to_config()
+    return Services(
+        settings=settings,
+        bundle=bundle,
+        encoder=encoder,
+        text=text,
+        registry=registry,
+        engine=Engine(encoder.encode, cfg, metrics),
+        metrics=metrics,
+        limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.min_image_side),
+        probe=preprocess_image(_probe_image(), pre)[None],
+    )
+
+
+def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEncoder, TextSide | None]:
+    import torch
+
+    from models.towers import build_text_side, build_towers, load_bundle_backbone
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    m = bundle.manifest
+    if settings.backend == "onnx":
+        encoder: ImageEncoder = OnnxImageEncoder(
+            bundle, "cuda" if device == "cuda" else settings.device, settings.threads
+        )
+        if m.text_encoder is None:
+            return encoder, None
+        backbone = load_bundle_backbone(bundle, m.text_encoder.backbone, device)
+        backbone.model.visual = torch.nn.Identity()  # ONNX runs the image side; keep only the text tower
+        return encoder, build_text_side(bundle, device, backbone)
+    tower, side = build_towers(bundle, device)
+    return TorchImageEncoder(tower, device), side
+
+
+def _probe_image() -> Image.Image:
+    """A deterministic colour gradient (no file needed)."""
+    y, x = np.mgrid[0:96, 0:96]
+    rgb = np.stack([x * 2.5, y * 2.5, (x + y) * 1.3], axis=-1).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(rgb)
