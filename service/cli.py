@@ -1,0 +1,154 @@
+"""``promptdistill serve | classify | classes``: run the service and talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve a bundle over REST (FastAPI + uvicorn)")
+    serve.add_argument("--bundle", help="bundle folder (or PROMPTDISTILL_BUNDLE)")
+    serve.add_argument("--host", help="default 127.0.0.1; other hosts need --api-key or --allow-insecure-bind")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="uvicorn worker processes (each rebuilds its index from the DB)")
+    serve.add_argument("--backend", choices=["onnx", "torch"])
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--state-dir", help="where the label-set database lives (PROMPTDISTILL_STATE_DIR)")
+    serve.add_argument("--api-key", help="require X-API-Key on mutating routes (better: PROMPTDISTILL_API_KEY)")
+    serve.add_argument("--allow-insecure-bind", action="store_true", help="listen on a non-loopback host without a key")
+    serve.add_argument("--max-batch-size", type=int)
+    serve.add_argument("--max-wait-ms", type=float)
+    serve.add_argument("--queue-size", type=int)
+    serve.set_defaults(func=_serve)
+
+    cls = sub.add_parser("classify", help="classify image files with a running server")
+    cls.add_argument("images", nargs="+", help="image files")
+    _client_args(cls)
+    cls.add_argument("--top-k", type=int, default=5)
+    cls.set_defaults(func=_classify)
+
+    classes = sub.add_parser("classes", help="list, add or remove classes of a running server's label set")
+    csub = classes.add_subparsers(dest="classes_cmd", required=True)
+    add = csub.add_parser("add", help="add class names (encoded by the server's text side)")
+    add.add_argument("names", nargs="+")
+    _client_args(add)
+    add.set_defaults(func=_classes_add)
+    ls = csub.add_parser("list", help="list the classes of a label set")
+    _client_args(ls)
+    ls.set_defaults(func=_classes_list)
+    rm = csub.add_parser("remove", help="remove classes by name (or --id)")
+    rm.add_argument("names", nargs="*")
+    rm.add_argument("--id", type=int, action="append", default=[], help="class id (repeatable)")
+    _client_args(rm)
+    rm.set_defaults(func=_classes_remove)
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url", default=os.environ.get("PROMPTDISTILL_URL", DEFAULT_URL), help=f"server (default {DEFAULT_URL})"
+    )
+    p.add_argument("--label-set", default="default")
+    p.add_argument("--api-key", default=os.environ.get("PROMPTDISTILL_API_KEY"), help="or PROMPTDISTILL_API_KEY")
+
+
+_SERVE_FIELDS = (
+    "bundle",
+    "host",
+    "port",
+    "workers",
+    "backend",
+    "device",
+    "state_dir",
+    "api_key",
+    "max_batch_size",
+    "max_wait_ms",
+    "queue_size",
+)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.settings import Settings
+    from service.state import check_state_dir, load_checked_bundle
+
+    for name in _SERVE_FIELDS:  # CLI flags win over the environment; workers read it back
+        value = getattr(args, name)
+        if value is not None:
+            os.environ[f"PROMPTDISTILL_{name.upper()}"] = str(value)
+    if args.allow_insecure_bind:
+        os.environ["PROMPTDISTILL_ALLOW_INSECURE_BIND"] = "1"
+    settings = Settings()
+    problem = settings.insecure_bind_problem()
+    if problem:
+        raise RuntimeError(problem)
+    load_checked_bundle(settings)  # fail before uvicorn starts, with the message only
+    check_state_dir(settings.state_dir)
+    log.info(
+        "serving %s on http://%s:%d (%d worker(s))", settings.bundle, settings.host, settings.port, settings.workers
+    )
+    uvicorn.run(
+        "service.app:create_app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        proxy_headers=False,
+    )
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    with Client(args.url, args.api_key) as client:
+        out = client.classify_files(args.images, label_set=args.label_set, top_k=args.top_k)
+    for path, result in zip(args.images, out["results"], strict=True):
+        preds = ", ".join(f"{p['label']} {p['score']:.3f}" for p in result["predictions"])
+        sys.stdout.write(f"{path}\t{result['label']}\t[{preds}]\n")
+    sys.stdout.write(f"# label set {out['label_set']} version {out['version']}\n")
+    return 0
+
+
+def _classes_add(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    with Client(args.url, args.api_key) as client:
+        out = client.add_classes(args.names, label_set=args.label_set)
+    sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _classes_list(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    with Client(args.url, args.api_key) as client:
+        out = client.classes(args.label_set)
+    for c in out["classes"]:
+        sys.stdout.write(f"{c['id']}\t{c['name']}\t{c['provenance']}\n")
+    sys.stdout.write(f"# label set {out['label_set']} version {out['version']}\n")
+    return 0
+
+
+def _classes_remove(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    if not args.names and not args.id:
+        raise ValueError("name at least one class (or --id)")
+    with Client(args.url, args.api_key) as client:
+        for class_id in args.id:
+            out = client.remove_class(args.label_set, class_id=class_id)
+            sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+        for name in args.names:
+            out = client.remove_class(args.label_set, name=name)
+            sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+    return 0
