@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from models.backbone import Backbone, load_backbone
 from models.class_vectors import encode_class_names
-from models.prompts import PromptedTextEncoder
+from models.prompts import PromptedImageEncoder, PromptedTextEncoder
 from training.benchmark import Benchmark, load_benchmark
 from training.config import save_config
 from training.data import Subset, build_transform
@@ -54,7 +54,9 @@ class MoPDRun:
     results: dict[str, Any]
 
 
-def build_model(cfg: MoPDRunCfg, backbone: Backbone, base_names: list[str]) -> tuple[MoPDModel, list[str]]:
+def build_model(
+    cfg: MoPDRunCfg, backbone: Backbone, base_names: list[str], image_encoder: PromptedImageEncoder | None = None
+) -> tuple[MoPDModel, list[str]]:
     """Pool -> frozen bank over the base names -> MoPD model (seeded)."""
     templates = resolve_pool(cfg.mopd.pool, cfg.mopd.dataset)
     model_cfg = cfg.mopd.model_cfg()
@@ -63,7 +65,8 @@ def build_model(cfg: MoPDRunCfg, backbone: Backbone, base_names: list[str]) -> t
     plain = PromptedTextEncoder(backbone.model, backbone.tokenizer)
     bank = build_prompt_bank(plain, base_names, templates)  # [P, N_base, D]
     torch.manual_seed(cfg.loop.seed)
-    return MoPDModel(backbone, base_names, bank, model_cfg, cfg.mopd.loss_cfg()), templates
+    model = MoPDModel(backbone, base_names, bank, model_cfg, cfg.mopd.loss_cfg(), image_encoder=image_encoder)
+    return model, templates
 
 
 def _classify(model: MoPDModel, vectors: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -107,15 +110,21 @@ def _record(model: MoPDModel, stats: GateStats, x: torch.Tensor) -> torch.Tensor
     return torch.as_tensor(weights)
 
 
-def train(cfg: MoPDRunCfg, out: Path, backbone: Backbone | None = None) -> MoPDRun:
-    """Train and evaluate (no export); ``backbone`` overrides ``cfg.backbone`` (tests, pipelines)."""
+def train(
+    cfg: MoPDRunCfg, out: Path, backbone: Backbone | None = None, image_encoder: PromptedImageEncoder | None = None
+) -> MoPDRun:
+    """Train and evaluate (no export).
+
+    ``backbone`` overrides ``cfg.backbone`` (tests, pipelines); ``image_encoder`` replaces its plain
+    frozen image tower (e.g. a stored PromptSRC teacher's prompted tower).
+    """
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     bb = backbone or load_backbone(cfg.backbone.name, cfg.backbone.pretrained)
     bench = load_benchmark(cfg.data, image_size=bb.preprocess.size[0])
     train_ds = bench.dataset("train", "base", build_transform(bb.preprocess, train=True), cfg.data.shots, cfg.loop.seed)
     test_tf = build_transform(bb.preprocess, train=False)
-    model, templates = build_model(cfg, bb, bench.names("base"))
+    model, templates = build_model(cfg, bb, bench.names("base"), image_encoder)
     model.gate_stats = GateStats(model.n_prompts)
     device = pick_device(cfg.loop.device)
     diagnostics = GateDiagnostics(model.gate_stats)
