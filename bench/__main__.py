@@ -1,0 +1,43 @@
+"""``python -m bench {encoders,labelsets,http,payoff,all} [--quick]``: JSON + PNG into bench/results/.
+
+The full run (``python -m bench all``) takes roughly 15-25 minutes on 2 CPU cores; run it on a
+quiet machine — every result file records the load average so disturbed runs can be recognised.
+``--quick`` is a smoke test (tiny sizes, 1-2 iterations): its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from bench.common import RESULTS, BenchCfg
+
+BENCHES = ("encoders", "labelsets", "http", "payoff")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("which", choices=(*BENCHES, "all"))
+    parser.add_argument("--quick", action="store_true", help="smoke test: minimal sizes and iterations")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="budget per timed measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+    # ONNX Runtime's quantiser logs every node through the root logger: keep the root at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("bench", "models"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = BenchCfg(threads=args.threads, quick=args.quick, max_seconds=args.max_seconds, out_dir=args.out)
+    for name in BENCHES if args.which == "all" else (args.which,):
+        logging.getLogger("bench").info("=== %s ===", name)
+        module = __import__(f"bench.{name}", fromlist=["run"])
+        module.run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
