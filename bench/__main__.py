@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.common import RESULTS, BenchCfg
 
-BENCHES = ("encoders", "labelsets", "http", "payoff")
+BENCHES = ("encoders", "labelsets", "http_load", "payoff")
 
 
 def main(argv: list[str] | None = None) -> int:
