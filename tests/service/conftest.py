@@ -1,0 +1,143 @@
+"""Service fixtures: settings on a tmp state dir, a real uvicorn server on 127.0.0.1, subprocess servers."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import uvicorn
+
+from service import Settings, create_app
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def png_bytes(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(image: Any, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def make_settings(tiny_bundle_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"bundle": tiny_bundle_dir, "state_dir": tmp_path / "state", "threads": 1}
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+class LiveServer:
+    """A real uvicorn server running the app in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("server thread died during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def services(self) -> Any:
+        return self.app.state.services
+
+    def client(self, **kwargs: Any) -> httpx2.Client:
+        return httpx2.Client(base_url=self.url, timeout=30.0, **kwargs)
+
+
+@pytest.fixture
+def live(make_settings: Callable[..., Settings]) -> Callable[..., Any]:
+    """``with live(**settings_overrides) as server:`` -> a started :class:`LiveServer`."""
+
+    def start(**overrides: Any) -> LiveServer:
+        return LiveServer(make_settings(**overrides))
+
+    return start
+
+
+@contextmanager
+def subprocess_server(bundle: Path, state_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[Any]:
+    """``promptdistill serve`` in a child process; yields (Popen, url). Killed on exit if still running."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "promptdistill",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--state-dir",
+        str(state_dir),
+        "--port",
+        str(port),
+        *extra,
+    ]
+    child_env = {**os.environ, "PYTHONPATH": str(ROOT), "PROMPTDISTILL_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {err[-3000:]}")
+        try:
+            if httpx2.get(url + "/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"server at {url} not ready after {timeout_s}s")

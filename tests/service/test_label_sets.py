@@ -1,0 +1,131 @@
+"""Runtime label sets: immediate effect, increasing versions, deletion, restart from the database."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service import create_app
+from service.errors import StartupError
+from service.store import DB_FILE
+from tests.service.conftest import png_bytes
+
+
+def _classify(http: Any, image: str, label_set: str = "default", top_k: int = 100) -> dict[str, Any]:
+    resp = http.post("/v1/classify", json={"images": [image], "label_set": label_set, "top_k": top_k})
+    assert resp.status_code == 200, resp.text
+    out: dict[str, Any] = resp.json()
+    return out
+
+
+def test_added_classes_are_classifiable_at_once_and_deleted_ones_vanish(live: Any, photos: list[Any]) -> None:
+    image = base64.b64encode(png_bytes(photos[2])).decode()
+    with live() as server, server.client() as http:
+        v0 = _classify(http, image)["version"]
+        added = http.post("/v1/label-sets/default/classes", json={"names": ["red panda", "okapi"]})
+        assert added.status_code == 201, added.text
+        v1 = added.json()["version"]
+        assert v1 > v0
+        ids = {c["name"]: c["id"] for c in added.json()["classes"]}
+        out = _classify(http, image)
+        assert out["version"] == v1
+        labels = {p["label"] for p in out["results"][0]["predictions"]}
+        assert {"red panda", "okapi"} <= labels
+        # the new class's cosine is the image embedding against its text-side vector
+        vec = server.services.text.encode(["okapi"])[0]
+        emb = server.services.encoder.encode(_pixels(server, photos[2]))[0]
+        okapi = next(p for p in out["results"][0]["predictions"] if p["label"] == "okapi")
+        assert abs(okapi["cosine"] - float(emb @ vec)) < 1e-4
+
+        by_id = http.delete(f"/v1/label-sets/default/classes/{ids['okapi']}")
+        assert by_id.status_code == 200 and by_id.json()["version"] > v1
+        by_name = http.delete("/v1/label-sets/default/classes", params={"name": "red panda"})
+        assert by_name.status_code == 200, by_name.text
+        v3 = by_name.json()["version"]
+        assert v3 > by_id.json()["version"]
+        out = _classify(http, image)
+        assert out["version"] == v3
+        assert not {"red panda", "okapi"} & {p["label"] for p in out["results"][0]["predictions"]}
+        listed = http.get("/v1/label-sets/default/classes").json()
+        assert listed["version"] == v3 and listed["index_size"] == len(listed["classes"])
+        assert http.delete(f"/v1/label-sets/default/classes/{ids['okapi']}").status_code == 404
+        assert http.delete("/v1/label-sets/default/classes", params={"name": "nope"}).status_code == 404
+
+
+def _pixels(server: Any, photo: Any) -> np.ndarray:
+    from models.preprocess import preprocess_batch
+
+    return preprocess_batch([photo], server.services.bundle.manifest.image_encoder.preprocess.to_config())
+
+
+def test_named_sets_duplicates_and_protection(live: Any, photos: list[Any]) -> None:
+    image = base64.b64encode(png_bytes(photos[0])).decode()
+    with live() as server, server.client() as http:
+        made = http.post("/v1/label-sets", json={"name": "pets", "names": ["cat", "dog", "hamster"]})
+        assert made.status_code == 201, made.text
+        assert [c["id"] for c in made.json()["classes"]] == [0, 1, 2]
+        assert http.post("/v1/label-sets", json={"name": "pets", "names": ["x"]}).status_code == 409
+        dup = http.post("/v1/label-sets/pets/classes", json={"names": ["dog"]})
+        assert dup.status_code == 409 and "dog" in dup.json()["detail"]
+        assert http.post("/v1/label-sets/pets/classes", json={"names": ["emu", "emu"]}).status_code == 409
+        assert http.post("/v1/label-sets/nope/classes", json={"names": ["emu"]}).status_code == 404
+        out = _classify(http, image, "pets")
+        assert out["label_set"] == "pets" and len(out["results"][0]["predictions"]) == 3
+        sets = {s["name"]: s for s in http.get("/v1/label-sets").json()["label_sets"]}
+        assert sets["pets"]["n_classes"] == 3 and "default" in sets
+        templated = http.post(
+            "/v1/label-sets/pets/classes", json={"names": ["ferret"], "templates": ["a photo of a {}."]}
+        )
+        assert templated.status_code == 201, templated.text
+        bad_t = http.post("/v1/label-sets/pets/classes", json={"names": ["gecko"], "templates": ["no placeholder"]})
+        assert bad_t.status_code == 422 and "{}" in bad_t.json()["detail"]
+        assert http.delete("/v1/label-sets/default").status_code == 409
+        gone = http.delete("/v1/label-sets/pets")
+        assert gone.status_code == 200
+        assert http.post("/v1/classify", json={"images": [image], "label_set": "pets"}).status_code == 404
+        remade = http.post("/v1/label-sets", json={"name": "pets", "names": ["cat"]})
+        assert remade.json()["version"] > gone.json()["version"], "versions must never go back"
+        assert http.delete("/v1/label-sets/pets/classes/0").status_code == 200
+        empty = http.post("/v1/classify", json={"images": [image], "label_set": "pets"})
+        assert empty.status_code == 409 and "no classes" in empty.json()["detail"]
+
+
+def test_restart_rebuilds_everything_from_the_database(make_settings: Any, photos: list[Any]) -> None:
+    settings = make_settings()
+    image = base64.b64encode(png_bytes(photos[3])).decode()
+    with TestClient(create_app(settings)) as http:
+        http.post("/v1/label-sets/default/classes", json={"names": ["koala", "lynx"]})
+        http.delete("/v1/label-sets/default/classes", params={"name": "cat"})
+        http.post("/v1/label-sets", json={"name": "tools", "names": ["hammer", "saw"]})
+        before = {s: _classify(http, image, s) for s in ("default", "tools")}
+        listing = http.get("/v1/label-sets").json()
+    with TestClient(create_app(settings)) as http:
+        assert http.get("/v1/label-sets").json() == listing
+        for s, out in before.items():
+            assert _classify(http, image, s) == out
+    db = sqlite3.connect(settings.state_dir / DB_FILE)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    names = {r[0] for r in db.execute("SELECT name FROM classes WHERE label_set = 'default'")}
+    assert {"koala", "lynx"} <= names and "cat" not in names
+    db.close()
+
+
+def test_state_dir_of_another_bundle_is_refused(make_settings: Any, tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    settings = make_settings()
+    with TestClient(create_app(settings)):
+        pass
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["text_encoder"]["templates"] = ["{}"]  # encodes names differently: another vector space
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StartupError, match="different bundle"), TestClient(create_app(make_settings(bundle=other))):
+        pass
