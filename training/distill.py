@@ -100,13 +100,15 @@ def _check_compatible(teacher: Teacher, student: Backbone, bench: Benchmark) -> 
         raise ValueError(f"teacher and student must see the same view: preprocess {t} vs {s}")
 
 
-def run_distill(cfg: DistillRunConfig, student: Backbone | None = None) -> dict[str, Any]:
+def run_distill(
+    cfg: DistillRunConfig, student: Backbone | None = None, teacher: Teacher | None = None
+) -> dict[str, Any]:
     """Distill, evaluate (best-base-epoch and last-epoch protocols), export the bundle."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     device = pick_device(cfg.loop.device)
-    teacher = load_teacher(cfg.teacher_dir)
+    teacher = teacher or load_teacher(cfg.teacher_dir)  # in-memory teacher: MoPD -> PromptKD (training/mopd/combined.py)
     sbb = student or load_backbone(cfg.student.name, cfg.student.pretrained)
     bench = load_benchmark(cfg.data, image_size=sbb.preprocess.size[0])
     _check_compatible(teacher, sbb, bench)

@@ -67,9 +67,16 @@ class MoPDRunCfg(Cfg):
         """Fill MoPD's batch size, shots, lr and per-dataset epochs under whatever the user set."""
         if not isinstance(data, dict):
             return data
-        dataset = str((data.get("mopd") or {}).get("dataset", "custom"))
+        dataset = _dataset_of(data.get("mopd"))
         base = {
             "data": {"shots": 16, "batch_size": 128},
             "optim": {"lr": 0.002, "epochs": defaults_for(dataset).epochs, "warmup_epochs": 1, "warmup_lr": 1e-5},
         }
         return deep_merge(base, data)
+
+
+def _dataset_of(mopd: Any) -> str:
+    """``mopd.dataset`` from a raw dict or an already-built MoPDCfg (before validation)."""
+    if isinstance(mopd, MoPDCfg):
+        return mopd.dataset
+    return str((mopd or {}).get("dataset", "custom"))
