@@ -1,0 +1,105 @@
+"""API key on mutating routes, the insecure-bind refusal, and start-up errors with clear messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from promptdistill.cli import main
+from service import create_app
+from service.errors import StartupError
+
+KEY = "s3cret-key"
+MUTATING = [
+    ("POST", "/v1/label-sets", {"json": {"name": "pets", "names": ["cat"]}}),
+    ("POST", "/v1/label-sets/default/classes", {"json": {"names": ["emu"]}}),
+    ("DELETE", "/v1/label-sets/default/classes/0", {}),
+    ("DELETE", "/v1/label-sets/default/classes", {"params": {"name": "dog"}}),
+    ("DELETE", "/v1/label-sets/pets", {}),
+]
+
+
+def test_every_mutating_route_needs_the_key_and_health_stays_open(live: Any) -> None:
+    with live(api_key=KEY) as server, server.client() as http:
+        # every route the app declares with a mutating method must be in MUTATING (no forgotten route)
+        paths = http.get("/openapi.json").json()["paths"]
+        declared = {(m.upper(), p) for p, ops in paths.items() for m in ops if m in {"post", "delete", "put", "patch"}}
+        assert declared - {("POST", "/v1/classify")} == {
+            ("POST", "/v1/label-sets"),
+            ("POST", "/v1/label-sets/{name}/classes"),
+            ("DELETE", "/v1/label-sets/{name}/classes/{class_id}"),
+            ("DELETE", "/v1/label-sets/{name}/classes"),
+            ("DELETE", "/v1/label-sets/{name}"),
+        }
+        for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
+            for method, url, kwargs in MUTATING:
+                resp = http.request(method, url, headers=headers, **kwargs)
+                assert resp.status_code == 401, (method, url, headers, resp.text)
+                assert "X-API-Key" in resp.json()["detail"]
+        for path in ("/livez", "/readyz", "/metrics", "/v1/label-sets", "/v1/label-sets/default/classes", "/docs"):
+            assert http.get(path).status_code == 200, path
+        classes = http.get("/v1/label-sets/default/classes").json()["classes"]
+        assert {"cat", "dog"} <= {c["name"] for c in classes}, "a refused request changed something"
+        ok = {"X-API-Key": KEY}
+        codes = [http.request(m, u, headers=ok, **kw).status_code for m, u, kw in MUTATING]
+        assert codes == [201, 201, 200, 200, 200]
+
+
+def test_serve_refuses_public_bind_without_key(tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.delenv("PROMPTDISTILL_API_KEY", raising=False)
+    started = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(k))
+    base = ["serve", "--bundle", str(tiny_bundle_dir), "--state-dir", str(tmp_path / "s")]
+    assert main([*base, "--host", "0.0.0.0"]) == 2
+    assert main([*base, "--host", "192.168.1.5"]) == 2
+    assert not started
+    assert main([*base, "--host", "0.0.0.0", "--allow-insecure-bind"]) == 0
+    assert main([*base, "--host", "0.0.0.0", "--api-key", KEY]) == 0
+    assert main([*base, "--host", "127.0.0.1"]) == 0
+    assert [k["host"] for k in started] == ["0.0.0.0", "0.0.0.0", "127.0.0.1"]
+
+
+def _start(settings: Any) -> None:
+    with TestClient(create_app(settings)):
+        pass
+
+
+def test_startup_errors_say_what_to_fix(make_settings: Any, tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match="manifest.json is missing"):
+        _start(make_settings(bundle=tmp_path / "nowhere"))
+    with pytest.raises(StartupError, match="no bundle given"):
+        _start(make_settings(bundle=None))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_bundle_dir, corrupt)
+    with (corrupt / "class_vectors.safetensors").open("r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(StartupError, match="corrupted"):
+        _start(make_settings(bundle=corrupt))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StartupError, match="not writable.*PROMPTDISTILL_STATE_DIR"):
+        _start(make_settings(state_dir=blocker / "state"))
+    no_onnx = tmp_path / "no-onnx"
+    shutil.copytree(tiny_bundle_dir, no_onnx)
+    manifest = json.loads((no_onnx / "manifest.json").read_text())
+    manifest["image_encoder"]["onnx"] = []
+    (no_onnx / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StartupError, match="--onnx.*--backend torch"):
+        _start(make_settings(bundle=no_onnx, backend="onnx"))
+    _start(make_settings(bundle=no_onnx, backend="torch", state_dir=tmp_path / "torch-state"))  # torch still works
+
+
+def test_learned_prompt_text_side_refuses_templates() -> None:
+    from service.errors import InvalidInput
+    from service.text import TextEncoder
+
+    enc = TextEncoder(None, learned_prompts=True, cache_size=4)
+    enc.check_templates(None)
+    with pytest.raises(InvalidInput, match="learned prompts"):
+        enc.check_templates(["a photo of {}."])
