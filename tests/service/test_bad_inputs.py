@@ -14,6 +14,7 @@ from PIL import Image
 from tests.service.conftest import jpeg_bytes, png_bytes
 
 MiB = 1024 * 1024
+JSON = {"content-type": "application/json"}
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -59,7 +60,7 @@ def _cases(photo: Any) -> list[tuple[str, str, dict[str, Any], tuple[int, ...]]]
         ("wrong content type", "/v1/classify", {"content": b"abc", "headers": {"content-type": "text/plain"}}, (415,)),
         ("no content type", "/v1/classify", {"content": b"abc"}, (415,)),
         ("xml", "/v1/classify", {"content": b"<a/>", "headers": {"content-type": "application/xml"}}, (415,)),
-        ("invalid json", "/v1/classify", {"content": b"{nope", "headers": {"content-type": "application/json"}}, (422,)),
+        ("invalid json", "/v1/classify", {"content": b"{nope", "headers": JSON}, (422,)),
         ("unknown json field", "/v1/classify", {"json": {"images": [_b64(small)], "bogus": 1}}, (422,)),
         ("no images", "/v1/classify", {"json": {"images": []}}, (422,)),
         ("images and inputs", "/v1/classify", {"json": {"images": [_b64(small)], "inputs": _b64(small)}}, (422,)),
@@ -87,7 +88,7 @@ def _cases(photo: Any) -> list[tuple[str, str, dict[str, Any], tuple[int, ...]]]
         ("bidi override name", names_url, {"json": {"names": ["\u202egnp.exe"]}}, (422,)),
         ("zero-width-only name", names_url, {"json": {"names": ["\u200b\u200b"]}}, (422,)),
         ("lone surrogate name", names_url,
-         {"content": b'{"names": ["\\ud800"]}', "headers": {"content-type": "application/json"}}, (422,)),
+         {"content": b'{"names": ["\\ud800"]}', "headers": JSON}, (422,)),
         ("private-use name", names_url, {"json": {"names": ["\ue000"]}}, (422,)),
         ("overlong name", names_url, {"json": {"names": ["x" * 201]}}, (422,)),
         ("name not a string", names_url, {"json": {"names": [42]}}, (422,)),

@@ -1,0 +1,129 @@
+"""The batching engine: batches across requests, refuses when full, drops abandoned and late work, drains."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx2
+import numpy as np
+import pytest
+
+from service.engine import Engine, EngineCfg, EngineHooks
+from service.errors import ClientGone, DeadlineExceeded, Overloaded
+from tests.service.conftest import png_bytes
+
+
+class Recorder(EngineHooks):
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.drops: dict[str, int] = {}
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.batches.append(size)
+
+    def dropped(self, reason: str, n: int) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + n
+
+
+def _encoder(delay_s: float = 0.0, gate: threading.Event | None = None) -> Any:
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        if gate is not None:
+            gate.wait(5)
+        time.sleep(delay_s)
+        return pixels.reshape(len(pixels), -1)[:, :4] * 2.0  # [B, 4]
+
+    return encode
+
+
+def _px(value: float, n: int = 1) -> np.ndarray:
+    return np.full((n, 3, 2, 2), value, dtype=np.float32)
+
+
+def test_requests_are_batched_together_and_answered_correctly() -> None:
+    async def run() -> tuple[list[np.ndarray], list[int]]:
+        hooks = Recorder()
+        engine = Engine(_encoder(), EngineCfg(max_batch_size=8, max_wait_ms=100, queue_size=64), hooks)
+        engine.start()
+        outs = await asyncio.gather(*(engine.embed(_px(i), timeout_s=5) for i in range(8)))
+        await engine.stop()
+        return outs, hooks.batches
+
+    outs, batches = asyncio.run(run())
+    assert [float(o[0, 0]) for o in outs] == [2.0 * i for i in range(8)]  # each request got its own row
+    assert sum(batches) == 8 and max(batches) > 1, batches
+
+
+def test_full_queue_refuses_with_retry_after_and_draining_gives_503() -> None:
+    async def run() -> None:
+        gate = threading.Event()
+        engine = Engine(_encoder(gate=gate), EngineCfg(max_batch_size=1, max_wait_ms=0, queue_size=2, retry_after_s=3))
+        engine.start()
+        first = asyncio.ensure_future(engine.embed(_px(1), timeout_s=5))
+        await asyncio.sleep(0.05)  # the worker holds the first image inside the (blocked) encoder
+        queued = asyncio.ensure_future(engine.embed(_px(2, 2), timeout_s=5))  # fills the queue
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as full:
+            await engine.embed(_px(3), timeout_s=5)
+        assert full.value.status == 429 and full.value.headers["Retry-After"] == "3"
+        gate.set()
+        assert (await first).shape == (1, 4) and (await queued).shape == (2, 4)
+        await engine.stop()
+        with pytest.raises(Overloaded) as draining:
+            await engine.embed(_px(4), timeout_s=5)
+        assert draining.value.status == 503 and "Retry-After" in draining.value.headers
+
+    asyncio.run(run())
+
+
+def test_work_of_disconnected_or_late_clients_is_dropped() -> None:
+    async def run() -> Recorder:
+        gate = threading.Event()
+        hooks = Recorder()
+        engine = Engine(_encoder(gate=gate), EngineCfg(max_batch_size=4, max_wait_ms=0, queue_size=16), hooks)
+        engine.start()
+        blocker = asyncio.ensure_future(engine.embed(_px(0), timeout_s=5))
+        await asyncio.sleep(0.05)
+
+        async def gone() -> bool:
+            return True
+
+        with pytest.raises(ClientGone):
+            await engine.embed(_px(1, 3), timeout_s=5, is_disconnected=gone)
+        with pytest.raises(DeadlineExceeded):
+            await engine.embed(_px(2, 2), timeout_s=0.1)
+        gate.set()
+        await blocker
+        await engine.stop()
+        return hooks
+
+    hooks = asyncio.run(run())
+    assert hooks.batches == [1], "abandoned images reached the encoder"
+    assert hooks.drops == {"cancelled": 5}
+
+
+def test_burst_against_tiny_queue_gets_429_and_server_stays_ready(live: Any, photos: list[Any]) -> None:
+    image = base64.b64encode(png_bytes(photos[0].resize((64, 64)))).decode()
+    with live(queue_size=2, max_batch_size=1, max_wait_ms=0, retry_after_s=2) as server:
+        engine = server.services.engine
+        fast = engine.encode
+        engine.encode = lambda px: (time.sleep(0.1), fast(px))[1]  # a slow model, so a burst really queues
+
+        def one(_: int) -> httpx2.Response:
+            return httpx2.post(server.url + "/v1/classify", json={"images": [image, image]}, timeout=30)
+
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(one, range(24)))
+        codes = sorted(r.status_code for r in results)
+        refused = [r for r in results if r.status_code in (429, 503)]
+        assert refused and 200 in codes and set(codes) <= {200, 429, 503}, codes
+        assert all(r.headers.get("Retry-After") == "2" and r.json()["detail"] for r in refused)
+        engine.encode = fast
+        with server.client() as http:
+            assert http.get("/readyz").status_code == 200
+            assert http.post("/v1/classify", json={"images": [image]}).status_code == 200
+    print(f"burst: {len(refused)} of {len(results)} refused")
