@@ -33,26 +33,37 @@ from training.evaluate import save_json
 from training.loop import Trainer, pick_device
 from training.mopd.config import MoPDRunCfg
 from training.mopd.model import MoPDModel, build_prompt_bank
-from training.mopd.trainer import gate_on, train
+from training.mopd.trainer import gate_on, train, train_transform
 from training.pools import GENERIC_POOL
 
 log = logging.getLogger(__name__)
 TINY = Path(__file__).resolve().parents[2] / "models" / "configs" / "tiny-clip.json"
 
 
-def pretrained_tiny_clip(seed: int = 1, epochs: int = 6) -> tuple[Backbone, Benchmark]:
-    """The PromptKD demo's CLIP-style pre-training (reused, not copied) of a tiny random CLIP."""
-    demo: Any = importlib.import_module("training.demo")  # a CLI-level module; keep it out of type checking
+def pretrained_tiny_clip(cache: Path, seed: int = 1, epochs: int = 6) -> tuple[Backbone, Benchmark]:
+    """The PromptKD demo's CLIP-style pre-training (reused, not copied) of a tiny random CLIP.
+
+    The weights are cached in ``cache`` (a safetensors file) and reused by later runs.
+    """
+    from safetensors.torch import load_file, save_file
+
     torch.manual_seed(seed)
     bb = load_backbone(str(TINY))
     bench = digits_benchmark(bb.preprocess.size[0])
+    if cache.is_file():
+        bb.model.load_state_dict(load_file(cache))
+        return bb, bench
+    demo: Any = importlib.import_module("training.demo")  # a CLI-level module; keep it out of type checking
     demo.pretrain_clip(bb, bench, demo.DemoCfg(seed=seed, pretrain_epochs=epochs, progress=False), "tiny CLIP")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, cache)
     return bb, bench
 
 
 def run_cfg(out: Path, epochs: int, lr: float) -> MoPDRunCfg:
     return load_config(MoPDRunCfg, None, [
         f"backbone.name={TINY}", "backbone.pretrained=null", "data.kind=digits", "data.batch_size=16",
+        "data.crop_scale_min=0.6", "data.hflip=false",  # digits: big crops and no mirroring, as in the demo
         f"optim.epochs={epochs}", f"optim.lr={lr}", "loop.progress=false", "loop.resume=false", f"out_dir={out}",
     ])  # fmt: skip
 
@@ -67,7 +78,7 @@ def noisy_pool(bb: Backbone, bench: Benchmark, cfg: MoPDRunCfg, out: Path) -> di
     bank = torch.cat([scrambled, bank[half:]])
     torch.manual_seed(cfg.loop.seed)
     model = MoPDModel(bb, names, bank, cfg.mopd.model_cfg(), cfg.mopd.loss_cfg())
-    train_tf = build_transform(bb.preprocess, train=True)
+    train_tf = train_transform(bb.preprocess, cfg.data)
     ds = bench.dataset("train", "base", train_tf, cfg.data.shots, cfg.loop.seed)
     Trainer(model, ds, cfg.optim, cfg.loop, out, batch_size=cfg.data.batch_size).fit()
     test = bench.dataset("test", "base", build_transform(bb.preprocess, train=False))
@@ -87,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     t0 = time.perf_counter()
-    bb, bench = pretrained_tiny_clip(epochs=args.pretrain_epochs)
+    cache = out / f"pretrained-{args.pretrain_epochs}ep.safetensors"
+    bb, bench = pretrained_tiny_clip(cache, epochs=args.pretrain_epochs)
     run = train(run_cfg(out / "mopd", args.epochs, args.lr), out / "mopd", backbone=bb)
     summary: dict[str, Any] = {
         "mopd": {k: run.results[k] for k in ("base", "novel", "hm")},

@@ -69,6 +69,16 @@ def build_model(
     return model, templates
 
 
+def train_transform(preprocess: Any, data: Any) -> Any:
+    """The papers' train augmentation, with the data config's crop scale / flip where it has them."""
+    kwargs: dict[str, Any] = {}
+    if hasattr(data, "crop_scale_min"):
+        kwargs["min_scale"] = data.crop_scale_min
+    if hasattr(data, "hflip"):
+        kwargs["hflip"] = data.hflip
+    return build_transform(preprocess, train=True, **kwargs)
+
+
 def _classify(model: MoPDModel, vectors: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: model.logit_scale * model.image_features(x) @ vectors.to(x.device).t()
 
@@ -122,7 +132,7 @@ def train(
     save_config(cfg, out / "config.yaml")
     bb = backbone or load_backbone(cfg.backbone.name, cfg.backbone.pretrained)
     bench = load_benchmark(cfg.data, image_size=bb.preprocess.size[0])
-    train_ds = bench.dataset("train", "base", build_transform(bb.preprocess, train=True), cfg.data.shots, cfg.loop.seed)
+    train_ds = bench.dataset("train", "base", train_transform(bb.preprocess, cfg.data), cfg.data.shots, cfg.loop.seed)
     test_tf = build_transform(bb.preprocess, train=False)
     model, templates = build_model(cfg, bb, bench.names("base"), image_encoder)
     model.gate_stats = GateStats(model.n_prompts)
