@@ -63,7 +63,7 @@ class Registry:
         self.text = text
         self.use_gpu = use_gpu
         self._snapshots: dict[str, Snapshot] = {}
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # get() may refresh a stale set while a writer holds it
         self._on_version = on_version or (lambda name, version, n: None)
 
     # ----------------------------------------------------------------- start-up

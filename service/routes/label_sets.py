@@ -8,9 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, status
 
 from service.deps import ApiKeyDep, RegistryDep, SettingsDep
-from service.errors import InvalidInput
 from service.index import Snapshot
-from service.names import clean_names, clean_set_name, clean_templates
+from service.names import clean_name, clean_names, clean_set_name, clean_templates
 from service.registry import RUNTIME
 from service.schemas import (
     ChangeOut,
@@ -25,6 +24,7 @@ from service.schemas import (
 
 router = APIRouter(prefix="/v1/label-sets", tags=["label sets"])
 SetName = Annotated[str, Path(description="label-set name", examples=["default"])]
+ClassId = Annotated[int, Path(ge=0, le=2**62, description="class id within the set")]
 _ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "API key missing or wrong"},
     404: {"description": "unknown label set or class"},
@@ -94,7 +94,7 @@ async def add_classes(name: SetName, body: ClassesIn, registry: RegistryDep, set
     responses=_ERRORS,
     summary="remove one class by id",
 )
-async def remove_class_by_id(name: SetName, class_id: int, registry: RegistryDep) -> ChangeOut:
+async def remove_class_by_id(name: SetName, class_id: ClassId, registry: RegistryDep) -> ChangeOut:
     return await _remove(registry, name, class_id, None)
 
 
@@ -112,9 +112,8 @@ async def remove_class_by_name(
 
 
 async def _remove(registry: RegistryDep, name: str, class_id: int | None, class_name: str | None) -> ChangeOut:
-    if class_name is not None and not class_name.strip():
-        raise InvalidInput("name: empty")
-    change = await asyncio.to_thread(registry.remove, name, class_id, class_name.strip() if class_name else None)
+    cleaned = clean_name(class_name, 0, 10_000) if class_name is not None else None
+    change = await asyncio.to_thread(registry.remove, name, class_id, cleaned)
     removed = [ClassOut(id=i, name=n, provenance="removed") for i, n in zip(change.ids, change.names, strict=True)]
     return ChangeOut(label_set=name, version=change.version, classes=removed)
 

@@ -43,6 +43,18 @@ def jpeg_bytes(image: Any, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def _isolated_env() -> Iterator[None]:
+    """No PROMPTDISTILL_* variable leaks into a test (from the shell) or out of one (``serve`` sets them)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("PROMPTDISTILL_")}
+    for k in saved:
+        del os.environ[k]
+    yield
+    for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
+        del os.environ[k]
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def make_settings(tiny_bundle_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
