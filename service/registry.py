@@ -70,22 +70,18 @@ class Registry:
     def open(self, bundle: Bundle) -> None:
         """Seed the bundle's label sets on first start; then build every snapshot from the database."""
         fingerprint = bundle_fingerprint(bundle)
-        stored = self.store.meta("bundle_fingerprint")
-        if stored is None:
-            with self.store.transaction() as db:
+        with self.store.transaction() as db:  # one writer at a time: several workers may start together
+            stored = self.store.meta("bundle_fingerprint")
+            if stored is None:
                 for spec in bundle.manifest.label_sets:
                     vectors = bundle.class_vectors[spec.name].float().numpy()  # [N, D] stored, not recomputed
                     self.store.create_set(
-                        db,
-                        spec.name,
-                        [c.name for c in spec.classes],
-                        vectors,
-                        [c.provenance for c in spec.classes],
-                        ids=[c.id for c in spec.classes],
-                    )
+                        db, spec.name, [c.name for c in spec.classes], vectors,
+                        [c.provenance for c in spec.classes], ids=[c.id for c in spec.classes],
+                    )  # fmt: skip
                 self.store.set_meta(db, "bundle_fingerprint", fingerprint)
-            log.info("seeded label sets %s from the bundle", [s.name for s in bundle.manifest.label_sets])
-        elif stored != fingerprint:
+                log.info("seeded label sets %s from the bundle", [s.name for s in bundle.manifest.label_sets])
+        if stored is not None and stored != fingerprint:
             raise StartupError(
                 f"the state directory's database {self.store.path} was created for a different bundle "
                 "(its class vectors live in another embedding space); use a fresh --state-dir / "
