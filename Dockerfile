@@ -5,13 +5,15 @@
 #   docker build -t promptdistill:cpu .                        # CPU: onnxruntime + faiss-cpu
 #   docker build -t promptdistill:gpu --build-arg FLAVOUR=gpu . # CUDA 13: onnxruntime-gpu + faiss-gpu
 #
+#   docker run --rm -v promptdistill-data:/data promptdistill:cpu promptdistill demo --out /data/demo
 #   docker run --rm -p 127.0.0.1:8000:8000 -v promptdistill-data:/data -v promptdistill-state:/state \
 #       -e PROMPTDISTILL_API_KEY=... promptdistill:cpu
 #
 # The install steps are the README's (a virtual environment, torch pinned first, then the package
 # with exactly one flavour extra); only the torch index differs, see the builder stage.
-# The bundle lives on the /data volume (PROMPTDISTILL_BUNDLE), the label-set database on /state
-# (PROMPTDISTILL_STATE_DIR). docker-compose.yml builds the demo bundle into /data when none is there.
+# The bundle lives on the /data volume (PROMPTDISTILL_BUNDLE, default /data/demo/bundle: where the
+# offline demo above writes it), the label-set database on /state (PROMPTDISTILL_STATE_DIR).
+# docker-compose.yml runs the demo as a one-shot job when no bundle is there.
 
 ARG FLAVOUR=cpu
 
@@ -69,7 +71,7 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/app
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PROMPTDISTILL_FLAVOUR=${FLAVOUR} \
-    PROMPTDISTILL_BUNDLE=/data/bundle \
+    PROMPTDISTILL_BUNDLE=/data/demo/bundle \
     PROMPTDISTILL_STATE_DIR=/state \
     PROMPTDISTILL_HOST=0.0.0.0 \
     PROMPTDISTILL_PORT=8000 \

@@ -60,7 +60,8 @@ class Server:
 
     def __init__(self, bundle: Path, state: Path, threads: int, log_path: Path) -> None:
         self.port = _free_port()
-        env = {**os.environ, "PROMPTDISTILL_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTDISTILL_")}  # defaults only
+        env.update({"PROMPTDISTILL_THREADS": str(threads), "HF_HUB_OFFLINE": "1"})
         args = ["serve", "--bundle", str(bundle), "--state-dir", str(state), "--port", str(self.port)]
         self.log_path = log_path
         self._log = log_path.open("wb")

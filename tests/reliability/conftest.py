@@ -63,7 +63,9 @@ def start_server(bundle: Path, workdir: Path, env: dict[str, str] | None = None)
     log = workdir / "server.log"
     cmd = [sys.executable, "-m", "promptdistill", "serve", "--bundle", str(bundle), "--state-dir", str(state)]
     cmd += ["--port", str(port)]
-    child_env = {**os.environ, "PYTHONPATH": str(ROOT), "PROMPTDISTILL_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # no PROMPTDISTILL_* setting leaks in from the shell (an API key there would change every answer)
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTDISTILL_")}
+    child_env.update({"PYTHONPATH": str(ROOT), "PROMPTDISTILL_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     child_env.update(env or {})
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=out, stderr=subprocess.STDOUT)
