@@ -82,7 +82,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (worker processes read PROMPTDISTILL_* from the environment)."""
-    return create_app(Settings())
+    settings = Settings()
+    if not logging.getLogger().handlers:  # spawned workers do not inherit the CLI's logging set-up
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(settings)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import pytest
 from service.engine import Engine, EngineCfg, EngineHooks
 from service.errors import ClientGone, DeadlineExceeded, Overloaded
 from tests.service.conftest import png_bytes
+from tests.service.test_classify import metric
 
 
 class Recorder(EngineHooks):
@@ -127,3 +128,40 @@ def test_burst_against_tiny_queue_gets_429_and_server_stays_ready(live: Any, pho
             assert http.get("/readyz").status_code == 200
             assert http.post("/v1/classify", json={"images": [image]}).status_code == 200
     print(f"burst: {len(refused)} of {len(results)} refused")
+
+
+def test_queued_work_of_a_client_that_hung_up_never_reaches_the_encoder(live: Any, photos: list[Any]) -> None:
+    image = base64.b64encode(png_bytes(photos[0].resize((64, 64)))).decode()
+    gate = threading.Event()
+    seen: list[int] = []
+    with live(max_batch_size=1, max_wait_ms=0) as server:
+        engine = server.services.engine
+        fast = engine.encode
+
+        def gated(px: np.ndarray) -> np.ndarray:
+            seen.append(len(px))
+            gate.wait(10)
+            return fast(px)
+
+        engine.encode = gated
+        holder = ThreadPoolExecutor(1).submit(
+            httpx2.post, server.url + "/v1/classify", json={"images": [image]}, timeout=30
+        )
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:  # the first request now occupies the encoder
+            time.sleep(0.01)
+        with pytest.raises(httpx2.TimeoutException):  # this client gives up while its 3 images are queued
+            httpx2.post(server.url + "/v1/classify", json={"images": [image] * 3}, timeout=0.5)
+        time.sleep(0.3)  # the server notices the hang-up within POLL_S and cancels the queued images
+        gate.set()
+        assert holder.result().status_code == 200
+        dropped = 0.0
+        with server.client() as http:
+            for _ in range(50):
+                text = http.get("/metrics").text
+                dropped = metric(text, "promptdistill_dropped_images_total", {"reason": "cancelled"})
+                if dropped:
+                    break
+                time.sleep(0.05)
+    assert seen == [1], f"images of the departed client were encoded: batches {seen}"
+    assert dropped == 3
