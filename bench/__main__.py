@@ -1,8 +1,10 @@
-"""``python -m bench {encoders,labelsets,http,payoff,all} [--quick]``: JSON + PNG into bench/results/.
+"""``python -m bench {encoders,labelsets,http_load,payoff,report,all} [--quick]``.
 
-The full run (``python -m bench all``) takes roughly 15-25 minutes on 2 CPU cores; run it on a
-quiet machine — every result file records the load average so disturbed runs can be recognised.
-``--quick`` is a smoke test (tiny sizes, 1-2 iterations): its numbers mean nothing.
+Each benchmark writes ``<name>.json`` + ``<name>.png`` into bench/results/; ``report`` renders
+BENCHMARKS.md from them; ``all`` runs the four benchmarks and then ``report``. The full run takes
+roughly 15-25 minutes on 2 CPU cores; run it on a quiet machine — every result file records the
+load average so disturbed runs can be recognised. ``--quick`` is a smoke test (tiny sizes, 1-2
+iterations): its numbers mean nothing, and BENCHMARKS.md says so.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ BENCHES = ("encoders", "labelsets", "http_load", "payoff")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", choices=(*BENCHES, "all"))
+    parser.add_argument("which", choices=(*BENCHES, "report", "all"))
     parser.add_argument("--quick", action="store_true", help="smoke test: minimal sizes and iterations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="budget per timed measurement")
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = BenchCfg(threads=args.threads, quick=args.quick, max_seconds=args.max_seconds, out_dir=args.out)
-    for name in BENCHES if args.which == "all" else (args.which,):
+    for name in (*BENCHES, "report") if args.which == "all" else (args.which,):
         logging.getLogger("bench").info("=== %s ===", name)
         module = __import__(f"bench.{name}", fromlist=["run"])
         module.run(cfg)
