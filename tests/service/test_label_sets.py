@@ -129,3 +129,23 @@ def test_state_dir_of_another_bundle_is_refused(make_settings: Any, tiny_bundle_
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StartupError, match="different bundle"), TestClient(create_app(make_settings(bundle=other))):
         pass
+
+
+def test_two_workers_on_one_database_see_each_others_changes(make_settings: Any, photos: list[Any]) -> None:
+    """Like ``serve --workers 2``: each process rebuilds its snapshot when the stored version moved."""
+    image = base64.b64encode(png_bytes(photos[4])).decode()
+    settings = make_settings()
+    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        before = _classify(b, image)["version"]
+        added = a.post("/v1/label-sets/default/classes", json={"names": ["narwhal"]}).json()
+        out = _classify(b, image)
+        assert out["version"] == added["version"] > before
+        assert "narwhal" in {p["label"] for p in out["results"][0]["predictions"]}
+        b.delete("/v1/label-sets/default/classes", params={"name": "narwhal"})
+        out = _classify(a, image)
+        assert "narwhal" not in {p["label"] for p in out["results"][0]["predictions"]}
+        a.post("/v1/label-sets", json={"name": "sea", "names": ["orca"]})
+        assert _classify(b, image, "sea")["results"][0]["label"] == "orca"
+        a.delete("/v1/label-sets/sea")
+        assert b.post("/v1/classify", json={"images": [image], "label_set": "sea"}).status_code == 404
+        assert a.get("/readyz").status_code == 200 and b.get("/readyz").status_code == 200
