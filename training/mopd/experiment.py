@@ -5,7 +5,8 @@
 1. A tiny CLIP (models/configs/tiny-clip.json) is pre-trained CLIP-style on the digits' train
    split, as in the PromptKD demo (training/demo.py), standing in for web-scale pre-training.
 2. ``mopd``: MoPD with the generic 12-template pool on the 16-shot base digits (zero..four);
-   base / novel / HM against the pool's zero-shot ensemble on the same frozen CLIP.
+   base / novel / HM against the pool's zero-shot ensemble on the same frozen CLIP and against
+   ``coop`` (the same student trained with CE only: w = 1, w2 = 0).
 3. ``noisy_pool``: the same, but the first half of the pool is noise (its class rows shifted
    cyclically, so each noisy template names the wrong digit); reports the share of the trained
    gate's mixture mass on the clean half over the base test images (0 at step 0).
@@ -60,8 +61,8 @@ def pretrained_tiny_clip(cache: Path, seed: int = 1, epochs: int = 6) -> tuple[B
     return bb, bench
 
 
-def run_cfg(out: Path, epochs: int, lr: float) -> MoPDRunCfg:
-    return load_config(MoPDRunCfg, None, [
+def run_cfg(out: Path, epochs: int, lr: float, extra: list[str] | None = None) -> MoPDRunCfg:
+    return load_config(MoPDRunCfg, None, [*(extra or []),
         f"backbone.name={TINY}", "backbone.pretrained=null", "data.kind=digits", "data.batch_size=16",
         "data.crop_scale_min=0.6", "data.hflip=false",  # digits: big crops and no mirroring, as in the demo
         f"optim.epochs={epochs}", f"optim.lr={lr}", "loop.progress=false", "loop.resume=false", f"out_dir={out}",
@@ -101,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     cache = out / f"pretrained-{args.pretrain_epochs}ep.safetensors"
     bb, bench = pretrained_tiny_clip(cache, epochs=args.pretrain_epochs)
     run = train(run_cfg(out / "mopd", args.epochs, args.lr), out / "mopd", backbone=bb)
+    coop_cfg = run_cfg(out / "coop", args.epochs, args.lr, ["mopd.w=1.0", "mopd.w2=0.0"])  # CE only = CoOp
+    coop = train(coop_cfg, out / "coop", backbone=bb)
     summary: dict[str, Any] = {
         "mopd": {k: run.results[k] for k in ("base", "novel", "hm")},
+        "coop": {k: coop.results[k] for k in ("base", "novel", "hm")},
         "zeroshot_pool": run.results["zeroshot_pool"],
         "noisy_pool": noisy_pool(bb, bench, run_cfg(out / "noisy_pool", args.epochs, args.lr), out / "noisy_pool"),
         "epochs": args.epochs,
