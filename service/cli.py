@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ def _serve(args: argparse.Namespace) -> int:
     log.info(
         "serving %s on http://%s:%d (%d worker(s))", settings.bundle, settings.host, settings.port, settings.workers
     )
+    # uvicorn drains on SIGTERM, restores the previous handler and re-raises the signal; with this no-op
+    # handler in place the process then returns normally, so a clean drain exits 0 (not -15).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
         "service.app:create_app_from_env",
         factory=True,
