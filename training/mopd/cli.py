@@ -8,7 +8,10 @@ progress bars, per-epoch checkpoints with automatic resume, history.csv + Tensor
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +24,14 @@ EXAMPLE = """examples:
 """
 
 
+SET_HELP = "override a config field, e.g. --set optim.epochs=5 (repeatable; values parsed as YAML)"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML/JSON run config (see docs/mopd.md)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=5")
-    p.add_argument("--out", default=None, help="output folder (overrides out_dir in the config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--out", default=None, help="shortcut for --set out_dir=OUT")
+    p.add_argument("--device", default=None, help="shortcut for --set loop.device=DEVICE (auto|cpu|cuda|cuda:1)")
     p.add_argument("--dataset", default=None, help="shortcut for --set mopd.dataset=NAME (pool + §2.4 defaults)")
     p.add_argument("--pool", default=None, help="dataset | generic | mixed | nonsense | BENCHMARK | FILE")
 
@@ -50,14 +57,27 @@ def register(train_sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    sets = list(args.set)
+    sets = list(args.overrides)
     if args.dataset:
         sets.append(f"mopd.dataset={args.dataset}")
     if args.pool:
         sets.append(f"mopd.pool={args.pool}")
     if args.out:
         sets.append(f"out_dir={args.out}")
+    if args.device:
+        sets.append(f"loop.device={args.device}")
     return sets
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    """The command's result on stdout as JSON (per-class lists left out), like the PromptKD commands."""
+
+    def strip(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items() if not k.endswith("per_class")}
+        return o
+
+    sys.stdout.write(json.dumps(strip(obj), indent=2) + "\n")
 
 
 def _mopd(args: argparse.Namespace) -> int:
@@ -66,9 +86,8 @@ def _mopd(args: argparse.Namespace) -> int:
     from training.mopd.trainer import run_mopd
 
     cfg = load_config(MoPDRunCfg, args.config, _overrides(args))
-    run = run_mopd(cfg)
-    r = run.results
-    log.info("base %.2f  novel %.2f  HM %.2f", r["base"], r["novel"], r["hm"])
+    r = run_mopd(cfg).results
+    _emit({k: r[k] for k in ("base", "novel", "hm", "zeroshot_pool", "loss_weights", "top_k", "epochs") if k in r})
     return 0
 
 
@@ -77,5 +96,7 @@ def _combined(args: argparse.Namespace) -> int:
     from training.mopd.combined import CombinedRunCfg, run_combined
 
     cfg = load_config(CombinedRunCfg, args.config, _overrides(args))
-    run_combined(cfg)
+    r = run_combined(cfg)
+    student = {k: r["student"][k] for k in ("last", "best", "bundle") if k in r["student"]}
+    _emit({"teacher_mopd": r["teacher_mopd"], "student": student})
     return 0
