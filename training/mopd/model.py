@@ -60,8 +60,8 @@ class MoPDModel(nn.Module):
         cfg: student / gate shapes.
         loss_cfg: term weights.
         image_encoder: image tower for the gate and all logits; default = the backbone's plain
-            frozen image tower. Any frozen module mapping pixels to [B, D] works (e.g. a
-            prompted PromptKD teacher tower).
+            frozen image tower. A prompted tower (e.g. a stored PromptSRC teacher's) is frozen
+            here and used as is.
     """
 
     def __init__(

@@ -142,7 +142,8 @@ def train(
     def base_acc(m: Any) -> dict[str, float]:
         ds = bench.dataset("test", "base", test_tf)
         m.eval()
-        logits, labels = predict(_classify(m, m.class_vectors(bench.names("base"))), ds, device=device)
+        vectors = m.class_vectors(bench.names("base"))
+        logits, labels = predict(_classify(m, vectors), ds, device=device, batch_size=cfg.data.test_batch_size)
         m.train()
         return {"base_acc": accuracy(logits, labels)}
 
