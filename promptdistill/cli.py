@@ -14,7 +14,7 @@ import sys
 from models.runtime_check import check_flavour
 
 # Each package contributes its subcommands through ``register(subparsers)``.
-COMMAND_MODULES = ("models.cli", "service.cli")
+COMMAND_MODULES = ("models.cli", "service.cli", "training.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

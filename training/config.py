@@ -55,6 +55,8 @@ class DataCfg(Cfg):
     batch_size: int = Field(default=8, ge=1)
     test_batch_size: int = Field(default=100, ge=1)
     num_workers: int = Field(default=0, ge=0)
+    crop_scale_min: float = Field(default=0.08, gt=0, le=1)  # RandomResizedCrop scale=(min, 1) for training
+    hflip: bool = True  # random horizontal flip for training (the papers' default)
     check_images: bool = False  # open every image once up front and drop unreadable ones
     digits_test_fraction: float = Field(default=0.3, gt=0, lt=1)  # digits only: held-out share per class
 

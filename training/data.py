@@ -320,7 +320,7 @@ def load_digits_images(size: int = 64) -> tuple[list[Image.Image], list[int], li
 # Transforms
 
 
-def build_transform(cfg: PreprocessConfig, train: bool, *, min_scale: float = 0.08) -> Any:
+def build_transform(cfg: PreprocessConfig, train: bool, *, min_scale: float = 0.08, hflip: bool = True) -> Any:
     """The papers' transforms for a backbone's preprocess config (torchvision).
 
     train: RandomResizedCrop(size, scale=(0.08, 1)) + horizontal flip; test: resize the short
@@ -335,7 +335,7 @@ def build_transform(cfg: PreprocessConfig, train: bool, *, min_scale: float = 0.
         return T.Compose(
             [
                 T.RandomResizedCrop(cfg.size, scale=(min_scale, 1.0), interpolation=interp),
-                T.RandomHorizontalFlip(),
+                *([T.RandomHorizontalFlip()] if hflip else []),
                 *norm,
             ]
         )

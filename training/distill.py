@@ -90,6 +90,17 @@ def evaluate_student(
     return out
 
 
+@torch.no_grad()
+def agreement(model: PromptKDStudent, dataset: Any, device: torch.device, batch_size: int = 100) -> float:
+    """Share of test images (all classes) where student and teacher top-1 over all N classes agree."""
+    was = model.training
+    model.eval()
+    s, _ = predict(model.logits, dataset, device=device, batch_size=batch_size)
+    t, _ = predict(model.teacher_logits, dataset, device=device, batch_size=batch_size)
+    model.train(was)
+    return float((s.argmax(-1) == t.argmax(-1)).float().mean())
+
+
 def _check_compatible(teacher: Teacher, student: Backbone, bench: Benchmark) -> None:
     if teacher.class_names != bench.class_names:
         raise ValueError(
@@ -108,17 +119,22 @@ def run_distill(
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     device = pick_device(cfg.loop.device)
-    teacher = teacher or load_teacher(cfg.teacher_dir)  # in-memory teacher: MoPD -> PromptKD (training/mopd/combined.py)
+    # in-memory teacher: MoPD -> PromptKD (training/mopd/combined.py)
+    teacher = teacher or load_teacher(cfg.teacher_dir)
     sbb = student or load_backbone(cfg.student.name, cfg.student.pretrained)
     bench = load_benchmark(cfg.data, image_size=sbb.preprocess.size[0])
     _check_compatible(teacher, sbb, bench)
-    unlabeled = bench.unlabeled(build_transform(sbb.preprocess, train=True))
+    train_tf = build_transform(sbb.preprocess, train=True, min_scale=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
+    unlabeled = bench.unlabeled(train_tf)
     test_tf = build_transform(sbb.preprocess, train=False)
     torch.manual_seed(cfg.loop.seed)  # prompt and projector initialisation
     model = PromptKDStudent(sbb, teacher.image_encoder, teacher.class_vectors, cfg.distill, teacher.logit_scale)
 
+    all_test = bench.dataset("test", "all", test_tf)
+
     def base_acc(m: Any) -> dict[str, float]:
-        return {"base_acc": evaluate_student(m, bench, test_tf, device, ("base",), cfg.data.test_batch_size)["base"]}
+        base = evaluate_student(m, bench, test_tf, device, ("base",), cfg.data.test_batch_size)["base"]
+        return {"base_acc": base, "agreement": agreement(m, all_test, device, cfg.data.test_batch_size)}
 
     best = BestState("base_acc")
     trainer = Trainer(
@@ -131,6 +147,8 @@ def run_distill(
         num_workers=cfg.data.num_workers,
         callbacks=[EvalCallback(base_acc, cfg.loop.eval_every), best],
     )
+    model.to(device)
+    agreement_before = agreement(model, all_test, device, cfg.data.test_batch_size)
     state = trainer.fit()
     last_state = trainable_state(model)
     last = evaluate_student(model, bench, test_tf, device, batch_size=cfg.data.test_batch_size)
@@ -145,6 +163,10 @@ def run_distill(
         load_trainable_state(model, last_state)
     teacher_results = _teacher_results(cfg.teacher_dir)
     results |= {
+        "agreement": {
+            "before": agreement_before,
+            "after": agreement(model, all_test, device, cfg.data.test_batch_size),
+        },
         "exported_weights": cfg.export.weights,
         "seed": cfg.loop.seed,
         "n_unlabeled_images": len(unlabeled),  # type: ignore[arg-type]

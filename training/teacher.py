@@ -94,7 +94,8 @@ def run_teacher(cfg: TeacherRunConfig, backbone: Backbone | None = None) -> dict
     save_config(cfg, out / "config.yaml")
     bb = backbone or load_backbone(cfg.backbone.name, cfg.backbone.pretrained)
     bench = load_benchmark(cfg.data, image_size=bb.preprocess.size[0])
-    train_ds = bench.dataset("train", "base", build_transform(bb.preprocess, train=True), cfg.data.shots, cfg.loop.seed)
+    train_tf = build_transform(bb.preprocess, train=True, min_scale=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
+    train_ds = bench.dataset("train", "base", train_tf, cfg.data.shots, cfg.loop.seed)
     torch.manual_seed(cfg.loop.seed)  # prompt initialisation
     model = PromptSRC(bb, bench.names("base"), cfg.promptsrc, named_templates(cfg.promptsrc.zs_templates))
     test_tf = build_transform(bb.preprocess, train=False)

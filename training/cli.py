@@ -1,0 +1,134 @@
+"""``promptdistill train teacher|distill``, ``promptdistill evaluate``, ``promptdistill demo``.
+
+Every run is driven by a YAML/JSON config (training/configs/promptkd/*.yaml); any field can be
+overridden with ``--set section.field=value`` (repeatable). Heavy imports happen in handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SET_HELP = "override a config field, e.g. --set optim.lr=0.01 (repeatable; values parsed as YAML)"
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    train = sub.add_parser("train", help="train a PromptKD teacher (PromptSRC) or distill a student")
+    tsub = train.add_subparsers(dest="train_cmd", required=True)
+    teacher = tsub.add_parser("teacher", help="PromptSRC teacher on the k-shot base classes")
+    _common(teacher)
+    teacher.set_defaults(func=_train_teacher)
+    distill = tsub.add_parser("distill", help="PromptKD student on unlabeled images; ends by exporting a bundle")
+    _common(distill)
+    distill.add_argument("--onnx", action="store_true", help="also export the student image tower to ONNX")
+    distill.set_defaults(func=_train_distill)
+    __import__("training.mopd.cli", fromlist=["register"]).register(tsub)  # MoPD (issue 4): train mopd, mopd-promptkd
+
+    ev = sub.add_parser("evaluate", help="base/novel/HM of a bundle on a dataset, or mean/std of result files")
+    ev.add_argument("--bundle", help="bundle folder to evaluate")
+    ev.add_argument("--config", help="YAML/JSON config whose `data` section names the dataset")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], help=SET_HELP)
+    ev.add_argument("--out", help="write the results JSON here")
+    ev.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON", help="mean/std over seeds of results.json files")
+    ev.set_defaults(func=_evaluate)
+
+    demo = sub.add_parser("demo", help="offline end-to-end PromptKD run on scikit-learn digits (~2 min on CPU)")
+    demo.add_argument("--out", required=True, help="output folder (the bundle goes to OUT/bundle)")
+    demo.add_argument("--onnx", action="store_true", help="also export the student image tower to ONNX")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    demo.set_defaults(func=_demo)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML/JSON run config (see training/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help=SET_HELP)
+    p.add_argument("--out", help="shortcut for --set out_dir=OUT")
+    p.add_argument("--device", help="shortcut for --set loop.device=DEVICE (auto|cpu|cuda|cuda:1)")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    items = list(args.overrides)
+    if getattr(args, "out", None):
+        items.append(f"out_dir={args.out}")
+    if getattr(args, "device", None):
+        items.append(f"loop.device={args.device}")
+    return items
+
+
+def _train_teacher(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.teacher import TeacherRunConfig, run_teacher
+
+    cfg = load_config(TeacherRunConfig, args.config, _overrides(args))
+    r = run_teacher(cfg)
+    log.info("teacher ready in %s (base %.2f, novel %.2f, HM %.2f)", cfg.out_dir, r["base"], r["novel"], r["hm"])
+    return 0
+
+
+def _train_distill(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.distill import DistillRunConfig, run_distill
+
+    items = _overrides(args) + (["export.onnx=true"] if args.onnx else [])
+    cfg = load_config(DistillRunConfig, args.config, items)
+    r = run_distill(cfg)
+    _emit({k: r[k] for k in ("last", "best", "teacher", "bundle") if k in r}, strip_per_class=True)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import save_json
+
+    if args.summarize:
+        from training.evaluate import summarize_seeds
+
+        results = [json.loads(Path(p).read_text()) for p in args.summarize]
+        # distill results nest the protocols; teacher results are flat
+        summary: dict[str, Any] = {}
+        for key in ("best", "last"):
+            if all(key in r for r in results):
+                summary[key] = summarize_seeds([r[key] for r in results])
+        if not summary:
+            summary = summarize_seeds(results)
+        _emit(summary)
+        if args.out:
+            save_json(summary, args.out)
+        return 0
+    if not args.bundle:
+        raise ValueError("evaluate needs --bundle DIR (or --summarize FILES)")
+    from training.bundle_eval import EvalRunConfig, evaluate_bundle
+    from training.config import deep_merge, parse_overrides, read_config_file
+
+    data = read_config_file(args.config).get("data", {}) if args.config else {}
+    raw = deep_merge({"bundle": args.bundle, "data": data}, parse_overrides(args.overrides))
+    result = evaluate_bundle(EvalRunConfig.model_validate(raw))
+    _emit(result, strip_per_class=True)
+    if args.out:
+        save_json(result, args.out)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from training.demo import DemoCfg, format_summary, run_demo
+
+    summary = run_demo(args.out, DemoCfg(seed=args.seed, onnx=args.onnx, progress=not args.no_progress))
+    sys.stdout.write(format_summary(summary) + "\n")
+    return 0
+
+
+def _emit(obj: dict[str, Any], strip_per_class: bool = False) -> None:
+    """The command's result on stdout (JSON), per-class lists left out for readability."""
+
+    def strip(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items() if not (strip_per_class and k.endswith("per_class"))}
+        return o
+
+    sys.stdout.write(json.dumps(strip(obj), indent=2) + "\n")
