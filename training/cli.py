@@ -7,7 +7,6 @@ overridden with ``--set section.field=value`` (repeatable). Heavy imports happen
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -29,7 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(distill)
     distill.add_argument("--onnx", action="store_true", help="also export the student image tower to ONNX")
     distill.set_defaults(func=_train_distill)
-    importlib.import_module("training.mopd.cli").register(tsub)  # `train mopd`, `train mopd-promptkd` (issue 4)
     __import__("training.mopd.cli", fromlist=["register"]).register(tsub)  # MoPD (issue 4): train mopd, mopd-promptkd
 
     ev = sub.add_parser("evaluate", help="base/novel/HM of a bundle on a dataset, or mean/std of result files")
