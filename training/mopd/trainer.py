@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from models.backbone import Backbone, load_backbone
+from models.backbone import Backbone, PreprocessConfig, load_backbone
 from models.class_vectors import encode_class_names
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
 from training.benchmark import Benchmark, load_benchmark
-from training.config import save_config
+from training.config import DataCfg, save_config
 from training.data import Subset, build_transform
 from training.evaluate import (
     accuracy,
@@ -69,14 +69,9 @@ def build_model(
     return model, templates
 
 
-def train_transform(preprocess: Any, data: Any) -> Any:
-    """The papers' train augmentation, with the data config's crop scale / flip where it has them."""
-    kwargs: dict[str, Any] = {}
-    if hasattr(data, "crop_scale_min"):
-        kwargs["min_scale"] = data.crop_scale_min
-    if hasattr(data, "hflip"):
-        kwargs["hflip"] = data.hflip
-    return build_transform(preprocess, train=True, **kwargs)
+def train_transform(preprocess: PreprocessConfig, data: DataCfg) -> Any:
+    """The papers' train augmentation with the data config's crop scale and flip."""
+    return build_transform(preprocess, train=True, min_scale=data.crop_scale_min, hflip=data.hflip)
 
 
 def _classify(model: MoPDModel, vectors: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
