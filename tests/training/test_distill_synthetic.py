@@ -71,4 +71,6 @@ def test_student_agreement_rises_and_only_prompts_and_projector_change(tiny_conf
     assert changed == set(trainable_before)  # every prompt / projector tensor moved
     assert all(k.startswith(("tower.encoder.prompts", "tower.projector.")) for k in changed)
     trainable_names = {n for n, p in student.named_parameters() if p.requires_grad}
-    assert trainable_names == {"tower.encoder.prompts"} | {f"tower.projector.{k}" for k in student.tower.projector.trainable_parameters()}  # type: ignore[union-attr]
+    assert trainable_names == {"tower.encoder.prompts"} | {
+        f"tower.projector.{k}" for k in student.tower.projector.trainable_parameters()
+    }  # type: ignore[union-attr]

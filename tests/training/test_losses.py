@@ -40,9 +40,16 @@ def test_kd_loss_equals_reference(b: int, n: int, tau: float) -> None:
 
 def test_kd_weight_batchmean_equivalent() -> None:
     g = torch.Generator().manual_seed(0)
-    z_s, z_t = torch.randn(8, 100, generator=g, dtype=torch.float64), torch.randn(8, 100, generator=g, dtype=torch.float64)
-    batchmean = torch.nn.functional.kl_div(z_s.log_softmax(1), z_t.log_softmax(1), reduction="batchmean", log_target=True)
-    assert (1000 * kd_loss(z_s, z_t)).item() == pytest.approx((batchmean_equivalent_weight(1000, 100) * batchmean).item())
+    z_s, z_t = (
+        torch.randn(8, 100, generator=g, dtype=torch.float64),
+        torch.randn(8, 100, generator=g, dtype=torch.float64),
+    )
+    batchmean = torch.nn.functional.kl_div(
+        z_s.log_softmax(1), z_t.log_softmax(1), reduction="batchmean", log_target=True
+    )
+    assert (1000 * kd_loss(z_s, z_t)).item() == pytest.approx(
+        (batchmean_equivalent_weight(1000, 100) * batchmean).item()
+    )
     assert batchmean_equivalent_weight(1000, 1000) == 1.0
 
 
@@ -70,7 +77,9 @@ def test_promptsrc_terms_equal_references() -> None:
     l1_text = 25.0 * np.abs(text.numpy() - zs_text.numpy()).mean()
     l1_image = 10.0 * np.abs(image.numpy() - zs_image.numpy()).mean()
     kl = sum(
-        _softmax(zl[i])[k] * (math.log(_softmax(zl[i])[k]) - math.log(_softmax(lg[i])[k])) for i in range(b) for k in range(c)
+        _softmax(zl[i])[k] * (math.log(_softmax(zl[i])[k]) - math.log(_softmax(lg[i])[k]))
+        for i in range(b)
+        for k in range(c)
     ) / (b * c)  # KL(zero-shot || prompted), summed, / number of logits
     assert out["ce"].item() == pytest.approx(ce, rel=1e-4)
     assert out["l1_text"].item() == pytest.approx(l1_text, rel=1e-5)
