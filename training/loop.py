@@ -347,11 +347,21 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "callbacks": {key: cb.state_dict() for key, cb in self._keyed_callbacks()},
         }
         tmp = path.with_suffix(".tmp")
         torch.save(payload, tmp)
         tmp.replace(path)
+
+    def _keyed_callbacks(self) -> list[tuple[str, Callback]]:
+        """Callbacks keyed by class name and occurrence ("BestState#0"), stable across runs."""
+        seen: dict[str, int] = {}
+        out = []
+        for cb in self.callbacks:
+            name = type(cb).__name__
+            out.append((f"{name}#{seen.get(name, 0)}", cb))
+            seen[name] = seen.get(name, 0) + 1
+        return out
 
     def load_checkpoint(self, path: Path) -> None:
         payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file
@@ -360,8 +370,9 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         set_rng_state(payload["rng"])
-        for cb, st in zip(self.callbacks, payload["callbacks"], strict=True):
-            cb.load_state_dict(st)
+        for key, cb in self._keyed_callbacks():
+            if key in payload["callbacks"]:
+                cb.load_state_dict(payload["callbacks"][key])
         self.state = TrainState(payload["epoch"], payload["step"], payload["history"])
 
 
