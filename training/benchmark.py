@@ -142,7 +142,14 @@ def load_benchmark(cfg: DataCfg, image_size: int = 224) -> Benchmark:
         test, test_names = image_folder_records(cfg.root / "test")
         if test_names != names:
             raise DataError(f"{cfg.root}: train and test class folders differ")
-        return _from_records(train, test, cfg)
+        bench = _from_records(train, test, cfg)
+        if cfg.classnames_file is not None:  # ImageNet: "n01440764 tench" lines map folders to names
+            mapping = dict(line.split(" ", 1) for line in cfg.classnames_file.read_text().splitlines() if " " in line)
+            missing = [n for n in bench.class_names if n not in mapping]
+            if missing:
+                raise DataError(f"{cfg.classnames_file} has no name for folders {missing[:5]}")
+            bench.class_names = [mapping[n].strip() for n in bench.class_names]
+        return bench
     if cfg.kind == "coop_split":
         assert cfg.root is not None and cfg.split_file is not None
         split = coop_split_records(cfg.split_file, cfg.root)

@@ -47,14 +47,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML/JSON run config (see training/configs/)")
+    p.add_argument("--config", help="YAML/JSON run config (see training/configs/promptkd/)")
+    p.add_argument("--data-config", help="take the `data` section from this config (e.g. a dataset file)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help=SET_HELP)
     p.add_argument("--out", help="shortcut for --set out_dir=OUT")
     p.add_argument("--device", help="shortcut for --set loop.device=DEVICE (auto|cpu|cuda|cuda:1)")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    items = list(args.overrides)
+    items: list[str] = []
+    if getattr(args, "data_config", None):
+        from training.config import read_config_file
+
+        data = read_config_file(args.data_config).get("data", {})
+        items += [f"data.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in data.items()]
+        dataset = Path(args.data_config).stem
+        items += [f"out_dir=runs/teacher/{dataset}"] if args.func is _train_teacher else []
+    items += list(args.overrides)
     if getattr(args, "out", None):
         items.append(f"out_dir={args.out}")
     if getattr(args, "device", None):

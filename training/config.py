@@ -49,7 +49,8 @@ class DataCfg(Cfg):
     split_file: Path | None = None
     train_csv: Path | None = None
     test_csv: Path | None = None
-    classnames_file: Path | None = None  # CSV only: one class name per line, in label-id order
+    # CSV: one class name per line in label-id order; image_folder: "<folder> <class name>" lines
+    classnames_file: Path | None = None
     unlabeled_root: Path | None = None  # distillation: extra unlabeled image folder (all of it is used)
     shots: int = Field(default=16, ge=0)  # labeled images per class for prompt tuning; 0 = all
     batch_size: int = Field(default=8, ge=1)
