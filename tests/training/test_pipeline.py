@@ -1,0 +1,122 @@
+"""`promptdistill train teacher` -> `train distill --onnx` -> `evaluate`, on tiny models and real digits.
+
+The exported bundle must load with models/ alone and give the trainer's logits on the same images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.bundle import load_bundle
+from models.towers import build_towers
+from promptdistill.cli import main
+from training.benchmark import digits_benchmark
+from training.config import load_config
+from training.data import build_transform
+from training.distill import DistillRunConfig
+from training.promptkd import PromptKDStudent
+from training.teacher import load_teacher
+
+pytestmark = pytest.mark.slow
+
+
+def _sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Path:
+    root = tmp_path_factory.mktemp("promptkd")
+    common = _sets("data.kind=digits", "loop.progress=false", "optim.epochs=2", "data.crop_scale_min=0.5")
+    teacher = _sets(f"backbone.name={tiny_config}", "promptsrc.text_depth=2", "promptsrc.vision_depth=2")
+    teacher += _sets("promptsrc.zs_templates=simple")
+    assert main(["train", "teacher", *common, *teacher, "--out", str(root / "teacher")]) == 0
+    student = _sets(f"student.name={tiny_config}", f"teacher_dir={root / 'teacher'}", "distill.vision_depth=2")
+    student += _sets("distill.kd_weight=10", "data.batch_size=32")
+    assert main(["train", "distill", *common, *student, "--out", str(root / "student"), "--onnx"]) == 0
+    return root
+
+
+def test_run_outputs(runs: Path) -> None:
+    teacher = json.loads((runs / "teacher" / "results.json").read_text())
+    assert {"base", "novel", "hm", "base_per_class"} <= set(teacher)
+    assert len(teacher["base_per_class"]) == 5 and teacher["n_base"] == 5
+    student = json.loads((runs / "student" / "results.json").read_text())
+    assert student["last"]["epoch"] == 2 and student["best"]["epoch"] in (1, 2)
+    assert student["kd_weight_batchmean_equivalent"] == pytest.approx(1.0)  # 10 / N=10
+    for f in ("history.csv", "loss.png", "base_novel.png", "checkpoint.pt", "config.yaml"):
+        assert (runs / "student" / f).is_file(), f
+    assert any((runs / "student" / "tb").iterdir())
+    assert (runs / "teacher" / "loss.png").is_file()
+
+
+def test_bundle_loads_and_matches_trainer_logits(runs: Path) -> None:
+    bundle = load_bundle(runs / "student" / "bundle")
+    m = bundle.manifest
+    assert m.producer["method"] == "promptkd"
+    classes = bundle.label_set("default").classes
+    assert [c.name for c in classes][:2] == ["zero", "one"]
+    assert [c.provenance for c in classes] == ["promptkd:base"] * 5 + ["promptkd:novel"] * 5
+    assert m.text_encoder is not None and m.text_encoder.templates == ["{}."]
+    assert set(m.backbones) == {"student", "teacher"} and m.image_encoder.onnx
+    tower, text = build_towers(bundle)
+
+    # Trainer-side model rebuilt from the run (teacher store + exported student weights).
+    cfg = load_config(DistillRunConfig, runs / "student" / "config.yaml")
+    teacher = load_teacher(cfg.teacher_dir)
+    from models.backbone import load_backbone
+
+    student_bb = load_backbone(cfg.student.name)
+    model = PromptKDStudent(student_bb, teacher.image_encoder, teacher.class_vectors, cfg.distill, teacher.logit_scale)
+    ckpt = torch.load(runs / "student" / "checkpoint.pt", weights_only=False)
+    model.load_state_dict(ckpt["model"], strict=False)  # last epoch = exported weights
+    student_bb.model.load_state_dict({k: v for k, v in bundle_backbone(runs).items()})
+    model.eval()
+
+    bench = digits_benchmark(64)
+    pixels = torch.stack([build_transform(student_bb.preprocess, train=False)(bench.test_items[i]) for i in range(16)])
+    with torch.no_grad():
+        want = model.logits(pixels)  # the trainer's evaluation path, all 10 classes
+        got = m.logit_scale * tower(pixels) @ bundle.class_vectors["default"].t()
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+    # The text side re-encodes the class names exactly as the stored teacher class vectors.
+    assert text is not None
+    names = [c.name for c in classes]
+    assert torch.allclose(text.class_vectors(names), bundle.class_vectors["default"], atol=1e-5)
+    assert torch.allclose(teacher.class_vectors, bundle.class_vectors["default"], atol=1e-6)
+
+    # The ONNX graph agrees with torch on these images.
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(bundle.path(m.image_encoder.onnx[0].file)), providers=["CPUExecutionProvider"])
+    onnx_emb = sess.run(["embedding"], {"pixels": pixels.numpy()})[0]
+    assert np.abs(onnx_emb - tower(pixels).detach().numpy()).max() < 1e-4
+
+
+def bundle_backbone(runs: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(runs / "student" / "bundle" / "backbones" / "student.safetensors")
+
+
+def test_evaluate_command_reproduces_last_epoch(runs: Path) -> None:
+    out = runs / "eval.json"
+    rc = main(
+        ["evaluate", "--bundle", str(runs / "student" / "bundle"), "--set", "data.kind=digits", "--out", str(out)]
+    )
+    assert rc == 0
+    got = json.loads(out.read_text())
+    want = json.loads((runs / "student" / "results.json").read_text())["last"]
+    assert got["base"] == pytest.approx(want["base"], abs=1e-6)
+    assert got["novel"] == pytest.approx(want["novel"], abs=1e-6)
+    summary_file = runs / "summary.json"
+    files = [str(runs / "student" / "results.json")] * 2
+    assert main(["evaluate", "--summarize", *files, "--out", str(summary_file)]) == 0
+    summary = json.loads(summary_file.read_text())
+    assert summary["last"]["base"]["mean"] == pytest.approx(want["base"]) and summary["last"]["base"]["std"] == 0.0
