@@ -2,7 +2,7 @@
 
 Three ways to find the best classes for an image embedding:
   * numpy: ``X @ q`` + ``argpartition`` (the baseline; adding a class copies the matrix),
-  * FAISS exact: ``IndexIDMap2(IndexFlatIP)`` (what the service uses),
+  * FAISS exact: ``IndexIDMap2(IndexFlatIP)`` (what the service uses), also with 1 OpenMP thread,
   * FAISS IVF: ``IndexIVFFlat`` (inner product), nlist ~ 4 sqrt(N) (<= 1024), nprobe 8 and 32,
     with recall@1 / recall@5 against the exact answer.
 Vectors are synthetic (no real million-class vocabulary exists offline): unit vectors drawn around
@@ -12,11 +12,12 @@ make IVF look worse than on real, clustered CLIP text embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,18 @@ def synthetic(n: int, rng: np.random.Generator, centres: np.ndarray, chunk: int 
         block = centres[which] + rng.standard_normal((e - s, DIM), dtype=np.float32) * np.float32(0.6 / math.sqrt(DIM))
         out[s:e] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _numpy_search(x: np.ndarray, q: np.ndarray, k: int = TOP_K) -> np.ndarray:
@@ -98,6 +111,8 @@ def _bench_flat(
     flat.add_with_ids(x, np.arange(n, dtype=np.int64))
     rec: dict[str, Any] = {"flat_build_s": time.perf_counter() - t0}
     rec["flat_search_1"] = _search_timing(lambda q: flat.search(q, TOP_K), queries, cfg)
+    with _one_thread():  # one query: OpenMP start-up/barriers can cost more than they save
+        rec["flat_search_1_1thread"] = _search_timing(lambda q: flat.search(q, TOP_K), queries, cfg)
     rec["flat_search_8"] = time_call(
         lambda: flat.search(queries[:8], TOP_K), iters=len(queries), max_seconds=cfg.max_seconds
     ).summary()
@@ -156,6 +171,10 @@ def _bench_ivf(
         hits = [len(set(top[i]) & set(exact_top[i])) / TOP_K for i in range(n_q)]
         rec[f"ivf_nprobe{nprobe}_recall_at_5"] = float(np.mean(hits))
     rec["ivf_add"] = _add_latency(lambda v, i: ivf.add_with_ids(v, np.array([n + i], dtype=np.int64)), new, adds)
+    with _one_thread():
+        rec["ivf_add_1thread"] = _add_latency(
+            lambda v, i: ivf.add_with_ids(v, np.array([n + 1000 + i], dtype=np.int64)), new, adds
+        )
     return rec
 
 

@@ -100,7 +100,9 @@ def quantize_image_tower(
     graph (itself parity-checked against torch) on ``sample_pixels``; the figures go into
     ``OnnxSpec.parity``: ``cosine_mean``/``cosine_min`` (per image, int8 vs fp32 embedding) and,
     given ``class_vectors``, ``top1_agreement`` (fraction of images whose arg-max class is the same)
-    plus ``top1_classes`` (distinct fp32 arg-max classes: agreement over 1 class says little).
+    plus ``top1_classes`` (distinct fp32 arg-max classes: agreement over 1 class says little),
+    ``top1_margin_median`` (fp32 top-1 minus top-2 cosine) and ``score_shift_median`` (|int8 - fp32|
+    cosine per image and class): with random weights the margins are tiny and flips are expected.
     ``max_abs_diff`` is measured against the fp32 graph.
 
     Args:
@@ -142,11 +144,16 @@ def int8_parity(fp32: np.ndarray, int8: np.ndarray, class_vectors: np.ndarray | 
     cos = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))  # [B]
     out = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "n_images": float(len(cos))}
     if class_vectors is not None:
-        top_fp32 = (fp32 @ class_vectors.T).argmax(1)  # [B]
-        top_int8 = (int8 @ class_vectors.T).argmax(1)  # [B]
+        s_fp32, s_int8 = fp32 @ class_vectors.T, int8 @ class_vectors.T  # [B, N] cosine scores
+        top_fp32, top_int8 = s_fp32.argmax(1), s_int8.argmax(1)  # [B]
         out["top1_agreement"] = float((top_fp32 == top_int8).mean())
         out["top1_classes"] = float(len(set(top_fp32.tolist())))
         out["n_classes"] = float(len(class_vectors))
+        if s_fp32.shape[1] > 1:
+            # Why agreement can be low: a flip needs |score shift| > the fp32 top-1/top-2 gap.
+            top2 = np.sort(s_fp32, axis=1)[:, -2:]  # [B, 2]
+            out["top1_margin_median"] = float(np.median(top2[:, 1] - top2[:, 0]))
+            out["score_shift_median"] = float(np.median(np.abs(s_int8 - s_fp32)))
     return out
 
 

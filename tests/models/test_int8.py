@@ -90,6 +90,10 @@ def test_parity_figures() -> None:
     assert flipped["cosine_min"] == pytest.approx(-1.0)
     assert flipped["top1_agreement"] == 0.75
     assert flipped["cosine_mean"] == pytest.approx(0.5)
+    # margins and shifts are in cosine units: eye(8) class vectors make scores the raw coordinates
+    top2 = np.sort(a, axis=1)[:, -2:]
+    assert same["top1_margin_median"] == pytest.approx(float(np.median(top2[:, 1] - top2[:, 0])))
+    assert same["score_shift_median"] == 0.0 and flipped["score_shift_median"] == 0.0  # 3 of 4 rows unchanged
 
 
 def test_cli_int8_flag(tmp_path: Path, tiny_config: Path) -> None:
