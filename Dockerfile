@@ -9,8 +9,9 @@
 #   docker run --rm -p 127.0.0.1:8000:8000 -v promptdistill-data:/data -v promptdistill-state:/state \
 #       -e PROMPTDISTILL_API_KEY=... promptdistill:cpu
 #
-# The install steps are the README's (a virtual environment, torch pinned first, then the package
-# with exactly one flavour extra); only the torch index differs, see the builder stage.
+# The install steps are the README's: a virtual environment, then `pip install ".[<flavour>]"`
+# (every dependency pinned in pyproject.toml; no -e and no dev extra in an image). One step is
+# added for the CPU flavour: torch==2.13.0 is installed first from the PyTorch CPU index, see below.
 # The bundle lives on the /data volume (PROMPTDISTILL_BUNDLE, default /data/demo/bundle: where the
 # offline demo above writes it), the label-set database on /state (PROMPTDISTILL_STATE_DIR).
 # docker-compose.yml runs the demo as a one-shot job when no bundle is there.
@@ -19,9 +20,10 @@ ARG FLAVOUR=cpu
 
 # ---------------------------------------------------------------- base images, one per flavour
 FROM python:3.11-slim-bookworm AS base-cpu
-# PyPI's torch==2.13.0 for Linux is the CUDA build and pulls several GB of nvidia-* wheels. The
-# README's `pip install torch==2.13.0` gets the CPU build only because the development machines
-# have a local find-links configured; the official PyTorch CPU index is the portable equivalent.
+# pyproject.toml pins torch==2.13.0. PyPI's Linux wheel of it is the CUDA build and pulls several
+# GB of nvidia-* wheels; the development machines resolve the pin to a CPU wheel only because pip
+# has a local find-links there. The official PyTorch CPU index (2.13.0+cpu, which satisfies the
+# ==2.13.0 pin) is the portable equivalent, installed before the package.
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS base-gpu
@@ -70,7 +72,6 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/app
     && chown app:app /data /state
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PROMPTDISTILL_FLAVOUR=${FLAVOUR} \
     PROMPTDISTILL_BUNDLE=/data/demo/bundle \
     PROMPTDISTILL_STATE_DIR=/state \
     PROMPTDISTILL_HOST=0.0.0.0 \
