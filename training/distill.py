@@ -134,7 +134,7 @@ def run_distill(
 
     def base_acc(m: Any) -> dict[str, float]:
         base = evaluate_student(m, bench, test_tf, device, ("base",), cfg.data.test_batch_size)["base"]
-        return {"base_acc": base, "agreement": agreement(m, all_test, device, cfg.data.test_batch_size)}
+        return {"base_acc": base}
 
     best = BestState("base_acc")
     trainer = Trainer(
