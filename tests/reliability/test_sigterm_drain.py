@@ -72,9 +72,6 @@ def test_sigterm_drains_in_flight_requests(bundle_copy: Path, tmp_path: Path, ph
         assert body["label_set"] == "default" and len(body["results"]) == 1  # type: ignore[arg-type]
     assert "shut down cleanly" in server.output()
     assert time.monotonic() - sent_at < 30, "drain took longer than the graceful-shutdown budget"
-    if code == -signal.SIGTERM:
-        # uvicorn (>= 0.29) re-raises the captured signal after its graceful shutdown, so the exit
-        # status reports SIGTERM although the drain completed. `promptdistill serve` should turn a
-        # completed drain into exit 0; until it does, this is an expected failure, not a pass.
-        pytest.xfail("drain complete, but `promptdistill serve` exits by SIGTERM (-15) instead of 0")
+    # uvicorn (>= 0.29) re-raises the captured signal after draining; `promptdistill serve` turns a
+    # completed drain into exit 0 (a -15 here means that handling is gone).
     assert code == 0, f"server exit code {code} after SIGTERM (expected 0):\n{server.output()}"
