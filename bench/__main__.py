@@ -13,10 +13,12 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from bench.common import RESULTS, BenchCfg
 
+QUICK_OUT = Path(tempfile.gettempdir()) / "promptdistill-bench-quick"
 BENCHES = ("encoders", "labelsets", "http_load", "payoff")
 
 
@@ -26,14 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: minimal sizes and iterations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="budget per timed measurement")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"results folder (default {RESULTS}; with --quick {QUICK_OUT})"
+    )
     args = parser.parse_args(argv)
     # ONNX Runtime's quantiser logs every node through the root logger: keep the root at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("bench", "models"):
         logging.getLogger(name).setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = BenchCfg(threads=args.threads, quick=args.quick, max_seconds=args.max_seconds, out_dir=args.out)
+    out = args.out or (QUICK_OUT if args.quick else RESULTS)  # a smoke run never overwrites real results
+    cfg = BenchCfg(threads=args.threads, quick=args.quick, max_seconds=args.max_seconds, out_dir=out)
     for name in (*BENCHES, "report") if args.which == "all" else (args.which,):
         logging.getLogger("bench").info("=== %s ===", name)
         module = __import__(f"bench.{name}", fromlist=["run"])
