@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ev.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON", help="mean/std over seeds of results.json files")
     ev.set_defaults(func=_evaluate)
 
-    demo = sub.add_parser("demo", help="offline end-to-end PromptKD run on scikit-learn digits (~2 min on CPU)")
+    demo = sub.add_parser("demo", help="offline end-to-end PromptKD run on scikit-learn digits (~1 min on CPU)")
     demo.add_argument("--out", required=True, help="output folder (the bundle goes to OUT/bundle)")
     demo.add_argument("--onnx", action="store_true", help="also export the student image tower to ONNX")
     demo.add_argument("--seed", type=int, default=1)

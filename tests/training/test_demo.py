@@ -15,8 +15,8 @@ from promptdistill.cli import main
 pytestmark = pytest.mark.slow
 
 # The student must keep this share of the teacher's base-to-novel HM. Measured on the reference
-# machine (seed 1): teacher HM 48.65, student HM 49.11 (ratio 1.01); the margin absorbs BLAS
-# differences between machines.
+# machine (seed 1): teacher B/N/HM 96.30/65.06/77.65, student (last epoch) 89.63/56.88/69.59
+# (HM ratio 0.90, agreement 0.85); the margin absorbs BLAS differences between machines.
 MIN_HM_FRACTION = 0.8
 
 
@@ -32,9 +32,10 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         f"demo: teacher {teacher}, student {student}, agreement {summary['agreement_top1']:.3f}, "
         f"{summary['seconds']['total']:.0f} s"
     )
-    assert teacher["hm"] > 25.0  # well above chance (10 % over 5 classes is 20 %)
+    assert teacher["hm"] > 60.0  # chance is 20 % within each 5-class subset
     assert student["hm"] >= MIN_HM_FRACTION * teacher["hm"]
-    assert summary["agreement_before_distillation"] < 0.35 < 0.6 <= summary["agreement_top1"]
+    assert summary["agreement_before_distillation"] < 0.35
+    assert summary["agreement_top1"] >= 0.75
     for plot in summary["plots"]:
         assert Path(plot).stat().st_size > 1000
 
