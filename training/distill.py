@@ -150,18 +150,7 @@ def run_distill(
     model.to(device)
     agreement_before = agreement(model, all_test, device, cfg.data.test_batch_size)
     state = trainer.fit()
-    last_state = trainable_state(model)
-    last = evaluate_student(model, bench, test_tf, device, batch_size=cfg.data.test_batch_size)
-    results: dict[str, Any] = {
-        "last": base_novel_result(last.pop("base"), last.pop("novel"), epoch=state.epoch, **last)
-    }
-    if best.state is not None:
-        load_trainable_state(model, best.state)
-        b = evaluate_student(model, bench, test_tf, device, batch_size=cfg.data.test_batch_size)
-        results["best"] = base_novel_result(b.pop("base"), b.pop("novel"), epoch=best.best_epoch, **b)
-    if cfg.export.weights == "last" or best.state is None:
-        load_trainable_state(model, last_state)
-    teacher_results = _teacher_results(cfg.teacher_dir)
+    results = _protocol_results(model, best, bench, test_tf, device, cfg, state.epoch)
     results |= {
         "agreement": {
             "before": agreement_before,
@@ -172,24 +161,51 @@ def run_distill(
         "n_unlabeled_images": len(unlabeled),  # type: ignore[arg-type]
         "kd_weight": cfg.distill.kd_weight,
         "kd_weight_batchmean_equivalent": batchmean_equivalent_weight(cfg.distill.kd_weight, len(bench.class_names)),
-        "teacher": teacher_results,
+        "teacher": _teacher_results(cfg.teacher_dir),
     }
     bundle_dir = cfg.export.bundle_dir or out / "bundle"
     export_student(model, sbb, teacher, bundle_dir, cfg, results)
     results["bundle"] = str(bundle_dir)
     save_json(results, out / "results.json")
-    plot_history(state.history, out / "loss.png", title="PromptKD distillation")
-    bars = {"student (last)": results["last"]}
-    if "best" in results:
-        bars["student (best base ep.)"] = results["best"]
-    if teacher_results:
-        bars = {"teacher": teacher_results, **bars}
-    plot_base_novel(bars, out / "base_novel.png")
+    _plots(results, state.history, out)
     r = results["last"]
     log.info(
         "student (last epoch): base %.2f novel %.2f HM %.2f; bundle -> %s", r["base"], r["novel"], r["hm"], bundle_dir
     )
     return results
+
+
+def _protocol_results(
+    model: PromptKDStudent,
+    best: BestState,
+    bench: Benchmark,
+    transform: Any,
+    device: torch.device,
+    cfg: DistillRunConfig,
+    epochs: int,
+) -> dict[str, Any]:
+    """``last`` (final weights) and ``best`` (best base-test epoch, the official protocol); leaves
+    the model holding the weights ``cfg.export.weights`` selects."""
+    last_state = trainable_state(model)
+    r = evaluate_student(model, bench, transform, device, batch_size=cfg.data.test_batch_size)
+    results: dict[str, Any] = {"last": base_novel_result(r.pop("base"), r.pop("novel"), epoch=epochs, **r)}
+    if best.state is not None:
+        load_trainable_state(model, best.state)
+        b = evaluate_student(model, bench, transform, device, batch_size=cfg.data.test_batch_size)
+        results["best"] = base_novel_result(b.pop("base"), b.pop("novel"), epoch=best.best_epoch, **b)
+    if cfg.export.weights == "last" or best.state is None:
+        load_trainable_state(model, last_state)
+    return results
+
+
+def _plots(results: dict[str, Any], history: list[dict[str, float]], out: Path) -> None:
+    plot_history(history, out / "loss.png", title="PromptKD distillation")
+    bars = {"student (last)": results["last"]}
+    if "best" in results:
+        bars["student (best base ep.)"] = results["best"]
+    if results.get("teacher"):
+        bars = {"teacher": results["teacher"], **bars}
+    plot_base_novel(bars, out / "base_novel.png")
 
 
 def _teacher_results(teacher_dir: Path) -> dict[str, float]:

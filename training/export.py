@@ -111,29 +111,15 @@ def assemble_bundle(
     if out_dim != embed_dim:
         raise ValueError(f"image side outputs {out_dim}-d features but class vectors are {embed_dim}-d")
     backbones = {image.key: image.backbone}
-    text_spec = None
     prompts = {}
     if image.encoder.prompts is not None:
         prompts["image"] = image.encoder.prompts.detach().float().cpu()
+    text_spec = None
     if text is not None:
-        if text.backbone is image.backbone:
-            text = TextParts(text.backbone, text.encoder, text.templates, image.key)
-        elif text.key == image.key:
-            raise ValueError("image and text sides use different backbones but the same key")
-        backbones[text.key] = text.backbone
-        text_spec = TextEncoderSpec(
-            backbone=text.key,
-            prompts=prompt_spec(text.encoder.cfg),
-            templates=validate_templates(text.templates),
-            output_dim=embed_dim,
-        )
-        if text.encoder.prompts is not None:
-            prompts["text"] = text.encoder.prompts.detach().float().cpu()
-    projector_state = None
-    projector_spec = None
-    if image.projector is not None:
-        projector_state = {k: v.detach().cpu() for k, v in image.projector.state_dict().items()}
-        projector_spec = ProjectorSpec(in_dim=image.projector.cfg.in_dim, out_dim=image.projector.cfg.out_dim)
+        text_spec, text_rows = _text_side(image, text, embed_dim)
+        backbones[text_spec.backbone] = text.backbone
+        prompts |= text_rows
+    projector_state, projector_spec = _projector(image.projector)
     scale = logit_scale if logit_scale is not None else float(image.backbone.model.logit_scale.exp().item())
     manifest = Manifest(
         producer={"promptdistill": __version__, **(producer or {})},
@@ -163,6 +149,28 @@ def assemble_bundle(
         projector=projector_state,
         backbone_states=states,
     )
+
+
+def _text_side(image: ImageParts, text: TextParts, embed_dim: int) -> tuple[TextEncoderSpec, dict[str, torch.Tensor]]:
+    """Manifest entry and prompt rows of the text side (shares the image key when the backbone is shared)."""
+    key = image.key if text.backbone is image.backbone else text.key
+    if key == image.key and text.backbone is not image.backbone:
+        raise ValueError("image and text sides use different backbones but the same key")
+    spec = TextEncoderSpec(
+        backbone=key,
+        prompts=prompt_spec(text.encoder.cfg),
+        templates=validate_templates(text.templates),
+        output_dim=embed_dim,
+    )
+    rows = {} if text.encoder.prompts is None else {"text": text.encoder.prompts.detach().float().cpu()}
+    return spec, rows
+
+
+def _projector(projector: Projector | None) -> tuple[dict[str, torch.Tensor] | None, ProjectorSpec | None]:
+    if projector is None:
+        return None, None
+    state = {k: v.detach().cpu() for k, v in projector.state_dict().items()}
+    return state, ProjectorSpec(in_dim=projector.cfg.in_dim, out_dim=projector.cfg.out_dim)
 
 
 def write_bundle(
