@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     demo = sub.add_parser("demo", help="offline end-to-end PromptKD run on scikit-learn digits (~1 min on CPU)")
     demo.add_argument("--out", required=True, help="output folder (the bundle goes to OUT/bundle)")
-    demo.add_argument("--onnx", action="store_true", help="also export the student image tower to ONNX")
+    demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the student image tower")
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     demo.set_defaults(func=_demo)
@@ -127,7 +127,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from training.demo import DemoCfg, format_summary, run_demo
 
-    summary = run_demo(args.out, DemoCfg(seed=args.seed, onnx=args.onnx, progress=not args.no_progress))
+    summary = run_demo(args.out, DemoCfg(seed=args.seed, onnx=not args.no_onnx, progress=not args.no_progress))
     sys.stdout.write(format_summary(summary) + "\n")
     return 0
 

@@ -61,7 +61,7 @@ class DemoCfg(Cfg):
     teacher_epochs: int = Field(default=20, ge=1)  # the paper's schedule
     distill_epochs: int = Field(default=20, ge=1)  # the paper's schedule
     batch_size: int = Field(default=16, ge=1)  # distillation batch
-    onnx: bool = False
+    onnx: bool = True  # the service's default backend is ONNX
     progress: bool = True
 
 

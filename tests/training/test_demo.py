@@ -42,6 +42,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     bundle = load_bundle(out / "bundle")  # models/ alone, checksums verified
     tower, text = build_towers(bundle)
     assert text is not None and len(bundle.label_set("default").classes) == 10
+    assert bundle.manifest.image_encoder.onnx  # the service's default backend
     vectors = text.class_vectors(["zero", "nine"])
     assert torch.allclose(vectors, bundle.class_vectors["default"][[0, 9]], atol=1e-5)
     assert tower(torch.zeros(1, 3, 64, 64)).shape == (1, bundle.manifest.embed_dim)
