@@ -11,7 +11,7 @@ Steps (2 CPU cores, no weights or datasets needed):
 3. Teacher class vectors for all ten digits (base then novel).
 4. PromptKD distillation of the student on the unlabeled train images (all classes, no labels).
 5. Base / novel / HM of teacher and student on held-out digits; top-1 agreement student vs teacher.
-6. A bundle the service can load.
+6. A bundle the service can load, with a parity-checked ONNX image tower (the service default).
 
 Output layout (stable; the README serves ``DIR/bundle``)::
 
