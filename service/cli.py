@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--workers", type=int, help="uvicorn worker processes (each rebuilds its index from the DB)")
     serve.add_argument("--backend", choices=["onnx", "torch"])
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--onnx-precision", choices=["fp32", "int8"], help="serve the int8 graph (bundle built --int8)")
     serve.add_argument("--state-dir", help="where the label-set database lives (PROMPTDISTILL_STATE_DIR)")
     serve.add_argument("--api-key", help="require X-API-Key on mutating routes (better: PROMPTDISTILL_API_KEY)")
     serve.add_argument("--allow-insecure-bind", action="store_true", help="listen on a non-loopback host without a key")
@@ -66,6 +67,7 @@ _SERVE_FIELDS = (
     "workers",
     "backend",
     "device",
+    "onnx_precision",
     "state_dir",
     "api_key",
     "max_batch_size",

@@ -40,7 +40,7 @@ class OnnxImageEncoder:
 
     backend = "onnx"
 
-    def __init__(self, bundle: Bundle, device: str, threads: int | None) -> None:
+    def __init__(self, bundle: Bundle, device: str, threads: int | None, precision: str = "fp32") -> None:
         import onnxruntime as ort
 
         specs = bundle.manifest.image_encoder.onnx
@@ -49,7 +49,14 @@ class OnnxImageEncoder:
                 f"backend 'onnx' needs an ONNX image encoder, but bundle {bundle.root} has none; re-export the "
                 "bundle with --onnx (e.g. promptdistill bundle zeroshot ... --onnx) or start with --backend torch"
             )
-        spec = specs[0]
+        wanted = "dynamic-int8" if precision == "int8" else "none"
+        matching = [s for s in specs if s.quantization == wanted]
+        if not matching:
+            raise StartupError(
+                f"onnx_precision {precision!r}: bundle {bundle.root} has no such ONNX graph (it has "
+                f"{[s.quantization for s in specs]}); re-export with --int8 or serve fp32"
+            )
+        spec = matching[0]
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
         if device != "cpu" and "CUDAExecutionProvider" in available:
@@ -64,7 +71,15 @@ class OnnxImageEncoder:
         self.session = ort.InferenceSession(str(bundle.path(spec.file)), options, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.input_name, self.output_name = spec.input_name, spec.output_name
-        log.info("image encoder: ONNX Runtime %s with %s (asked for %s)", ort.__version__, self.provider, providers)
+        self.precision = precision
+        log.info(
+            "image encoder: ONNX Runtime %s, %s graph %s, with %s (asked for %s)",
+            ort.__version__,
+            precision,
+            spec.file,
+            self.provider,
+            providers,
+        )
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(pixels, dtype=np.float32)})

@@ -32,6 +32,14 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         default=None, ge=1, description="intra-op threads for the encoder (None: runtime default)"
     )
+    onnx_precision: Literal["fp32", "int8"] = Field(
+        default="fp32", description="which ONNX graph to serve: fp32, or the dynamically quantised int8 one"
+    )
+    faiss_threads: int = Field(
+        default=1,
+        ge=1,
+        description="OpenMP threads for FAISS; 1 is fastest for the service's one-query-per-image searches",
+    )
     # --- engine (dynamic micro-batching)
     max_batch_size: int = Field(default=16, ge=1, le=4096, description="images per encoder call")
     max_wait_ms: float = Field(

@@ -84,6 +84,10 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         on_call=metrics.text_call,
     )
     store = LabelSetStore(settings.state_dir, bundle.manifest.embed_dim)
+    import faiss
+
+    # One query per image: OpenMP fan-out costs more than it saves (bench/: up to ~250x on 2 cores).
+    faiss.omp_set_num_threads(settings.faiss_threads)
     registry = Registry(store, text, use_gpu=settings.faiss_gpu and device == "cuda", on_version=metrics.version)
     try:
         registry.open(bundle)
@@ -116,7 +120,7 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
     m = bundle.manifest
     if settings.backend == "onnx":
         encoder: ImageEncoder = OnnxImageEncoder(
-            bundle, "cuda" if device == "cuda" else settings.device, settings.threads
+            bundle, "cuda" if device == "cuda" else settings.device, settings.threads, settings.onnx_precision
         )
         if m.text_encoder is None:
             return encoder, None

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     distill = tsub.add_parser("distill", help="PromptKD student on unlabeled images; ends by exporting a bundle")
     _common(distill)
     distill.add_argument("--onnx", action="store_true", help="also export the student image tower to ONNX")
+    distill.add_argument("--int8", action="store_true", help="also a dynamically quantised int8 ONNX graph")
     distill.set_defaults(func=_train_distill)
     __import__("training.mopd.cli", fromlist=["register"]).register(tsub)  # MoPD (issue 4): train mopd, mopd-promptkd
 
@@ -85,7 +86,7 @@ def _train_distill(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.distill import DistillRunConfig, run_distill
 
-    items = _overrides(args) + (["export.onnx=true"] if args.onnx else [])
+    items = _overrides(args) + (["export.onnx=true"] if args.onnx else []) + (["export.int8=true"] if args.int8 else [])
     cfg = load_config(DistillRunConfig, args.config, items)
     r = run_distill(cfg)
     _emit({k: r[k] for k in ("last", "best", "teacher", "bundle") if k in r}, strip_per_class=True)

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 class ExportCfg(Cfg):
     bundle_dir: Path | None = None  # default: <out_dir>/bundle
     onnx: bool = False  # also export the prompted student image tower (parity-checked)
+    int8: bool = False  # also a dynamically quantised int8 graph (implies onnx) with its parity report
     weights: Literal["last", "best"] = "last"  # "best" = the official best base-test epoch
     embed_weights: bool | None = None  # store backbones inside the bundle; None = only random-init ones
 
@@ -250,4 +251,4 @@ def export_student(
         embed_weights=cfg.export.embed_weights,
     )
     model.eval()
-    write_bundle(bundle, out, onnx=cfg.export.onnx, tower=image_tower(image))
+    write_bundle(bundle, out, onnx=cfg.export.onnx, int8=cfg.export.int8, tower=image_tower(image))

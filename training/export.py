@@ -178,22 +178,26 @@ def write_bundle(
     out_dir: str | Path,
     *,
     onnx: bool = False,
+    int8: bool = False,
     tower: ImageTower | None = None,
     sample_pixels: torch.Tensor | None = None,
 ) -> Bundle:
     """Save ``bundle`` (and with ``onnx`` the parity-checked ONNX image tower); returns it re-loaded.
+
+    ``int8`` adds a dynamically quantised graph next to the fp32 one (implies ``onnx``), with its
+    parity report (cosine and top-1 agreement vs fp32 on real photos) in the manifest.
 
     ``tower`` is required with ``onnx`` (use :func:`image_tower`); ``sample_pixels``
     [B, 3, H, W] are the images for the parity check (default: the shipped sample photos).
     """
     out = Path(out_dir)
     extra_files: dict[str, Path] = {}
-    if onnx:
+    if onnx or int8:
         if tower is None:
             raise ValueError("onnx export needs the image tower")
         was_training = tower.training
         device = next(tower.parameters()).device
-        extra_files = add_onnx(bundle, tower.eval(), out, sample_pixels)
+        extra_files = add_onnx(bundle, tower.eval(), out, sample_pixels, int8=int8)
         tower.to(device).train(was_training)  # the exporter moved it to CPU
     save_bundle(bundle, out, extra_files=extra_files)
     log.info("wrote bundle to %s", out)

@@ -38,7 +38,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Path:
     assert main(["train", "teacher", *common, *teacher, "--out", str(root / "teacher")]) == 0
     student = _sets(f"student.name={tiny_config}", f"teacher_dir={root / 'teacher'}", "distill.vision_depth=2")
     student += _sets("distill.kd_weight=10", "data.batch_size=32")
-    assert main(["train", "distill", *common, *student, "--out", str(root / "student"), "--onnx"]) == 0
+    assert main(["train", "distill", *common, *student, "--out", str(root / "student"), "--onnx", "--int8"]) == 0
     return root
 
 
@@ -63,7 +63,9 @@ def test_bundle_loads_and_matches_trainer_logits(runs: Path) -> None:
     assert [c.name for c in classes][:2] == ["zero", "one"]
     assert [c.provenance for c in classes] == ["promptkd:base"] * 5 + ["promptkd:novel"] * 5
     assert m.text_encoder is not None and m.text_encoder.templates == ["{}."]
-    assert set(m.backbones) == {"student", "teacher"} and m.image_encoder.onnx
+    assert set(m.backbones) == {"student", "teacher"}
+    assert [o.quantization for o in m.image_encoder.onnx] == ["none", "dynamic-int8"]  # --onnx --int8
+    assert m.image_encoder.onnx[1].parity["cosine_min"] > 0.9
     tower, text = build_towers(bundle)
 
     # Trainer-side model rebuilt from the run (teacher store + exported student weights).
