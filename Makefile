@@ -11,7 +11,7 @@ STAMP    = $(VENV)/.installed-$(FLAVOUR)
 
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint serve demo bench clean
+.PHONY: install test lint serve demo bench docker-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ serve: install
 
 bench: install
 	$(BIN)/python -m bench all
+
+# Static checks of the container files (no Docker engine needed): hadolint and compose v1's parser.
+docker-check: install
+	$(BIN)/hadolint Dockerfile
+	docker-compose -f docker-compose.yml config -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
