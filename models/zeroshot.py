@@ -25,6 +25,7 @@ from models.bundle import (
     save_bundle,
 )
 from models.class_vectors import encode_class_names, validate_templates
+from models.listfiles import read_string_list
 from models.preprocess import preprocess_batch
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
 from models.samples import sample_photos
@@ -42,32 +43,19 @@ def named_templates(which: str) -> list[str]:
         return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     if which == "simple":
         return [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
-    path = Path(which)
-    if not path.is_file():
+    if not Path(which).is_file():
         raise FileNotFoundError(f"templates: {which!r} is neither 'imagenet', 'simple' nor a file")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    return validate_templates([ln for ln in lines if ln and not ln.startswith("#")])
+    return validate_templates(read_string_list(which, "templates file"))
 
 
 def read_class_names(path: str | Path) -> list[str]:
     """One class name per line (blank lines and ``#`` comments skipped), or a JSON list."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"class file not found: {p}")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".json":
-        import json
-
-        names = json.loads(text)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"{p}: expected a JSON list of strings")
-    else:
-        names = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    names = read_string_list(path, "class file")
     if not names:
-        raise ValueError(f"{p}: no class names")
+        raise ValueError(f"{path}: no class names")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"{p}: duplicate class names {dupes[:5]}")
+        raise ValueError(f"{path}: duplicate class names {dupes[:5]}")
     return names
 
 

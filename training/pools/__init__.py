@@ -8,11 +8,11 @@ and lines starting with ``#`` are skipped) or a JSON list of templates.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from models.class_vectors import validate_templates
+from models.listfiles import read_string_list
 from training.pools.templates import DATASET_POOLS, GENERIC_POOL, MIXED_POOL, NONSENSE_POOL
 
 __all__ = [
@@ -70,16 +70,7 @@ def pool_for_dataset(name: str) -> list[str]:
 def load_pool_file(path: str | Path) -> list[str]:
     """Templates from a user file: one per line (``#`` comments, blanks skipped) or a JSON list."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt pool file not found: {p}")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".json":
-        raw = json.loads(text)
-        if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
-            raise ValueError(f"{p}: expected a JSON list of template strings")
-        templates = [t.strip() for t in raw]
-    else:
-        templates = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    templates = read_string_list(p, "prompt pool file")
     if not templates:
         raise ValueError(f"{p}: no templates (write one per line, each with one '{{}}' for the class name)")
     try:
