@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+import models  # noqa: F401  (torchvision shim before any benchmark imports open_clip)
+
 log = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).resolve().parent / "results"

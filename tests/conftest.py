@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+import models  # noqa: F401  (the torchvision shim, before any test module imports open_clip)
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "models" / "configs" / "tiny-clip.json"
