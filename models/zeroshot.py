@@ -89,15 +89,22 @@ def zeroshot_bundle(
 
 
 def add_onnx(
-    bundle: Bundle, tower: ImageTower, out: Path, sample: torch.Tensor | None = None, *, int8: bool = False
+    bundle: Bundle,
+    tower: ImageTower,
+    out: Path,
+    sample: torch.Tensor | None = None,
+    *,
+    int8: bool = False,
+    int8_min_cosine: float | None = None,
 ) -> dict[str, Path]:
     """Export the image tower into ``out`` and record it in the manifest; returns files to checksum.
 
     With ``int8`` a dynamically quantised copy is added after the fp32 graph (``onnx[1]``), its
     int8-vs-fp32 parity (cosine, top-1 agreement over the bundle's first label set) measured on the
-    sample photos and their mirror images and stored in its ``OnnxSpec.parity``.
+    sample photos and their mirror images and stored in its ``OnnxSpec.parity``; the int8 graph is
+    refused below ``int8_min_cosine`` (default: the exporter's 0.99).
     """
-    from models.onnx_export import INT8_NAME, export_image_tower, quantize_image_tower
+    from models.onnx_export import DEFAULT_MIN_COSINE, INT8_NAME, export_image_tower, quantize_image_tower
 
     if sample is None:
         cfg = bundle.manifest.image_encoder.preprocess.to_config()
@@ -108,7 +115,8 @@ def add_onnx(
         first_set = bundle.manifest.label_sets[0].name if bundle.manifest.label_sets else None
         vectors = bundle.class_vectors.get(first_set) if first_set else None
         parity_pixels = torch.cat([sample, sample.flip(-1)])  # [2B, 3, H, W]: photos + mirror images
-        specs.append(quantize_image_tower(out / spec.file, out / INT8_NAME, parity_pixels, vectors))
+        floor = DEFAULT_MIN_COSINE if int8_min_cosine is None else int8_min_cosine
+        specs.append(quantize_image_tower(out / spec.file, out / INT8_NAME, parity_pixels, vectors, min_cosine=floor))
     enc = bundle.manifest.image_encoder.model_copy(update={"onnx": specs})
     bundle.manifest = bundle.manifest.model_copy(update={"image_encoder": enc})
     files: dict[str, Path] = {}

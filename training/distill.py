@@ -43,6 +43,7 @@ class ExportCfg(Cfg):
     bundle_dir: Path | None = None  # default: <out_dir>/bundle
     onnx: bool = False  # also export the prompted student image tower (parity-checked)
     int8: bool = False  # also a dynamically quantised int8 graph (implies onnx) with its parity report
+    int8_min_cosine: float = 0.99  # refuse the int8 graph if any check photo's cosine vs fp32 is lower
     weights: Literal["last", "best"] = "last"  # "best" = the official best base-test epoch
     embed_weights: bool | None = None  # store backbones inside the bundle; None = only random-init ones
 
@@ -251,4 +252,11 @@ def export_student(
         embed_weights=cfg.export.embed_weights,
     )
     model.eval()
-    write_bundle(bundle, out, onnx=cfg.export.onnx, int8=cfg.export.int8, tower=image_tower(image))
+    write_bundle(
+        bundle,
+        out,
+        onnx=cfg.export.onnx,
+        int8=cfg.export.int8,
+        int8_min_cosine=cfg.export.int8_min_cosine,
+        tower=image_tower(image),
+    )

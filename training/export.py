@@ -179,6 +179,7 @@ def write_bundle(
     *,
     onnx: bool = False,
     int8: bool = False,
+    int8_min_cosine: float | None = None,
     tower: ImageTower | None = None,
     sample_pixels: torch.Tensor | None = None,
 ) -> Bundle:
@@ -197,7 +198,7 @@ def write_bundle(
             raise ValueError("onnx export needs the image tower")
         was_training = tower.training
         device = next(tower.parameters()).device
-        extra_files = add_onnx(bundle, tower.eval(), out, sample_pixels, int8=int8)
+        extra_files = add_onnx(bundle, tower.eval(), out, sample_pixels, int8=int8, int8_min_cosine=int8_min_cosine)
         tower.to(device).train(was_training)  # the exporter moved it to CPU
     save_bundle(bundle, out, extra_files=extra_files)
     log.info("wrote bundle to %s", out)
