@@ -114,7 +114,8 @@ def _json_default(o: Any) -> Any:
 # Plots (matplotlib, Agg backend: no display needed)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (training runs headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,9 +124,18 @@ def _pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write as PNG (100 dpi) and close a matplotlib figure; returns the path."""
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    pyplot().close(fig)
+    return out
+
+
 def plot_history(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "") -> Path:
     """Loss curves (every ``train/*`` column) and, on a second axis, any ``*acc*`` columns per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     epochs = [h["epoch"] for h in history]
     for key in sorted({k for h in history for k in h if k.startswith("train/")}):
@@ -142,16 +152,12 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | Path, title
         ax2.legend(loc="lower right", fontsize=8)
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title or "training")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_base_novel(results: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "") -> Path:
     """Grouped bars of base / novel / HM for each named result (e.g. teacher, student)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(results)
     fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(names) + 2), 4))
     width = 0.25
@@ -165,8 +171,4 @@ def plot_base_novel(results: Mapping[str, Mapping[str, float]], path: str | Path
     ax.set_ylim(0, 105)
     ax.legend()
     ax.set_title(title or "base-to-novel")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from training.evaluate import pyplot, save_figure
 from training.loop import Callback
 
 if TYPE_CHECKING:
@@ -90,10 +91,7 @@ def plot_gate(
     summary: dict[str, Any], history: Sequence[dict[str, list[float]]], path: str | Path, title: str = ""
 ) -> Path:
     """Bars of selection frequency and mean weight per template, and the mass per epoch as a heatmap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = summary["templates"]
     labels = [f"{r['index']}: {r['template'][:38]}" for r in rows]
@@ -116,8 +114,4 @@ def plot_gate(
         axes[1].set_xticks(range(grid.shape[1]), [str(i + 1) for i in range(grid.shape[1])], fontsize=6)
         axes[1].set_title("mixture mass per epoch (training)")
         fig.colorbar(im, ax=axes[1])
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
