@@ -146,9 +146,10 @@ def build_zeroshot_bundle(
     backbone = load_backbone(model, pretrained, device=device)
     bundle = zeroshot_bundle(backbone, class_names, templates, progress=progress)
     out = Path(out)
-    extra: dict[str, Path] = {}
-    if onnx or int8:
-        extra = add_onnx(bundle, ImageTower(PromptedImageEncoder(backbone.model)), out, int8=int8)
-    save_bundle(bundle, out, extra_files=extra)
+
+    def exports(stage: Path) -> dict[str, Path]:
+        return add_onnx(bundle, ImageTower(PromptedImageEncoder(backbone.model)), stage, int8=int8)
+
+    save_bundle(bundle, out, exports=exports if onnx or int8 else None)
     log.info("wrote zero-shot bundle with %d classes to %s", len(class_names), out)
     return bundle

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from models.backbone import Backbone, load_backbone
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder, TextPromptCfg, VisualPromptCfg
+from models.staging import staged_file
 from models.towers import needs_embedded_weights
 from models.zeroshot import named_templates
 from training.benchmark import Benchmark, load_benchmark
@@ -143,19 +144,21 @@ def save_teacher(out: Path, model: PromptSRC, backbone: Backbone, class_names: l
     model = model.cpu().eval()
     vectors = model.class_vectors(class_names)
     assert model.text.prompts is not None and model.image.prompts is not None
-    save_file(
-        {
-            "text_prompts": model.text.prompts.detach().float().contiguous(),
-            "image_prompts": model.image.prompts.detach().float().contiguous(),
-            "class_vectors": vectors.contiguous(),
-        },
-        out / TEACHER_TENSORS,
-    )
+    # Staged next to each file (same filesystem), modes follow the umask; the JSON, which
+    # load_teacher reads first, is written last.
+    with staged_file(out / TEACHER_TENSORS) as tmp:
+        save_file(
+            {
+                "text_prompts": model.text.prompts.detach().float().contiguous(),
+                "image_prompts": model.image.prompts.detach().float().contiguous(),
+                "class_vectors": vectors.contiguous(),
+            },
+            tmp,
+        )
     embedded = needs_embedded_weights(backbone)
     if embedded:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in backbone.model.state_dict().items()}, out / TEACHER_BACKBONE
-        )
+        with staged_file(out / TEACHER_BACKBONE) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in backbone.model.state_dict().items()}, tmp)
     info = {
         "backbone": {
             "name": backbone.spec.name,
@@ -168,7 +171,8 @@ def save_teacher(out: Path, model: PromptSRC, backbone: Backbone, class_names: l
         "n_base": n_base,
         "logit_scale": model.logit_scale,
     }
-    (out / TEACHER_JSON).write_text(json.dumps(info, indent=2))
+    with staged_file(out / TEACHER_JSON) as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
 
 
 def load_teacher(folder: str | Path, device: str | torch.device = "cpu") -> Teacher:
