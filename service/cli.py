@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", help="default 127.0.0.1; other hosts need --api-key or --allow-insecure-bind")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="uvicorn worker processes (each rebuilds its index from the DB)")
-    serve.add_argument("--backend", choices=["onnx", "torch"])
+    serve.add_argument(
+        "--backend", choices=["auto", "onnx", "torch"], help="auto (default): ONNX when the bundle has it, else torch"
+    )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--onnx-precision", choices=["fp32", "int8"], help="serve the int8 graph (bundle built --int8)")
     serve.add_argument("--state-dir", help="where the label-set database lives (PROMPTDISTILL_STATE_DIR)")
@@ -80,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.settings import Settings
-    from service.state import check_state_dir, load_checked_bundle
+    from service.state import preflight
 
     for name in _SERVE_FIELDS:  # CLI flags win over the environment; workers read it back
         value = getattr(args, name)
@@ -92,8 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
     problem = settings.insecure_bind_problem()
     if problem:
         raise RuntimeError(problem)
-    load_checked_bundle(settings)  # fail before uvicorn starts, with the message only
-    check_state_dir(settings.state_dir)
+    preflight(settings)  # fail before uvicorn starts, with the message only
     log.info(
         "serving %s on http://%s:%d (%d worker(s))", settings.bundle, settings.host, settings.port, settings.workers
     )

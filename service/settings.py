@@ -26,7 +26,10 @@ class Settings(BaseSettings):
     # --- what to serve
     bundle: Path | None = Field(default=None, description="bundle folder (manifest.json + tensors)")
     state_dir: Path = Field(default=Path("promptdistill-state"), description="SQLite database of label sets lives here")
-    backend: Literal["onnx", "torch"] = Field(default="onnx", description="image encoder runtime")
+    backend: Literal["auto", "onnx", "torch"] = Field(
+        default="auto",
+        description="image encoder runtime; auto: ONNX Runtime when the bundle has an ONNX graph, else torch",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
     faiss_gpu: bool = Field(default=True, description="use a FAISS GPU index when FAISS GPU and a GPU are present")
     threads: int | None = Field(

@@ -106,7 +106,7 @@ def test_cli_builds_a_servable_bundle(tmp_path, tiny_config, photos) -> None:  #
     assert np.abs(session.run(None, {"pixels": pixels})[0] - want).max() <= 1e-4
 
 
-def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_config, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_config, capsys) -> None:  # type: ignore[no-untyped-def]
     rc = main(
         [
             "bundle",
@@ -120,7 +120,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_config, caplog) 
         ]
     )
     assert rc == 2
-    assert "class file not found" in caplog.text
+    assert "class file not found" in capsys.readouterr().err
 
 
 def test_template_without_placeholder_is_rejected(tmp_path) -> None:  # type: ignore[no-untyped-def]
