@@ -313,7 +313,9 @@ class Registry:
         versions = self.store.versions()
         for name, version in versions.items():
             try:
-                snap = self.get(name) if not self.store.shared else self._snapshots.get(name) or self.refresh(name)
+                snap = self.get(name) if not self.store.shared else self._snapshots.get(name)
+                if snap is None or snap.version < version:  # the watcher lags: catch up rather than fail
+                    snap = self.refresh(name)
             except UnknownLabelSet:
                 continue  # deleted since versions() was read
             if snap.version < version:
