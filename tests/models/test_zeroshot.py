@@ -71,6 +71,7 @@ def test_onnx_vit_b16_matches_torch_on_real_photos(photos, tmp_path) -> None:  #
     assert _onnx_vs_torch(tower, pixels, tmp_path) <= 1e-4
 
 
+@pytest.mark.slow  # a second ONNX export (the CLI's); the session bundle covers the builder in the fast set
 def test_cli_builds_a_servable_bundle(tmp_path, tiny_config, photos) -> None:  # type: ignore[no-untyped-def]
     classes = tmp_path / "classes.txt"
     classes.write_text("# pets\ncat\ndog\n\nrocket\n")
