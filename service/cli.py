@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     csub = classes.add_subparsers(dest="classes_cmd", required=True)
     add = csub.add_parser("add", help="add class names (encoded by the server's text side)")
     add.add_argument("names", nargs="+")
+    add.add_argument(
+        "--if-exists", choices=["error", "skip"], default="error", help="a name already there: fail (409) or skip it"
+    )
     _client_args(add)
     add.set_defaults(func=_classes_add)
     ls = csub.add_parser("list", help="list the classes of a label set")
@@ -130,7 +133,7 @@ def _classes_add(args: argparse.Namespace) -> int:
     from service.client import Client
 
     with Client(args.url, args.api_key) as client:
-        out = client.add_classes(args.names, label_set=args.label_set)
+        out = client.add_classes(args.names, label_set=args.label_set, if_exists=args.if_exists)
     sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     return 0
 
