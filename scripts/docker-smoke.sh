@@ -30,6 +30,7 @@ IMAGE=$PREFIX-promptdistill:cpu
 BASE=$PREFIX-debian:bookworm
 KEY=smoke-$RANDOM$RANDOM
 export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0  # the legacy builder: BuildKit would pull its frontend
+export COMPOSE_HTTP_TIMEOUT=600  # vfs: creating or removing a container copies the whole image
 
 log() { printf '[docker-smoke %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
@@ -64,7 +65,7 @@ command -v docker >/dev/null || die "no docker CLI after installing docker.io"
 
 WORK=$(mktemp -d "${SMOKE_WORK:-/var/tmp}/promptdistill-smoke.XXXXXX")
 export DOCKER_HOST=unix://$WORK/docker.sock
-DOCKERD_PID= HTTP_PID=
+DOCKERD_PID= HTTP_PID= DEBOOTSTRAP_PID=
 
 cleanup() {
     local rc=$?
@@ -86,6 +87,7 @@ cleanup() {
         kill -0 "$DOCKERD_PID" 2>/dev/null && kill -KILL "$DOCKERD_PID"
     fi
     [[ -n $HTTP_PID ]] && kill "$HTTP_PID" 2>/dev/null
+    [[ -n $DEBOOTSTRAP_PID ]] && kill "$DEBOOTSTRAP_PID" 2>/dev/null && wait "$DEBOOTSTRAP_PID"
     # a killed daemon may leave its container mounts behind: unmount before removing the data root
     grep -o " $WORK/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
     rm -rf "$WORK"
@@ -126,29 +128,30 @@ done
 log "engine $(docker version -f '{{.Server.Version}}'), client $(docker version -f '{{.Client.Version}}')"
 
 # ------------------------------------------------------------------------------------------------
-phase "debootstrap base image"
+phase "base image and wheels"
+# debootstrap (mostly waiting on the mirror and dpkg) runs while pip assembles the wheels.
 MIRROR=${SMOKE_MIRROR:-$(sed -n 's/^URIs: *\([^ ]*debian\)\/\?$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)}
 MIRROR=${MIRROR:-$(awk '/^deb / && $3 ~ /bookworm$/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)}
 [[ -n $MIRROR ]] || die "found no Debian mirror in apt's sources; set SMOKE_MIRROR"
-log "mirror $MIRROR"
+log "debootstrap bookworm from $MIRROR"
 nice debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-    bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
-    || { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
-tar -C "$WORK/rootfs" -c . | docker import - "$BASE" >/dev/null
-rm -rf "$WORK/rootfs"
-
-# ------------------------------------------------------------------------------------------------
-phase "wheels on the host"
+    bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 &
+DEBOOTSTRAP_PID=$!
 # The host's pip configuration (find-links with the CPU torch wheel, its indexes, constraints)
-# resolves the cpu flavour; pip's cache makes a second run quick. setuptools: the build backend,
-# which the image's pip needs with --no-index.
+# resolves the cpu flavour; pip's cache makes a second run quick. The build backend as
+# pyproject.toml pins it: the image's pip needs it too, with --no-index.
+mapfile -t build_requires < <("$PYTHON" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 nice "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WORK/wheels" \
-    ".[cpu]" "setuptools>=77" 2> >(grep -v "^WARNING: Location" >&2)
+    ".[cpu]" "${build_requires[@]}" 2> >(grep -v "^WARNING: Location" >&2)
 log "$(find "$WORK/wheels" -name '*.whl' | wc -l) wheels, $(du -sh "$WORK/wheels" | cut -f1)"
 WHEEL_PORT=$(free_port)
 "$PYTHON" -m http.server --bind 127.0.0.1 --directory "$WORK/wheels" "$WHEEL_PORT" >"$WORK/http.log" 2>&1 &
 HTTP_PID=$!
 wait_for 30 "the wheel server" curl -fs "http://127.0.0.1:$WHEEL_PORT/"
+wait "$DEBOOTSTRAP_PID" || { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
+DEBOOTSTRAP_PID=
+tar -C "$WORK/rootfs" -c . | docker import - "$BASE" >/dev/null
+rm -rf "$WORK/rootfs"
 
 # ------------------------------------------------------------------------------------------------
 phase "docker build"
@@ -172,8 +175,9 @@ DATA=$PREFIX-data STATE=$PREFIX-state
 docker volume create "$DATA" >/dev/null
 docker volume create "$STATE" >/dev/null
 docker run --rm --network none -v "$DATA:/data" -e HF_HUB_OFFLINE=1 "$IMAGE" \
-    promptdistill demo --out /data/demo >"$WORK/demo.log" 2>&1 || { tail -30 "$WORK/demo.log" >&2; die "demo failed"; }
-docker run --rm --network none -v "$DATA:/data:ro" "$IMAGE" test -f /data/demo/bundle/manifest.json \
+    promptdistill demo --no-progress --out /data/demo >"$WORK/demo.log" 2>&1 || { tail -30 "$WORK/demo.log" >&2; die "demo failed"; }
+# Read on the host (every container costs a full copy of the image on vfs).
+[[ -f $(docker volume inspect -f '{{.Mountpoint}}' "$DATA")/demo/bundle/manifest.json ]] \
     || die "the demo left no finished bundle"
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ phase "host bundle, another uid, ro"
 printf 'cat\ndog\nteapot\n' >"$WORK/classes.txt"
 # As another user would export it: umask 022, $TMPDIR on a tmpfs (another filesystem), then owned by uid 4242.
 (umask 022 && TMPDIR=/dev/shm HF_HUB_OFFLINE=1 nice "$(dirname "$PYTHON")/promptdistill" bundle zeroshot \
-    --model models/configs/tiny-clip.json --pretrained none --classes "$WORK/classes.txt" \
+    --model "$REPO/models/configs/tiny-clip.json" --pretrained none --classes "$WORK/classes.txt" \
     --templates simple --out "$WORK/host-bundle" --onnx) >"$WORK/host-bundle.log" 2>&1 \
     || { tail -20 "$WORK/host-bundle.log" >&2; die "host bundle export failed"; }
 chown -R 4242:4242 "$WORK/host-bundle"
@@ -226,30 +230,28 @@ docker rm "$PREFIX-host" >/dev/null
 
 # ------------------------------------------------------------------------------------------------
 phase "docker-compose up"
-# The base file as users run it, plus what this machine needs: the image built above (no pull, no
-# build), host networking on a free loopback port (the engine runs without a bridge), and the
-# demo's volume so that the demo job finds the bundle and does nothing.
+# The base file as users run it (its project network, the port published on loopback), with the
+# image built above (no pull, no build) and the demo's volume, so that the demo job finds the
+# bundle and does nothing. Without iptables the project network reaches nothing outside this
+# machine; the published port goes through docker-proxy.
 COMPOSE_PORT=$(free_port)
 cat >"$WORK/compose.override.yml" <<EOF
-services:
-  demo:
-    network_mode: host
-  serve:
-    network_mode: host
-    environment:
-      - PROMPTDISTILL_HOST=127.0.0.1
-      - PROMPTDISTILL_PORT=$COMPOSE_PORT
 volumes:
   data:
     external: true
     name: $DATA
 EOF
-compose() { PROMPTDISTILL_IMAGE=$IMAGE docker-compose -p "$PREFIX" -f docker-compose.yml -f "$WORK/compose.override.yml" "$@"; }
+compose() {
+    PROMPTDISTILL_IMAGE=$IMAGE PROMPTDISTILL_HOST_PORT=$COMPOSE_PORT PROMPTDISTILL_API_KEY=$KEY \
+        docker-compose -p "$PREFIX" -f docker-compose.yml -f "$WORK/compose.override.yml" "$@"
+}
 compose up -d serve >"$WORK/compose.log" 2>&1 || { cat "$WORK/compose.log" >&2; die "docker-compose up failed"; }
 healthy() { [[ $(docker inspect -f '{{.State.Health.Status}}' "$(compose ps -q serve)") == healthy ]]; }
-wait_for 240 "compose's serve to become healthy" healthy
+wait_for 300 "compose's serve to become healthy" healthy
 compose logs demo 2>&1 | grep -q "bundle present" || die "compose's demo job did not find the bundle"
+curl -fsS "http://127.0.0.1:$COMPOSE_PORT/readyz" >/dev/null || die "compose's published port does not answer"
 compose stop -t 40 serve >/dev/null 2>&1
+[[ $(docker inspect -f '{{.State.ExitCode}}' "$(compose ps -q serve)") == 0 ]] || die "compose's serve did not exit 0"
 compose down -v >/dev/null 2>&1
 phase ""
 log "OK: image built in $BUILD_S s, $((SIZE / 1000000)) MB; smoke took $SECONDS s; load $(cut -d' ' -f1-3 /proc/loadavg)"
