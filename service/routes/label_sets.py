@@ -76,7 +76,12 @@ async def create_set(body: LabelSetIn, registry: RegistryDep, settings: Settings
     return ClassList(label_set=name, version=change.version, index_size=int(snap.index.ntotal), classes=_classes(snap))
 
 
-@router.get("/{name}/classes", response_model=ClassList, responses={404: _ERRORS[404], 503: _ERRORS[503]}, summary="classes of a set")
+@router.get(
+    "/{name}/classes",
+    response_model=ClassList,
+    responses={404: _ERRORS[404], 503: _ERRORS[503]},
+    summary="classes of a set",
+)
 async def list_classes(name: SetName, registry: RegistryDep, min_version: MinVersion = None) -> ClassList:
     snap = await asyncio.to_thread(registry.get, name, min_version)
     return ClassList(label_set=name, version=snap.version, index_size=int(snap.index.ntotal), classes=_classes(snap))

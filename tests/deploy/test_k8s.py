@@ -60,9 +60,11 @@ def test_deployment_is_probed_hardened_and_wired(overlay: str) -> None:
     refs = [e.get("secretRef", {}).get("name") for e in container["envFrom"]]
     assert secret["metadata"]["name"] in refs
     config = docs["ConfigMap"]["data"]
-    assert config["PROMPTDISTILL_HOST"] == "0.0.0.0" and config["PROMPTDISTILL_DEVICE"] == overlay.replace("gpu", "cuda")
+    assert config["PROMPTDISTILL_HOST"] == "0.0.0.0"
+    assert config["PROMPTDISTILL_DEVICE"] == overlay.replace("gpu", "cuda")
     labels = pod["metadata"]["labels"]
-    for selector in (docs["Service"]["spec"]["selector"], docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]):
+    selectors = (docs["Service"]["spec"]["selector"], docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"])
+    for selector in selectors:
         assert selector.items() <= labels.items()
     assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
     gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
