@@ -107,8 +107,8 @@ def visibility(p: Probe, n_writes: int) -> dict[str, Any]:
     lags: list[float] = []
     missed = 0
     for i in range(n_writes):
-        out = p.add(p.urls[i % 3], "vis", [f"v{i}"]).json()
-        lag = _until(lambda: p.everywhere("vis", out["version"]), 10)
+        version = int(p.add(p.urls[i % 3], "vis", [f"v{i}"]).json()["version"])
+        lag = _until(lambda v=version: p.everywhere("vis", v), 10)  # type: ignore[misc]
         if lag is None:
             missed += 1
         else:
