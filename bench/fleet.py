@@ -283,3 +283,57 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
         return payload
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def section(doc: dict[str, Any]) -> list[str]:
+    """The BENCHMARKS.md section (``bench.report`` renders it from fleet.json)."""
+    from bench.report import _conditions, _verdict
+
+    ryw, vis, lk = doc["read_your_writes"], doc["visibility_without_token"], doc["listener_kill"]
+    k9, out, cw, tp = doc["kill9_restart"], doc["outage"], doc["concurrent_writers"], doc["throughput"]
+    catch, first = lk["catch_up_s"], out["first_write_visible_everywhere_s"]
+    rows = [
+        (f"read-your-writes violations ({ryw['writes']} writes, {ryw['removals']} removals, read on another "
+         "replica with the token)", ryw["violations"], "0", ryw["violations"] == 0),
+        ("version regressions seen by the client", ryw["version_regressions"], "0", ryw["version_regressions"] == 0),
+        (f"commit -> visible on all 3 without a token, p95 ({vis['writes']} writes; p50 {vis['p50_ms']} ms, "
+         f"max {vis['max_ms']} ms)", f"{vis['p95_ms']} ms", "<= 500 ms", vis["p95_ms"] <= 500),
+        (f"all {lk['listeners_killed']} listener connections killed, then {lk['writes_after_kill']} writes: "
+         "catch-up", "-" if catch is None else f"{catch:.2f} s", "<= 2 s", catch is not None and catch <= 2),
+        ("... changes missed", lk["missed_changes"], "0", lk["missed_changes"] == 0),
+        (f"replica SIGKILLed, written to, restarted: ready after {k9['restart_to_ready_s']} s at version",
+         f"{k9['version_at_ready']} (latest {k9['latest_version']})", "latest",
+         k9["version_at_ready"] >= k9["latest_version"]),
+        (f"PostgreSQL stopped: classify success ({out['classify_requests']} requests over 3 replicas)",
+         f"{out['classify_success_pct']} %", "100 %", out["classify_success_pct"] == 100),
+        ("... writes answered 503 / readyz 200", f"{out['writes_503']} / {out['readyz_200']}", "all",
+         _all(out["writes_503"]) and _all(out["readyz_200"])),
+        ("PostgreSQL restarted: first write visible everywhere", "-" if first is None else f"{first:.2f} s",
+         "<= 2 s", first is not None and first <= 2),
+        (f"concurrent writers on 3 replicas ({cw['writes']} writes): duplicate / decreasing versions",
+         f"{cw['duplicate_versions']} / {cw['decreasing_versions_per_writer']}", "0 / 0",
+         cw["duplicate_versions"] == cw["decreasing_versions_per_writer"] == 0),
+        ("same name created on all 3 at once: rounds with exactly one 201",
+         cw["same_name_rounds_with_exactly_one_201"], "all", _all(cw["same_name_rounds_with_exactly_one_201"])),
+        ("replicas' final contents identical", doc["final_contents_identical"], "True",
+         doc["final_contents_identical"]),
+        (f"classify throughput, one replica, PostgreSQL / SQLite (c={tp['concurrency']}; img/s "
+         f"{tp['img_per_s']}; per round {tp['pg_over_sqlite_per_round']})", f"{tp['pg_over_sqlite']}x", ">= 0.95x",
+         tp["pg_over_sqlite"] >= 0.95),
+    ]  # fmt: skip
+    lines = ["## Fleet: 3 replicas on one PostgreSQL", "", _conditions(doc), "", f"{doc['model']}.", ""]
+    lines += [
+        "Catch-up and visibility times run from the write's response to the moment every replica "
+        "answers that version (polled every 5 ms); throughput alternates one SQLite and one "
+        "PostgreSQL replica three times (load drifts on a shared machine) and compares medians.",
+        "",
+    ]
+    lines += ["| figure | measured | goal | |", "|---|---|---|---|"]
+    lines += [f"| {what} | {got} | {goal} | {_verdict(bool(ok))} |" for what, got, goal, ok in rows]
+    return [*lines, ""]
+
+
+def _all(fraction: str) -> bool:
+    """``"9/9"`` -> True."""
+    got, total = fraction.split("/")
+    return got == total

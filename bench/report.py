@@ -199,11 +199,18 @@ NOTES = """## Reading these numbers
 """
 
 
+def fleet_section(doc: dict[str, Any]) -> list[str]:
+    from bench.fleet import section  # the fleet benchmark owns its table
+
+    return section(doc)
+
+
 SECTIONS = {
     "encoders": encoders_section,
     "labelsets": labelsets_section,
     "http": http_section,
     "payoff": payoff_section,
+    "fleet": fleet_section,
 }
 
 

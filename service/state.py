@@ -112,7 +112,6 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         use_gpu=settings.faiss_gpu and device == "cuda",
         on_version=metrics.version,
         min_version_wait_s=settings.min_version_wait_s,
-        retry_after_s=settings.retry_after_s,
     )
     try:
         registry.open(bundle)
