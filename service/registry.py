@@ -18,7 +18,7 @@ import numpy as np
 
 from models.bundle import CLASS_VECTORS, DEFAULT_LABEL_SET, Bundle
 from service.errors import DuplicateClass, LabelSetExists, ProtectedLabelSet, StartupError, UnknownLabelSet
-from service.index import Snapshot
+from service.index import IndexKind, SearchCfg, Snapshot
 from service.store import LabelSetStore, SetRows
 from service.text import TextEncoder
 
@@ -58,10 +58,12 @@ class Registry:
         text: TextEncoder,
         use_gpu: bool = False,
         on_version: Callable[[str, int, int], None] | None = None,
+        search: SearchCfg | None = None,
     ) -> None:
         self.store = store
         self.text = text
         self.use_gpu = use_gpu
+        self.search = search or SearchCfg(use_gpu=use_gpu)
         self._snapshots: dict[str, Snapshot] = {}
         self._write_lock = threading.RLock()  # get() may refresh a stale set while a writer holds it
         self._on_version = on_version or (lambda name, version, n: None)
@@ -88,7 +90,7 @@ class Registry:
                 "PROMPTDISTILL_STATE_DIR for this bundle, or delete that database to start over"
             )
         for name in self.store.set_names():
-            self._install(Snapshot.from_rows(self.store.load(name), self.use_gpu))
+            self._install(self._build(self.store.load(name)))
         log.info("label sets ready: %s", {n: (s.version, len(s)) for n, s in self._snapshots.items()})
 
     # ----------------------------------------------------------------- reads
@@ -103,7 +105,7 @@ class Registry:
             with self._write_lock:
                 snap = self._snapshots.get(name)
                 if snap is None or snap.version != self.store.version(name):
-                    snap = self._install(Snapshot.from_rows(self.store.load(name), self.use_gpu))
+                    snap = self._install(self._build(self.store.load(name)))
         return snap
 
     def summaries(self) -> list[tuple[str, int, int]]:
@@ -114,14 +116,17 @@ class Registry:
         return dict(self._snapshots)
 
     # ----------------------------------------------------------------- writes
-    def create(self, name: str, names: Sequence[str], templates: Sequence[str] | None) -> Change:
+    def create(
+        self, name: str, names: Sequence[str], templates: Sequence[str] | None, index: IndexKind | None = None
+    ) -> Change:
+        """A new set; ``index`` (stored with it) picks exact or approximate search, None: the default."""
         with self._write_lock:
             if self.store.version(name) is not None:
                 raise LabelSetExists(f"label set {name!r} already exists")
             vectors = self.text.encode(names, templates)  # [N, D]
             with self.store.transaction() as db:
-                version = self.store.create_set(db, name, names, vectors, RUNTIME)
-            snap = self._install(Snapshot.from_rows(self.store.load(name), self.use_gpu))
+                version = self.store.create_set(db, name, names, vectors, RUNTIME, index_kind=index)
+            snap = self._install(self._build(self.store.load(name)))
         return Change(snap, version, [int(i) for i in snap.ids], list(names))
 
     def add(self, name: str, names: Sequence[str], templates: Sequence[str] | None) -> Change:
@@ -145,10 +150,11 @@ class Registry:
                     [*old.names, *names],
                     [*old.provenance, *[RUNTIME] * len(names)],
                     np.concatenate([old.vectors, vectors.astype(np.float32)]),
+                    old.kind,
                 )
             else:
                 rows = self.store.load(name)
-            snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
+            snap = self._install(self._build(rows))
         return Change(snap, version, ids, list(names))
 
     def remove(self, name: str, class_id: int | None = None, class_name: str | None = None) -> Change:
@@ -166,10 +172,11 @@ class Registry:
                     [n for n, k in zip(old.names, keep, strict=True) if k],
                     [p for p, k in zip(old.provenance, keep, strict=True) if k],
                     old.vectors[keep],
+                    old.kind,
                 )
             else:
                 rows = self.store.load(name)
-            snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
+            snap = self._install(self._build(rows))
         return Change(snap, version, [removed_id], [removed_name])
 
     def delete(self, name: str) -> Change:
@@ -198,6 +205,10 @@ class Registry:
         if DEFAULT_LABEL_SET not in versions:
             problems.append("the default label set is missing from the database")
         return problems
+
+    def _build(self, rows: SetRows) -> Snapshot:
+        """The next snapshot of a set (an IVF set keeps the current snapshot's trained centroids)."""
+        return Snapshot.from_rows(rows, self.use_gpu, self.search, self._snapshots.get(rows.name))
 
     def _install(self, snap: Snapshot) -> Snapshot:
         self._snapshots[snap.name] = snap  # one reference assignment: the atomic swap

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 _TINY_PNG = (  # a 16x16 orange square
@@ -90,6 +92,11 @@ class LabelSetIn(ClassesIn):
     )
 
     name: str = Field(description="1-64 characters: letters, digits, '.', '_', '-'")
+    index: Literal["flat", "ivf"] | None = Field(
+        default=None,
+        description="flat: exact search; ivf: approximate (FAISS IVF) for >= 100k classes, softmax denominator "
+        "estimated outside the best candidates; stored with the set. Default: the service's index_kind setting",
+    )
 
 
 class ClassOut(BaseModel):
@@ -112,6 +119,7 @@ class ClassList(BaseModel):
     label_set: str
     version: int
     index_size: int = Field(description="vectors in the FAISS index serving this version")
+    index: str = Field(default="flat", description="flat (exact) or ivf (approximate; exact below 10,000 classes)")
     classes: list[ClassOut]
 
 

@@ -24,7 +24,8 @@ DB_FILE = "labelsets.sqlite3"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS label_sets (
-    name TEXT PRIMARY KEY, version INTEGER NOT NULL, next_id INTEGER NOT NULL, created_at TEXT NOT NULL);
+    name TEXT PRIMARY KEY, version INTEGER NOT NULL, next_id INTEGER NOT NULL, created_at TEXT NOT NULL,
+    index_kind TEXT);
 CREATE TABLE IF NOT EXISTS classes (
     label_set TEXT NOT NULL REFERENCES label_sets(name) ON DELETE CASCADE,
     id INTEGER NOT NULL, name TEXT NOT NULL, provenance TEXT NOT NULL, vector BLOB NOT NULL,
@@ -42,6 +43,14 @@ class SetRows:
     names: list[str]
     provenance: list[str]
     vectors: np.ndarray
+    index_kind: str | None = None  # "flat" | "ivf"; None: the service's default kind
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database written by an older release up to the current schema (idempotent)."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(label_sets)")}
+    if "index_kind" not in columns:  # added with per-set index kinds; NULL = the service default
+        db.execute("ALTER TABLE label_sets ADD COLUMN index_kind TEXT")
 
 
 def _now() -> str:
@@ -61,6 +70,7 @@ class LabelSetStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            _migrate(self._db)
         except sqlite3.Error as e:
             raise StartupError(f"cannot open the label-set database {self.path}: {e}") from e
 
@@ -106,7 +116,7 @@ class LabelSetStore:
     def load(self, name: str) -> SetRows:
         """All rows of one set, in id order (one consistent read)."""
         with self.transaction() as db:
-            row = db.execute("SELECT version FROM label_sets WHERE name = ?", (name,)).fetchone()
+            row = db.execute("SELECT version, index_kind FROM label_sets WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise UnknownLabelSet(f"label set {name!r} does not exist")
             rows = db.execute(
@@ -125,6 +135,7 @@ class LabelSetStore:
             names=[r[1] for r in rows],
             provenance=[r[2] for r in rows],
             vectors=vectors,
+            index_kind=row[1],
         )
 
     # ----------------------------------------------------------------- writes (caller holds no transaction)
@@ -142,13 +153,15 @@ class LabelSetStore:
         vectors: np.ndarray,
         provenance: str | Sequence[str],
         ids: Sequence[int] | None = None,
+        index_kind: str | None = None,
     ) -> int:
         """Inside a transaction: a new set with its classes; returns its version."""
         if db.execute("SELECT 1 FROM label_sets WHERE name = ?", (name,)).fetchone():
             raise LabelSetExists(f"label set {name!r} already exists")
         version = self._tick(db)
         db.execute(
-            "INSERT INTO label_sets (name, version, next_id, created_at) VALUES (?, ?, 0, ?)", (name, version, _now())
+            "INSERT INTO label_sets (name, version, next_id, created_at, index_kind) VALUES (?, ?, 0, ?, ?)",
+            (name, version, _now(), index_kind),
         )
         self._insert(db, name, names, vectors, provenance, ids)
         return version
