@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Query, status
 
 from service.deps import ApiKeyDep, RegistryDep, SettingsDep
 from service.index import Snapshot
-from service.names import clean_names, clean_set_name, clean_templates
+from service.names import clean_name, clean_names, clean_set_name, clean_templates
+from service.registry import RUNTIME
 from service.schemas import (
+    ChangeOut,
+    ClassesIn,
     ClassList,
     ClassOut,
+    DeletedSet,
     LabelSetIn,
     LabelSetList,
     LabelSetSummary,
@@ -58,15 +62,77 @@ async def create_set(body: LabelSetIn, registry: RegistryDep, settings: Settings
     assert change.snapshot is not None
     snap = change.snapshot
     return ClassList(
-        label_set=name, version=change.version, index_size=int(snap.index.ntotal), index=snap.kind,
+        label_set=name,
+        version=change.version,
+        index_size=int(snap.index.ntotal),
+        index=snap.kind,
         classes=_classes(snap),
-    )  # fmt: skip
+    )
 
 
 @router.get("/{name}/classes", response_model=ClassList, responses={404: _ERRORS[404]}, summary="classes of a set")
 async def list_classes(name: SetName, registry: RegistryDep) -> ClassList:
     snap = await asyncio.to_thread(registry.get, name)
     return ClassList(
-        label_set=name, version=snap.version, index_size=int(snap.index.ntotal), index=snap.kind,
-        classes=_classes(snap),
-    )  # fmt: skip
+        label_set=name, version=snap.version, index_size=int(snap.index.ntotal), index=snap.kind, classes=_classes(snap)
+    )
+
+
+@router.post(
+    "/{name}/classes",
+    response_model=ChangeOut,
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[ApiKeyDep],
+    responses=_ERRORS,
+    summary="add classes (all or none); durable before the response",
+)
+async def add_classes(name: SetName, body: ClassesIn, registry: RegistryDep, settings: SettingsDep) -> ChangeOut:
+    names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
+    templates = clean_templates(body.templates, settings.max_templates)
+    registry.text.check_templates(templates)
+    change = await asyncio.to_thread(registry.add, name, names, templates)
+    added = [ClassOut(id=i, name=n, provenance=RUNTIME) for i, n in zip(change.ids, change.names, strict=True)]
+    return ChangeOut(label_set=name, version=change.version, classes=added)
+
+
+@router.delete(
+    "/{name}/classes/{class_id}",
+    response_model=ChangeOut,
+    dependencies=[ApiKeyDep],
+    responses=_ERRORS,
+    summary="remove one class by id",
+)
+async def remove_class_by_id(name: SetName, class_id: ClassId, registry: RegistryDep) -> ChangeOut:
+    return await _remove(registry, name, class_id, None)
+
+
+@router.delete(
+    "/{name}/classes",
+    response_model=ChangeOut,
+    dependencies=[ApiKeyDep],
+    responses=_ERRORS,
+    summary="remove one class by name (?name=...)",
+)
+async def remove_class_by_name(
+    name: SetName, registry: RegistryDep, class_name: Annotated[str, Query(alias="name", min_length=1)]
+) -> ChangeOut:
+    return await _remove(registry, name, None, class_name)
+
+
+async def _remove(registry: RegistryDep, name: str, class_id: int | None, class_name: str | None) -> ChangeOut:
+    cleaned = clean_name(class_name, 0, 10_000) if class_name is not None else None
+    change = await asyncio.to_thread(registry.remove, name, class_id, cleaned)
+    removed = [ClassOut(id=i, name=n, provenance="removed") for i, n in zip(change.ids, change.names, strict=True)]
+    return ChangeOut(label_set=name, version=change.version, classes=removed)
+
+
+@router.delete(
+    "/{name}",
+    response_model=DeletedSet,
+    dependencies=[ApiKeyDep],
+    responses=_ERRORS,
+    summary="delete a label set (not 'default')",
+)
+async def delete_set(name: SetName, registry: RegistryDep) -> DeletedSet:
+    change = await asyncio.to_thread(registry.delete, name)
+    return DeletedSet(label_set=name, version=change.version)
