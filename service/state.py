@@ -22,7 +22,7 @@ from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import Settings
-from service.store import LabelSetStore
+from service.store import open_store
 from service.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -84,12 +84,20 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         cache_size=settings.text_cache_size,
         on_call=metrics.text_call,
     )
-    store = LabelSetStore(settings.state_dir, bundle.manifest.embed_dim)
+    store = open_store(settings, bundle.manifest.embed_dim)
     use_gpu = settings.faiss_gpu and device == "cuda"
     # FAISS threads are applied by the searching thread itself (OpenMP's setting is per thread).
     search = SearchCfg(settings.index_kind, settings.ivf_nprobe, settings.faiss_threads, use_gpu)
     limit_blas_threads(settings.faiss_threads)
-    registry = Registry(store, text, use_gpu=use_gpu, on_version=metrics.version, search=search)
+    registry = Registry(
+        store,
+        text,
+        use_gpu=use_gpu,
+        on_version=metrics.version,
+        min_version_wait_s=settings.min_version_wait_s,
+        retry_after_s=settings.retry_after_s,
+        search=search,
+    )
     try:
         registry.open(bundle)
     except BaseException:
