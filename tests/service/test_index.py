@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from service import create_app
 from service.index import SearchCfg, Snapshot, adhoc_rank, ivf_nlist
 from service.settings import IVF_MIN_CLASSES
 from service.store import DB_FILE, LabelSetStore, SetRows
+from tests.service.conftest import png_bytes
 
 SCALE = 100.0  # CLIP's logit scale: a sharp softmax, where float errors show most
 
@@ -161,3 +166,19 @@ def test_store_migrates_an_old_database_and_keeps_the_index_kind(tmp_path: Path)
         assert again.load("big").index_kind == "ivf" and again.load("legacy").index_kind is None
     finally:
         again.close()
+
+
+def test_index_kind_is_chosen_per_set_over_http_and_survives_a_restart(make_settings: Any, photos: list[Any]) -> None:
+    image = base64.b64encode(png_bytes(photos[0])).decode()
+    with TestClient(create_app(make_settings(index_kind="flat"))) as http:
+        made = http.post("/v1/label-sets", json={"name": "big", "names": ["ant", "bee"], "index": "ivf"})
+        assert made.status_code == 201 and made.json()["index"] == "ivf", made.text
+        bad = http.post("/v1/label-sets", json={"name": "bad", "names": ["ant"], "index": "hnsw"})
+        assert bad.status_code == 422 and http.get("/v1/label-sets/bad/classes").status_code == 404
+        assert http.post("/v1/label-sets", json={"name": "plain", "names": ["ant"]}).json()["index"] == "flat"
+        out = http.post("/v1/classify", json={"images": [image], "label_set": "big", "top_k": 2})
+        assert out.status_code == 200, out.text
+        assert abs(sum(p["score"] for p in out.json()["results"][0]["predictions"]) - 1) < 1e-5  # all classes
+    with TestClient(create_app(make_settings(index_kind="ivf"))) as http:
+        assert http.get("/v1/label-sets/big/classes").json()["index"] == "ivf"  # stored with the set
+        assert http.get("/v1/label-sets/plain/classes").json()["index"] == "ivf"  # NULL follows the default
