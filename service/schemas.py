@@ -84,6 +84,11 @@ class ClassesIn(_Body):
     templates: list[str] | None = Field(
         default=None, description="override the bundle's templates (prompt-free text sides only)"
     )
+    if_exists: Literal["error", "skip"] = Field(
+        default="error",
+        description="a name the set already has: 'error' refuses the request (409); 'skip' leaves that name "
+        "out and adds the rest, so a repeated request changes nothing (200 when nothing was added)",
+    )
 
 
 class LabelSetIn(ClassesIn):
@@ -96,6 +101,10 @@ class LabelSetIn(ClassesIn):
         default=None,
         description="flat: exact search; ivf: approximate (FAISS IVF) for >= 100k classes, softmax denominator "
         "estimated outside the best candidates; stored with the set. Default: the service's index_kind setting",
+    )
+    if_exists: Literal["error", "skip"] = Field(
+        default="error",
+        description="the set already exists: 'error' refuses (409); 'skip' leaves it as it is and returns it (200)",
     )
 
 
@@ -127,6 +136,7 @@ class ChangeOut(BaseModel):
     label_set: str
     version: int
     classes: list[ClassOut] = Field(description="the classes added or removed")
+    skipped: list[str] = Field(default_factory=list, description="names already in the set (if_exists='skip')")
 
 
 class DeletedSet(BaseModel):
