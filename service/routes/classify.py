@@ -34,6 +34,7 @@ class Job:
     candidate_labels: list[str] | None
     hypothesis_template: str | None
     unknown_threshold: float | None
+    min_version: int | None = None  # answer from the set at least this new (read-your-writes)
 
 
 _MULTIPART_SCHEMA = {
@@ -50,6 +51,7 @@ _MULTIPART_SCHEMA = {
         "candidate_labels": {"type": "array", "items": {"type": "string"}},
         "hypothesis_template": {"type": "string"},
         "unknown_threshold": {"type": "number", "minimum": -1, "maximum": 1},
+        "min_version": {"type": "integer", "minimum": 0, "description": "the last version of the set you saw"},
     },
 }
 OPENAPI_BODY: dict[str, Any] = {
@@ -100,7 +102,7 @@ async def classify(request: Request, services: ServicesDep) -> ClassifyResponse:
         return _response(None, None, ranked, names, job.unknown_threshold, services)
     if job.hypothesis_template is not None:
         raise InvalidInput("hypothesis_template applies to candidate_labels only; label sets are already encoded")
-    snap = await asyncio.to_thread(services.registry.get, job.label_set)  # this version answers the request
+    snap = await asyncio.to_thread(services.registry.get, job.label_set, job.min_version)  # answers the request
     if len(snap) == 0:
         raise EmptyLabelSet(f"label set {job.label_set!r} has no classes; add some first")
     emb = await services.engine.embed(
@@ -175,7 +177,7 @@ def _from_json(body: bytes) -> Job:
         labels = labels if labels is not None else params.candidate_labels
         template = template or params.hypothesis_template
         top_k = params.top_k or top_k
-    return Job(images, req.label_set, top_k, labels, template, req.unknown_threshold)
+    return Job(images, req.label_set, top_k, labels, template, req.unknown_threshold, req.min_version)
 
 
 async def _from_form(request: Request, services: Services) -> Job:
@@ -202,6 +204,7 @@ async def _job_from_form(form: FormData, settings: Settings) -> Job:
         "candidate_labels",
         "hypothesis_template",
         "unknown_threshold",
+        "min_version",
     }
     if unknown:
         raise InvalidInput(
@@ -216,6 +219,7 @@ async def _job_from_form(form: FormData, settings: Settings) -> Job:
         candidate_labels=labels,
         hypothesis_template=str(template) if template is not None else None,
         unknown_threshold=_form_number(form.get("unknown_threshold"), "unknown_threshold", float, None),
+        min_version=_form_number(form.get("min_version"), "min_version", int, None),
     )
 
 
