@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     fm.add_argument("--out", required=True, help="output folder (summary.json, table.md, fashion_mnist.png)")
     fm.add_argument("--root", help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
     fm.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    fm.add_argument("--train-per-class", type=int, default=200, help="train images kept per class")
+    fm.add_argument("--train-per-class", type=int, default=100, help="train images kept per class")
     fm.add_argument("--test-per-class", type=int, default=100, help="test images kept per class")
     fm.add_argument("--pretrain-epochs", type=int, default=20)
     fm.add_argument("--prompt-epochs", type=int, default=20, help="PromptSRC / CoOp / MoPD epochs")

@@ -3,7 +3,7 @@ class names, offline, on 2 CPU cores.
 
 Data: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
 base = T-shirt/top, trouser, pullover, dress, coat; novel = sandal, shirt, sneaker, bag, ankle
-boot. To fit a shared 2-core machine the run subsamples (default 200 train / 100 test images per
+boot. To fit a shared 2-core machine the run subsamples (default 100 train / 100 test images per
 class, the same images for every method and seed) and uses the tiny CLIPs of the demo, upscaled
 images 64x64.
 
@@ -55,7 +55,7 @@ METHODS = ["zero-shot", "CoOp", "MoPD", "PromptSRC teacher", "PromptKD student"]
 class FashionCfg(Cfg):
     root: Path = FASHION_MNIST_ROOT
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
-    train_per_class: int = Field(default=200, ge=16)
+    train_per_class: int = Field(default=100, ge=16)
     test_per_class: int = Field(default=100, ge=1)
     pretrain_epochs: int = Field(default=20, ge=1)
     prompt_epochs: int = Field(default=20, ge=1)  # PromptSRC, CoOp, MoPD (16 shots x 5 base classes)

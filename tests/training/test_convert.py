@@ -108,3 +108,37 @@ def test_checkpoint_without_ivlp_prompts_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="image_encoder.VPT"):
         convert_promptkd_teacher(ckpt, NAMES, tmp_path / "o", backbone=str(TINY), pretrained=None)
+
+
+def test_legacy_teacher_folder_converts_to_the_same_teacher(tmp_path: Path) -> None:
+    """The pre-bundle format (teacher.json + teacher.safetensors) -> a bundle with the same class vectors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from models.backbone import load_backbone
+    from models.prompts import PromptedImageEncoder, PromptedTextEncoder, TextPromptCfg, VisualPromptCfg
+
+    torch.manual_seed(0)
+    bb = load_backbone(str(TINY))
+    text = PromptedTextEncoder(bb.model, bb.tokenizer, TextPromptCfg(4, 2, "a photo of a"))
+    image = PromptedImageEncoder(bb.model, VisualPromptCfg(4, 2))
+    from models.class_vectors import encode_class_names
+
+    vectors = encode_class_names(text, NAMES, ["{}."])
+    old = tmp_path / "old"
+    old.mkdir()
+    assert text.prompts is not None and image.prompts is not None
+    tensors = {"text_prompts": text.prompts.detach(), "image_prompts": image.prompts.detach(), "class_vectors": vectors}
+    save_file(tensors, old / "teacher.safetensors")
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, old / "backbone.safetensors")
+    info = {"backbone": {"name": str(TINY), "pretrained": None, "open_clip_config": bb.spec.model_config},
+            "embedded_weights": "backbone.safetensors", "promptsrc": {}, "class_names": NAMES, "n_base": 3,
+            "logit_scale": 100.0}  # fmt: skip
+    (old / "teacher.json").write_text(json.dumps(info))
+    with pytest.raises(FileNotFoundError, match="convert legacy-teacher"):
+        load_teacher(old)
+    assert main(["convert", "legacy-teacher", str(old), "--out", str(old / "bundle")]) == 0
+    teacher = load_teacher(old)  # finds old/bundle
+    assert teacher.class_names == NAMES and teacher.n_base == 3 and teacher.logit_scale == 100.0
+    assert torch.allclose(teacher.class_vectors, vectors, atol=1e-5)

@@ -137,3 +137,32 @@ def test_cross_dataset_distillation_reencodes_target_names(tmp_path: Path, tiny_
         == 0
     )
     assert json.loads(out.read_text())["accuracy"] == pytest.approx(results["last"]["accuracy"])
+
+
+def test_shipped_protocol_configs_validate() -> None:
+    from training.bundle_eval import EvalRunConfig
+    from training.config import load_config, read_config_file
+    from training.distill import DistillRunConfig
+    from training.teacher import TeacherRunConfig
+
+    configs = Path(__file__).resolve().parents[2] / "training" / "configs" / "promptkd"
+    teacher = load_config(TeacherRunConfig, configs / "teacher_cross.yaml", ["data.root=/d", "data.split_file=/d/s"])
+    assert teacher.classes == "all" and teacher.data.shots == 16
+    assert (teacher.promptsrc.text_depth, teacher.promptsrc.vision_depth) == (3, 3)
+    cross = sorted(p for p in (configs / "cross").glob("*.yaml") if not p.name.startswith("_"))
+    assert len(cross) == 11  # 10 targets + the ImageNet source student for domain generalisation
+    for path in cross:
+        cfg = load_config(DistillRunConfig, path)
+        assert cfg.protocol == "cross_dataset" and cfg.distill.vision_depth == 3 and cfg.distill.kd_weight == 1000
+        assert cfg.data.shots == 0 and str(cfg.teacher_dir) == "runs/teacher/imagenet_all"
+        same = load_config(DistillRunConfig, configs / path.name)  # the base-to-novel file of that dataset
+        assert (cfg.data.kind, cfg.data.root, cfg.data.split_file) == (
+            same.data.kind,
+            same.data.root,
+            same.data.split_file,
+        )
+    variants = {p.stem: read_config_file(p) for p in (configs / "dg").glob("*.yaml")}
+    assert {v["data"]["variant"] for v in variants.values()} == {"v2", "sketch", "a", "r"}
+    for raw in variants.values():
+        assert raw["protocol"] == "domain_generalization"
+        EvalRunConfig.model_validate({"bundle": "b", "data": raw["data"], "protocol": "all"})
