@@ -88,4 +88,3 @@ def create_app_from_env() -> FastAPI:
     if not logging.getLogger().handlers:  # spawned workers do not inherit the CLI's logging set-up
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return create_app(settings)
-

@@ -132,6 +132,7 @@ class ClientGone(ServiceError):
 
 # Codes for refusals that are not ServiceErrors (routing, validation, crashes), by status.
 _HTTP_CODES = {
+    400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
     408: "request_timeout",

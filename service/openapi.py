@@ -25,9 +25,11 @@ _RETRY_AFTER = {
     "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 0}}
 }
 _DEFAULT_DESCRIPTIONS = {
+    400: "the body could not be parsed",
     401: "API key missing or wrong (send it in X-API-Key)",
     413: "request body over the server's limit",
     422: "the request failed validation; `errors` lists the fields",
+    503: "unavailable for now (overloaded, draining, or the label-set store is unreachable); see Retry-After",
 }
 
 
@@ -55,7 +57,10 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     seen: set[str] = set()
     for path, item in schema.get("paths", {}).items():
         for method, op in item.items():
-            _fix_operation(op)
+            for status, description in EXTRA_RESPONSES.get(op.get("operationId", ""), {}).items():
+                op.setdefault("responses", {}).setdefault(status, {"description": description})
+            _fix_operation(op, api=path.startswith("/v1/"))
+            _add_links(op)
             op_id = op.get("operationId", "")
             if op_id in seen or not re.fullmatch(r"[a-z][A-Za-z0-9]*", op_id):
                 raise RuntimeError(f"{method.upper()} {path}: operationId {op_id!r} is not unique and camelCase")
@@ -64,11 +69,41 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-def _fix_operation(op: dict[str, Any]) -> None:
+# Where a created or changed set's name leads next (clients and schemathesis' stateful phase follow
+# these rather than guessing: a ClassList's class names are not label-set names).
+_SET_NAME = {"name": "$response.body#/label_set"}
+LINKS = {
+    ("createLabelSet", "201"): ("listClasses", "addClasses", "deleteLabelSet"),
+    ("addClasses", "201"): ("listClasses",),
+}
+
+
+# Refusals an operation's route cannot declare by itself (they come from the pipeline it calls).
+EXTRA_RESPONSES: dict[str, dict[str, str]] = {
+    "classify": {
+        "404": "unknown label set",
+        "409": "the label set is empty, or candidate_labels on a bundle without a text side",
+        "504": "not finished within the request deadline",
+    },
+}
+
+
+def _add_links(op: dict[str, Any]) -> None:
+    for (op_id, status), targets in LINKS.items():
+        if op.get("operationId") == op_id:
+            links = op["responses"][status].setdefault("links", {})
+            for target in targets:
+                links[target] = {"operationId": target, "parameters": dict(_SET_NAME)}
+
+
+def _fix_operation(op: dict[str, Any], api: bool) -> None:
     responses: dict[str, Any] = op.setdefault("responses", {})
+    if api:  # any /v1 route can meet an unreachable label-set store (or a draining server)
+        responses.setdefault("503", {})
     if op.get("parameters") or op.get("requestBody"):
         responses.setdefault("422", {})
     if op.get("requestBody"):
+        responses.setdefault("400", {})
         responses.setdefault("413", {})
     if op.get("security"):
         responses.setdefault("401", {})

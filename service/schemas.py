@@ -164,4 +164,6 @@ class FieldError(BaseModel):
 class ValidationProblem(Problem):
     """A problem for a request that failed validation: one entry per invalid field."""
 
-    errors: list[FieldError]
+    errors: list[FieldError] = Field(
+        default_factory=list, description="one entry per invalid field (absent when no single field is to blame)"
+    )
