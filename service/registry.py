@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,6 +49,7 @@ class Change:
     version: int
     ids: list[int]
     names: list[str]
+    skipped: list[str] = field(default_factory=list)  # names already there (skip_existing)
 
 
 def bundle_fingerprint(bundle: Bundle) -> str:
@@ -243,10 +244,16 @@ class Registry:
             self._changed.notify_all()
 
     # ----------------------------------------------------------------- writes
-    def create(self, name: str, names: Sequence[str], templates: Sequence[str] | None) -> Change:
+    def create(
+        self, name: str, names: Sequence[str], templates: Sequence[str] | None, *, skip_existing: bool = False
+    ) -> Change:
+        """Create a set; an existing one is a 409, or (``skip_existing``) left as it is and returned."""
         with self._write_lock:
             if self.store.version(name) is not None:
-                raise LabelSetExists(f"label set {name!r} already exists")
+                if not skip_existing:
+                    raise LabelSetExists(f"label set {name!r} already exists")
+                snap = self.get(name)
+                return Change(snap, snap.version, [], [], skipped=list(names))
             vectors = self.text.encode(names, templates)  # [N, D]
             with self.store.transaction() as db:
                 version = self.store.create_set(db, name, names, vectors, RUNTIME)
@@ -255,15 +262,23 @@ class Registry:
             snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
         return Change(snap, version, [int(i) for i in snap.ids], list(names))
 
-    def add(self, name: str, names: Sequence[str], templates: Sequence[str] | None) -> Change:
-        """Add classes atomically (all or none); duplicates of existing names -> 409 before encoding."""
+    def add(
+        self, name: str, names: Sequence[str], templates: Sequence[str] | None, *, skip_existing: bool = False
+    ) -> Change:
+        """Add classes atomically (all or none); names already in the set -> 409 before encoding, or
+        (``skip_existing``) left out, so that repeating a request changes nothing."""
         with self._write_lock:
             with self.store.read() as db:
                 if self.store.version(name) is None:
                     raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them")
                 existing = self.store.existing_names(db, name, names)
-            if existing:
+            if existing and not skip_existing:
                 raise DuplicateClass(f"label set {name!r} already has {sorted(existing)[:10]}")
+            skipped = [n for n in names if n in existing]
+            names = [n for n in names if n not in existing]
+            if not names:
+                snap = self.get(name)
+                return Change(snap, snap.version, [], [], skipped=skipped)
             vectors = self.text.encode(names, templates)  # [N, D]; outside the transaction (slow)
             with self.store.transaction() as db:
                 before = self.store.lock_version(db, name)
@@ -278,7 +293,7 @@ class Registry:
             else:
                 rows = self.store.load(name)
             snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
-        return Change(snap, version, ids, list(names))
+        return Change(snap, version, ids, list(names), skipped=skipped)
 
     def remove(self, name: str, class_id: int | None = None, class_name: str | None = None) -> Change:
         with self._write_lock:

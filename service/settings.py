@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     min_version_wait_s: float = Field(
         default=1.0, ge=0, le=60, description="how long a lagging replica waits for a requested min_version"
     )
-    backend: Literal["onnx", "torch"] = Field(default="onnx", description="image encoder runtime")
+    backend: Literal["auto", "onnx", "torch"] = Field(
+        default="auto",
+        description="image encoder runtime; auto: ONNX Runtime when the bundle has an ONNX graph, else torch",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
     faiss_gpu: bool = Field(default=True, description="use a FAISS GPU index when FAISS GPU and a GPU are present")
     threads: int | None = Field(

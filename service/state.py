@@ -14,7 +14,7 @@ from PIL import Image
 from models.bundle import Bundle, BundleError, load_bundle
 from models.preprocess import preprocess_image
 from models.towers import TextSide
-from service.encoders import ImageEncoder, OnnxImageEncoder, TorchImageEncoder, cuda_wanted
+from service.encoders import ImageEncoder, OnnxImageEncoder, TorchImageEncoder, cuda_wanted, onnx_graph
 from service.engine import Engine, EngineCfg
 from service.errors import StartupError
 from service.images import ImageLimits, configure_pil
@@ -54,6 +54,24 @@ def load_checked_bundle(settings: Settings) -> Bundle:
         return load_bundle(settings.bundle, verify=True)
     except BundleError as e:
         raise StartupError(f"cannot serve bundle {settings.bundle}: {e}") from e
+
+
+def resolve_backend(settings: Settings, bundle: Bundle) -> str:
+    """``onnx`` or ``torch``: ``auto`` takes ONNX Runtime when the bundle has an ONNX graph (int8 is ONNX-only)."""
+    if settings.backend != "auto":
+        return settings.backend
+    if bundle.manifest.image_encoder.onnx or settings.onnx_precision == "int8":
+        return "onnx"
+    return "torch"
+
+
+def preflight(settings: Settings) -> Bundle:
+    """The start-up checks that need no model: bundle, image-encoder backend, state dir (raises StartupError)."""
+    bundle = load_checked_bundle(settings)
+    if resolve_backend(settings, bundle) == "onnx":
+        onnx_graph(bundle, settings.onnx_precision)
+    check_state_dir(settings.state_dir)
+    return bundle
 
 
 def check_state_dir(state_dir: Path) -> None:
@@ -125,7 +143,11 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
     if settings.threads:
         torch.set_num_threads(settings.threads)
     m = bundle.manifest
-    if settings.backend == "onnx":
+    backend = resolve_backend(settings, bundle)
+    if settings.backend == "auto":
+        has = "has an ONNX image encoder" if m.image_encoder.onnx else "has no ONNX image encoder (export with --onnx)"
+        log.info("backend auto: bundle %s %s -> %s", bundle.root, has, backend)
+    if backend == "onnx":
         encoder: ImageEncoder = OnnxImageEncoder(
             bundle, "cuda" if device == "cuda" else settings.device, settings.threads, settings.onnx_precision
         )
