@@ -88,12 +88,16 @@ EXTRA_RESPONSES: dict[str, dict[str, str]] = {
 }
 
 
+_FIRST_CLASS = {**_SET_NAME, "class_id": "$response.body#/classes/0/id"}
+
+
 def _add_links(op: dict[str, Any]) -> None:
     for (op_id, status), targets in LINKS.items():
         if op.get("operationId") == op_id:
             links = op["responses"][status].setdefault("links", {})
             for target in targets:
                 links[target] = {"operationId": target, "parameters": dict(_SET_NAME)}
+            links["removeClassById"] = {"operationId": "removeClassById", "parameters": dict(_FIRST_CLASS)}
 
 
 def _fix_operation(op: dict[str, Any], api: bool) -> None:
