@@ -33,7 +33,7 @@ from service.errors import (
     UnknownLabelSet,
     VersionUnavailable,
 )
-from service.index import Snapshot
+from service.index import IndexKind, SearchCfg, Snapshot
 from service.stores.base import SetDelta, SetRows, Store
 from service.text import TextEncoder
 
@@ -76,10 +76,12 @@ class Registry:
         on_version: Callable[[str, int, int], None] | None = None,
         min_version_wait_s: float = 1.0,
         retry_after_s: int = 1,
+        search: SearchCfg | None = None,
     ) -> None:
         self.store = store
         self.text = text
         self.use_gpu = use_gpu
+        self.search = search or SearchCfg(use_gpu=use_gpu)
         self.min_version_wait_s = min_version_wait_s
         self.retry_after_s = retry_after_s
         self._snapshots: dict[str, Snapshot] = {}
@@ -210,7 +212,7 @@ class Registry:
                 raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them") from None
             if old is not None and delta.version <= old.version:
                 return old  # versions only increase: never install an older read
-            return self._install(Snapshot.from_rows(_merge(old, delta), self.use_gpu))
+            return self._install(self._build(_merge(old, delta)))
 
     def sync(self) -> None:
         """Re-check every version against the database (start-up, listener (re)connect, poll)."""
@@ -245,9 +247,18 @@ class Registry:
 
     # ----------------------------------------------------------------- writes
     def create(
-        self, name: str, names: Sequence[str], templates: Sequence[str] | None, *, skip_existing: bool = False
+        self,
+        name: str,
+        names: Sequence[str],
+        templates: Sequence[str] | None,
+        *,
+        skip_existing: bool = False,
+        index: IndexKind | None = None,
     ) -> Change:
-        """Create a set; an existing one is a 409, or (``skip_existing``) left as it is and returned."""
+        """Create a set; an existing one is a 409, or (``skip_existing``) left as it is and returned.
+
+        ``index`` (stored with the set) picks exact or approximate search; None: the service default.
+        """
         with self._write_lock:
             if self.store.version(name) is not None:
                 if not skip_existing:
@@ -256,10 +267,11 @@ class Registry:
                 return Change(snap, snap.version, [], [], skipped=list(names))
             vectors = self.text.encode(names, templates)  # [N, D]
             with self.store.transaction() as db:
-                version = self.store.create_set(db, name, names, vectors, RUNTIME)
+                version = self.store.create_set(db, name, names, vectors, RUNTIME, index_kind=index)
             ids = np.arange(len(names), dtype=np.int64)  # a new set numbers its classes from 0
-            rows = SetRows(name, version, ids, list(names), [RUNTIME] * len(names), vectors.astype(np.float32))
-            snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
+            vecs = vectors.astype(np.float32)
+            rows = SetRows(name, version, ids, list(names), [RUNTIME] * len(names), vecs, index)
+            snap = self._install(self._build(rows))
         return Change(snap, version, [int(i) for i in snap.ids], list(names))
 
     def add(
@@ -292,7 +304,7 @@ class Registry:
                 rows = _merge(old, SetDelta(version, np.concatenate([old.ids, added.ids]), added))
             else:
                 rows = self.store.load(name)
-            snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
+            snap = self._install(self._build(rows))
         return Change(snap, version, ids, list(names), skipped=skipped)
 
     def remove(self, name: str, class_id: int | None = None, class_name: str | None = None) -> Change:
@@ -306,7 +318,7 @@ class Registry:
                 rows = _merge(old, SetDelta(version, old.ids[old.ids != removed_id], empty))
             else:
                 rows = self.store.load(name)
-            snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
+            snap = self._install(self._build(rows))
         return Change(snap, version, [removed_id], [removed_name])
 
     def delete(self, name: str) -> Change:
@@ -344,6 +356,10 @@ class Registry:
             problems.append("the default label set is missing from the database")
         return problems
 
+    def _build(self, rows: SetRows) -> Snapshot:
+        """The next snapshot of a set (an IVF set keeps the current snapshot's trained centroids)."""
+        return Snapshot.from_rows(rows, self.use_gpu, self.search, self._snapshots.get(rows.name))
+
     def _install(self, snap: Snapshot) -> Snapshot:
         with self._changed:
             self._snapshots[snap.name] = snap  # one reference assignment: the atomic swap
@@ -371,6 +387,7 @@ def _merge(old: Snapshot | None, delta: SetDelta) -> SetRows:
     names = [*[n for n, k in zip(old.names, keep, strict=True) if k], *added.names]
     prov = [*[p for p, k in zip(old.provenance, keep, strict=True) if k], *added.provenance]
     vectors = np.concatenate([old.vectors[keep], added.vectors])  # [N, D]
+    kind = added.index_kind or old.kind  # rows built here carry no kind; the set's kind never changes
     return SetRows(
-        old.name, delta.version, ids[order], [names[i] for i in order], [prov[i] for i in order], vectors[order]
+        old.name, delta.version, ids[order], [names[i] for i in order], [prov[i] for i in order], vectors[order], kind
     )

@@ -97,6 +97,11 @@ class LabelSetIn(ClassesIn):
     )
 
     name: str = Field(description="1-64 characters: letters, digits, '.', '_', '-'")
+    index: Literal["flat", "ivf"] | None = Field(
+        default=None,
+        description="flat: exact search; ivf: approximate (FAISS IVF) for >= 100k classes, softmax denominator "
+        "estimated outside the best candidates; stored with the set. Default: the service's index_kind setting",
+    )
     if_exists: Literal["error", "skip"] = Field(
         default="error",
         description="the set already exists: 'error' refuses (409); 'skip' leaves it as it is and returns it (200)",
@@ -123,6 +128,7 @@ class ClassList(BaseModel):
     label_set: str
     version: int
     index_size: int = Field(description="vectors in the FAISS index serving this version")
+    index: str = Field(default="flat", description="flat (exact) or ivf (approximate; exact below 10,000 classes)")
     classes: list[ClassOut] = Field(description="in ascending class id order")
     next_cursor: str | None = Field(
         default=None, description="pass as ?cursor= for the next page; null on the last page"

@@ -99,12 +99,19 @@ async def create_label_set(
     templates = clean_templates(body.templates, settings.max_templates)
     registry.text.check_templates(templates)
     skip = body.if_exists == "skip"
-    change = await asyncio.to_thread(functools.partial(registry.create, name, names, templates, skip_existing=skip))
+    create = functools.partial(registry.create, name, names, templates, skip_existing=skip, index=body.index)
+    change = await asyncio.to_thread(create)
     assert change.snapshot is not None
     if change.skipped:
         response.status_code = status.HTTP_200_OK  # the set was already there: nothing created
     snap = change.snapshot
-    return ClassList(label_set=name, version=change.version, index_size=int(snap.index.ntotal), classes=_classes(snap))
+    return ClassList(
+        label_set=name,
+        version=change.version,
+        index_size=int(snap.index.ntotal),
+        index=snap.kind,
+        classes=_classes(snap),
+    )
 
 
 @router.get(
@@ -120,6 +127,7 @@ async def list_classes(name: SetName, registry: RegistryDep, limit: Limit = 1000
         label_set=name,
         version=snap.version,
         index_size=int(snap.index.ntotal),
+        index=snap.kind,
         classes=classes,
         next_cursor=next_cursor,
     )
