@@ -25,7 +25,7 @@ EXTRA = ("peers", "gpu")  # not in ``all``: peers installs its own virtualenv, g
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", choices=(*BENCHES, *EXTRA, "report", "all"))
+    parser.add_argument("which", choices=(*BENCHES, *EXTRA, "fleet", "report", "all"))
     parser.add_argument("--quick", action="store_true", help="smoke test: minimal sizes and iterations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="budget per timed measurement")

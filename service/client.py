@@ -143,6 +143,9 @@ class Client:
         max_wait_s: float = 30.0,
     ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
+        # Last version seen per label set, sent back as min_version: whichever replica answers, a
+        # client sees its own writes (and never an older version than it already saw).
+        self.seen: dict[str, int] = {}
         self._http = httpx2.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
         self._retrying = Retrying(
             stop=stop_after_attempt(retries + 1),
@@ -170,20 +173,36 @@ class Client:
             raise Unreachable(0, f"cannot reach {self._http.base_url}: {e}") from e
         if resp.status_code >= 400:
             raise error_from_response(resp)
-        return resp.json()
+        out = resp.json()
+        self._remember(out)
+        return out
+
+    def _remember(self, out: Any) -> None:
+        items = out.get("label_sets", [out]) if isinstance(out, dict) else []
+        for item in items:
+            name, version = item.get("label_set", item.get("name")), item.get("version")
+            if isinstance(name, str) and isinstance(version, int):
+                self.seen[name] = max(version, self.seen.get(name, 0))
+
+    def _token(self, label_set: str) -> dict[str, str]:
+        return {"min_version": str(self.seen[label_set])} if label_set in self.seen else {}
 
     # classify
     def classify_files(self, paths: Sequence[str | Path], label_set: str = "default", top_k: int = 5) -> Any:
         files = [("files", (Path(p).name, Path(p).read_bytes(), "application/octet-stream")) for p in paths]
-        return self._call("POST", "/v1/classify", files=files, data={"label_set": label_set, "top_k": str(top_k)})
+        data = {"label_set": label_set, "top_k": str(top_k), **self._token(label_set)}
+        return self._call("POST", "/v1/classify", files=files, data=data)
 
     def classify_bytes(self, images: Sequence[bytes], **params: Any) -> Any:
         body = {"images": [base64.b64encode(b).decode("ascii") for b in images], **params}
+        if "candidate_labels" not in params and "min_version" not in params:
+            body.update({k: int(v) for k, v in self._token(params.get("label_set", "default")).items()})
         return self._call("POST", "/v1/classify", json=body)
 
     # label sets
     def label_sets(self) -> Any:
-        return self._call("GET", "/v1/label-sets")
+        params = {"min_version": max(self.seen.values())} if self.seen else {}
+        return self._call("GET", "/v1/label-sets", params=params)
 
     def create_label_set(
         self, name: str, names: Sequence[str], templates: Sequence[str] | None = None, if_exists: str = "error"
@@ -201,7 +220,7 @@ class Client:
         """Every page of a set's class list, following ``next_cursor`` (ascending class ids)."""
         cursor: str | None = None
         while True:
-            params: dict[str, Any] = {"limit": page_size}
+            params: dict[str, Any] = {"limit": page_size, **self._token(label_set)}
             if cursor:
                 params["cursor"] = cursor
             page = self._call("GET", f"/v1/label-sets/{label_set}/classes", params=params)

@@ -50,6 +50,13 @@ class ClassifyRequest(_Body):
     unknown_threshold: float | None = Field(
         default=None, ge=-1.0, le=1.0, description="top-1 cosine below this -> 'unknown'"
     )
+    min_version: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**62,
+        description="answer from the label set at least this new (the last version you saw); a lagging "
+        "replica waits briefly, reads the database, else 503 + Retry-After",
+    )
 
 
 class Prediction(BaseModel):

@@ -113,7 +113,6 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         use_gpu=use_gpu,
         on_version=metrics.version,
         min_version_wait_s=settings.min_version_wait_s,
-        retry_after_s=settings.retry_after_s,
         search=search,
     )
     try:

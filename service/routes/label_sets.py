@@ -29,11 +29,21 @@ from service.schemas import (
 router = APIRouter(prefix="/v1/label-sets", tags=["label sets"])
 SetName = Annotated[str, Path(description="label-set name", examples=["default"])]
 ClassId = Annotated[int, Path(ge=0, le=2**62, description="class id within the set")]
+MinVersion = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=2**62,
+        description="answer from a snapshot at least this new (the last version you saw); "
+        "a lagging replica waits briefly, reads the database, else 503 + Retry-After",
+    ),
+]
 _ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "API key missing or wrong"},
     404: {"description": "unknown label set or class"},
     409: {"description": "duplicate name, existing set, or protected set"},
     422: {"description": "invalid names or templates"},
+    503: {"description": "database unreachable, or min_version not reached in time (Retry-After)"},
 }
 
 
@@ -77,9 +87,11 @@ def _page(snap: Snapshot, limit: int, cursor: str | None) -> tuple[list[ClassOut
     return _classes(snap, rows), (_encode_cursor(int(snap.ids[rows[-1]])) if more and len(rows) else None)
 
 
-@router.get("", response_model=LabelSetList, summary="list label sets with their versions")
-async def list_label_sets(registry: RegistryDep) -> LabelSetList:
-    rows = await asyncio.to_thread(registry.summaries)
+@router.get(
+    "", response_model=LabelSetList, responses={503: _ERRORS[503]}, summary="list label sets with their versions"
+)
+async def list_label_sets(registry: RegistryDep, min_version: MinVersion = None) -> LabelSetList:
+    rows = await asyncio.to_thread(registry.summaries, min_version)
     return LabelSetList(label_sets=[LabelSetSummary(name=n, version=v, n_classes=c) for n, v, c in rows])
 
 
@@ -117,11 +129,13 @@ async def create_label_set(
 @router.get(
     "/{name}/classes",
     response_model=ClassList,
-    responses={404: _ERRORS[404]},
+    responses={404: _ERRORS[404], 503: _ERRORS[503]},
     summary="classes of a set, a page at a time (ascending id; follow next_cursor)",
 )
-async def list_classes(name: SetName, registry: RegistryDep, limit: Limit = 1000, cursor: Cursor = None) -> ClassList:
-    snap = await asyncio.to_thread(registry.get, name)
+async def list_classes(
+    name: SetName, registry: RegistryDep, limit: Limit = 1000, cursor: Cursor = None, min_version: MinVersion = None
+) -> ClassList:
+    snap = await asyncio.to_thread(registry.get, name, min_version)
     classes, next_cursor = _page(snap, limit, cursor)
     return ClassList(
         label_set=name,
