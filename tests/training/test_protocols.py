@@ -166,3 +166,16 @@ def test_shipped_protocol_configs_validate() -> None:
     for raw in variants.values():
         assert raw["protocol"] == "domain_generalization"
         EvalRunConfig.model_validate({"bundle": "b", "data": raw["data"], "protocol": "all"})
+
+
+def test_summarize_cross_dataset_results(tmp_path: Path) -> None:
+    files = []
+    for seed, acc in ((1, 60.0), (2, 64.0), (3, 62.0)):
+        f = tmp_path / f"seed{seed}.json"
+        f.write_text(json.dumps({"last": {"accuracy": acc, "epoch": 20}, "best": {"accuracy": acc + 1, "epoch": 5}}))
+        files.append(str(f))
+    out = tmp_path / "summary.json"
+    assert main(["evaluate", "--summarize", *files, "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["last"]["accuracy"]["mean"] == pytest.approx(62.0) and summary["last"]["accuracy"]["std"] == 2.0
+    assert summary["best"]["accuracy"]["mean"] == pytest.approx(63.0)
