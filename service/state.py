@@ -67,11 +67,12 @@ def resolve_backend(settings: Settings, bundle: Bundle) -> str:
 
 
 def preflight(settings: Settings) -> Bundle:
-    """The start-up checks that need no model (bundle, image-encoder backend, state dir, label-set
-    database of this bundle), run before any server starts; raises StartupError."""
+    """The start-up checks that need no model (bundle, image-encoder backend, device, state dir,
+    label-set database of this bundle), run before any server starts; raises StartupError."""
     bundle = load_checked_bundle(settings)
     if resolve_backend(settings, bundle) == "onnx":
         onnx_graph(bundle, settings.onnx_precision)
+    cuda_wanted(settings.device)  # --device cuda without a CUDA device
     check_state_dir(settings.state_dir)
     store = open_store(settings, bundle.manifest.embed_dim)
     try:

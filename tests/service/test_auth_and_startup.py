@@ -104,6 +104,10 @@ def test_serve_start_up_errors_are_one_line_and_exit_2(
         (["--bundle", str(tiny_bundle_dir), "--onnx-precision", "int8"], "no such ONNX graph"),
         (["--bundle", str(tiny_bundle_dir), "--port", "70000"], r"port \(PROMPTDISTILL_PORT\).*70000"),
     ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--bundle", str(tiny_bundle_dir), "--device", "cuda"], "no CUDA device"))
     for args, message in cases:
         for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
             monkeypatch.delenv(k)  # `serve` hands its flags to the workers through the environment
@@ -128,6 +132,7 @@ def test_serve_start_up_errors_are_one_line_and_exit_2(
     assert "max_wait_ms (PROMPTDISTILL_MAX_WAIT_MS)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter (the in-process test covers the messages)
 def test_serve_without_bundle_fails_in_one_line_from_the_shell(tmp_path: Path) -> None:
     """The real console entry point: no traceback on stderr, exit status 2."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTDISTILL_")}
