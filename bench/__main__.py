@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.common import RESULTS, BenchCfg
 
 QUICK_OUT = Path(tempfile.gettempdir()) / "promptdistill-bench-quick"
-BENCHES = ("encoders", "labelsets", "http_load", "payoff")
+BENCHES = ("encoders", "labelsets", "http_load", "payoff", "preprocess", "hostile", "admission", "fairness")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,19 +136,22 @@ def build_zeroshot_bundle(
     *,
     onnx: bool = False,
     int8: bool = False,
+    int8_min_cosine: float | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> Bundle:
     """Build, optionally ONNX-export, and save a zero-shot bundle; returns it loaded from ``out``.
 
-    ``int8`` adds a dynamically quantised ONNX image tower next to the fp32 one (implies ``onnx``).
+    ``int8`` adds a dynamically quantised ONNX image tower next to the fp32 one (implies ``onnx``),
+    refused below ``int8_min_cosine`` (see :func:`add_onnx`).
     """
     backbone = load_backbone(model, pretrained, device=device)
     bundle = zeroshot_bundle(backbone, class_names, templates, progress=progress)
     out = Path(out)
     extra: dict[str, Path] = {}
     if onnx or int8:
-        extra = add_onnx(bundle, ImageTower(PromptedImageEncoder(backbone.model)), out, int8=int8)
+        tower = ImageTower(PromptedImageEncoder(backbone.model))
+        extra = add_onnx(bundle, tower, out, int8=int8, int8_min_cosine=int8_min_cosine)
     save_bundle(bundle, out, extra_files=extra)
     log.info("wrote zero-shot bundle with %d classes to %s", len(class_names), out)
     return bundle

@@ -61,8 +61,11 @@ class Client:
     def label_sets(self) -> Any:
         return self._call("GET", "/v1/label-sets")
 
-    def create_label_set(self, name: str, names: Sequence[str], templates: Sequence[str] | None = None) -> Any:
-        body: dict[str, Any] = {"name": name, "names": list(names)}
+    def create_label_set(
+        self, name: str, names: Sequence[str], templates: Sequence[str] | None = None, if_exists: str = "error"
+    ) -> Any:
+        """``if_exists="skip"``: an existing set is returned as it is instead of a 409."""
+        body: dict[str, Any] = {"name": name, "names": list(names), "if_exists": if_exists}
         if templates is not None:
             body["templates"] = list(templates)
         return self._call("POST", "/v1/label-sets", json=body)
@@ -74,9 +77,14 @@ class Client:
         return self._call("GET", f"/v1/label-sets/{label_set}/classes")
 
     def add_classes(
-        self, names: Sequence[str], label_set: str = "default", templates: Sequence[str] | None = None
+        self,
+        names: Sequence[str],
+        label_set: str = "default",
+        templates: Sequence[str] | None = None,
+        if_exists: str = "error",
     ) -> Any:
-        body: dict[str, Any] = {"names": list(names)}
+        """``if_exists="skip"``: names already in the set are left out (listed in ``skipped``) instead of a 409."""
+        body: dict[str, Any] = {"names": list(names), "if_exists": if_exists}
         if templates is not None:
             body["templates"] = list(templates)
         return self._call("POST", f"/v1/label-sets/{label_set}/classes", json=body)

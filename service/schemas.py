@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 _TINY_PNG = (  # a 16x16 orange square
@@ -84,6 +86,11 @@ class ClassesIn(_Body):
     templates: list[str] | None = Field(
         default=None, description="override the bundle's templates (prompt-free text sides only)"
     )
+    if_exists: Literal["error", "skip"] = Field(
+        default="error",
+        description="a name the set already has: 'error' refuses the request (409); 'skip' leaves that name "
+        "out and adds the rest, so a repeated request changes nothing (200 when nothing was added)",
+    )
 
 
 class LabelSetIn(ClassesIn):
@@ -92,6 +99,10 @@ class LabelSetIn(ClassesIn):
     )
 
     name: str = Field(description="1-64 characters: letters, digits, '.', '_', '-'")
+    if_exists: Literal["error", "skip"] = Field(
+        default="error",
+        description="the set already exists: 'error' refuses (409); 'skip' leaves it as it is and returns it (200)",
+    )
 
 
 class ClassOut(BaseModel):
@@ -121,6 +132,7 @@ class ChangeOut(BaseModel):
     label_set: str
     version: int
     classes: list[ClassOut] = Field(description="the classes added or removed")
+    skipped: list[str] = Field(default_factory=list, description="names already in the set (if_exists='skip')")
 
 
 class DeletedSet(BaseModel):

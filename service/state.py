@@ -17,14 +17,21 @@ from models.bundle import Bundle, BundleError, load_bundle
 from models.towers import TextSide
 from service.admission import Admission, AdmissionCfg
 from service.classifier import Classifier, PipelineHooks
-from service.encoders import ImageEncoder, OnnxImageEncoder, TorchImageEncoder, bundle_preprocessor, cuda_wanted
+from service.encoders import (
+    ImageEncoder,
+    OnnxImageEncoder,
+    TorchImageEncoder,
+    bundle_preprocessor,
+    cuda_wanted,
+    onnx_graph,
+)
 from service.engine import Engine, EngineCfg
 from service.errors import StartupError
 from service.images import EncodedImage, ImageLimits, configure_pil
 from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import Settings
-from service.store import LabelSetStore
+from service.store import open_store
 from service.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,24 @@ def load_checked_bundle(settings: Settings) -> Bundle:
         raise StartupError(f"cannot serve bundle {settings.bundle}: {e}") from e
 
 
+def resolve_backend(settings: Settings, bundle: Bundle) -> str:
+    """``onnx`` or ``torch``: ``auto`` takes ONNX Runtime when the bundle has an ONNX graph (int8 is ONNX-only)."""
+    if settings.backend != "auto":
+        return settings.backend
+    if bundle.manifest.image_encoder.onnx or settings.onnx_precision == "int8":
+        return "onnx"
+    return "torch"
+
+
+def preflight(settings: Settings) -> Bundle:
+    """The start-up checks that need no model: bundle, image-encoder backend, state dir (raises StartupError)."""
+    bundle = load_checked_bundle(settings)
+    if resolve_backend(settings, bundle) == "onnx":
+        onnx_graph(bundle, settings.onnx_precision)
+    check_state_dir(settings.state_dir)
+    return bundle
+
+
 def check_state_dir(state_dir: Path) -> None:
     """Create ``state_dir`` and prove we can write (and fsync) a file there."""
     hint = "choose a writable folder with --state-dir or PROMPTDISTILL_STATE_DIR"
@@ -88,12 +113,19 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         on_call=metrics.text_call,
         chunk_prompts=settings.text_chunk_prompts,
     )
-    store = LabelSetStore(settings.state_dir, bundle.manifest.embed_dim)
+    store = open_store(settings, bundle.manifest.embed_dim)
     import faiss
 
     # One query per image: OpenMP fan-out costs more than it saves (bench/: up to ~250x on 2 cores).
     faiss.omp_set_num_threads(settings.faiss_threads)
-    registry = Registry(store, text, use_gpu=settings.faiss_gpu and device == "cuda", on_version=metrics.version)
+    registry = Registry(
+        store,
+        text,
+        use_gpu=settings.faiss_gpu and device == "cuda",
+        on_version=metrics.version,
+        min_version_wait_s=settings.min_version_wait_s,
+        retry_after_s=settings.retry_after_s,
+    )
     try:
         registry.open(bundle)
     except BaseException:
@@ -163,7 +195,11 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
         settings.max_decoded_mib * 1024 * 1024,
     )
     pre = bundle_preprocessor(bundle, limits, settings.jpeg_draft_factor)
-    if settings.backend == "onnx":
+    backend = resolve_backend(settings, bundle)
+    if settings.backend == "auto":
+        has = "has an ONNX image encoder" if m.image_encoder.onnx else "has no ONNX image encoder (export with --onnx)"
+        log.info("backend auto: bundle %s %s -> %s", bundle.root, has, backend)
+    if backend == "onnx":
         encoder: ImageEncoder = OnnxImageEncoder(
             bundle, pre, "cuda" if device == "cuda" else settings.device, settings.threads, settings.onnx_precision
         )

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.deps import ServicesDep
-from service.errors import ServiceError
+from service.errors import ServiceError, StoreUnavailable
 from service.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -41,6 +41,11 @@ async def readyz(request: Request) -> Response:
         problems = await asyncio.to_thread(services.registry.check)
         checks["index"] = "; ".join(problems) if problems else "ok"
         ok = not problems
+    except StoreUnavailable as e:
+        # A shared database is down: every replica still classifies from its snapshots. Stay ready
+        # (and say so), or every pod would leave the load balancer at the same moment.
+        checks["database"] = f"degraded: {e.message}"
+        checks["index"] = f"serving snapshots {services.registry.served_versions()}"
     except (ServiceError, OSError, ValueError) as e:
         checks["database"], ok = f"failed: {e}", False
     except Exception as e:  # noqa: BLE001 - sqlite3.Error and friends: report, don't crash the probe

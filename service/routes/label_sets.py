@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from service.deps import ApiKeyDep, RegistryDep, SettingsDep
 from service.index import Snapshot
@@ -53,13 +54,16 @@ async def list_sets(registry: RegistryDep) -> LabelSetList:
     responses=_ERRORS,
     summary="create a label set from class names (encoded through the bundle's text side)",
 )
-async def create_set(body: LabelSetIn, registry: RegistryDep, settings: SettingsDep) -> ClassList:
+async def create_set(body: LabelSetIn, registry: RegistryDep, settings: SettingsDep, response: Response) -> ClassList:
     name = clean_set_name(body.name)
     names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
     templates = clean_templates(body.templates, settings.max_templates)
     registry.text.check_templates(templates)
-    change = await asyncio.to_thread(registry.create, name, names, templates)
+    skip = body.if_exists == "skip"
+    change = await asyncio.to_thread(functools.partial(registry.create, name, names, templates, skip_existing=skip))
     assert change.snapshot is not None
+    if change.skipped:
+        response.status_code = status.HTTP_200_OK  # the set was already there: nothing created
     snap = change.snapshot
     return ClassList(label_set=name, version=change.version, index_size=int(snap.index.ntotal), classes=_classes(snap))
 
@@ -76,15 +80,20 @@ async def list_classes(name: SetName, registry: RegistryDep) -> ClassList:
     status_code=status.HTTP_201_CREATED,
     dependencies=[ApiKeyDep],
     responses=_ERRORS,
-    summary="add classes (all or none); durable before the response",
+    summary="add classes (all or none; if_exists='skip' leaves out names already there); durable before the response",
 )
-async def add_classes(name: SetName, body: ClassesIn, registry: RegistryDep, settings: SettingsDep) -> ChangeOut:
+async def add_classes(
+    name: SetName, body: ClassesIn, registry: RegistryDep, settings: SettingsDep, response: Response
+) -> ChangeOut:
     names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
     templates = clean_templates(body.templates, settings.max_templates)
     registry.text.check_templates(templates)
-    change = await asyncio.to_thread(registry.add, name, names, templates)
+    skip = body.if_exists == "skip"
+    change = await asyncio.to_thread(functools.partial(registry.add, name, names, templates, skip_existing=skip))
     added = [ClassOut(id=i, name=n, provenance=RUNTIME) for i, n in zip(change.ids, change.names, strict=True)]
-    return ChangeOut(label_set=name, version=change.version, classes=added)
+    if not added:
+        response.status_code = status.HTTP_200_OK  # every name was already there: nothing changed
+    return ChangeOut(label_set=name, version=change.version, classes=added, skipped=change.skipped)
 
 
 @router.delete(

@@ -10,6 +10,7 @@ import pytest
 from models import _compat
 
 
+@pytest.mark.slow  # a fresh interpreter imports every models/ module (torch, open_clip, onnx)
 def test_models_does_not_import_training_or_service() -> None:
     code = (
         "import pkgutil, importlib, sys, models\n"
