@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.common import RESULTS, BenchCfg
 
 QUICK_OUT = Path(tempfile.gettempdir()) / "promptdistill-bench-quick"
-BENCHES = ("encoders", "labelsets", "http_load", "payoff", "preprocess", "hostile", "admission", "fairness")
+BENCHES = ("encoders", "labelsets", "http_load", "payoff", "preprocess")
 
 
 def main(argv: list[str] | None = None) -> int:

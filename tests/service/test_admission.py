@@ -40,9 +40,8 @@ def test_capacity_follows_the_latency_target_and_the_measured_service_time() -> 
 def test_refusal_is_immediate_carries_retry_after_and_frees_nothing() -> None:
     adm = Admission(_cfg(capacity=4, retry_after_s=2), encode_s=0.5, decode_s=0.5)
     with adm.admit(3):
-        with pytest.raises(Overloaded) as refused:
-            with adm.admit(2):
-                pytest.fail("admitted over capacity")
+        with pytest.raises(Overloaded) as refused, adm.admit(2):
+            pytest.fail("admitted over capacity")
         assert refused.value.status == 429
         assert int(refused.value.headers["Retry-After"]) >= 2
         assert adm.in_flight == 3

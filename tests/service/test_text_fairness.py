@@ -84,5 +84,6 @@ def test_text_work_per_request_is_bounded(live: Any, photos: list[Any]) -> None:
         assert ok.status_code == 200, ok.text  # 10 labels x 7 templates = 70 prompts
         over = http.post("/v1/classify", json={"images": [image], "candidate_labels": [f"l{i}" for i in range(11)]})
         assert over.status_code == 422 and "max_candidate_prompts" in over.json()["detail"], over.text
-        one_template = {"images": [image], "candidate_labels": [f"m{i}" for i in range(70)], "hypothesis_template": "{}"}
+        labels = [f"m{i}" for i in range(70)]
+        one_template = {"images": [image], "candidate_labels": labels, "hypothesis_template": "{}"}
         assert http.post("/v1/classify", json=one_template).status_code == 200
