@@ -19,7 +19,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -48,6 +47,7 @@ class ClassifyJob:
     candidate_labels: list[str] | None = None
     hypothesis_template: str | None = None
     unknown_threshold: float | None = None
+    min_version: int | None = None  # answer from the label set at least this new
 
 
 @dataclass
@@ -105,9 +105,9 @@ class Classifier:
         self._on_images = on_images or (lambda n: None)
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="text-open")  # anonymous text work: one lane
-        self._search_pool = ThreadPoolExecutor(
-            2, thread_name_prefix="search", initializer=_search_thread, initargs=(settings.faiss_threads,)
-        )
+        # searches set their own FAISS / BLAS threads (service/index.py); a pool apart from the default
+        # executor, so label-set writes and store reads never queue searches behind them
+        self._search_pool = ThreadPoolExecutor(2, thread_name_prefix="search")
         self._text_queued = 0  # prompts waiting in or running on the text lane
 
     def close(self) -> None:
@@ -176,7 +176,8 @@ class Classifier:
             return _Plan(None, names, templates)
         if job.hypothesis_template is not None:
             raise InvalidInput("hypothesis_template applies to candidate_labels only; label sets are already encoded")
-        snap = await asyncio.to_thread(self.registry.get, job.label_set)  # this version answers the request
+        # this version answers the request (a lagging replica may wait briefly for min_version)
+        snap = await asyncio.to_thread(self.registry.get, job.label_set, job.min_version)
         if len(snap) == 0:
             raise EmptyLabelSet(f"label set {job.label_set!r} has no classes; add some first")
         return _Plan(snap, None, None)
@@ -215,16 +216,3 @@ class Classifier:
         self._on_images(len(results))
         return ClassifyResponse(label_set=label_set, version=version, results=results)
 
-
-def _search_thread(faiss_threads: int) -> None:
-    """OpenMP's thread count is per calling thread: set it on the threads that search."""
-    import faiss
-
-    faiss.omp_set_num_threads(faiss_threads)
-
-
-def estimate_decode_s(preprocess: ImagePreprocessor, sample: Any) -> float:
-    """Seconds to decode + preprocess ``sample`` (encoded bytes), for admission's first estimate."""
-    start = time.perf_counter()
-    preprocess(EncodedImage(sample))
-    return time.perf_counter() - start

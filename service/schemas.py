@@ -52,6 +52,13 @@ class ClassifyRequest(_Body):
     unknown_threshold: float | None = Field(
         default=None, ge=-1.0, le=1.0, strict=True, description="top-1 cosine below this -> 'unknown'"
     )
+    min_version: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**62,
+        description="answer from the label set at least this new (the last version you saw); a lagging "
+        "replica waits briefly, reads the database, else 503 + Retry-After",
+    )
 
 
 class Prediction(BaseModel):
@@ -99,6 +106,11 @@ class LabelSetIn(ClassesIn):
     )
 
     name: str = Field(description="1-64 characters: letters, digits, '.', '_', '-'")
+    index: Literal["flat", "ivf"] | None = Field(
+        default=None,
+        description="flat: exact search; ivf: approximate (FAISS IVF) for >= 100k classes, softmax denominator "
+        "estimated outside the best candidates; stored with the set. Default: the service's index_kind setting",
+    )
     if_exists: Literal["error", "skip"] = Field(
         default="error",
         description="the set already exists: 'error' refuses (409); 'skip' leaves it as it is and returns it (200)",
@@ -125,6 +137,7 @@ class ClassList(BaseModel):
     label_set: str
     version: int
     index_size: int = Field(description="vectors in the FAISS index serving this version")
+    index: str = Field(default="flat", description="flat (exact) or ivf (approximate; exact below 10,000 classes)")
     classes: list[ClassOut]
 
 

@@ -28,6 +28,7 @@ from service.encoders import (
 from service.engine import Engine, EngineCfg
 from service.errors import StartupError
 from service.images import EncodedImage, ImageLimits, configure_pil
+from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import Settings
@@ -114,17 +115,17 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         chunk_prompts=settings.text_chunk_prompts,
     )
     store = open_store(settings, bundle.manifest.embed_dim)
-    import faiss
-
-    # One query per image: OpenMP fan-out costs more than it saves (bench/: up to ~250x on 2 cores).
-    faiss.omp_set_num_threads(settings.faiss_threads)
+    use_gpu = settings.faiss_gpu and device == "cuda"
+    # FAISS threads are applied by the searching thread itself (OpenMP's setting is per thread).
+    search = SearchCfg(settings.index_kind, settings.ivf_nprobe, settings.faiss_threads, use_gpu)
+    limit_blas_threads(settings.faiss_threads)
     registry = Registry(
         store,
         text,
-        use_gpu=settings.faiss_gpu and device == "cuda",
+        use_gpu=use_gpu,
         on_version=metrics.version,
         min_version_wait_s=settings.min_version_wait_s,
-        retry_after_s=settings.retry_after_s,
+        search=search,
     )
     try:
         registry.open(bundle)

@@ -20,7 +20,9 @@ from service.settings import Settings
 router = APIRouter(prefix="/v1", tags=["classify"])
 _FORM_INT = re.compile(r"[0-9]{1,12}")
 _FORM_FLOAT = re.compile(r"-?[0-9]{1,12}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?")
-_FORM_FIELDS = {"files", "label_set", "top_k", "candidate_labels", "hypothesis_template", "unknown_threshold"}
+_FORM_FIELDS = {
+    "files", "label_set", "top_k", "candidate_labels", "hypothesis_template", "unknown_threshold", "min_version"
+}  # fmt: skip
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -36,6 +38,7 @@ _MULTIPART_SCHEMA = {
         "candidate_labels": {"type": "array", "items": {"type": "string"}},
         "hypothesis_template": {"type": "string"},
         "unknown_threshold": {"type": "number", "minimum": -1, "maximum": 1},
+        "min_version": {"type": "integer", "minimum": 1},
     },
 }
 OPENAPI_BODY: dict[str, Any] = {
@@ -100,7 +103,7 @@ def _from_json(body: bytes) -> ClassifyJob:
         labels = labels if labels is not None else params.candidate_labels
         template = template or params.hypothesis_template
         top_k = params.top_k or top_k
-    return ClassifyJob(images, req.label_set, top_k, labels, template, req.unknown_threshold)
+    return ClassifyJob(images, req.label_set, top_k, labels, template, req.unknown_threshold, req.min_version)
 
 
 async def _from_form(request: Request, settings: Settings) -> ClassifyJob:
@@ -133,6 +136,7 @@ async def _job_from_form(form: FormData, settings: Settings) -> ClassifyJob:
         candidate_labels=labels,
         hypothesis_template=str(template) if template is not None else None,
         unknown_threshold=_form_number(form.get("unknown_threshold"), "unknown_threshold", float, None),
+        min_version=_form_number(form.get("min_version"), "min_version", int, None),
     )
 
 
