@@ -65,6 +65,21 @@ def bundle_fingerprint(bundle: Bundle) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def check_store_matches(store: Store, bundle: Bundle) -> None:
+    """Refuse a label-set database seeded from another bundle (a start-up check; reads only)."""
+    stored = store.meta("bundle_fingerprint")
+    if stored is not None and stored != bundle_fingerprint(bundle):
+        raise _different_bundle(store)
+
+
+def _different_bundle(store: Store) -> StartupError:
+    return StartupError(
+        f"the label-set database {store.where} was created for a different bundle "
+        "(its class vectors live in another embedding space); use a fresh --state-dir / "
+        "PROMPTDISTILL_STATE_DIR (or database) for this bundle, or delete that database to start over"
+    )
+
+
 class Registry:
     """Named, versioned, durable label sets with atomically swapped FAISS snapshots."""
 
@@ -106,11 +121,7 @@ class Registry:
                 self.store.set_meta(db, "bundle_fingerprint", fingerprint)
                 log.info("seeded label sets %s from the bundle", [s.name for s in bundle.manifest.label_sets])
         if stored is not None and stored != fingerprint:
-            raise StartupError(
-                f"the label-set database {self.store.where} was created for a different bundle "
-                "(its class vectors live in another embedding space); use a fresh --state-dir / "
-                "PROMPTDISTILL_STATE_DIR (or database) for this bundle, or delete that database to start over"
-            )
+            raise _different_bundle(self.store)
         self.sync()
         log.info("label sets ready: %s", {n: (s.version, len(s)) for n, s in self._snapshots.items()})
         if self.store.shared:

@@ -30,7 +30,7 @@ from service.errors import StartupError
 from service.images import EncodedImage, ImageLimits, configure_pil
 from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
-from service.registry import Registry
+from service.registry import Registry, check_store_matches
 from service.settings import Settings
 from service.store import open_store
 from service.text import TextEncoder
@@ -78,11 +78,18 @@ def resolve_backend(settings: Settings, bundle: Bundle) -> str:
 
 
 def preflight(settings: Settings) -> Bundle:
-    """The start-up checks that need no model: bundle, image-encoder backend, state dir (raises StartupError)."""
+    """The start-up checks that need no model (bundle, image-encoder backend, device, state dir,
+    label-set database of this bundle), run before any server starts; raises StartupError."""
     bundle = load_checked_bundle(settings)
     if resolve_backend(settings, bundle) == "onnx":
         onnx_graph(bundle, settings.onnx_precision)
+    cuda_wanted(settings.device)  # --device cuda without a CUDA device
     check_state_dir(settings.state_dir)
+    store = open_store(settings, bundle.manifest.embed_dim)
+    try:
+        check_store_matches(store, bundle)
+    finally:
+        store.close()
     return bundle
 
 
