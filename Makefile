@@ -52,6 +52,7 @@ bench: install
 docker-check: install
 	$(BIN)/hadolint Dockerfile Dockerfile.gpu
 	docker-compose -f docker-compose.yml config -q
+	docker-compose -f docker-compose.yml --profile cluster config -q
 
 # The CPU image built and run for real (root; starts and stops its own dockerd; ~15-25 min on 2
 # cores, ~25 GB of scratch space under SMOKE_WORK, default /var/tmp). See scripts/docker-smoke.sh.
