@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, RESULTS, BenchCfg
+from bench.server_report import server_section
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ SECTIONS = {
     "labelsets": labelsets_section,
     "http": http_section,
     "payoff": payoff_section,
+    "server": lambda doc: server_section(doc, _conditions),
 }
 
 

@@ -1,9 +1,16 @@
-"""Label-set registry: the SQLite store (truth) + one immutable FAISS snapshot per set (derived).
+"""Label-set registry: the store (truth) + one immutable FAISS snapshot per set (derived).
 
 Writes: validate -> encode names through the bundle's text side -> one committed transaction ->
 build the next snapshot -> swap the reference. Reads take the current snapshot reference and
-finish on it. Before serving a set, its stored version is compared with the snapshot's, so a
-change committed by another worker process is picked up (rebuilt from the database).
+finish on it.
+
+Keeping snapshots fresh depends on the store:
+- SQLite (one host): before serving a set its stored version is compared with the snapshot's, so
+  a change committed by another worker process is picked up at once (one local query).
+- PostgreSQL (a fleet): reads never touch the database. The store's watcher delivers other
+  replicas' commits (LISTEN/NOTIFY, a re-check on reconnect, a poll as a safety net) and only the
+  added / removed rows are read. A request with ``min_version`` is answered from a snapshot at
+  least that new: the registry waits briefly for it, then reads the database, then gives up (503).
 """
 
 from __future__ import annotations
@@ -11,15 +18,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from models.bundle import CLASS_VECTORS, DEFAULT_LABEL_SET, Bundle
-from service.errors import DuplicateClass, LabelSetExists, ProtectedLabelSet, StartupError, UnknownLabelSet
+from service.errors import (
+    DuplicateClass,
+    LabelSetExists,
+    ProtectedLabelSet,
+    StartupError,
+    UnknownLabelSet,
+    VersionUnavailable,
+)
 from service.index import Snapshot
-from service.store import LabelSetStore, SetRows
+from service.stores.base import SetDelta, SetRows, Store
 from service.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -54,16 +69,23 @@ class Registry:
 
     def __init__(
         self,
-        store: LabelSetStore,
+        store: Store,
         text: TextEncoder,
         use_gpu: bool = False,
         on_version: Callable[[str, int, int], None] | None = None,
+        min_version_wait_s: float = 1.0,
+        retry_after_s: int = 1,
     ) -> None:
         self.store = store
         self.text = text
         self.use_gpu = use_gpu
+        self.min_version_wait_s = min_version_wait_s
+        self.retry_after_s = retry_after_s
         self._snapshots: dict[str, Snapshot] = {}
+        self._deleted: dict[str, int] = {}  # name -> clock of its deletion, as told by the watcher
+        self._seen = 0  # every change up to this clock value has been applied here (notify order, syncs)
         self._write_lock = threading.RLock()  # get() may refresh a stale set while a writer holds it
+        self._changed = threading.Condition()  # wakes min_version waiters after each install
         self._on_version = on_version or (lambda name, version, n: None)
 
     # ----------------------------------------------------------------- start-up
@@ -71,6 +93,7 @@ class Registry:
         """Seed the bundle's label sets on first start; then build every snapshot from the database."""
         fingerprint = bundle_fingerprint(bundle)
         with self.store.transaction() as db:  # one writer at a time: several workers may start together
+            self.store.lock_all(db)
             stored = self.store.meta("bundle_fingerprint")
             if stored is None:
                 for spec in bundle.manifest.label_sets:
@@ -83,35 +106,141 @@ class Registry:
                 log.info("seeded label sets %s from the bundle", [s.name for s in bundle.manifest.label_sets])
         if stored is not None and stored != fingerprint:
             raise StartupError(
-                f"the state directory's database {self.store.path} was created for a different bundle "
+                f"the label-set database {self.store.where} was created for a different bundle "
                 "(its class vectors live in another embedding space); use a fresh --state-dir / "
-                "PROMPTDISTILL_STATE_DIR for this bundle, or delete that database to start over"
+                "PROMPTDISTILL_STATE_DIR (or database) for this bundle, or delete that database to start over"
             )
-        for name in self.store.set_names():
-            self._install(Snapshot.from_rows(self.store.load(name), self.use_gpu))
+        self.sync()
         log.info("label sets ready: %s", {n: (s.version, len(s)) for n, s in self._snapshots.items()})
+        if self.store.shared:
+            self.store.watch(self._on_notify, self.sync)
 
     # ----------------------------------------------------------------- reads
-    def get(self, name: str) -> Snapshot:
-        """The current snapshot of ``name`` (rebuilt first if another process changed the set)."""
+    def get(self, name: str, min_version: int | None = None) -> Snapshot:
+        """The snapshot of ``name`` to answer from, at least ``min_version`` new when given.
+
+        Raises UnknownLabelSet (404), VersionUnavailable / StoreUnavailable (503 + Retry-After).
+        """
+        if not self.store.shared:
+            snap = self._get_local(name)
+        else:
+            held = self._snapshots.get(name)
+            fresh = held is not None and (min_version is None or held.version >= min_version)
+            snap = held if held is not None and fresh else self._catch_up(name, min_version)
+        if min_version is not None and snap.version < min_version:
+            raise VersionUnavailable(
+                f"label set {name!r} is at version {snap.version} here, older than min_version {min_version}",
+                retry_after_s=self.retry_after_s,
+            )
+        return snap
+
+    def _get_local(self, name: str) -> Snapshot:
+        """SQLite: the stored version decides (another worker process may have changed the set)."""
         version = self.store.version(name)
         if version is None:
-            self._snapshots.pop(name, None)
+            self._drop(name)
             raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them")
         snap = self._snapshots.get(name)
         if snap is None or snap.version != version:
-            with self._write_lock:
-                snap = self._snapshots.get(name)
-                if snap is None or snap.version != self.store.version(name):
-                    snap = self._install(Snapshot.from_rows(self.store.load(name), self.use_gpu))
+            snap = self.refresh(name)
         return snap
 
-    def summaries(self) -> list[tuple[str, int, int]]:
-        """(name, version, number of classes) per set, fresh from the database."""
-        return [(n, s.version, len(s)) for n in self.store.set_names() for s in [self.get(n)]]
+    def _catch_up(self, name: str, min_version: int | None) -> Snapshot:
+        """Shared store, snapshot missing or too old: wait for the watcher, then ask the database."""
+        if min_version is not None:
+            deadline = time.monotonic() + self.min_version_wait_s
+            with self._changed:
+                while True:
+                    snap = self._snapshots.get(name)
+                    if snap is not None and snap.version >= min_version:
+                        return snap
+                    if snap is None and self._deleted.get(name, -1) >= min_version:
+                        raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left)
+        return self.refresh(name)
+
+    def summaries(self, min_version: int | None = None) -> list[tuple[str, int, int]]:
+        """(name, version, number of classes) per set.
+
+        SQLite: fresh from the database. Shared store: this replica's snapshots; with ``min_version``
+        at least every change up to that clock value is included (waits, then re-reads the database).
+        """
+        if not self.store.shared:
+            out = []
+            for name in sorted(self.store.versions()):
+                try:
+                    snap = self.get(name)
+                except UnknownLabelSet:  # deleted between the two reads: it is simply not listed
+                    continue
+                out.append((name, snap.version, len(snap)))
+            return out
+        if min_version is not None and not self._wait_seen(min_version):
+            self.sync()  # StoreUnavailable (503) if the database cannot answer either
+        return [(n, s.version, len(s)) for n, s in sorted(self._snapshots.items())]
+
+    def _wait_seen(self, clock: int) -> bool:
+        deadline = time.monotonic() + self.min_version_wait_s
+        with self._changed:
+            while self._seen < clock:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    def served_versions(self) -> dict[str, int]:
+        return {n: s.version for n, s in sorted(self._snapshots.items())}
 
     def snapshots(self) -> dict[str, Snapshot]:
         return dict(self._snapshots)
+
+    # ----------------------------------------------------------------- propagation
+    def refresh(self, name: str) -> Snapshot:
+        """Bring ``name`` up to the database, reading only the rows this replica lacks."""
+        with self._write_lock:
+            old = self._snapshots.get(name)
+            try:
+                delta = self.store.delta(name, old.ids if old is not None else np.zeros(0, dtype=np.int64))
+            except UnknownLabelSet:
+                self._drop(name)
+                raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them") from None
+            if old is not None and delta.version <= old.version:
+                return old  # versions only increase: never install an older read
+            return self._install(Snapshot.from_rows(_merge(old, delta), self.use_gpu))
+
+    def sync(self) -> None:
+        """Re-check every version against the database (start-up, listener (re)connect, poll)."""
+        with self._write_lock:
+            versions = self.store.versions()
+            for name in [n for n in self._snapshots if n not in versions]:
+                self._drop(name)
+            for name, version in versions.items():
+                snap = self._snapshots.get(name)
+                if snap is None or snap.version < version:
+                    try:
+                        self.refresh(name)
+                    except UnknownLabelSet:  # deleted since versions() was read
+                        continue
+            self._saw(max(versions.values(), default=0))
+
+    def _on_notify(self, name: str, version: int) -> None:
+        """Another replica (or this one) committed ``name`` at ``version``; notifications come in commit order."""
+        snap = self._snapshots.get(name)
+        if snap is None or snap.version < version:
+            try:
+                self.refresh(name)
+            except UnknownLabelSet:
+                with self._changed:
+                    self._deleted[name] = max(version, self._deleted.get(name, 0))
+        self._saw(version)
+
+    def _saw(self, clock: int) -> None:
+        with self._changed:
+            self._seen = max(self._seen, clock)
+            self._changed.notify_all()
 
     # ----------------------------------------------------------------- writes
     def create(self, name: str, names: Sequence[str], templates: Sequence[str] | None) -> Change:
@@ -121,31 +250,31 @@ class Registry:
             vectors = self.text.encode(names, templates)  # [N, D]
             with self.store.transaction() as db:
                 version = self.store.create_set(db, name, names, vectors, RUNTIME)
-            snap = self._install(Snapshot.from_rows(self.store.load(name), self.use_gpu))
+            ids = np.arange(len(names), dtype=np.int64)  # a new set numbers its classes from 0
+            rows = SetRows(name, version, ids, list(names), [RUNTIME] * len(names), vectors.astype(np.float32))
+            snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
         return Change(snap, version, [int(i) for i in snap.ids], list(names))
 
     def add(self, name: str, names: Sequence[str], templates: Sequence[str] | None) -> Change:
         """Add classes atomically (all or none); duplicates of existing names -> 409 before encoding."""
         with self._write_lock:
-            self.get(name)  # 404 early and refresh
-            with self.store.transaction() as db:
+            with self.store.read() as db:
+                if self.store.version(name) is None:
+                    raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them")
                 existing = self.store.existing_names(db, name, names)
             if existing:
                 raise DuplicateClass(f"label set {name!r} already has {sorted(existing)[:10]}")
             vectors = self.text.encode(names, templates)  # [N, D]; outside the transaction (slow)
             with self.store.transaction() as db:
-                before = self.store.version(name)
+                before = self.store.lock_version(db, name)
                 version, ids = self.store.add_classes(db, name, names, vectors, RUNTIME)
             old = self._snapshots.get(name)
             if old is not None and old.version == before:
-                rows = SetRows(
-                    name,
-                    version,
-                    np.concatenate([old.ids, np.asarray(ids, dtype=np.int64)]),
-                    [*old.names, *names],
-                    [*old.provenance, *[RUNTIME] * len(names)],
-                    np.concatenate([old.vectors, vectors.astype(np.float32)]),
-                )
+                added = SetRows(
+                    name, version, np.asarray(ids, dtype=np.int64), list(names), [RUNTIME] * len(names),
+                    vectors.astype(np.float32),
+                )  # fmt: skip
+                rows = _merge(old, SetDelta(version, np.concatenate([old.ids, added.ids]), added))
             else:
                 rows = self.store.load(name)
             snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
@@ -154,19 +283,12 @@ class Registry:
     def remove(self, name: str, class_id: int | None = None, class_name: str | None = None) -> Change:
         with self._write_lock:
             with self.store.transaction() as db:
-                before = self.store.version(name)
+                before = self.store.lock_version(db, name)
                 version, removed_id, removed_name = self.store.remove_class(db, name, class_id, class_name)
             old = self._snapshots.get(name)
             if old is not None and old.version == before:
-                keep = old.ids != removed_id
-                rows = SetRows(
-                    name,
-                    version,
-                    old.ids[keep],
-                    [n for n, k in zip(old.names, keep, strict=True) if k],
-                    [p for p, k in zip(old.provenance, keep, strict=True) if k],
-                    old.vectors[keep],
-                )
+                empty = SetRows(name, version, old.ids[:0], [], [], old.vectors[:0])
+                rows = _merge(old, SetDelta(version, old.ids[old.ids != removed_id], empty))
             else:
                 rows = self.store.load(name)
             snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
@@ -178,19 +300,27 @@ class Registry:
         with self._write_lock:
             with self.store.transaction() as db:
                 version = self.store.delete_set(db, name)
-            self._snapshots.pop(name, None)
-            self._on_version(name, -1, 0)
+            self._drop(name, version)
         return Change(None, version, [], [])
 
     # ----------------------------------------------------------------- health
     def check(self) -> list[str]:
-        """Problems that make the service unready: index vs database disagreement, stale versions."""
+        """Problems that make the service unready: an index that disagrees with its rows, a stale version.
+
+        Sets created or deleted while this runs are not problems (the race behind spurious 503s).
+        """
         problems: list[str] = []
         versions = self.store.versions()
         for name, version in versions.items():
-            snap = self.get(name)
-            if snap.version != version:
-                problems.append(f"label set {name!r}: index version {snap.version} != database {version}")
+            try:
+                snap = self.get(name) if not self.store.shared else self._snapshots.get(name)
+                if snap is None or snap.version < version:  # the watcher lags: catch up rather than fail
+                    snap = self.refresh(name)
+            except UnknownLabelSet:
+                continue  # deleted since versions() was read
+            if snap.version < version:
+                problems.append(f"label set {name!r}: index version {snap.version} < database {version}")
+        for name, snap in self.snapshots().items():
             if int(snap.index.ntotal) != len(snap.ids) or not np.array_equal(snap.index_ids(), np.sort(snap.ids)):
                 problems.append(
                     f"label set {name!r}: index holds {snap.index.ntotal} vectors, database {len(snap.ids)}"
@@ -200,6 +330,32 @@ class Registry:
         return problems
 
     def _install(self, snap: Snapshot) -> Snapshot:
-        self._snapshots[snap.name] = snap  # one reference assignment: the atomic swap
+        with self._changed:
+            self._snapshots[snap.name] = snap  # one reference assignment: the atomic swap
+            self._changed.notify_all()
         self._on_version(snap.name, snap.version, len(snap))
         return snap
+
+    def _drop(self, name: str, version: int | None = None) -> None:
+        with self._changed:
+            if self._snapshots.pop(name, None) is not None:
+                self._on_version(name, -1, 0)
+            if version is not None:
+                self._deleted[name] = max(version, self._deleted.get(name, 0))
+            self._changed.notify_all()
+
+
+def _merge(old: Snapshot | None, delta: SetDelta) -> SetRows:
+    """The rows ``delta`` describes: ``old``'s rows still present plus the added ones, in id order."""
+    added = delta.added
+    if old is None:
+        return added
+    keep = np.isin(old.ids, delta.current_ids)
+    ids = np.concatenate([old.ids[keep], added.ids])
+    order = np.argsort(ids, kind="stable")
+    names = [*[n for n, k in zip(old.names, keep, strict=True) if k], *added.names]
+    prov = [*[p for p, k in zip(old.provenance, keep, strict=True) if k], *added.provenance]
+    vectors = np.concatenate([old.vectors[keep], added.vectors])  # [N, D]
+    return SetRows(
+        old.name, delta.version, ids[order], [names[i] for i in order], [prov[i] for i in order], vectors[order]
+    )

@@ -26,6 +26,17 @@ class Settings(BaseSettings):
     # --- what to serve
     bundle: Path | None = Field(default=None, description="bundle folder (manifest.json + tensors)")
     state_dir: Path = Field(default=Path("promptdistill-state"), description="SQLite database of label sets lives here")
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host:5432/db: label sets shared by every replica "
+        "(default: SQLite in state_dir)",
+    )
+    poll_interval_s: float = Field(
+        default=2.0, gt=0, le=3600, description="PostgreSQL: how often each replica re-checks versions besides LISTEN"
+    )
+    min_version_wait_s: float = Field(
+        default=1.0, ge=0, le=60, description="how long a lagging replica waits for a requested min_version"
+    )
     backend: Literal["onnx", "torch"] = Field(default="onnx", description="image encoder runtime")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
     faiss_gpu: bool = Field(default=True, description="use a FAISS GPU index when FAISS GPU and a GPU are present")
@@ -93,6 +104,9 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.api_key is not None and not self.api_key.get_secret_value().strip():
             raise ValueError("api_key is empty; unset PROMPTDISTILL_API_KEY or give a real key")
+        url = self.database_url.get_secret_value() if self.database_url is not None else None
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("database_url must start with postgresql:// (unset it for the embedded SQLite store)")
         if self.max_image_bytes > self.max_request_bytes:
             raise ValueError("max_image_bytes cannot exceed max_request_bytes")
         return self

@@ -21,7 +21,7 @@ from service.images import ImageLimits, configure_pil
 from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import Settings
-from service.store import LabelSetStore
+from service.store import open_store
 from service.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,19 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         cache_size=settings.text_cache_size,
         on_call=metrics.text_call,
     )
-    store = LabelSetStore(settings.state_dir, bundle.manifest.embed_dim)
+    store = open_store(settings, bundle.manifest.embed_dim)
     import faiss
 
     # One query per image: OpenMP fan-out costs more than it saves (bench/: up to ~250x on 2 cores).
     faiss.omp_set_num_threads(settings.faiss_threads)
-    registry = Registry(store, text, use_gpu=settings.faiss_gpu and device == "cuda", on_version=metrics.version)
+    registry = Registry(
+        store,
+        text,
+        use_gpu=settings.faiss_gpu and device == "cuda",
+        on_version=metrics.version,
+        min_version_wait_s=settings.min_version_wait_s,
+        retry_after_s=settings.retry_after_s,
+    )
     try:
         registry.open(bundle)
     except BaseException:

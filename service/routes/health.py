@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from models.bundle import Bundle
 from service.deps import ServicesDep
-from service.errors import ServiceError
+from service.errors import ServiceError, StoreUnavailable
 from service.schemas import Health
 from service.server import count_ready
 
@@ -49,6 +50,11 @@ async def readyz(request: Request) -> Response:
         problems = await asyncio.to_thread(services.registry.check)
         checks["index"] = "; ".join(problems) if problems else "ok"
         ok = ok and not problems
+    except StoreUnavailable as e:
+        # A shared database is down: every replica still classifies from its snapshots. Stay ready
+        # (and say so), or every pod would leave the load balancer at the same moment.
+        checks["database"] = f"degraded: {e.message}"
+        checks["index"] = f"serving snapshots {services.registry.served_versions()}"
     except (ServiceError, OSError, ValueError) as e:
         checks["database"], ok = f"failed: {e}", False
     except Exception as e:  # noqa: BLE001 - sqlite3.Error and friends: report, don't crash the probe
@@ -76,5 +82,8 @@ def bundle_identity(bundle: Bundle) -> str:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
     services.metrics.queue_depth.set(services.engine.depth)
-    services.metrics.prune_label_sets(await asyncio.to_thread(services.registry.store.versions))
+    # Sets deleted through another worker or replica leave this process's series too; with the database
+    # down (StoreUnavailable) the metrics still render and are pruned at a later scrape.
+    with contextlib.suppress(ServiceError):
+        services.metrics.prune_label_sets(await asyncio.to_thread(services.registry.store.versions))
     return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

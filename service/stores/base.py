@@ -1,0 +1,300 @@
+"""The store interface and the SQL both implementations share.
+
+A store is the durable source of truth for label sets. Every change runs in one transaction that
+locks the set's row, then advances one global clock row; the set's ``version`` becomes the new
+clock value. Because the clock row stays locked until commit, writers commit in clock order and a
+version never goes backwards (even across a delete and re-create). The caller answers the client
+only after the transaction committed. FAISS indexes are derived from these rows.
+
+SQL here is written with ``?`` placeholders; :meth:`Store._sql` adapts it to the driver.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from service.errors import DuplicateClass, LabelSetExists, StartupError, UnknownClass, UnknownLabelSet
+
+Tx = Any  # a driver connection inside an open transaction (sqlite3.Connection / psycopg.Connection)
+
+
+@dataclass(frozen=True)
+class SetRows:
+    """One label set as stored: ids [N] int64, names, provenance, vectors [N, D] float32."""
+
+    name: str
+    version: int
+    ids: np.ndarray
+    names: list[str]
+    provenance: list[str]
+    vectors: np.ndarray
+
+
+@dataclass(frozen=True)
+class SetDelta:
+    """What changed in a set relative to ids a replica already holds (one consistent read).
+
+    ``current_ids`` [N] are all ids now stored; ``added`` holds only the rows the caller lacked.
+    """
+
+    version: int
+    current_ids: np.ndarray
+    added: SetRows
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Store(abc.ABC):
+    """Durable, versioned label sets. Writes take a ``tx`` from :meth:`transaction`."""
+
+    embed_dim: int
+    #: True when other hosts write too and tell us (LISTEN/NOTIFY): the registry then serves its
+    #: snapshots without a database read per request. False (SQLite): every read checks the version.
+    shared: bool = False
+
+    @property
+    @abc.abstractmethod
+    def where(self) -> str:
+        """Where the data lives, for messages (no password)."""
+
+    @abc.abstractmethod
+    def transaction(self) -> AbstractContextManager[Tx]:
+        """A write transaction; committed (durably) when the block returns, rolled back on error."""
+
+    @abc.abstractmethod
+    def read(self) -> AbstractContextManager[Tx]:
+        """A read-only transaction that sees one consistent state."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def _tick(self, db: Tx) -> int:
+        """Advance the clock row inside the transaction; returns the new value."""
+
+    @abc.abstractmethod
+    def set_meta(self, db: Tx, key: str, value: str) -> None: ...
+
+    def lock_all(self, db: Tx) -> None:
+        """Serialise with every other writer (start-up seeding). SQLite's BEGIN IMMEDIATE already does."""
+        return None
+
+    def notify(self, db: Tx, name: str, version: int) -> None:
+        """Tell other replicas (on commit) that ``name`` is now at ``version``; nothing for SQLite."""
+        return None
+
+    def watch(self, on_change: Callable[[str, int], None], on_connect: Callable[[], None]) -> None:
+        """Start delivering other replicas' changes (background); nothing for SQLite."""
+        return None
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def _lock_set(self, db: Tx, name: str) -> bool:
+        """Lock the set's row for the rest of the transaction; False if it does not exist."""
+        return db.execute(self._sql("SELECT 1 FROM label_sets WHERE name = ?"), (name,)).fetchone() is not None
+
+    def _blob(self, vec: np.ndarray) -> Any:
+        return vec.tobytes()
+
+    # ----------------------------------------------------------------- reads
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with self.read() as db:
+            return db.execute(self._sql(sql), tuple(params)).fetchone()
+
+    def meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
+
+    def set_names(self) -> list[str]:
+        with self.read() as db:
+            return [r[0] for r in db.execute(self._sql("SELECT name FROM label_sets ORDER BY name")).fetchall()]
+
+    def versions(self) -> dict[str, int]:
+        with self.read() as db:
+            return {r[0]: int(r[1]) for r in db.execute(self._sql("SELECT name, version FROM label_sets")).fetchall()}
+
+    def version(self, name: str) -> int | None:
+        row = self._one("SELECT version FROM label_sets WHERE name = ?", (name,))
+        return None if row is None else int(row[0])
+
+    def ping(self) -> None:
+        self._one("SELECT 1")
+
+    def load(self, name: str) -> SetRows:
+        """All rows of one set, in id order (one consistent read)."""
+        return self.delta(name, np.zeros(0, dtype=np.int64)).added
+
+    def delta(self, name: str, known_ids: np.ndarray) -> SetDelta:
+        """The set's version and ids, plus the full rows of ids not in ``known_ids`` (one read)."""
+        with self.read() as db:
+            row = db.execute(self._sql("SELECT version FROM label_sets WHERE name = ?"), (name,)).fetchone()
+            if row is None:
+                raise UnknownLabelSet(f"label set {name!r} does not exist")
+            q = self._sql("SELECT id FROM classes WHERE label_set = ? ORDER BY id")
+            ids = [int(r[0]) for r in db.execute(q, (name,)).fetchall()]
+            current = np.asarray(ids, dtype=np.int64)
+            want = current[~np.isin(current, known_ids)]
+            rows = self._rows(db, name, want, fetch_all=len(want) == len(current))
+        return SetDelta(int(row[0]), current, self._set_rows(name, int(row[0]), rows))
+
+    def _rows(self, db: Tx, name: str, want: np.ndarray, fetch_all: bool) -> list[Any]:
+        cols = "SELECT id, name, provenance, vector FROM classes WHERE label_set = ?"
+        if fetch_all:
+            return list(db.execute(self._sql(cols + " ORDER BY id"), (name,)).fetchall())
+        out: list[Any] = []
+        for start in range(0, len(want), 500):
+            chunk = [int(i) for i in want[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            out += db.execute(self._sql(f"{cols} AND id IN ({marks}) ORDER BY id"), (name, *chunk)).fetchall()
+        return out
+
+    def _set_rows(self, name: str, version: int, rows: list[Any]) -> SetRows:
+        vectors = np.zeros((len(rows), self.embed_dim), dtype=np.float32)  # [N, D]
+        for i, r in enumerate(rows):
+            vec = np.frombuffer(bytes(r[3]), dtype="<f4")
+            if vec.shape != (self.embed_dim,):
+                raise StartupError(f"database {self.where}: class {r[1]!r} in {name!r} has a vector of size {vec.size}")
+            vectors[i] = vec
+        return SetRows(
+            name=name,
+            version=version,
+            ids=np.asarray([r[0] for r in rows], dtype=np.int64),
+            names=[r[1] for r in rows],
+            provenance=[r[2] for r in rows],
+            vectors=vectors,
+        )
+
+    # ----------------------------------------------------------------- writes (inside transaction())
+    def create_set(
+        self,
+        db: Tx,
+        name: str,
+        names: Sequence[str],
+        vectors: np.ndarray,
+        provenance: str | Sequence[str],
+        ids: Sequence[int] | None = None,
+    ) -> int:
+        """A new set with its classes; returns its version."""
+        if self._lock_set(db, name):
+            raise LabelSetExists(f"label set {name!r} already exists")
+        self._insert_set(db, name)
+        version = self._tick(db)
+        db.execute(self._sql("UPDATE label_sets SET version = ? WHERE name = ?"), (version, name))
+        self._insert(db, name, names, vectors, provenance, ids)
+        self.notify(db, name, version)
+        return version
+
+    def _insert_set(self, db: Tx, name: str) -> None:
+        db.execute(
+            self._sql("INSERT INTO label_sets (name, version, next_id, created_at) VALUES (?, 0, 0, ?)"), (name, now())
+        )
+
+    def add_classes(
+        self, db: Tx, name: str, names: Sequence[str], vectors: np.ndarray, provenance: str
+    ) -> tuple[int, list[int]]:
+        """Append classes; returns (version, new ids). Duplicates -> 409."""
+        self._require(db, name)
+        existing = self.existing_names(db, name, names)
+        if existing:
+            raise DuplicateClass(f"label set {name!r} already has {sorted(existing)[:10]}")
+        version = self._tick(db)
+        db.execute(self._sql("UPDATE label_sets SET version = ? WHERE name = ?"), (version, name))
+        ids = self._insert(db, name, names, vectors, provenance, None)
+        self.notify(db, name, version)
+        return version, ids
+
+    def existing_names(self, db: Tx, name: str, names: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(names), 500):
+            chunk = list(names[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT name FROM classes WHERE label_set = ? AND name IN ({marks})"
+            found |= {r[0] for r in db.execute(self._sql(q), (name, *chunk)).fetchall()}
+        return found
+
+    def remove_class(self, db: Tx, name: str, class_id: int | None, class_name: str | None) -> tuple[int, int, str]:
+        """Delete one class by id or name; returns (version, id, name)."""
+        self._require(db, name)
+        by, key = ("id", class_id) if class_id is not None else ("name", class_name)
+        row = db.execute(
+            self._sql(f"SELECT id, name FROM classes WHERE label_set = ? AND {by} = ?"), (name, key)
+        ).fetchone()
+        if row is None:
+            what = f"id {class_id}" if class_id is not None else f"name {class_name!r}"
+            raise UnknownClass(f"label set {name!r} has no class with {what}")
+        db.execute(self._sql("DELETE FROM classes WHERE label_set = ? AND id = ?"), (name, row[0]))
+        version = self._tick(db)
+        db.execute(self._sql("UPDATE label_sets SET version = ? WHERE name = ?"), (version, name))
+        self.notify(db, name, version)
+        return version, int(row[0]), str(row[1])
+
+    def delete_set(self, db: Tx, name: str) -> int:
+        """Delete a set and its classes; returns the clock value of the deletion."""
+        self._require(db, name)
+        db.execute(self._sql("DELETE FROM classes WHERE label_set = ?"), (name,))
+        db.execute(self._sql("DELETE FROM label_sets WHERE name = ?"), (name,))
+        version = self._tick(db)
+        self.notify(db, name, version)
+        return version
+
+    def lock_version(self, db: Tx, name: str) -> int:
+        """Lock the set's row and return its version (what this transaction's change builds on)."""
+        self._require(db, name)
+        return int(db.execute(self._sql("SELECT version FROM label_sets WHERE name = ?"), (name,)).fetchone()[0])
+
+    def _require(self, db: Tx, name: str) -> None:
+        if not self._lock_set(db, name):
+            raise UnknownLabelSet(f"label set {name!r} does not exist")
+
+    def _insert(
+        self,
+        db: Tx,
+        name: str,
+        names: Sequence[str],
+        vectors: np.ndarray,
+        provenance: str | Sequence[str],
+        ids: Sequence[int] | None,
+    ) -> list[int]:
+        prov = [provenance] * len(names) if isinstance(provenance, str) else list(provenance)
+        vecs = np.ascontiguousarray(vectors, dtype="<f4")  # [N, D]
+        if vecs.shape != (len(names), self.embed_dim):
+            raise ValueError(f"vectors have shape {vecs.shape}, expected ({len(names)}, {self.embed_dim})")
+        (next_id,) = db.execute(self._sql("SELECT next_id FROM label_sets WHERE name = ?"), (name,)).fetchone()
+        new_ids = list(ids) if ids is not None else list(range(next_id, next_id + len(names)))
+        stamp = now()
+        rows = [
+            (name, i, n, prov[k], self._blob(vecs[k]), stamp)
+            for k, (i, n) in enumerate(zip(new_ids, names, strict=True))
+        ]
+        self._insert_classes(db, rows)
+        top = max([next_id - 1, *new_ids]) + 1
+        db.execute(self._sql("UPDATE label_sets SET next_id = ? WHERE name = ?"), (top, name))
+        return new_ids
+
+    def _insert_classes(self, db: Tx, rows: list[tuple[Any, ...]]) -> None:
+        sql = "INSERT INTO classes (label_set, id, name, provenance, vector, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+        with _cursor(db) as cur:
+            cur.executemany(self._sql(sql), rows)
+
+
+class _cursor:
+    """``db.cursor()`` closed on exit (sqlite3 cursors are not context managers)."""
+
+    def __init__(self, db: Tx) -> None:
+        self.cur = db.cursor()
+
+    def __enter__(self) -> Any:
+        return self.cur
+
+    def __exit__(self, *exc: object) -> None:
+        self.cur.close()

@@ -1,0 +1,90 @@
+"""SQLite store (the embedded default): one file in the state dir, WAL, synchronous=FULL.
+
+Writes run in ``BEGIN IMMEDIATE`` (one writer at a time across every worker process on the host);
+the global clock is the ``meta`` row ``clock``. Other workers notice changes by comparing versions
+on each read (the registry does that when ``shared`` is False), which costs one local query.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from service.errors import StartupError
+from service.stores.base import Store
+
+DB_FILE = "labelsets.sqlite3"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS label_sets (
+    name TEXT PRIMARY KEY, version INTEGER NOT NULL, next_id INTEGER NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS classes (
+    label_set TEXT NOT NULL REFERENCES label_sets(name) ON DELETE CASCADE,
+    id INTEGER NOT NULL, name TEXT NOT NULL, provenance TEXT NOT NULL, vector BLOB NOT NULL,
+    created_at TEXT NOT NULL, PRIMARY KEY (label_set, id), UNIQUE (label_set, name));
+"""
+
+
+class SqliteStore(Store):
+    """Thread-safe (one connection behind a lock) SQLite store."""
+
+    def __init__(self, state_dir: Path, embed_dim: int) -> None:
+        self.path = state_dir / DB_FILE
+        self.embed_dim = embed_dim
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise StartupError(f"cannot open the label-set database {self.path}: {e}") from e
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (durable on return), rolled back on any error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A deferred transaction: WAL gives it one snapshot from its first read to its end.
+
+        Inside a running transaction (same thread: the lock is re-entrant) it reads in that one.
+        """
+        with self._lock:
+            if self._db.in_transaction:
+                yield self._db
+                return
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    def _tick(self, db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM meta WHERE key = 'clock'").fetchone()
+        clock = (int(row[0]) if row else 0) + 1
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)", (str(clock),))
+        return clock
+
+    def set_meta(self, db: sqlite3.Connection, key: str, value: str) -> None:
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))

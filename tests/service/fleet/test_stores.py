@@ -1,0 +1,149 @@
+"""One store suite, run against SQLite and a real PostgreSQL: versions, deltas, concurrent writers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from service.errors import DuplicateClass, LabelSetExists, UnknownClass, UnknownLabelSet
+from service.store import Store
+from tests.service.fleet.conftest import EMBED_DIM
+
+
+def vecs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, EMBED_DIM)).astype(np.float32)  # [n, D]
+
+
+def test_versions_only_increase_across_every_kind_of_write(make_store: Callable[..., Store]) -> None:
+    store = make_store()
+    seen = []
+    with store.transaction() as db:
+        seen.append(store.create_set(db, "pets", ["cat", "dog"], vecs(2), "runtime"))
+    with store.transaction() as db:
+        seen.append(store.add_classes(db, "pets", ["hamster"], vecs(1, 1), "runtime")[0])
+    with store.transaction() as db:
+        version, removed, name = store.remove_class(db, "pets", None, "dog")
+        seen.append(version)
+    assert (removed, name) == (1, "dog")
+    with store.transaction() as db:
+        seen.append(store.delete_set(db, "pets"))
+    assert store.version("pets") is None
+    with store.transaction() as db:
+        seen.append(store.create_set(db, "pets", ["cat"], vecs(1), "runtime"))
+    assert seen == sorted(seen) and len(set(seen)) == len(seen), seen
+    rows = store.load("pets")
+    assert rows.version == seen[-1] and rows.names == ["cat"] and rows.ids.tolist() == [0]
+
+
+def test_load_returns_exactly_what_was_written(make_store: Callable[..., Store]) -> None:
+    store = make_store()
+    v = vecs(3, 7)
+    with store.transaction() as db:
+        store.create_set(db, "s", ["a", "b", "c"], v, ["bundle", "bundle", "runtime"], ids=[5, 2, 9])
+    rows = store.load("s")
+    assert rows.ids.tolist() == [2, 5, 9] and rows.names == ["b", "a", "c"]
+    assert rows.provenance == ["bundle", "bundle", "runtime"]
+    np.testing.assert_array_equal(rows.vectors, v[[1, 0, 2]])  # bytes round trip: exact
+    with store.transaction() as db:
+        _, ids = store.add_classes(db, "s", ["d"], vecs(1), "runtime")
+    assert ids == [10]  # next id continues after the largest given id
+
+
+def test_delta_reads_only_the_rows_a_replica_lacks(make_store: Callable[..., Store]) -> None:
+    store = make_store()
+    with store.transaction() as db:
+        store.create_set(db, "s", ["a", "b", "c"], vecs(3), "runtime")
+    known = store.load("s").ids
+    with store.transaction() as db:
+        store.add_classes(db, "s", ["d", "e"], vecs(2, 3), "runtime")
+    with store.transaction() as db:
+        version, _, _ = store.remove_class(db, "s", 1, None)
+    delta = store.delta("s", known)
+    assert delta.version == version
+    assert delta.current_ids.tolist() == [0, 2, 3, 4]
+    assert delta.added.ids.tolist() == [3, 4] and delta.added.names == ["d", "e"]
+    with pytest.raises(UnknownLabelSet):
+        store.delta("nope", known)
+
+
+def test_failed_writes_change_nothing(make_store: Callable[..., Store]) -> None:
+    store = make_store()
+    with store.transaction() as db:
+        version = store.create_set(db, "s", ["a"], vecs(1), "runtime")
+    attempts = [
+        (LabelSetExists, lambda db: store.create_set(db, "s", ["x"], vecs(1), "runtime")),
+        (DuplicateClass, lambda db: store.add_classes(db, "s", ["a"], vecs(1), "runtime")),
+        (UnknownClass, lambda db: store.remove_class(db, "s", 99, None)),
+        (UnknownLabelSet, lambda db: store.add_classes(db, "nope", ["x"], vecs(1), "runtime")),
+        (UnknownLabelSet, lambda db: store.delete_set(db, "nope")),
+    ]
+    for error, write in attempts:
+        with pytest.raises(error), store.transaction() as db:
+            write(db)
+    assert store.versions() == {"s": version}
+    assert store.load("s").names == ["a"]
+    with store.transaction() as db:  # the clock did not move for the failed writes either
+        assert store.add_classes(db, "s", ["b"], vecs(1), "runtime")[0] == version + 1
+
+
+def test_concurrent_writers_get_unique_increasing_versions(make_store: Callable[..., Store]) -> None:
+    """Four writers (separate connections, like replicas) on one shared set and one own set each."""
+    setup = make_store()
+    with setup.transaction() as db:
+        setup.create_set(db, "shared", ["seed"], vecs(1), "runtime")
+    writers = [make_store() for _ in range(4)]
+    results: list[list[tuple[str, int]]] = [[] for _ in writers]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(writers))
+
+    def work(k: int) -> None:
+        store = writers[k]
+        try:
+            barrier.wait(timeout=30)
+            with store.transaction() as db:
+                results[k].append((f"own{k}", store.create_set(db, f"own{k}", ["x"], vecs(1), "runtime")))
+            for i in range(10):
+                with store.transaction() as db:
+                    version, _ = store.add_classes(db, "shared", [f"w{k}-{i}"], vecs(1, i), "runtime")
+                results[k].append(("shared", version))
+        except BaseException as e:  # noqa: BLE001 - re-raised below in the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(writers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    versions = [v for per in results for _, v in per]
+    assert len(versions) == 44 and len(set(versions)) == 44  # no duplicates
+    for per in results:  # each writer saw its own versions strictly increase
+        assert [v for _, v in per] == sorted(v for _, v in per)
+    final = setup.load("shared")
+    assert len(final.names) == 41 and final.version == max(v for per in results for s, v in per if s == "shared")
+
+
+def test_same_name_created_at_once_succeeds_exactly_once(make_store: Callable[..., Store]) -> None:
+    stores = [make_store() for _ in range(4)]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(len(stores))
+
+    def create(store: Store, k: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            with store.transaction() as db:
+                store.create_set(db, "race", [f"by{k}"], vecs(1, k), "runtime")
+            outcomes.append("created")
+        except LabelSetExists:
+            outcomes.append("exists")
+
+    threads = [threading.Thread(target=create, args=(s, k)) for k, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(outcomes) == ["created", "exists", "exists", "exists"]
+    assert len(stores[0].load("race").names) == 1
