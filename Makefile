@@ -11,19 +11,27 @@ STAMP    = $(VENV)/.installed-$(FLAVOUR)
 
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint serve demo bench docker-check clean
+.PHONY: install test test-fast lint serve demo bench docker-check clean
 
+# pip's own output is the progress report (a bar on a terminal, one line per package otherwise).
 $(STAMP): pyproject.toml
+	@echo "make install: creating $(VENV) and installing promptdistill[$(FLAVOUR),dev] (torch 2.13.0 CPU, open_clip,"
+	@echo "make install: onnxruntime, faiss, FastAPI, test tools; about 1.3 GB: minutes, longer on a slow network)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --progress-bar on --upgrade pip
 	# torch is pinned to 2.13.0 in pyproject.toml: never let pip pick a newer (CUDA) build.
-	$(BIN)/pip install --quiet -e ".[$(FLAVOUR),dev]"
+	$(BIN)/pip install --progress-bar on -e ".[$(FLAVOUR),dev]"
 	touch $@
+	@echo "make install: done ($(VENV))"
 
 install: $(STAMP)
 
+# The whole suite (what CI runs), and the inner loop without the tests marked slow.
 test: install
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .
@@ -44,6 +52,7 @@ bench: install
 docker-check: install
 	$(BIN)/hadolint Dockerfile
 	docker-compose -f docker-compose.yml config -q
+	docker-compose -f docker-compose.yml --profile cluster config -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

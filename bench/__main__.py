@@ -1,4 +1,4 @@
-"""``python -m bench {encoders,labelsets,http_load,payoff,server,report,all} [--quick]``.
+"""``python -m bench {encoders,labelsets,http_load,payoff,server,peers,gpu,report,all} [--quick]``.
 
 Each benchmark writes ``<name>.json`` + ``<name>.png`` into bench/results/; ``report`` renders
 BENCHMARKS.md from them; ``all`` runs the four benchmarks and then ``report``. The full run takes
@@ -20,17 +20,20 @@ from bench.common import RESULTS, BenchCfg
 
 QUICK_OUT = Path(tempfile.gettempdir()) / "promptdistill-bench-quick"
 BENCHES = ("encoders", "labelsets", "http_load", "payoff", "server")
+EXTRA = ("peers", "gpu")  # not in ``all``: peers installs its own virtualenv, gpu needs CUDA
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", choices=(*BENCHES, "report", "all"))
+    parser.add_argument("which", choices=(*BENCHES, *EXTRA, "fleet", "report", "all"))
     parser.add_argument("--quick", action="store_true", help="smoke test: minimal sizes and iterations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="budget per timed measurement")
     parser.add_argument(
         "--out", type=Path, default=None, help=f"results folder (default {RESULTS}; with --quick {QUICK_OUT})"
     )
+    parser.add_argument("--peers-venv", type=Path, default=None, help="peers: virtualenv for Infinity (made if absent)")
+    parser.add_argument("--no-install", action="store_true", help="peers: never create the virtualenv")
     args = parser.parse_args(argv)
     # ONNX Runtime's quantiser logs every node through the root logger: keep the root at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -42,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in (*BENCHES, "report") if args.which == "all" else (args.which,):
         logging.getLogger("bench").info("=== %s ===", name)
         module = __import__(f"bench.{name}", fromlist=["run"])
-        module.run(cfg)
+        if name == "peers":
+            module.run(cfg, venv=args.peers_venv, install=not args.no_install)
+        elif name == "gpu":
+            return int(module.run(cfg))
+        else:
+            module.run(cfg)
     return 0
 
 

@@ -111,8 +111,10 @@ def _payloads() -> list[bytes]:
     return out
 
 
-def load(port: int, concurrency: int, n_requests: int, payloads: list[bytes], max_seconds: float) -> dict[str, Any]:
-    """``n_requests`` classify calls from ``concurrency`` threads; stops early after ``max_seconds``."""
+def load(
+    port: int, concurrency: int, n_requests: int, payloads: list[bytes], max_seconds: float, path: str = "/v1/classify"
+) -> dict[str, Any]:
+    """``n_requests`` POSTs to ``path`` from ``concurrency`` threads; stops early after ``max_seconds``."""
     latencies: list[float] = []
     errors: dict[int, int] = {}
     lock = threading.Lock()
@@ -125,7 +127,7 @@ def load(port: int, concurrency: int, n_requests: int, payloads: list[bytes], ma
             if time.perf_counter() > deadline:
                 break
             t0 = time.perf_counter()
-            status, _ = request(port, "POST", "/v1/classify", payloads[i % len(payloads)], conn)
+            status, _ = request(port, "POST", path, payloads[i % len(payloads)], conn)
             dt = (time.perf_counter() - t0) * 1000.0
             with lock:
                 if status == 200:

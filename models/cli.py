@@ -22,6 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     zs.add_argument(
         "--int8", action="store_true", help="also add a dynamically quantised int8 ONNX image tower (implies --onnx)"
     )
+    zs.add_argument(
+        "--int8-min-cosine",
+        type=float,
+        default=None,
+        help="refuse the int8 graph if a check photo's cosine to fp32 is lower (default 0.99)",
+    )
     zs.add_argument("--device", default="cpu")
     zs.set_defaults(func=_zeroshot)
     show = bsub.add_parser("inspect", help="validate a bundle and print its manifest summary")
@@ -40,6 +46,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         args.out,
         onnx=args.onnx,
         int8=args.int8,
+        int8_min_cosine=args.int8_min_cosine,
         device=args.device,
     )
     log.info("bundle ready: promptdistill serve --bundle %s", args.out)

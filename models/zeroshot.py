@@ -36,15 +36,20 @@ BACKBONE_KEY = "clip"
 
 
 def named_templates(which: str) -> list[str]:
-    """``imagenet`` (OpenAI's 80), ``simple`` (open_clip's 2), or a file with one template per line."""
+    """``imagenet`` (OpenAI's 80), ``promptsrc`` (PromptSRC's 60 of them, models/template_sets.py),
+    ``simple`` (open_clip's 2), or a file with one template per line."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
+    if which == "promptsrc":
+        from models.template_sets import PROMPTSRC_TEMPLATES
+
+        return list(PROMPTSRC_TEMPLATES)
     if which == "imagenet":
         return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     if which == "simple":
         return [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
     if not Path(which).is_file():
-        raise FileNotFoundError(f"templates: {which!r} is neither 'imagenet', 'simple' nor a file")
+        raise FileNotFoundError(f"templates: {which!r} is neither 'imagenet', 'promptsrc', 'simple' nor a file")
     return validate_templates(read_string_list(which, "templates file"))
 
 
@@ -136,19 +141,22 @@ def build_zeroshot_bundle(
     *,
     onnx: bool = False,
     int8: bool = False,
+    int8_min_cosine: float | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> Bundle:
     """Build, optionally ONNX-export, and save a zero-shot bundle; returns it loaded from ``out``.
 
-    ``int8`` adds a dynamically quantised ONNX image tower next to the fp32 one (implies ``onnx``).
+    ``int8`` adds a dynamically quantised ONNX image tower next to the fp32 one (implies ``onnx``),
+    refused below ``int8_min_cosine`` (see :func:`add_onnx`).
     """
     backbone = load_backbone(model, pretrained, device=device)
     bundle = zeroshot_bundle(backbone, class_names, templates, progress=progress)
     out = Path(out)
     extra: dict[str, Path] = {}
     if onnx or int8:
-        extra = add_onnx(bundle, ImageTower(PromptedImageEncoder(backbone.model)), out, int8=int8)
+        tower = ImageTower(PromptedImageEncoder(backbone.model))
+        extra = add_onnx(bundle, tower, out, int8=int8, int8_min_cosine=int8_min_cosine)
     save_bundle(bundle, out, extra_files=extra)
     log.info("wrote zero-shot bundle with %d classes to %s", len(class_names), out)
     return bundle

@@ -36,12 +36,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_flavour()
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        # Domain errors carry a message that says what to do; a traceback adds nothing for users.
-        logging.getLogger("promptdistill").error("%s", e)
+    except (OSError, ValueError, RuntimeError) as e:
+        # Domain errors (StartupError, bad settings, missing or unreadable files) carry a message that
+        # says what to do; a traceback adds nothing for users. -v shows it.
         if args.verbose:
             raise
+        sys.stderr.write(f"promptdistill {args.command}: error: {one_line(e)}\n")
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as one line: pydantic validation errors name the setting, OS errors the file."""
+    from pydantic import ValidationError  # only on the error path: keeps start-up imports light
+
+    if isinstance(error, ValidationError):
+        problems = []
+        for item in error.errors():
+            field = ".".join(str(part) for part in item["loc"])
+            where = f"{field} (PROMPTDISTILL_{field.upper()})" if error.title == "Settings" and field else field
+            got = f" (got {item['input']!r})" if field and not isinstance(item["input"], dict) else ""
+            msg = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {msg}{got}" if where else msg)
+        text = f"invalid {error.title.lower()}: " + "; ".join(problems)
+    elif isinstance(error, OSError) and error.filename and error.strerror:
+        text = f"{error.strerror}: {error.filename}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

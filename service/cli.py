@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--workers", type=int, help="worker processes under gunicorn's arbiter (each rebuilds its index from the DB)"
     )
-    serve.add_argument("--backend", choices=["onnx", "torch"])
+    serve.add_argument(
+        "--backend", choices=["auto", "onnx", "torch"], help="auto (default): ONNX when the bundle has it, else torch"
+    )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--onnx-precision", choices=["fp32", "int8"], help="serve the int8 graph (bundle built --int8)")
     serve.add_argument("--state-dir", help="where the label-set database lives (PROMPTDISTILL_STATE_DIR)")
@@ -51,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     csub = classes.add_subparsers(dest="classes_cmd", required=True)
     add = csub.add_parser("add", help="add class names (encoded by the server's text side)")
     add.add_argument("names", nargs="+")
+    add.add_argument(
+        "--if-exists", choices=["error", "skip"], default="error", help="a name already there: fail (409) or skip it"
+    )
     _client_args(add)
     add.set_defaults(func=_classes_add)
     ls = csub.add_parser("list", help="list the classes of a label set")
@@ -93,7 +98,7 @@ _SERVE_FIELDS = (
 
 def _serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
-    from service.state import check_state_dir, load_checked_bundle
+    from service.state import preflight
 
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is blank: give a real key, or leave the option out to serve without one")
@@ -107,8 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     problem = settings.insecure_bind_problem()
     if problem:
         raise RuntimeError(problem)
-    load_checked_bundle(settings)  # fail before uvicorn starts, with the message only
-    check_state_dir(settings.state_dir)
+    preflight(settings)  # fail before uvicorn starts, with the message only
     log.info(
         "serving %s on http://%s:%d (%d worker(s))", settings.bundle, settings.host, settings.port, settings.workers
     )
@@ -173,7 +177,7 @@ def _classes_add(args: argparse.Namespace) -> int:
     from service.client import Client
 
     with Client(args.url, args.api_key) as client:
-        out = client.add_classes(args.names, label_set=args.label_set)
+        out = client.add_classes(args.names, label_set=args.label_set, if_exists=args.if_exists)
     sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     return 0
 

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.bundle import Bundle
+from models.bundle import Bundle, OnnxSpec
 from service.errors import StartupError
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,24 @@ def cuda_wanted(device: str) -> bool:
     return available
 
 
+def onnx_graph(bundle: Bundle, precision: str) -> OnnxSpec:
+    """The bundle's ONNX image tower of ``precision`` (fp32 | int8), or a start-up error saying how to get one."""
+    specs = bundle.manifest.image_encoder.onnx
+    if not specs:
+        raise StartupError(
+            f"backend 'onnx' needs an ONNX image encoder, but bundle {bundle.root} has none; re-export the "
+            "bundle with --onnx (e.g. promptdistill bundle zeroshot ... --onnx) or start with --backend torch"
+        )
+    wanted = "dynamic-int8" if precision == "int8" else "none"
+    matching = [s for s in specs if s.quantization == wanted]
+    if not matching:
+        raise StartupError(
+            f"onnx_precision {precision!r}: bundle {bundle.root} has no such ONNX graph (it has "
+            f"{[s.quantization for s in specs]}); re-export with --int8 or serve fp32"
+        )
+    return matching[0]
+
+
 class OnnxImageEncoder:
     """ONNX Runtime session over the bundle's exported image tower."""
 
@@ -43,20 +61,7 @@ class OnnxImageEncoder:
     def __init__(self, bundle: Bundle, device: str, threads: int | None, precision: str = "fp32") -> None:
         import onnxruntime as ort
 
-        specs = bundle.manifest.image_encoder.onnx
-        if not specs:
-            raise StartupError(
-                f"backend 'onnx' needs an ONNX image encoder, but bundle {bundle.root} has none; re-export the "
-                "bundle with --onnx (e.g. promptdistill bundle zeroshot ... --onnx) or start with --backend torch"
-            )
-        wanted = "dynamic-int8" if precision == "int8" else "none"
-        matching = [s for s in specs if s.quantization == wanted]
-        if not matching:
-            raise StartupError(
-                f"onnx_precision {precision!r}: bundle {bundle.root} has no such ONNX graph (it has "
-                f"{[s.quantization for s in specs]}); re-export with --int8 or serve fp32"
-            )
-        spec = matching[0]
+        spec = onnx_graph(bundle, precision)
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
         if device != "cpu" and "CUDAExecutionProvider" in available:

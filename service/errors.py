@@ -97,15 +97,6 @@ class StoreUnavailable(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
-class VersionUnavailable(ServiceError):
-    """``min_version`` asked for a version this replica could not reach in time (503 + Retry-After)."""
-
-    status, code = 503, "version_unavailable"
-
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
-
-
 class DeadlineExceeded(ServiceError):
     status, code = 504, "deadline_exceeded"
 

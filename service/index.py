@@ -1,21 +1,49 @@
-"""Immutable label-set snapshots: FAISS ``IndexIDMap2(IndexFlatIP)`` over normalised class vectors.
+"""Immutable label-set snapshots and their search: exact (flat) or approximate (IVF) per label set.
 
 A snapshot is never mutated: a change builds a new one and the registry swaps the reference, so a
 request that already holds a snapshot finishes on it (and reports its version).
+
+Scores are a softmax over *every* class of the set (``logit_scale * cosine``). Nothing materialises a
+sorted N-list:
+
+* ``flat`` (exact): FAISS ``IndexFlatIP`` finds the top-k; one matrix product ``q @ X.T`` into a
+  reused per-thread buffer gives the exact softmax denominator ``sum(exp(s * (cos - max)))``.
+* ``ivf`` (approximate, for >= 100k classes): FAISS ``IndexIVFFlat`` finds the ``IVF_HEAD`` best
+  candidates (exact cosines, probably-best ids); the denominator is exact over those and
+  *estimated* for the rest from a fixed uniform sample of the set (``TAIL_SAMPLE`` rows), so scores
+  carry a small sampling error (bench/labelsets.py measures it, and recall@k, against ``flat``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from service.settings import IVF_MIN_CLASSES  # below it an IVF set is searched exactly
 from service.store import SetRows
 
 log = logging.getLogger(__name__)
+
+IndexKind = Literal["flat", "ivf"]
+INDEX_KINDS: tuple[str, ...] = ("flat", "ivf")
+IVF_HEAD = 256  # candidates whose softmax terms are computed exactly on an IVF set
+TAIL_SAMPLE = 16_384  # rows that estimate the rest of an IVF set's softmax denominator
+_BLOCK = 8_000_000  # cosines computed at once (32 MB per searching thread): 16 images x 1M classes are split
+
+
+@dataclass(frozen=True)
+class SearchCfg:
+    """How snapshots are built and searched (service settings; one per registry)."""
+
+    default_kind: IndexKind = "flat"  # for sets created without an explicit kind
+    nprobe: int = 32  # IVF lists visited per query
+    faiss_threads: int = 1  # OpenMP threads of the searching thread (one query per image: 1 is fastest)
+    use_gpu: bool = False
 
 
 def _faiss() -> Any:
@@ -30,20 +58,22 @@ def gpu_available() -> bool:
 
 
 _GPU_RESOURCES: Any = None
+_THREAD = threading.local()
 
 
-def build_index(ids: np.ndarray, vectors: np.ndarray, use_gpu: bool) -> tuple[Any, bool]:
-    """Exact inner-product index with our class ids; on the GPU when asked and possible."""
-    global _GPU_RESOURCES
-    faiss = _faiss()
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    if len(ids):
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-    if use_gpu and gpu_available():
-        if _GPU_RESOURCES is None:
-            _GPU_RESOURCES = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index), True
-    return index, False
+def set_search_threads(n: int) -> None:
+    """OpenMP's thread count is a per-thread setting: apply it on the thread that searches (once)."""
+    if getattr(_THREAD, "faiss_threads", None) != n:
+        _faiss().omp_set_num_threads(n)
+        _THREAD.faiss_threads = n
+
+
+def limit_blas_threads(n: int) -> None:
+    """numpy's BLAS (the softmax denominator's GEMM) is one process-wide pool: one query per image gains
+    nothing from fan-out, and on a loaded 2-core machine 2 threads measured ~10x slower than 1."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n, user_api="blas")
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -60,67 +90,224 @@ class Ranked:
     scores: np.ndarray
 
 
-def rank(cosines_all: np.ndarray, ids_all: np.ndarray, logit_scale: float, top_k: int) -> Ranked:
-    """Softmax over every class (with the bundle's logit scale) and the top-k of it.
+def _top_k(cos: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k largest per row, best first (ties: lower index first). cos [B, N]."""
+    n = cos.shape[1]
+    part = np.argpartition(-cos, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(cos), 1))
+    vals = np.take_along_axis(cos, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)  # primary: cosine descending; then index
+    return np.take_along_axis(part, order, axis=1)
 
-    ``cosines_all`` [B, N] in descending order per row with matching ``ids_all`` [B, N].
+
+def _scores(top_cos: np.ndarray, log_denominator: np.ndarray, top_max: np.ndarray, scale: float) -> np.ndarray:
+    """softmax terms of the top-k: exp(s * (cos - max) - log Z'), Z' = sum exp(s * (cos - max))."""
+    logits = scale * (top_cos.astype(np.float64) - top_max[:, None])
+    return np.exp(logits - log_denominator[:, None])
+
+
+def _workspace(rows: int, cols: int) -> np.ndarray:
+    """A per-thread float32 [rows, cols] buffer, reused: fresh multi-MB arrays cost a page fault per 4 kB."""
+    buf: np.ndarray | None = getattr(_THREAD, "buffer", None)
+    if buf is None or buf.size < rows * cols:
+        buf = np.empty(rows * cols, dtype=np.float32)
+        _THREAD.buffer = buf
+    return buf[: rows * cols].reshape(rows, cols)
+
+
+def log_partition(query: np.ndarray, vectors: np.ndarray, best: np.ndarray, scale: float) -> np.ndarray:
+    """log sum_j exp(scale * (cos_j - best)) per query [B], exact over all N rows of ``vectors``.
+
+    query [B, D] float32, vectors [N, D], best [B] float32 (the top cosine: keeps every term <= 1).
+    One GEMM per block of queries into a reused buffer; exp in place in float32, summed in float64.
     """
-    logits = logit_scale * cosines_all.astype(np.float64)  # [B, N]
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
-    k = min(top_k, cosines_all.shape[1])
-    return Ranked(ids=ids_all[:, :k], cosines=cosines_all[:, :k], scores=probs[:, :k])
+    out = np.empty(len(query), dtype=np.float64)
+    rows = max(1, _BLOCK // max(1, len(vectors)))
+    for s in range(0, len(query), rows):
+        q = query[s : s + rows]
+        cos = np.matmul(q, vectors.T, out=_workspace(len(q), len(vectors)))  # [b, N]
+        cos -= best[s : s + rows, None]
+        cos *= np.float32(scale)
+        np.exp(cos, out=cos)
+        out[s : s + rows] = np.log(cos.sum(axis=1, dtype=np.float64))
+    return out
+
+
+def exact_rank(query: np.ndarray, vectors: np.ndarray, logit_scale: float, top_k: int) -> tuple[np.ndarray, Ranked]:
+    """Exact top-k and softmax over all rows of ``vectors`` [N, D] (small N: request-local labels).
+
+    Returns (row positions [B, k], Ranked with cosines and scores).
+    """
+    k = min(top_k, len(vectors))
+    cos = query @ vectors.T  # [B, N]
+    pos = _top_k(cos, k)
+    top = np.take_along_axis(cos, pos, axis=1)  # [B, k]
+    log_z = log_partition(query, vectors, top[:, 0].copy(), logit_scale)
+    return pos, Ranked(pos, top, _scores(top, log_z, top[:, 0].astype(np.float64), logit_scale))
+
+
+def _build_flat(ids: np.ndarray, vectors: np.ndarray) -> tuple[Any, np.ndarray]:
+    """IndexIDMap2(IndexFlatIP) + a zero-copy [N, D] view of its storage (one copy of the vectors)."""
+    faiss = _faiss()
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    if not len(ids):
+        return index, vectors
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    flat = faiss.downcast_index(index.index)
+    view = faiss.rev_swig_ptr(flat.get_xb(), len(ids) * vectors.shape[1]).reshape(len(ids), vectors.shape[1])
+    view.flags.writeable = False  # the snapshot is immutable; FAISS owns the buffer, the snapshot the index
+    return index, view
+
+
+def ivf_nlist(n: int) -> int:
+    return max(16, min(1024, int(4 * math.sqrt(n))))
+
+
+def _build_ivf(ids: np.ndarray, vectors: np.ndarray, nprobe: int, previous: Any) -> Any:
+    """IndexIVFFlat (inner product); reuses the previous snapshot's trained centroids when it has them."""
+    faiss = _faiss()
+    d = vectors.shape[1]
+    nlist = ivf_nlist(len(ids))
+    if previous is not None and previous.d == d and previous.nlist * 4 >= nlist:  # grew < 16x: keep centroids
+        quantizer = faiss.IndexFlatIP(d)
+        quantizer.add(previous.quantizer.reconstruct_n(0, previous.nlist))  # [nlist, D]
+        index = faiss.IndexIVFFlat(quantizer, d, previous.nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(len(ids), min(len(ids), 40 * nlist), replace=False)
+        index.train(np.ascontiguousarray(vectors[np.sort(sample)]))  # k-means on a subsample (seconds at 1M)
+    index.add_with_ids(np.ascontiguousarray(vectors), np.ascontiguousarray(ids, dtype=np.int64))
+    index.nprobe = nprobe
+    return index
+
+
+def _ivf_ids(index: Any) -> np.ndarray:
+    faiss = _faiss()
+    lists = index.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(index.nlist)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """A fixed uniform sample of an IVF set's rows: vectors [M, D], ids [M] (sorted)."""
+
+    vectors: np.ndarray
+    ids: np.ndarray
+
+
+def index_kind(value: str | None, default: IndexKind) -> IndexKind:
+    """A stored kind (NULL: the service default)."""
+    if value == "ivf":
+        return "ivf"
+    if value == "flat":
+        return "flat"
+    return default
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One version of one label set: rows + the FAISS index built from exactly those rows."""
+    """One version of one label set: rows + the index built from exactly those rows."""
 
     name: str
     version: int
     ids: np.ndarray  # [N] int64
     names: list[str]
     provenance: list[str]
-    vectors: np.ndarray  # [N, D] float32, L2-normalised
-    index: Any
+    vectors: np.ndarray  # [N, D] float32, L2-normalised (for flat sets: a view of the FAISS buffer)
+    index: Any  # FAISS index; ``index.ntotal`` == N
     on_gpu: bool = False
+    kind: IndexKind = "flat"  # how this snapshot is searched ("ivf" below IVF_MIN_CLASSES is searched flat)
+    faiss_threads: int = 1
+    _tail: _Tail | None = None  # IVF sets: the sample that estimates the softmax mass outside the candidates
     _by_id: dict[int, int] = field(default_factory=dict)
     _gpu_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def from_rows(cls, rows: SetRows, use_gpu: bool = False) -> Snapshot:
+    def from_rows(
+        cls, rows: SetRows, use_gpu: bool = False, cfg: SearchCfg | None = None, previous: Snapshot | None = None
+    ) -> Snapshot:
+        """Build the snapshot of ``rows``; ``previous`` (same set) lends an IVF set its trained centroids."""
+        cfg = cfg or SearchCfg(use_gpu=use_gpu)
+        kind = index_kind(rows.index_kind, cfg.default_kind)
         vectors = normalise(rows.vectors) if len(rows.ids) else rows.vectors
-        index, on_gpu = build_index(rows.ids, vectors, use_gpu)
         by_id = {int(i): k for k, i in enumerate(rows.ids)}
-        return cls(rows.name, rows.version, rows.ids, rows.names, rows.provenance, vectors, index, on_gpu, by_id)
+        if kind == "ivf" and len(rows.ids) >= IVF_MIN_CLASSES:
+            prev = previous.index if previous is not None and previous.approximate and not previous.on_gpu else None
+            index = _build_ivf(rows.ids, vectors, cfg.nprobe, prev)
+            pick = np.sort(
+                np.random.default_rng(0).choice(len(rows.ids), min(len(rows.ids), TAIL_SAMPLE), replace=False)
+            )
+            tail = _Tail(np.ascontiguousarray(vectors[pick]), np.ascontiguousarray(rows.ids[pick]))
+            on_gpu = bool((use_gpu or cfg.use_gpu) and gpu_available())
+            index = _to_gpu(index) if on_gpu else index
+        else:  # exact: searched on the CPU by one GEMM (a GPU index cannot return the softmax denominator)
+            index, vectors = _build_flat(rows.ids, vectors)
+            tail, on_gpu = None, False
+        return cls(
+            rows.name, rows.version, rows.ids, rows.names, rows.provenance, vectors, index, on_gpu, kind,
+            cfg.faiss_threads, tail, by_id,
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def approximate(self) -> bool:
+        return self._tail is not None
 
     def label(self, class_id: int) -> str:
         return self.names[self._by_id[class_id]]
 
     def index_ids(self) -> np.ndarray:
-        """The ids the FAISS index holds (CPU indexes), for consistency checks."""
+        """The ids the FAISS index holds (CPU indexes), sorted, for consistency checks."""
         if self.on_gpu:
             return self.ids
+        if self.approximate:
+            return np.sort(_ivf_ids(self.index))
         return np.sort(_faiss().vector_to_array(self.index.id_map).astype(np.int64))
 
     def search(self, embeddings: np.ndarray, top_k: int, logit_scale: float) -> Ranked:
-        """embeddings [B, D] (normalised) -> top-k with softmax over the whole set."""
-        n = int(self.index.ntotal)
+        """embeddings [B, D] (normalised) -> top-k with softmax over the whole set. Thread-safe; blocking."""
         query = np.ascontiguousarray(embeddings, dtype=np.float32)
+        set_search_threads(self.faiss_threads)  # OpenMP's setting of *this* thread
+        if self._tail is not None:
+            return self._search_ivf(query, top_k, logit_scale)
+        # exact: FAISS finds the top-k (no N-sized allocation); one GEMM gives the exact denominator
+        cos, ids = self.index.search(query, min(top_k, len(self)))  # [B, k] best first
+        log_z = log_partition(query, self.vectors, cos[:, 0].copy(), logit_scale)
+        return Ranked(ids, cos, _scores(cos, log_z, cos[:, 0].astype(np.float64), logit_scale))
+
+    def _search_ivf(self, query: np.ndarray, top_k: int, logit_scale: float) -> Ranked:
+        """IVF candidates (exact cosines) + a sampled estimate of the softmax mass outside them."""
+        assert self._tail is not None
+        n, head = len(self), min(len(self), max(top_k, IVF_HEAD))
         if self.on_gpu:  # GPU indexes are not thread-safe
             with self._gpu_lock:
-                cos, ids = self.index.search(query, n)
+                cos, ids = self.index.search(query, head)
         else:
-            cos, ids = self.index.search(query, n)  # [B, N] each, best first
-        return rank(cos, ids, logit_scale, top_k)
+            cos, ids = self.index.search(query, head)  # [B, H] best first; id -1 where the probed lists ran short
+        best = cos[:, :1].astype(np.float64)  # [B, 1]
+        valid = ids >= 0
+        head_mass = np.where(valid, np.exp(logit_scale * (cos - best)), 0.0).sum(axis=1)  # [B] exact part
+        terms = np.exp(logit_scale * (query @ self._tail.vectors.T - best))  # [B, M] float64
+        outside = ~np.stack([np.isin(self._tail.ids, row) for row in ids])  # sample rows not among the candidates
+        tail_mean = (terms * outside).sum(axis=1) / np.maximum(outside.sum(axis=1), 1)
+        z = head_mass + tail_mean * (n - valid.sum(axis=1))
+        k = min(top_k, head)
+        return Ranked(ids[:, :k], cos[:, :k], _scores(cos[:, :k], np.log(z), best[:, 0], logit_scale))
+
+
+def _to_gpu(index: Any) -> Any:
+    global _GPU_RESOURCES
+    faiss = _faiss()
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
 
 
 def adhoc_rank(embeddings: np.ndarray, vectors: np.ndarray, logit_scale: float, top_k: int) -> Ranked:
     """Request-local candidate labels (no index): ids are positions in the candidate list."""
-    cos = embeddings.astype(np.float32) @ vectors.T  # [B, C]
-    order = np.argsort(-cos, axis=1, kind="stable")
-    return rank(np.take_along_axis(cos, order, axis=1), order.astype(np.int64), logit_scale, top_k)
+    query = np.ascontiguousarray(embeddings, dtype=np.float32)
+    pos, ranked = exact_rank(query, np.ascontiguousarray(vectors, dtype=np.float32), logit_scale, top_k)
+    return Ranked(pos.astype(np.int64), ranked.cosines, ranked.scores)

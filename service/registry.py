@@ -10,7 +10,7 @@ Keeping snapshots fresh depends on the store:
 - PostgreSQL (a fleet): reads never touch the database. The store's watcher delivers other
   replicas' commits (LISTEN/NOTIFY, a re-check on reconnect, a poll as a safety net) and only the
   added / removed rows are read. A request with ``min_version`` is answered from a snapshot at
-  least that new: the registry waits briefly for it, then reads the database, then gives up (503).
+  least that new: the registry waits briefly for it, then reads the database (503 if it cannot).
 """
 
 from __future__ import annotations
@@ -20,20 +20,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from models.bundle import CLASS_VECTORS, DEFAULT_LABEL_SET, Bundle
 from service.errors import (
     DuplicateClass,
+    InvalidInput,
     LabelSetExists,
     ProtectedLabelSet,
     StartupError,
     UnknownLabelSet,
-    VersionUnavailable,
 )
-from service.index import Snapshot
+from service.index import IndexKind, SearchCfg, Snapshot
 from service.stores.base import SetDelta, SetRows, Store
 from service.text import TextEncoder
 
@@ -49,6 +49,7 @@ class Change:
     version: int
     ids: list[int]
     names: list[str]
+    skipped: list[str] = field(default_factory=list)  # names already there (skip_existing)
 
 
 def bundle_fingerprint(bundle: Bundle) -> str:
@@ -64,6 +65,21 @@ def bundle_fingerprint(bundle: Bundle) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def check_store_matches(store: Store, bundle: Bundle) -> None:
+    """Refuse a label-set database seeded from another bundle (a start-up check; reads only)."""
+    stored = store.meta("bundle_fingerprint")
+    if stored is not None and stored != bundle_fingerprint(bundle):
+        raise _different_bundle(store)
+
+
+def _different_bundle(store: Store) -> StartupError:
+    return StartupError(
+        f"the label-set database {store.where} was created for a different bundle "
+        "(its class vectors live in another embedding space); use a fresh --state-dir / "
+        "PROMPTDISTILL_STATE_DIR (or database) for this bundle, or delete that database to start over"
+    )
+
+
 class Registry:
     """Named, versioned, durable label sets with atomically swapped FAISS snapshots."""
 
@@ -74,13 +90,13 @@ class Registry:
         use_gpu: bool = False,
         on_version: Callable[[str, int, int], None] | None = None,
         min_version_wait_s: float = 1.0,
-        retry_after_s: int = 1,
+        search: SearchCfg | None = None,
     ) -> None:
         self.store = store
         self.text = text
         self.use_gpu = use_gpu
+        self.search = search or SearchCfg(use_gpu=use_gpu)
         self.min_version_wait_s = min_version_wait_s
-        self.retry_after_s = retry_after_s
         self._snapshots: dict[str, Snapshot] = {}
         self._deleted: dict[str, int] = {}  # name -> clock of its deletion, as told by the watcher
         self._seen = 0  # every change up to this clock value has been applied here (notify order, syncs)
@@ -105,11 +121,7 @@ class Registry:
                 self.store.set_meta(db, "bundle_fingerprint", fingerprint)
                 log.info("seeded label sets %s from the bundle", [s.name for s in bundle.manifest.label_sets])
         if stored is not None and stored != fingerprint:
-            raise StartupError(
-                f"the label-set database {self.store.where} was created for a different bundle "
-                "(its class vectors live in another embedding space); use a fresh --state-dir / "
-                "PROMPTDISTILL_STATE_DIR (or database) for this bundle, or delete that database to start over"
-            )
+            raise _different_bundle(self.store)
         self.sync()
         log.info("label sets ready: %s", {n: (s.version, len(s)) for n, s in self._snapshots.items()})
         if self.store.shared:
@@ -119,7 +131,8 @@ class Registry:
     def get(self, name: str, min_version: int | None = None) -> Snapshot:
         """The snapshot of ``name`` to answer from, at least ``min_version`` new when given.
 
-        Raises UnknownLabelSet (404), VersionUnavailable / StoreUnavailable (503 + Retry-After).
+        Raises UnknownLabelSet (404), StoreUnavailable (503 + Retry-After) when the database would
+        have to answer and cannot, InvalidInput (422) for a token this database never issued.
         """
         if not self.store.shared:
             snap = self._get_local(name)
@@ -128,9 +141,11 @@ class Registry:
             fresh = held is not None and (min_version is None or held.version >= min_version)
             snap = held if held is not None and fresh else self._catch_up(name, min_version)
         if min_version is not None and snap.version < min_version:
-            raise VersionUnavailable(
-                f"label set {name!r} is at version {snap.version} here, older than min_version {min_version}",
-                retry_after_s=self.retry_after_s,
+            # snap came from the database itself, which holds every version ever acknowledged: this
+            # token was not issued by this database (another deployment, or a wiped one).
+            raise InvalidInput(
+                f"min_version {min_version} is newer than label set {name!r} has ever been in this database "
+                f"(version {snap.version}); the token comes from another deployment or a re-created database"
             )
         return snap
 
@@ -178,7 +193,7 @@ class Registry:
                 out.append((name, snap.version, len(snap)))
             return out
         if min_version is not None and not self._wait_seen(min_version):
-            self.sync()  # StoreUnavailable (503) if the database cannot answer either
+            self.sync()  # the database itself: fresh, or StoreUnavailable (503) if it cannot answer
         return [(n, s.version, len(s)) for n, s in sorted(self._snapshots.items())]
 
     def _wait_seen(self, clock: int) -> bool:
@@ -209,7 +224,7 @@ class Registry:
                 raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them") from None
             if old is not None and delta.version <= old.version:
                 return old  # versions only increase: never install an older read
-            return self._install(Snapshot.from_rows(_merge(old, delta), self.use_gpu))
+            return self._install(self._build(_merge(old, delta)))
 
     def sync(self) -> None:
         """Re-check every version against the database (start-up, listener (re)connect, poll)."""
@@ -243,27 +258,51 @@ class Registry:
             self._changed.notify_all()
 
     # ----------------------------------------------------------------- writes
-    def create(self, name: str, names: Sequence[str], templates: Sequence[str] | None) -> Change:
+    def create(
+        self,
+        name: str,
+        names: Sequence[str],
+        templates: Sequence[str] | None,
+        *,
+        skip_existing: bool = False,
+        index: IndexKind | None = None,
+    ) -> Change:
+        """Create a set; an existing one is a 409, or (``skip_existing``) left as it is and returned.
+
+        ``index`` (stored with the set) picks exact or approximate search; None: the service default.
+        """
         with self._write_lock:
             if self.store.version(name) is not None:
-                raise LabelSetExists(f"label set {name!r} already exists")
+                if not skip_existing:
+                    raise LabelSetExists(f"label set {name!r} already exists")
+                snap = self.get(name)
+                return Change(snap, snap.version, [], [], skipped=list(names))
             vectors = self.text.encode(names, templates)  # [N, D]
             with self.store.transaction() as db:
-                version = self.store.create_set(db, name, names, vectors, RUNTIME)
+                version = self.store.create_set(db, name, names, vectors, RUNTIME, index_kind=index)
             ids = np.arange(len(names), dtype=np.int64)  # a new set numbers its classes from 0
-            rows = SetRows(name, version, ids, list(names), [RUNTIME] * len(names), vectors.astype(np.float32))
-            snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
+            vecs = vectors.astype(np.float32)
+            rows = SetRows(name, version, ids, list(names), [RUNTIME] * len(names), vecs, index)
+            snap = self._install(self._build(rows))
         return Change(snap, version, [int(i) for i in snap.ids], list(names))
 
-    def add(self, name: str, names: Sequence[str], templates: Sequence[str] | None) -> Change:
-        """Add classes atomically (all or none); duplicates of existing names -> 409 before encoding."""
+    def add(
+        self, name: str, names: Sequence[str], templates: Sequence[str] | None, *, skip_existing: bool = False
+    ) -> Change:
+        """Add classes atomically (all or none); names already in the set -> 409 before encoding, or
+        (``skip_existing``) left out, so that repeating a request changes nothing."""
         with self._write_lock:
             with self.store.read() as db:
                 if self.store.version(name) is None:
                     raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them")
                 existing = self.store.existing_names(db, name, names)
-            if existing:
+            if existing and not skip_existing:
                 raise DuplicateClass(f"label set {name!r} already has {sorted(existing)[:10]}")
+            skipped = [n for n in names if n in existing]
+            names = [n for n in names if n not in existing]
+            if not names:
+                snap = self.get(name)
+                return Change(snap, snap.version, [], [], skipped=skipped)
             vectors = self.text.encode(names, templates)  # [N, D]; outside the transaction (slow)
             with self.store.transaction() as db:
                 before = self.store.lock_version(db, name)
@@ -277,8 +316,8 @@ class Registry:
                 rows = _merge(old, SetDelta(version, np.concatenate([old.ids, added.ids]), added))
             else:
                 rows = self.store.load(name)
-            snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
-        return Change(snap, version, ids, list(names))
+            snap = self._install(self._build(rows))
+        return Change(snap, version, ids, list(names), skipped=skipped)
 
     def remove(self, name: str, class_id: int | None = None, class_name: str | None = None) -> Change:
         with self._write_lock:
@@ -291,7 +330,7 @@ class Registry:
                 rows = _merge(old, SetDelta(version, old.ids[old.ids != removed_id], empty))
             else:
                 rows = self.store.load(name)
-            snap = self._install(Snapshot.from_rows(rows, self.use_gpu))
+            snap = self._install(self._build(rows))
         return Change(snap, version, [removed_id], [removed_name])
 
     def delete(self, name: str) -> Change:
@@ -329,6 +368,10 @@ class Registry:
             problems.append("the default label set is missing from the database")
         return problems
 
+    def _build(self, rows: SetRows) -> Snapshot:
+        """The next snapshot of a set (an IVF set keeps the current snapshot's trained centroids)."""
+        return Snapshot.from_rows(rows, self.use_gpu, self.search, self._snapshots.get(rows.name))
+
     def _install(self, snap: Snapshot) -> Snapshot:
         with self._changed:
             self._snapshots[snap.name] = snap  # one reference assignment: the atomic swap
@@ -356,6 +399,7 @@ def _merge(old: Snapshot | None, delta: SetDelta) -> SetRows:
     names = [*[n for n, k in zip(old.names, keep, strict=True) if k], *added.names]
     prov = [*[p for p, k in zip(old.provenance, keep, strict=True) if k], *added.provenance]
     vectors = np.concatenate([old.vectors[keep], added.vectors])  # [N, D]
+    kind = added.index_kind or old.kind  # rows built here carry no kind; the set's kind never changes
     return SetRows(
-        old.name, delta.version, ids[order], [names[i] for i in order], [prov[i] for i in order], vectors[order]
+        old.name, delta.version, ids[order], [names[i] for i in order], [prov[i] for i in order], vectors[order], kind
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 _TINY_PNG = (  # a 16x16 orange square
@@ -48,6 +50,13 @@ class ClassifyRequest(_Body):
     unknown_threshold: float | None = Field(
         default=None, ge=-1.0, le=1.0, description="top-1 cosine below this -> 'unknown'"
     )
+    min_version: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**62,
+        description="answer from the label set at least this new (the last version you saw); a lagging "
+        "replica waits briefly, reads the database, else 503 + Retry-After",
+    )
 
 
 class Prediction(BaseModel):
@@ -82,6 +91,11 @@ class ClassesIn(_Body):
     templates: list[str] | None = Field(
         default=None, description="override the bundle's templates (prompt-free text sides only)"
     )
+    if_exists: Literal["error", "skip"] = Field(
+        default="error",
+        description="a name the set already has: 'error' refuses the request (409); 'skip' leaves that name "
+        "out and adds the rest, so a repeated request changes nothing (200 when nothing was added)",
+    )
 
 
 class LabelSetIn(ClassesIn):
@@ -90,6 +104,15 @@ class LabelSetIn(ClassesIn):
     )
 
     name: str = Field(description="1-64 characters: letters, digits, '.', '_', '-'")
+    index: Literal["flat", "ivf"] | None = Field(
+        default=None,
+        description="flat: exact search; ivf: approximate (FAISS IVF) for >= 100k classes, softmax denominator "
+        "estimated outside the best candidates; stored with the set. Default: the service's index_kind setting",
+    )
+    if_exists: Literal["error", "skip"] = Field(
+        default="error",
+        description="the set already exists: 'error' refuses (409); 'skip' leaves it as it is and returns it (200)",
+    )
 
 
 class ClassOut(BaseModel):
@@ -112,6 +135,7 @@ class ClassList(BaseModel):
     label_set: str
     version: int
     index_size: int = Field(description="vectors in the FAISS index serving this version")
+    index: str = Field(default="flat", description="flat (exact) or ivf (approximate; exact below 10,000 classes)")
     classes: list[ClassOut]
 
 
@@ -119,6 +143,7 @@ class ChangeOut(BaseModel):
     label_set: str
     version: int
     classes: list[ClassOut] = Field(description="the classes added or removed")
+    skipped: list[str] = Field(default_factory=list, description="names already in the set (if_exists='skip')")
 
 
 class DeletedSet(BaseModel):

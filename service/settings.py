@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+IVF_MIN_CLASSES = 10_000  # an 'ivf' label set smaller than this is searched exactly (clustering buys nothing)
 
 
 class Settings(BaseSettings):
@@ -37,7 +38,10 @@ class Settings(BaseSettings):
     min_version_wait_s: float = Field(
         default=1.0, ge=0, le=60, description="how long a lagging replica waits for a requested min_version"
     )
-    backend: Literal["onnx", "torch"] = Field(default="onnx", description="image encoder runtime")
+    backend: Literal["auto", "onnx", "torch"] = Field(
+        default="auto",
+        description="image encoder runtime; auto: ONNX Runtime when the bundle has an ONNX graph, else torch",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
     faiss_gpu: bool = Field(default=True, description="use a FAISS GPU index when FAISS GPU and a GPU are present")
     threads: int | None = Field(
@@ -49,8 +53,15 @@ class Settings(BaseSettings):
     faiss_threads: int = Field(
         default=1,
         ge=1,
-        description="OpenMP threads for FAISS; 1 is fastest for the service's one-query-per-image searches",
+        description="threads of one label-set search (FAISS OpenMP, set on the searching thread, and numpy's "
+        "BLAS for the softmax denominator); 1 is fastest for the service's one-query-per-image searches",
     )
+    index_kind: Literal["flat", "ivf"] = Field(
+        default="flat",
+        description="search of label sets created without an 'index': flat = exact; ivf = approximate "
+        f"(FAISS IVF, for >= 100k classes; sets under {IVF_MIN_CLASSES:,} classes are searched exactly)",
+    )
+    ivf_nprobe: int = Field(default=32, ge=1, le=4096, description="IVF lists visited per query (recall vs speed)")
     # --- engine (dynamic micro-batching)
     max_batch_size: int = Field(default=16, ge=1, le=4096, description="images per encoder call")
     max_wait_ms: float = Field(

@@ -14,12 +14,13 @@ from PIL import Image
 from models.bundle import Bundle, BundleError, load_bundle
 from models.preprocess import preprocess_image
 from models.towers import TextSide
-from service.encoders import ImageEncoder, OnnxImageEncoder, TorchImageEncoder, cuda_wanted
+from service.encoders import ImageEncoder, OnnxImageEncoder, TorchImageEncoder, cuda_wanted, onnx_graph
 from service.engine import Engine, EngineCfg
 from service.errors import StartupError
 from service.images import ImageLimits, configure_pil
+from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
-from service.registry import Registry
+from service.registry import Registry, check_store_matches
 from service.settings import Settings
 from service.store import open_store
 from service.text import TextEncoder
@@ -56,6 +57,31 @@ def load_checked_bundle(settings: Settings) -> Bundle:
         raise StartupError(f"cannot serve bundle {settings.bundle}: {e}") from e
 
 
+def resolve_backend(settings: Settings, bundle: Bundle) -> str:
+    """``onnx`` or ``torch``: ``auto`` takes ONNX Runtime when the bundle has an ONNX graph (int8 is ONNX-only)."""
+    if settings.backend != "auto":
+        return settings.backend
+    if bundle.manifest.image_encoder.onnx or settings.onnx_precision == "int8":
+        return "onnx"
+    return "torch"
+
+
+def preflight(settings: Settings) -> Bundle:
+    """The start-up checks that need no model (bundle, image-encoder backend, device, state dir,
+    label-set database of this bundle), run before any server starts; raises StartupError."""
+    bundle = load_checked_bundle(settings)
+    if resolve_backend(settings, bundle) == "onnx":
+        onnx_graph(bundle, settings.onnx_precision)
+    cuda_wanted(settings.device)  # --device cuda without a CUDA device
+    check_state_dir(settings.state_dir)
+    store = open_store(settings, bundle.manifest.embed_dim)
+    try:
+        check_store_matches(store, bundle)
+    finally:
+        store.close()
+    return bundle
+
+
 def check_state_dir(state_dir: Path) -> None:
     """Create ``state_dir`` and prove we can write (and fsync) a file there."""
     hint = "choose a writable folder with --state-dir or PROMPTDISTILL_STATE_DIR"
@@ -84,17 +110,17 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         on_call=metrics.text_call,
     )
     store = open_store(settings, bundle.manifest.embed_dim)
-    import faiss
-
-    # One query per image: OpenMP fan-out costs more than it saves (bench/: up to ~250x on 2 cores).
-    faiss.omp_set_num_threads(settings.faiss_threads)
+    use_gpu = settings.faiss_gpu and device == "cuda"
+    # FAISS threads are applied by the searching thread itself (OpenMP's setting is per thread).
+    search = SearchCfg(settings.index_kind, settings.ivf_nprobe, settings.faiss_threads, use_gpu)
+    limit_blas_threads(settings.faiss_threads)
     registry = Registry(
         store,
         text,
-        use_gpu=settings.faiss_gpu and device == "cuda",
+        use_gpu=use_gpu,
         on_version=metrics.version,
         min_version_wait_s=settings.min_version_wait_s,
-        retry_after_s=settings.retry_after_s,
+        search=search,
     )
     try:
         registry.open(bundle)
@@ -125,7 +151,11 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
     if settings.threads:
         torch.set_num_threads(settings.threads)
     m = bundle.manifest
-    if settings.backend == "onnx":
+    backend = resolve_backend(settings, bundle)
+    if settings.backend == "auto":
+        has = "has an ONNX image encoder" if m.image_encoder.onnx else "has no ONNX image encoder (export with --onnx)"
+        log.info("backend auto: bundle %s %s -> %s", bundle.root, has, backend)
+    if backend == "onnx":
         encoder: ImageEncoder = OnnxImageEncoder(
             bundle, "cuda" if device == "cuda" else settings.device, settings.threads, settings.onnx_precision
         )

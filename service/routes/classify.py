@@ -106,7 +106,7 @@ async def classify(request: Request, services: ServicesDep) -> ClassifyResponse:
     emb = await services.engine.embed(
         pixels, timeout_s=settings.request_timeout_s, is_disconnected=request.is_disconnected
     )
-    ranked = snap.search(emb, job.top_k, services.logit_scale)
+    ranked = await asyncio.to_thread(snap.search, emb, job.top_k, services.logit_scale)  # O(N): off the loop
     return _response(snap.name, snap.version, ranked, snap, job.unknown_threshold, services)
 
 

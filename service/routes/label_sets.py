@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from service.deps import ApiKeyDep, RegistryDep, SettingsDep
 from service.index import Snapshot
@@ -25,11 +26,21 @@ from service.schemas import (
 router = APIRouter(prefix="/v1/label-sets", tags=["label sets"])
 SetName = Annotated[str, Path(description="label-set name", examples=["default"])]
 ClassId = Annotated[int, Path(ge=0, le=2**62, description="class id within the set")]
+MinVersion = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=2**62,
+        description="answer from a snapshot at least this new (the last version you saw); "
+        "a lagging replica waits briefly, reads the database, else 503 + Retry-After",
+    ),
+]
 _ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "API key missing or wrong"},
     404: {"description": "unknown label set or class"},
     409: {"description": "duplicate name, existing set, or protected set"},
     422: {"description": "invalid names or templates"},
+    503: {"description": "database unreachable, or min_version not reached in time (Retry-After)"},
 }
 
 
@@ -39,9 +50,11 @@ def _classes(snap: Snapshot) -> list[ClassOut]:
     ]
 
 
-@router.get("", response_model=LabelSetList, summary="list label sets with their versions")
-async def list_sets(registry: RegistryDep) -> LabelSetList:
-    rows = await asyncio.to_thread(registry.summaries)
+@router.get(
+    "", response_model=LabelSetList, responses={503: _ERRORS[503]}, summary="list label sets with their versions"
+)
+async def list_sets(registry: RegistryDep, min_version: MinVersion = None) -> LabelSetList:
+    rows = await asyncio.to_thread(registry.summaries, min_version)
     return LabelSetList(label_sets=[LabelSetSummary(name=n, version=v, n_classes=c) for n, v, c in rows])
 
 
@@ -53,21 +66,38 @@ async def list_sets(registry: RegistryDep) -> LabelSetList:
     responses=_ERRORS,
     summary="create a label set from class names (encoded through the bundle's text side)",
 )
-async def create_set(body: LabelSetIn, registry: RegistryDep, settings: SettingsDep) -> ClassList:
+async def create_set(body: LabelSetIn, registry: RegistryDep, settings: SettingsDep, response: Response) -> ClassList:
     name = clean_set_name(body.name)
     names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
     templates = clean_templates(body.templates, settings.max_templates)
     registry.text.check_templates(templates)
-    change = await asyncio.to_thread(registry.create, name, names, templates)
+    skip = body.if_exists == "skip"
+    create = functools.partial(registry.create, name, names, templates, skip_existing=skip, index=body.index)
+    change = await asyncio.to_thread(create)
     assert change.snapshot is not None
+    if change.skipped:
+        response.status_code = status.HTTP_200_OK  # the set was already there: nothing created
     snap = change.snapshot
-    return ClassList(label_set=name, version=change.version, index_size=int(snap.index.ntotal), classes=_classes(snap))
+    return ClassList(
+        label_set=name,
+        version=change.version,
+        index_size=int(snap.index.ntotal),
+        index=snap.kind,
+        classes=_classes(snap),
+    )
 
 
-@router.get("/{name}/classes", response_model=ClassList, responses={404: _ERRORS[404]}, summary="classes of a set")
-async def list_classes(name: SetName, registry: RegistryDep) -> ClassList:
-    snap = await asyncio.to_thread(registry.get, name)
-    return ClassList(label_set=name, version=snap.version, index_size=int(snap.index.ntotal), classes=_classes(snap))
+@router.get(
+    "/{name}/classes",
+    response_model=ClassList,
+    responses={404: _ERRORS[404], 503: _ERRORS[503]},
+    summary="classes of a set",
+)
+async def list_classes(name: SetName, registry: RegistryDep, min_version: MinVersion = None) -> ClassList:
+    snap = await asyncio.to_thread(registry.get, name, min_version)
+    return ClassList(
+        label_set=name, version=snap.version, index_size=int(snap.index.ntotal), index=snap.kind, classes=_classes(snap)
+    )
 
 
 @router.post(
@@ -76,15 +106,20 @@ async def list_classes(name: SetName, registry: RegistryDep) -> ClassList:
     status_code=status.HTTP_201_CREATED,
     dependencies=[ApiKeyDep],
     responses=_ERRORS,
-    summary="add classes (all or none); durable before the response",
+    summary="add classes (all or none; if_exists='skip' leaves out names already there); durable before the response",
 )
-async def add_classes(name: SetName, body: ClassesIn, registry: RegistryDep, settings: SettingsDep) -> ChangeOut:
+async def add_classes(
+    name: SetName, body: ClassesIn, registry: RegistryDep, settings: SettingsDep, response: Response
+) -> ChangeOut:
     names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
     templates = clean_templates(body.templates, settings.max_templates)
     registry.text.check_templates(templates)
-    change = await asyncio.to_thread(registry.add, name, names, templates)
+    skip = body.if_exists == "skip"
+    change = await asyncio.to_thread(functools.partial(registry.add, name, names, templates, skip_existing=skip))
     added = [ClassOut(id=i, name=n, provenance=RUNTIME) for i, n in zip(change.ids, change.names, strict=True)]
-    return ChangeOut(label_set=name, version=change.version, classes=added)
+    if not added:
+        response.status_code = status.HTTP_200_OK  # every name was already there: nothing changed
+    return ChangeOut(label_set=name, version=change.version, classes=added, skipped=change.skipped)
 
 
 @router.delete(

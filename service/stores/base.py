@@ -35,6 +35,7 @@ class SetRows:
     names: list[str]
     provenance: list[str]
     vectors: np.ndarray
+    index_kind: str | None = None  # column label_sets.index_kind: "flat" | "ivf"; None: the service default
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ class Store(abc.ABC):
     def delta(self, name: str, known_ids: np.ndarray) -> SetDelta:
         """The set's version and ids, plus the full rows of ids not in ``known_ids`` (one read)."""
         with self.read() as db:
-            row = db.execute(self._sql("SELECT version FROM label_sets WHERE name = ?"), (name,)).fetchone()
+            q = self._sql("SELECT version, index_kind FROM label_sets WHERE name = ?")
+            row = db.execute(q, (name,)).fetchone()
             if row is None:
                 raise UnknownLabelSet(f"label set {name!r} does not exist")
             q = self._sql("SELECT id FROM classes WHERE label_set = ? ORDER BY id")
@@ -145,7 +147,7 @@ class Store(abc.ABC):
             current = np.asarray(ids, dtype=np.int64)
             want = current[~np.isin(current, known_ids)]
             rows = self._rows(db, name, want, fetch_all=len(want) == len(current))
-        return SetDelta(int(row[0]), current, self._set_rows(name, int(row[0]), rows))
+        return SetDelta(int(row[0]), current, self._set_rows(name, int(row[0]), rows, row[1]))
 
     def _rows(self, db: Tx, name: str, want: np.ndarray, fetch_all: bool) -> list[Any]:
         cols = "SELECT id, name, provenance, vector FROM classes WHERE label_set = ?"
@@ -158,7 +160,7 @@ class Store(abc.ABC):
             out += db.execute(self._sql(f"{cols} AND id IN ({marks}) ORDER BY id"), (name, *chunk)).fetchall()
         return out
 
-    def _set_rows(self, name: str, version: int, rows: list[Any]) -> SetRows:
+    def _set_rows(self, name: str, version: int, rows: list[Any], index_kind: str | None = None) -> SetRows:
         vectors = np.zeros((len(rows), self.embed_dim), dtype=np.float32)  # [N, D]
         for i, r in enumerate(rows):
             vec = np.frombuffer(bytes(r[3]), dtype="<f4")
@@ -172,6 +174,7 @@ class Store(abc.ABC):
             names=[r[1] for r in rows],
             provenance=[r[2] for r in rows],
             vectors=vectors,
+            index_kind=index_kind,
         )
 
     # ----------------------------------------------------------------- writes (inside transaction())
@@ -183,21 +186,21 @@ class Store(abc.ABC):
         vectors: np.ndarray,
         provenance: str | Sequence[str],
         ids: Sequence[int] | None = None,
+        index_kind: str | None = None,
     ) -> int:
-        """A new set with its classes; returns its version."""
+        """A new set with its classes (``index_kind``: how it is searched, None: the default); its version."""
         if self._lock_set(db, name):
             raise LabelSetExists(f"label set {name!r} already exists")
-        self._insert_set(db, name)
+        self._insert_set(db, name, index_kind)
         version = self._tick(db)
         db.execute(self._sql("UPDATE label_sets SET version = ? WHERE name = ?"), (version, name))
         self._insert(db, name, names, vectors, provenance, ids)
         self.notify(db, name, version)
         return version
 
-    def _insert_set(self, db: Tx, name: str) -> None:
-        db.execute(
-            self._sql("INSERT INTO label_sets (name, version, next_id, created_at) VALUES (?, 0, 0, ?)"), (name, now())
-        )
+    def _insert_set(self, db: Tx, name: str, index_kind: str | None = None) -> None:
+        q = "INSERT INTO label_sets (name, version, next_id, created_at, index_kind) VALUES (?, 0, 0, ?, ?)"
+        db.execute(self._sql(q), (name, now(), index_kind))
 
     def add_classes(
         self, db: Tx, name: str, names: Sequence[str], vectors: np.ndarray, provenance: str

@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS clock (id SMALLINT PRIMARY KEY CHECK (id = 1), value BIGINT NOT NULL);
 INSERT INTO clock (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS label_sets (
-    name TEXT PRIMARY KEY, version BIGINT NOT NULL, next_id BIGINT NOT NULL, created_at TEXT NOT NULL);
+    name TEXT PRIMARY KEY, version BIGINT NOT NULL, next_id BIGINT NOT NULL, created_at TEXT NOT NULL,
+    index_kind TEXT);
+ALTER TABLE label_sets ADD COLUMN IF NOT EXISTS index_kind TEXT;
 CREATE TABLE IF NOT EXISTS classes (
     label_set TEXT NOT NULL REFERENCES label_sets(name) ON DELETE CASCADE,
     id BIGINT NOT NULL, name TEXT NOT NULL, provenance TEXT NOT NULL, vector BYTEA NOT NULL,
@@ -162,9 +164,9 @@ class PostgresStore(Store):
     def _lock_set(self, db: psycopg.Connection[Any], name: str) -> bool:
         return db.execute("SELECT 1 FROM label_sets WHERE name = %s FOR UPDATE", (name,)).fetchone() is not None
 
-    def _insert_set(self, db: psycopg.Connection[Any], name: str) -> None:
+    def _insert_set(self, db: psycopg.Connection[Any], name: str, index_kind: str | None = None) -> None:
         try:
-            super()._insert_set(db, name)
+            super()._insert_set(db, name, index_kind)
         except pg_errors.UniqueViolation as e:  # a concurrent create of the same name committed first
             raise LabelSetExists(f"label set {name!r} already exists") from e
 

@@ -20,12 +20,20 @@ DB_FILE = "labelsets.sqlite3"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS label_sets (
-    name TEXT PRIMARY KEY, version INTEGER NOT NULL, next_id INTEGER NOT NULL, created_at TEXT NOT NULL);
+    name TEXT PRIMARY KEY, version INTEGER NOT NULL, next_id INTEGER NOT NULL, created_at TEXT NOT NULL,
+    index_kind TEXT);
 CREATE TABLE IF NOT EXISTS classes (
     label_set TEXT NOT NULL REFERENCES label_sets(name) ON DELETE CASCADE,
     id INTEGER NOT NULL, name TEXT NOT NULL, provenance TEXT NOT NULL, vector BLOB NOT NULL,
     created_at TEXT NOT NULL, PRIMARY KEY (label_set, id), UNIQUE (label_set, name));
 """
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database written by an older release up to the current schema (idempotent)."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(label_sets)")}
+    if "index_kind" not in columns:  # added with per-set index kinds; NULL = the service default
+        db.execute("ALTER TABLE label_sets ADD COLUMN index_kind TEXT")
 
 
 class SqliteStore(Store):
@@ -41,6 +49,7 @@ class SqliteStore(Store):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            _migrate(self._db)
         except sqlite3.Error as e:
             raise StartupError(f"cannot open the label-set database {self.path}: {e}") from e
 

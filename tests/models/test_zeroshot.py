@@ -52,6 +52,7 @@ def _onnx_vs_torch(tower: ImageTower, pixels: torch.Tensor, out: Path) -> float:
     return diff
 
 
+@pytest.mark.slow  # an ONNX export of a prompted tower
 def test_onnx_prompted_tower_matches_torch_on_real_photos(tiny_backbone, photos, tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(5)
     tower = ImageTower(
@@ -71,6 +72,7 @@ def test_onnx_vit_b16_matches_torch_on_real_photos(photos, tmp_path) -> None:  #
     assert _onnx_vs_torch(tower, pixels, tmp_path) <= 1e-4
 
 
+@pytest.mark.slow  # a second ONNX export (the CLI's); the session bundle covers the builder in the fast set
 def test_cli_builds_a_servable_bundle(tmp_path, tiny_config, photos) -> None:  # type: ignore[no-untyped-def]
     classes = tmp_path / "classes.txt"
     classes.write_text("# pets\ncat\ndog\n\nrocket\n")
@@ -106,7 +108,7 @@ def test_cli_builds_a_servable_bundle(tmp_path, tiny_config, photos) -> None:  #
     assert np.abs(session.run(None, {"pixels": pixels})[0] - want).max() <= 1e-4
 
 
-def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_config, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_config, capsys) -> None:  # type: ignore[no-untyped-def]
     rc = main(
         [
             "bundle",
@@ -120,7 +122,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_config, caplog) 
         ]
     )
     assert rc == 2
-    assert "class file not found" in caplog.text
+    assert "class file not found" in capsys.readouterr().err
 
 
 def test_template_without_placeholder_is_rejected(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -43,6 +43,24 @@ def jpeg_bytes(image: Any, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def assert_same_answer(got: Any, want: Any, atol: float = 1e-6, where: str = "answer") -> None:
+    """Equal JSON answers, floats within ``atol``: scores are float32 sums whose last digits differ
+    between processes, FAISS builds and CPUs (seen: 0.03738753888629616 vs 0.037387539629666566)."""
+    if isinstance(want, float) or isinstance(got, float):
+        assert isinstance(got, int | float) and isinstance(want, int | float), (where, got, want)
+        assert abs(got - want) <= atol, f"{where}: {got} != {want} (atol {atol})"
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (where, got, want)
+        for key in want:
+            assert_same_answer(got[key], want[key], atol, f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same_answer(g, w, atol, f"{where}[{i}]")
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env() -> Iterator[None]:
     """No PROMPTDISTILL_* variable leaks into a test (from the shell) or out of one (``serve`` sets them)."""
@@ -107,6 +125,22 @@ def live(make_settings: Callable[..., Settings]) -> Callable[..., Any]:
         return LiveServer(make_settings(**overrides))
 
     return start
+
+
+@pytest.fixture(scope="module")
+def shared_server(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One started server with default settings for a whole module (like infinity's end-to-end tests).
+
+    For tests that need a running service but not a fresh one: each must leave the classes it finds
+    in place, and name its own label sets so that no other test of the module depends on them.
+    """
+    saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]}
+    try:  # settings are read once, here: nothing from the shell's PROMPTDISTILL_* may leak in
+        settings = Settings(bundle=tiny_bundle_dir, state_dir=tmp_path_factory.mktemp("shared-state"), threads=1)
+    finally:
+        os.environ.update(saved)
+    with LiveServer(settings) as server:
+        yield server
 
 
 @contextmanager

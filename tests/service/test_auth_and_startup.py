@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from promptdistill.cli import main
-from service import create_app
+from service import Settings, create_app
 from service.errors import StartupError
+from tests.service.conftest import ROOT
 
 KEY = "s3cret-key"
 MUTATING = [
@@ -69,6 +74,79 @@ def _start(settings: Any) -> None:
         pass
 
 
+def _without_onnx(bundle: Path, dest: Path) -> Path:
+    shutil.copytree(bundle, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["image_encoder"]["onnx"] = []
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def test_backend_auto_picks_what_the_bundle_has(make_settings: Any, tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    no_onnx = _without_onnx(tiny_bundle_dir, tmp_path / "no-onnx")
+    for bundle, want in ((tiny_bundle_dir, "onnx"), (no_onnx, "torch")):
+        settings = make_settings(bundle=bundle, state_dir=tmp_path / want)
+        assert settings.backend == "auto"  # the default
+        with TestClient(create_app(settings)) as http:
+            assert http.app.state.services.encoder.backend == want  # type: ignore[attr-defined]
+            assert http.get("/readyz").status_code == 200
+
+
+def test_serve_start_up_errors_are_one_line_and_exit_2(
+    tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("uvicorn started despite a start-up error"))
+    no_onnx = _without_onnx(tiny_bundle_dir, tmp_path / "no-onnx")
+    state = ["--state-dir", str(tmp_path / "state")]
+    cases = [
+        (["--bundle", str(tmp_path / "nowhere")], "manifest.json is missing"),
+        (["--bundle", str(no_onnx), "--backend", "onnx"], "--onnx.*--backend torch"),
+        (["--bundle", str(tiny_bundle_dir), "--onnx-precision", "int8"], "no such ONNX graph"),
+        (["--bundle", str(tiny_bundle_dir), "--port", "70000"], r"port \(PROMPTDISTILL_PORT\).*70000"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--bundle", str(tiny_bundle_dir), "--device", "cuda"], "no CUDA device"))
+    for args, message in cases:
+        for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
+            monkeypatch.delenv(k)  # `serve` hands its flags to the workers through the environment
+        assert main(["serve", *args, *state]) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert re.search(message, err) and err.startswith("promptdistill serve: error: "), err
+    other = tmp_path / "other"  # encodes names differently: its vectors live in another space
+    shutil.copytree(tiny_bundle_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["text_encoder"]["templates"] = ["{}"]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    seeded = tmp_path / "seeded"
+    for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
+        monkeypatch.delenv(k)
+    _start(Settings(bundle=tiny_bundle_dir, state_dir=seeded, threads=1))  # the database now belongs to it
+    assert main(["serve", "--bundle", str(other), "--state-dir", str(seeded)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "different bundle" in err, err
+    monkeypatch.setenv("PROMPTDISTILL_MAX_WAIT_MS", "soon")  # a bad setting from the environment
+    assert main(["serve", "--bundle", str(tiny_bundle_dir), *state]) == 2
+    assert "max_wait_ms (PROMPTDISTILL_MAX_WAIT_MS)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a fresh interpreter (the in-process test covers the messages)
+def test_serve_without_bundle_fails_in_one_line_from_the_shell(tmp_path: Path) -> None:
+    """The real console entry point: no traceback on stderr, exit status 2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTDISTILL_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "promptdistill", "serve", "--bundle", str(tmp_path / "missing")],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"promptdistill serve: error: cannot serve bundle {tmp_path / 'missing'}: not a bundle: "
+        f"{tmp_path / 'missing' / 'manifest.json'} is missing (the folder does not exist)"
+    ]
+
+
 def test_startup_errors_say_what_to_fix(make_settings: Any, tiny_bundle_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(StartupError, match="manifest.json is missing"):
         _start(make_settings(bundle=tmp_path / "nowhere"))
@@ -85,11 +163,7 @@ def test_startup_errors_say_what_to_fix(make_settings: Any, tiny_bundle_dir: Pat
     blocker.write_text("not a directory")
     with pytest.raises(StartupError, match="not writable.*PROMPTDISTILL_STATE_DIR"):
         _start(make_settings(state_dir=blocker / "state"))
-    no_onnx = tmp_path / "no-onnx"
-    shutil.copytree(tiny_bundle_dir, no_onnx)
-    manifest = json.loads((no_onnx / "manifest.json").read_text())
-    manifest["image_encoder"]["onnx"] = []
-    (no_onnx / "manifest.json").write_text(json.dumps(manifest))
+    no_onnx = _without_onnx(tiny_bundle_dir, tmp_path / "no-onnx")
     with pytest.raises(StartupError, match="--onnx.*--backend torch"):
         _start(make_settings(bundle=no_onnx, backend="onnx"))
     _start(make_settings(bundle=no_onnx, backend="torch", state_dir=tmp_path / "torch-state"))  # torch still works

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,36 +33,39 @@ def test_onnx_and_torch_backends_agree(live: Any, tmp_path: Any, photos: list[An
 
 
 def test_int8_graph_is_served_when_asked(
-    live: Any, make_settings: Any, tmp_path: Any, photos: list[Any], tiny_config: Any
+    live: Any, make_settings: Any, int8_bundle_dir: Path, tmp_path: Path, photos: list[Any]
 ) -> None:
+    """The service answers with the graph asked for: its cosines are that graph's, computed here directly."""
     import numpy as np
+    import onnxruntime as ort
 
-    from models.zeroshot import build_zeroshot_bundle, named_templates
+    from models.bundle import load_bundle
+    from models.preprocess import preprocess_batch
     from service.errors import StartupError
-    from tests.conftest import CLASS_NAMES
 
-    bundle = tmp_path / "int8-bundle"
-    build_zeroshot_bundle(
-        str(tiny_config), None, CLASS_NAMES, named_templates("simple"), bundle, int8=True, progress=False
-    )
-    body = {"images": [base64.b64encode(png_bytes(p)).decode() for p in photos], "top_k": 8}
-    cosines = {}
-    for precision in ("fp32", "int8"):
+    bundle = load_bundle(int8_bundle_dir)
+    pixels = preprocess_batch(photos, bundle.manifest.image_encoder.preprocess.to_config())
+    vectors = bundle.class_vectors["default"].float().numpy()  # [N, D]
+    body = {"images": [base64.b64encode(png_bytes(p)).decode() for p in photos], "top_k": len(vectors)}
+    served = {}
+    for precision, spec in zip(("fp32", "int8"), bundle.manifest.image_encoder.onnx, strict=True):
         with (
-            live(bundle=bundle, onnx_precision=precision, state_dir=tmp_path / precision) as server,
+            live(bundle=int8_bundle_dir, onnx_precision=precision, state_dir=tmp_path / precision) as server,
             server.client() as http,
         ):
             assert server.services.encoder.precision == precision
             resp = http.post("/v1/classify", json=body)
             assert resp.status_code == 200, resp.text
-            cosines[precision] = np.array(
+            served[precision] = np.array(
                 [
                     [p["cosine"] for p in sorted(r["predictions"], key=lambda p: p["class_id"])]
                     for r in resp.json()["results"]
                 ]
-            )
-    diff = float(np.abs(cosines["fp32"] - cosines["int8"]).max())
-    assert 0 < diff < 0.05, diff  # a different graph, close to the fp32 one
+            )  # [P, N]
+        session = ort.InferenceSession(str(int8_bundle_dir / spec.file), providers=["CPUExecutionProvider"])
+        direct = session.run(["embedding"], {"pixels": pixels})[0] @ vectors.T  # [P, N]
+        np.testing.assert_allclose(served[precision], direct, atol=1e-4, err_msg=precision)
+    assert float(np.abs(served["fp32"] - served["int8"]).max()) > 0, "int8 answered exactly like fp32"
     from fastapi.testclient import TestClient
 
     from service import create_app

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 import models  # noqa: F401  (torchvision shim before open_clip)
-from tests.service.conftest import png_bytes
+from tests.service.conftest import assert_same_answer, png_bytes
 
 TOP_K = 5
 
@@ -48,14 +48,14 @@ def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
 
 
 def test_classify_matches_independent_numpy(
-    live: Any, tiny_bundle_dir: Path, tiny_config: Path, photos: list[Any]
+    shared_server: Any, tiny_bundle_dir: Path, tiny_config: Path, photos: list[Any]
 ) -> None:
     emb, vectors, scale = _open_clip_reference(tiny_bundle_dir, tiny_config, photos)
     cos = emb @ vectors.T  # [P, N]
     logits = scale * cos
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    with live() as server, server.client() as http:
+    with shared_server.client() as http:
         files = [("files", (f"p{i}.png", png_bytes(p), "image/png")) for i, p in enumerate(photos)]
         multipart = http.post("/v1/classify", files=files, data={"top_k": str(TOP_K)})
         body = {"images": [base64.b64encode(png_bytes(p)).decode() for p in photos], "top_k": TOP_K}
@@ -81,21 +81,21 @@ def test_classify_matches_independent_numpy(
     print(f"classify parity: max abs diff {worst:.2e} over {len(photos)} photos")
 
 
-def test_existing_name_gets_stored_vector_back(live: Any, tiny_bundle_dir: Path) -> None:
+def test_existing_name_gets_stored_vector_back(shared_server: Any, tiny_bundle_dir: Path) -> None:
     stored = load_file(tiny_bundle_dir / "class_vectors.safetensors")["default"].numpy()
-    with live() as server, server.client() as http:
+    with shared_server.client() as http:
         names = [c["name"] for c in http.get("/v1/label-sets/default/classes").json()["classes"]]
         resp = http.post("/v1/label-sets", json={"name": "again", "names": names})
         assert resp.status_code == 201, resp.text
-        again = server.services.registry.get("again")
+        again = shared_server.services.registry.get("again")
     diff = float(np.abs(again.vectors - stored).max())
     assert diff <= 1e-5, diff
     print(f"runtime re-encoding of bundle names: max abs diff {diff:.2e}")
 
 
-def test_text_encoder_only_runs_for_request_labels(live: Any, photos: list[Any]) -> None:
+def test_text_encoder_only_runs_for_request_labels(shared_server: Any, photos: list[Any]) -> None:
     image = base64.b64encode(png_bytes(photos[1])).decode()
-    with live() as server, server.client() as http:
+    with shared_server.client() as http:
 
         def calls() -> float:
             return metric(http.get("/metrics").text, "promptdistill_text_encoder_calls_total")
@@ -110,7 +110,7 @@ def test_text_encoder_only_runs_for_request_labels(live: Any, photos: list[Any])
         assert calls() == start + 1
         second = http.post("/v1/classify", json=hf)
         assert calls() == start + 1, "candidate labels were not served from the LRU cache"
-        assert first.json() == second.json()
+        assert_same_answer(second.json(), first.json())
         out = first.json()
         assert out["label_set"] is None and out["version"] is None
         preds = out["results"][0]["predictions"]
@@ -126,9 +126,9 @@ def test_text_encoder_only_runs_for_request_labels(live: Any, photos: list[Any])
         assert metric(text, "promptdistill_label_set_version", {"label_set": "default"}) >= 1
 
 
-def test_unknown_threshold(live: Any, photos: list[Any]) -> None:
+def test_unknown_threshold(shared_server: Any, photos: list[Any]) -> None:
     image = base64.b64encode(png_bytes(photos[0])).decode()
-    with live() as server, server.client() as http:
+    with shared_server.client() as http:
         base = http.post("/v1/classify", json={"images": [image], "top_k": 2}).json()["results"][0]
         top_cos = base["predictions"][0]["cosine"]
         above = http.post("/v1/classify", json={"images": [image], "unknown_threshold": top_cos + 0.01}).json()
@@ -139,8 +139,8 @@ def test_unknown_threshold(live: Any, photos: list[Any]) -> None:
 
 
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/openapi.json", "/docs"])
-def test_health_and_docs(live: Any, path: str) -> None:
-    with live() as server, server.client() as http:
+def test_health_and_docs(shared_server: Any, path: str) -> None:
+    with shared_server.client() as http:
         resp = http.get(path)
     assert resp.status_code == 200
     if path == "/openapi.json":

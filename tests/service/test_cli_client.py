@@ -14,6 +14,7 @@ import pytest
 from promptdistill.cli import main
 from service.client import Client, ServiceClientError
 from tests.service.conftest import png_bytes, subprocess_server
+from tests.service.test_classify import metric
 
 KEY = "k-123"
 
@@ -69,11 +70,17 @@ def test_sigterm_drains_in_flight_requests(tiny_bundle_dir: Path, tmp_path: Path
         except httpx2.TransportError as e:
             results.append(f"dropped: {type(e).__name__}")
 
-    with subprocess_server(tiny_bundle_dir, tmp_path / "state") as (proc, url):
+    # Batches wait up to 3 s to fill, so queued images are still waiting when the signal arrives;
+    # the test waits for that condition (a fixed sleep proves nothing on a loaded machine).
+    env = {"PROMPTDISTILL_MAX_WAIT_MS": "3000", "PROMPTDISTILL_MAX_BATCH_SIZE": "512"}
+    with subprocess_server(tiny_bundle_dir, tmp_path / "state", env=env) as (proc, url):
         threads = [threading.Thread(target=call, args=(url,)) for _ in range(6)]
         for t in threads:
             t.start()
-        time.sleep(0.3)  # requests are being decoded / queued / encoded
+        deadline = time.monotonic() + 30
+        while metric(httpx2.get(url + "/metrics", timeout=5).text, "promptdistill_queue_depth") < len(files):
+            assert time.monotonic() < deadline, "no request's images were ever queued"
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         term_at = time.monotonic()
         for t in threads:

@@ -114,9 +114,13 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(
                 break
             writer = Writer(url, f"r{round_no}")
             writer.start()
+            # Kill at a random point, but only once some add was acknowledged (else the round proves
+            # nothing): on a loaded machine the first answer can take longer than the random delay.
             kill_after = rng.uniform(0.2, 1.5)
             deadline = time.monotonic() + kill_after
-            while time.monotonic() < deadline and writer.is_alive():
+            give_up = time.monotonic() + ROUND_TIMEOUT_S
+            while writer.is_alive() and (time.monotonic() < deadline or not writer.acked):
+                assert time.monotonic() < give_up, f"round {round_no}: no add acknowledged in {ROUND_TIMEOUT_S} s"
                 time.sleep(0.01)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)

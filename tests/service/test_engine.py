@@ -31,14 +31,26 @@ class Recorder(EngineHooks):
         self.drops[reason] = self.drops.get(reason, 0) + n
 
 
-def _encoder(delay_s: float = 0.0, gate: threading.Event | None = None) -> Any:
+def _encoder(
+    delay_s: float = 0.0, gate: threading.Event | None = None, entered: threading.Event | None = None
+) -> Any:
     def encode(pixels: np.ndarray) -> np.ndarray:
+        if entered is not None:
+            entered.set()
         if gate is not None:
             gate.wait(5)
         time.sleep(delay_s)
         return pixels.reshape(len(pixels), -1)[:, :4] * 2.0  # [B, 4]
 
     return encode
+
+
+async def _until(event: threading.Event, timeout_s: float = 10.0) -> None:
+    """Wait (without blocking the loop) until the encoder thread has taken a batch."""
+    deadline = time.monotonic() + timeout_s
+    while not event.is_set():
+        assert time.monotonic() < deadline, "the encoder never received a batch"
+        await asyncio.sleep(0.005)
 
 
 def _px(value: float, n: int = 1) -> np.ndarray:
@@ -61,13 +73,14 @@ def test_requests_are_batched_together_and_answered_correctly() -> None:
 
 def test_full_queue_refuses_with_retry_after_and_draining_gives_503() -> None:
     async def run() -> None:
-        gate = threading.Event()
-        engine = Engine(_encoder(gate=gate), EngineCfg(max_batch_size=1, max_wait_ms=0, queue_size=2, retry_after_s=3))
+        gate, entered = threading.Event(), threading.Event()
+        cfg = EngineCfg(max_batch_size=1, max_wait_ms=0, queue_size=2, retry_after_s=3)
+        engine = Engine(_encoder(gate=gate, entered=entered), cfg)
         engine.start()
         first = asyncio.ensure_future(engine.embed(_px(1), timeout_s=5))
-        await asyncio.sleep(0.05)  # the worker holds the first image inside the (blocked) encoder
+        await _until(entered)  # the worker holds the first image inside the (blocked) encoder
         queued = asyncio.ensure_future(engine.embed(_px(2, 2), timeout_s=5))  # fills the queue
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # let it enqueue (one loop turn: enqueueing does not wait)
         with pytest.raises(Overloaded) as full:
             await engine.embed(_px(3), timeout_s=5)
         assert full.value.status == 429 and full.value.headers["Retry-After"] == "3"
@@ -83,12 +96,13 @@ def test_full_queue_refuses_with_retry_after_and_draining_gives_503() -> None:
 
 def test_work_of_disconnected_or_late_clients_is_dropped() -> None:
     async def run() -> Recorder:
-        gate = threading.Event()
+        gate, entered = threading.Event(), threading.Event()
         hooks = Recorder()
-        engine = Engine(_encoder(gate=gate), EngineCfg(max_batch_size=4, max_wait_ms=0, queue_size=16), hooks)
+        cfg = EngineCfg(max_batch_size=4, max_wait_ms=0, queue_size=16)
+        engine = Engine(_encoder(gate=gate, entered=entered), cfg, hooks)
         engine.start()
         blocker = asyncio.ensure_future(engine.embed(_px(0), timeout_s=5))
-        await asyncio.sleep(0.05)
+        await _until(entered)  # the blocker's batch is inside the encoder: later images queue behind it
 
         async def gone() -> bool:
             return True
@@ -152,16 +166,23 @@ def test_queued_work_of_a_client_that_hung_up_never_reaches_the_encoder(live: An
             time.sleep(0.01)
         with pytest.raises(httpx2.TimeoutException):  # this client gives up while its 3 images are queued
             httpx2.post(server.url + "/v1/classify", json={"images": [image] * 3}, timeout=0.5)
-        time.sleep(0.3)  # the server notices the hang-up within POLL_S and cancels the queued images
+        # the server notices the hang-up within POLL_S and answers 499 (to nobody), cancelling the
+        # queued images; only then may the encoder be freed (a fixed sleep loses that race under load)
+        gone = 0.0
+        deadline = time.monotonic() + 20
+        while not gone and time.monotonic() < deadline:
+            text = server.app.state.metrics.render().decode()
+            gone = metric(text, "promptdistill_requests_total", {"status": "499"})
+            time.sleep(0.01)
+        assert gone == 1, "the server never noticed that the client hung up"
         gate.set()
         assert holder.result().status_code == 200
         dropped = 0.0
         with server.client() as http:
-            for _ in range(50):
+            deadline = time.monotonic() + 20  # the worker drops them when it reaches them, after the holder
+            while not dropped and time.monotonic() < deadline:
                 text = http.get("/metrics").text
                 dropped = metric(text, "promptdistill_dropped_images_total", {"reason": "cancelled"})
-                if dropped:
-                    break
                 time.sleep(0.05)
     assert seen == [1], f"images of the departed client were encoded: batches {seen}"
     assert dropped == 3

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from service import create_app
 from service.errors import StartupError
 from service.store import DB_FILE
-from tests.service.conftest import png_bytes
+from tests.service.conftest import assert_same_answer, png_bytes
 
 
 def _classify(http: Any, image: str, label_set: str = "default", top_k: int = 100) -> dict[str, Any]:
@@ -26,9 +26,12 @@ def _classify(http: Any, image: str, label_set: str = "default", top_k: int = 10
     return out
 
 
-def test_added_classes_are_classifiable_at_once_and_deleted_ones_vanish(live: Any, photos: list[Any]) -> None:
+def test_added_classes_are_classifiable_at_once_and_deleted_ones_vanish(
+    shared_server: Any, photos: list[Any]
+) -> None:
     image = base64.b64encode(png_bytes(photos[2])).decode()
-    with live() as server, server.client() as http:
+    server = shared_server
+    with server.client() as http:
         v0 = _classify(http, image)["version"]
         added = http.post("/v1/label-sets/default/classes", json={"names": ["red panda", "okapi"]})
         assert added.status_code == 201, added.text
@@ -66,9 +69,9 @@ def _pixels(server: Any, photo: Any) -> np.ndarray:
     return preprocess_batch([photo], server.services.bundle.manifest.image_encoder.preprocess.to_config())
 
 
-def test_named_sets_duplicates_and_protection(live: Any, photos: list[Any]) -> None:
+def test_named_sets_duplicates_and_protection(shared_server: Any, photos: list[Any]) -> None:
     image = base64.b64encode(png_bytes(photos[0])).decode()
-    with live() as server, server.client() as http:
+    with shared_server.client() as http:
         made = http.post("/v1/label-sets", json={"name": "pets", "names": ["cat", "dog", "hamster"]})
         assert made.status_code == 201, made.text
         assert [c["id"] for c in made.json()["classes"]] == [0, 1, 2]
@@ -98,6 +101,35 @@ def test_named_sets_duplicates_and_protection(live: Any, photos: list[Any]) -> N
         assert empty.status_code == 409 and "no classes" in empty.json()["detail"]
 
 
+def test_if_exists_skip_makes_adds_and_creates_repeatable(shared_server: Any) -> None:
+    url = "/v1/label-sets/default/classes"
+    with shared_server.client() as http:
+        first = http.post(url, json={"names": ["quokka", "wombat"], "if_exists": "skip"})
+        assert first.status_code == 201, first.text
+        assert [c["name"] for c in first.json()["classes"]] == ["quokka", "wombat"] and first.json()["skipped"] == []
+        again = http.post(url, json={"names": ["quokka", "wombat"], "if_exists": "skip"})
+        assert again.status_code == 200, again.text  # nothing added: same version, nothing encoded
+        assert again.json()["classes"] == [] and again.json()["skipped"] == ["quokka", "wombat"]
+        assert again.json()["version"] == first.json()["version"]
+        mixed = http.post(url, json={"names": ["wombat", "numbat"], "if_exists": "skip"})
+        assert mixed.status_code == 201 and mixed.json()["version"] > first.json()["version"]
+        assert [c["name"] for c in mixed.json()["classes"]] == ["numbat"] and mixed.json()["skipped"] == ["wombat"]
+        names = [c["name"] for c in http.get(url).json()["classes"]]
+        assert all(names.count(n) == 1 for n in ("quokka", "wombat", "numbat")), names
+        assert http.post(url, json={"names": ["wombat"]}).status_code == 409  # the default stays strict
+        assert http.post(url, json={"names": ["emu"], "if_exists": "maybe"}).status_code == 422
+        for n in ("quokka", "wombat", "numbat"):  # leave the shared server's default set as it was
+            assert http.delete(url, params={"name": n}).status_code == 200
+
+        made = http.post("/v1/label-sets", json={"name": "marsupials", "names": ["koala"], "if_exists": "skip"})
+        assert made.status_code == 201, made.text
+        kept = http.post("/v1/label-sets", json={"name": "marsupials", "names": ["other"], "if_exists": "skip"})
+        assert kept.status_code == 200, kept.text  # the existing set is returned untouched
+        assert kept.json()["classes"] == made.json()["classes"] and kept.json()["version"] == made.json()["version"]
+        assert http.post("/v1/label-sets", json={"name": "marsupials", "names": ["koala"]}).status_code == 409
+        assert http.delete("/v1/label-sets/marsupials").status_code == 200
+
+
 def test_restart_rebuilds_everything_from_the_database(make_settings: Any, photos: list[Any]) -> None:
     settings = make_settings()
     image = base64.b64encode(png_bytes(photos[3])).decode()
@@ -109,8 +141,8 @@ def test_restart_rebuilds_everything_from_the_database(make_settings: Any, photo
         listing = http.get("/v1/label-sets").json()
     with TestClient(create_app(settings)) as http:
         assert http.get("/v1/label-sets").json() == listing
-        for s, out in before.items():
-            assert _classify(http, image, s) == out
+        for s, out in before.items():  # same classes, ids, labels and versions; scores to float32 precision
+            assert_same_answer(_classify(http, image, s), out, where=s)
     db = sqlite3.connect(settings.state_dir / DB_FILE)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     names = {r[0] for r in db.execute("SELECT name FROM classes WHERE label_set = 'default'")}

@@ -3,6 +3,7 @@ and only prompts + projector change."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +44,7 @@ def _setup(tiny_config, n_train: int = 960, n_test: int = 400):  # type: ignore[
     return student, student_bb, teacher_bb, unlabeled, held_out
 
 
+@pytest.mark.slow  # a distillation run to convergence
 def test_student_agreement_rises_and_only_prompts_and_projector_change(tiny_config, tmp_path) -> None:  # type: ignore[no-untyped-def]
     student, student_bb, teacher_bb, unlabeled, held_out = _setup(tiny_config)
     backbone_before = {k: v.clone() for k, v in student_bb.model.state_dict().items()}

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from models.bundle import DEFAULT_LABEL_SET, load_bundle
 from models.towers import build_text_side
 from training.config import load_config
 from training.mopd.combined import CombinedRunCfg, run_combined
 
 
+@pytest.mark.slow  # MoPD teacher + PromptKD student runs
 def test_mopd_teacher_feeds_promptkd_student(tmp_path: Path) -> None:
     sets = [
         "teacher.name=models/configs/tiny-clip.json", "teacher.pretrained=null",

@@ -45,6 +45,7 @@ def test_config_defaults_follow_the_table() -> None:
     assert cfg.mopd.loss_cfg().w2 == 0.3 and cfg.mopd.model_cfg().top_k == 3 and cfg.optim.epochs == 100
 
 
+@pytest.mark.slow  # a MoPD training run (module fixture)
 def test_run_writes_results_plots_and_gate_diagnostics(mopd_run: tuple[MoPDRun, Path]) -> None:
     _, out = mopd_run
     for name in ("results.json", "history.csv", "loss.png", "base_novel.png", "gate.png", "config.yaml"):
@@ -64,6 +65,7 @@ def test_run_writes_results_plots_and_gate_diagnostics(mopd_run: tuple[MoPDRun, 
     assert len(history) == 3 and "gate/mass_entropy" in history[0] and "train/mps" in history[0]
 
 
+@pytest.mark.slow  # uses the MoPD training run
 def test_bundle_text_side_reproduces_class_vectors(mopd_run: tuple[MoPDRun, Path]) -> None:
     run, out = mopd_run
     bundle = load_bundle(out / "bundle")

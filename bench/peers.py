@@ -1,0 +1,323 @@
+"""Peers: our service vs Infinity vs a FastAPI wrapper around the Hugging Face pipeline, same weights.
+
+One random ViT-B/32 (seed 0) serves everywhere: our zero-shot bundle (ONNX fp32, 100 ImageNet
+classes); its open_clip weights converted to a Hugging Face ``CLIPModel`` folder
+(bench/peer_hf.py, checked against open_clip on a probe image) for Infinity 0.0.78 (torch engine,
+``POST /embeddings`` with image data URIs) and for the naive baseline (``zero-shot-image-classification``
+pipeline over the same 100 labels: it re-encodes every label on every call). The peers live in
+their own virtualenv (made here, torch pinned to our CPU build; Infinity needs ``aiohttp`` beyond
+its ``[all]`` extra and our torchvision shim, installed as a ``.pth`` start-up hook). Same JPEGs,
+concurrency 1 / 4 / 16, one run, one server at a time. Also our in-process limit: decode +
+preprocess + ONNX encode + search in a loop, no HTTP. If the peers cannot be installed, the result
+file says why (pip's own error) and only our figures are measured.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import REPO, TINY_CONFIG, BenchCfg, real_photos, save_figure, write_result
+from bench.http_load import Server, build_bundle, load, request
+from bench.http_load import _free_port as free_port
+
+log = logging.getLogger(__name__)
+
+CONCURRENCY = (1, 4, 16)
+INFINITY = "infinity-emb[all]==0.0.78"
+PEER_PINS = (INFINITY, "aiohttp==3.14.5", "torch==2.13.0", "torchvision==0.28.0")
+DEFAULT_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "promptdistill" / "peers-venv"
+SHIM = REPO / "models" / "_compat.py"
+
+
+class PeerUnavailable(RuntimeError):
+    """The peers' virtualenv could not be made; the message is pip's (or python's) own error."""
+
+
+def ensure_peer_venv(venv: Path, install: bool = True) -> Path:
+    """The peers' python (Infinity + transformers), creating the virtualenv on first use."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import infinity_emb, transformers"]
+    if python.exists() and subprocess.run(probe, capture_output=True, timeout=300).returncode == 0:
+        return python
+    if not install:
+        raise PeerUnavailable(f"no peers virtualenv at {venv} and installing was not allowed")
+    log.info("creating the peers' virtualenv %s (%s; a few minutes)", venv, ", ".join(PEER_PINS))
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER_PINS], capture_output=True, text=True)
+    if pip.returncode != 0:
+        raise PeerUnavailable(f"pip install {' '.join(PEER_PINS)} failed:\n{pip.stderr[-3000:]}")
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(site) / "_pd_torchvision_shim.py").write_text(SHIM.read_text())
+    (Path(site) / "_pd_torchvision_shim.pth").write_text("import _pd_torchvision_shim\n")
+    check = subprocess.run(probe, capture_output=True, text=True, timeout=300)
+    if check.returncode != 0:
+        raise PeerUnavailable(f"the peers' virtualenv does not import infinity_emb:\n{check.stderr[-3000:]}")
+    return python
+
+
+def _tokenizer_files(out: Path) -> None:
+    """open_clip's BPE as Hugging Face CLIPTokenizer files (vocab.json + merges.txt), same ids."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # the slice open_clip's SimpleTokenizer uses
+    base = list(bytes_to_unicode().values())
+    vocab = base + [v + "</w>" for v in base] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def export_open_clip(bundle_dir: Path, out: Path) -> None:
+    """Our bundle's image+text backbone as a state dict + dims + a probe (pixels, open_clip embedding)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from models.bundle import load_bundle
+    from models.preprocess import preprocess_image
+    from models.towers import load_bundle_backbone
+
+    bundle = load_bundle(bundle_dir)
+    ref = bundle.manifest.image_encoder.backbone
+    model = load_bundle_backbone(bundle, ref).model.eval()
+    cfg = bundle.manifest.backbones[ref].open_clip_config
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    dims = {
+        "embed_dim": cfg["embed_dim"],
+        "vision": {"width": v["width"], "layers": v["layers"], "heads": v["width"] // v.get("head_width", 64),
+                   "image_size": v["image_size"], "patch_size": v["patch_size"]},
+        "text": {"width": t["width"], "layers": t["layers"], "heads": t["heads"], "vocab_size": t["vocab_size"],
+                 "context": t["context_length"]},
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dims.json").write_text(json.dumps(dims))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip.safetensors"))
+    pixels = preprocess_image(real_photos(mirror=False)[0], bundle.manifest.image_encoder.preprocess.to_config())[None]
+    with torch.no_grad():
+        emb = model.encode_image(torch.from_numpy(pixels)).numpy()
+    np.save(out / "probe_pixels.npy", pixels)
+    np.save(out / "probe_embedding.npy", emb)
+    _tokenizer_files(out)
+    names = [c.name for c in bundle.manifest.label_sets[0].classes]
+    (out / "labels.json").write_text(json.dumps(names))
+
+
+class PeerProcess:
+    """A peer server (a command on 127.0.0.1) that is ready when ``GET health`` answers 200."""
+
+    def __init__(self, cmd: list[str], port: int, health: str, log_path: Path, threads: int) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        env.pop("PYTHONPATH", None)
+        self.port, self.health, self.log_path = port, health, log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=log_path.parent)
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"peer exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if request(self.port, "GET", self.health)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"peer not ready after {timeout_s} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(30)
+        finally:
+            self._log.close()
+
+
+def jpeg_b64(n: int | None = None) -> list[str]:
+    import io
+
+    out = []
+    for photo in real_photos(mirror=False)[:n]:
+        buf = io.BytesIO()
+        photo.save(buf, format="JPEG", quality=90)
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def _levels(port: int, path: str, payloads: list[bytes], cfg: BenchCfg, slow: bool = False) -> list[dict[str, Any]]:
+    load(port, 2, 4, payloads, cfg.max_seconds, path=path)  # warm-up
+    out = []
+    for c in CONCURRENCY:
+        n = 2 * c if cfg.quick else ((2 * c + 6) if slow else max(48, 8 * c))
+        before = [round(x, 2) for x in os.getloadavg()]
+        lv = load(port, c, n, payloads, (2 if slow else 3) * cfg.max_seconds, path=path)
+        lv["loadavg_before"] = before
+        if lv["ok"] == 0:
+            raise RuntimeError(f"POST {path} on port {port}: no request succeeded (status counts {lv['errors']})")
+        out.append(lv)
+        log.info("  c=%d: %.2f img/s, p50 %.0f ms (%d ok)", c, lv["throughput_rps"], lv["p50_ms"], lv["ok"])
+    return out
+
+
+def run_ours(bundle_dir: Path, tmp: Path, images: list[str], cfg: BenchCfg) -> list[dict[str, Any]]:
+    payloads = [json.dumps({"images": [b], "top_k": 5}).encode() for b in images]
+    server = Server(bundle_dir, tmp / "state", cfg.threads, tmp / "ours.log")
+    try:
+        server.wait_ready()
+        return _levels(server.port, "/v1/classify", payloads, cfg)
+    finally:
+        server.stop()
+
+
+def run_infinity(python: Path, hf_dir: Path, tmp: Path, images: list[str], cfg: BenchCfg) -> list[dict[str, Any]]:
+    port = free_port()
+    exe = python.parent / "infinity_emb"
+    cmd = [str(exe), "v2", "--model-id", str(hf_dir), "--engine", "torch", "--device", "cpu", "--host",
+           "127.0.0.1", "--port", str(port), "--served-model-name", "clip", "--no-model-warmup"]  # fmt: skip
+    body = [
+        json.dumps({"model": "clip", "input": [f"data:image/jpeg;base64,{b}"], "modality": "image"}).encode()
+        for b in images
+    ]
+    peer = PeerProcess(cmd, port, "/health", tmp / "infinity.log", cfg.threads)
+    try:
+        peer.wait_ready()
+        return _levels(port, "/embeddings", body, cfg)
+    finally:
+        peer.stop()
+
+
+def run_hf_pipeline(python: Path, hf_dir: Path, labels: Path, tmp: Path, images: list[str], cfg: BenchCfg) -> Any:
+    port = free_port()
+    cmd = [str(python), str(REPO / "bench" / "peer_hf.py"), "serve", str(hf_dir), str(labels), str(port)]
+    body = [json.dumps({"inputs": b}).encode() for b in images]
+    peer = PeerProcess(cmd, port, "/health", tmp / "hf.log", cfg.threads)
+    try:
+        peer.wait_ready()
+        return _levels(port, "/classify", body, cfg, slow=True)
+    finally:
+        peer.stop()
+
+
+def in_process_limit(bundle_dir: Path, images: list[str], cfg: BenchCfg) -> dict[str, Any]:
+    """Our own ceiling: base64 + JPEG decode, preprocess, ONNX encode, search, one image at a time, no HTTP."""
+    from models.bundle import load_bundle
+    from models.preprocess import preprocess_image
+    from service.encoders import OnnxImageEncoder
+    from service.images import ImageLimits, decode_base64_image, decode_image
+    from service.index import Snapshot
+    from service.store import SetRows
+
+    bundle = load_bundle(bundle_dir)
+    encoder = OnnxImageEncoder(bundle, "cpu", cfg.threads, "fp32")
+    pre = bundle.manifest.image_encoder.preprocess.to_config()
+    spec = bundle.manifest.label_sets[0]
+    names = [c.name for c in spec.classes]
+    rows = SetRows(spec.name, 1, np.asarray([c.id for c in spec.classes], dtype=np.int64), names, names,
+                   bundle.class_vectors[spec.name].float().numpy())  # fmt: skip
+    snap = Snapshot.from_rows(rows)
+    limits = ImageLimits(16 * 1024 * 1024, 40_000_000, 16)
+    scale = float(bundle.manifest.logit_scale)
+
+    def one(i: int) -> None:
+        data = decode_base64_image(images[i % len(images)], 0, limits.max_bytes)
+        snap.search(encoder.encode(preprocess_image(decode_image(data, 0, limits), pre)[None]), 5, scale)
+
+    one(0)
+    n = 4 if cfg.quick else 48
+    t0 = time.perf_counter()
+    for i in range(n):
+        one(i)
+    wall = time.perf_counter() - t0
+    return {"images": n, "wall_s": wall, "images_per_s": n / wall, "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def run(cfg: BenchCfg, venv: Path | None = None, install: bool = True) -> dict[str, Any]:
+    arch = str(TINY_CONFIG) if cfg.quick else "ViT-B-32"
+    images = jpeg_b64()
+    result: dict[str, Any] = {
+        "model": f"{'tiny' if cfg.quick else 'ViT-B-32'}, random init (seed 0), same weights in every system",
+        "images": f"{len(images)} real photos as JPEG (quality 90), one per request",
+        "threads": cfg.threads,
+        "systems": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="pd-bench-peers-") as tmp_name:
+        tmp = Path(tmp_name)
+        bundle_dir = build_bundle(arch, tmp / "bundle")
+        result["in_process"] = in_process_limit(bundle_dir, images, cfg)
+        log.info("in-process limit: %.2f img/s", result["in_process"]["images_per_s"])
+        log.info("ours:")
+        result["systems"]["ours"] = run_ours(bundle_dir, tmp, images, cfg)
+        try:
+            python = ensure_peer_venv(venv or DEFAULT_VENV, install)
+            export_open_clip(bundle_dir, tmp / "oc")
+            conv = subprocess.run(
+                [str(python), str(REPO / "bench" / "peer_hf.py"), "convert", str(tmp / "oc"), str(tmp / "hf")],
+                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )  # fmt: skip
+            if conv.returncode != 0:
+                raise PeerUnavailable(
+                    f"converting the weights to Hugging Face CLIPModel failed:\n{conv.stderr[-3000:]}"
+                )
+            result["conversion"] = json.loads(conv.stdout.strip().splitlines()[-1])
+            log.info("conversion: %s", result["conversion"])
+            log.info("infinity:")
+            result["systems"]["infinity"] = run_infinity(python, tmp / "hf", tmp, images, cfg)
+            log.info("hf pipeline:")
+            result["systems"]["hf_pipeline"] = run_hf_pipeline(
+                python, tmp / "hf", tmp / "oc" / "labels.json", tmp, images, cfg
+            )
+        except PeerUnavailable as e:
+            log.error("peers not measured: %s", e)
+            result["peers_unavailable"] = str(e)
+    _ratios(result)
+    write_result("peers", result, cfg)
+    _plot(result, cfg)
+    return result
+
+
+def _ratios(result: dict[str, Any]) -> None:
+    systems = result["systems"]
+    ours = {lv["concurrency"]: lv["throughput_rps"] for lv in systems["ours"]}
+    if "infinity" in systems:
+        inf = {lv["concurrency"]: lv["throughput_rps"] for lv in systems["infinity"]}
+        result["ours_over_infinity"] = {str(c): ours[c] / inf[c] for c in ours if inf.get(c)}
+    result["ours_c1_over_in_process"] = ours[1] / result["in_process"]["images_per_s"]
+
+
+def _plot(result: dict[str, Any], cfg: BenchCfg) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, levels in result["systems"].items():
+        cs = [lv["concurrency"] for lv in levels]
+        a.plot(cs, [lv["throughput_rps"] for lv in levels], marker="o", label=name)
+        b.plot(cs, [lv["p50_ms"] for lv in levels], marker="o", label=name)
+    a.axhline(result["in_process"]["images_per_s"], linestyle="--", color="gray", label="ours in-process limit")
+    a.set(xscale="log", xlabel="concurrency", ylabel="images / s", title="throughput (same weights, same JPEGs)")
+    b.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="p50 ms", title="median latency")
+    for ax in (a, b):
+        ax.set_xticks(list(CONCURRENCY), [str(c) for c in CONCURRENCY])
+        ax.legend(fontsize=8)
+    return save_figure(fig, "peers", cfg)
