@@ -7,10 +7,11 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import problem_response
 from service.metrics import Metrics
 
 
@@ -36,9 +37,7 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    resp = JSONResponse(
-                        {"detail": f"request body exceeds the {self.limit} byte limit", "error": "too_large"}, 413
-                    )
+                    resp = problem_response(413, f"request body exceeds the {self.limit} byte limit", code="too_large")
                     await resp(scope, receive, send)
                     return
         seen = 0

@@ -136,7 +136,10 @@ class ClassList(BaseModel):
     version: int
     index_size: int = Field(description="vectors in the FAISS index serving this version")
     index: str = Field(default="flat", description="flat (exact) or ivf (approximate; exact below 10,000 classes)")
-    classes: list[ClassOut]
+    classes: list[ClassOut] = Field(description="in ascending class id order")
+    next_cursor: str | None = Field(
+        default=None, description="pass as ?cursor= for the next page; null on the last page"
+    )
 
 
 class ChangeOut(BaseModel):
@@ -155,3 +158,37 @@ class DeletedSet(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: the body of every error response (``application/problem+json``)."""
+
+    type: str = Field(
+        description="URI naming the kind of problem", examples=["urn:promptdistill:problem:unknown_label_set"]
+    )
+    title: str = Field(description="short summary of the HTTP status", examples=["Not Found"])
+    status: int = Field(description="the HTTP status code", examples=[404])
+    detail: str = Field(description="what went wrong and what to do", examples=["unknown label set 'pets'"])
+    code: str = Field(
+        description="stable machine-readable code (the last part of type)", examples=["unknown_label_set"]
+    )
+
+
+class FieldError(BaseModel):
+    """One invalid field of a request."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    in_: str = Field(alias="in", description="body, query, path or header")
+    pointer: str = Field(description="JSON Pointer (RFC 6901) to the field within that part", examples=["#/top_k"])
+    field: str = Field(description="dotted field name", examples=["top_k"])
+    detail: str = Field(examples=["Input should be greater than or equal to 1"])
+    type: str = Field(description="pydantic's error type", examples=["greater_than_equal"])
+
+
+class ValidationProblem(Problem):
+    """A problem for a request that failed validation: one entry per invalid field."""
+
+    errors: list[FieldError] = Field(
+        default_factory=list, description="one entry per invalid field (absent when no single field is to blame)"
+    )

@@ -33,6 +33,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -40,6 +41,8 @@ import h11
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 from uvicorn.server import Server, ServerState
+
+from service.errors import PROBLEM_JSON, problem_body
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +63,12 @@ class ConnectionLimits:
     retry_after_s: int
 
 
-def refusal(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection (the app's error body shape)."""
-    body = json.dumps({"detail": detail, "error": code}).encode()
-    reason = {408: "Request Timeout", 503: "Service Unavailable"}.get(status, "Error")
-    lines = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()] + ["connection: close", "", ""]
-    return "\r\n".join(lines).encode("latin-1") + body
+def refusal(status: int, code: str, detail: str) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection, with the app's problem-details body."""
+    body = json.dumps(problem_body(status, detail, code=code)).encode()
+    reason = HTTPStatus(status).phrase
+    lines = [f"HTTP/1.1 {status} {reason}", f"content-type: {PROBLEM_JSON}", f"content-length: {len(body)}"]
+    return "\r\n".join([*lines, "connection: close", "", ""]).encode("latin-1") + body
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -169,10 +171,10 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
     async def _over_capacity(self, scope: Any, receive: Any, send: Any) -> None:
-        n = self.limits.max_connections
-        body = json.dumps({"detail": f"the server holds its maximum of {n} connections", "error": "overloaded"})
+        detail = f"the server holds its maximum of {self.limits.max_connections} connections; retry later"
+        body = json.dumps(problem_body(503, detail, code="overloaded"))
         headers = [
-            (b"content-type", b"application/json"),
+            (b"content-type", PROBLEM_JSON.encode()),
             (b"content-length", str(len(body)).encode()),
             (b"retry-after", str(self.limits.retry_after_s).encode()),
             (b"connection", b"close"),

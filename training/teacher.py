@@ -210,6 +210,8 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> Teache
     m = bundle.manifest
     if m.text_encoder is None:
         raise ValueError(f"bundle {bundle.root} has no text side; a PromptKD teacher needs one")
+    if m.image_encoder.projector is not None:  # the teacher's image features must live in its text space as-is
+        raise ValueError(f"bundle {bundle.root} has a projector (a distilled student), not a teacher's image tower")
     image_bb = load_bundle_backbone(bundle, m.image_encoder.backbone, device)
     text_bb = image_bb if m.text_encoder.backbone == m.image_encoder.backbone else None
     tower = build_image_tower(bundle, device, image_bb)

@@ -166,3 +166,37 @@ def test_shipped_protocol_configs_validate() -> None:
     for raw in variants.values():
         assert raw["protocol"] == "domain_generalization"
         EvalRunConfig.model_validate({"bundle": "b", "data": raw["data"], "protocol": "all"})
+
+
+def test_summarize_cross_dataset_results(tmp_path: Path) -> None:
+    files = []
+    for seed, acc in ((1, 60.0), (2, 64.0), (3, 62.0)):
+        f = tmp_path / f"seed{seed}.json"
+        f.write_text(json.dumps({"last": {"accuracy": acc, "epoch": 20}, "best": {"accuracy": acc + 1, "epoch": 5}}))
+        files.append(str(f))
+    out = tmp_path / "summary.json"
+    assert main(["evaluate", "--summarize", *files, "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["last"]["accuracy"]["mean"] == pytest.approx(62.0) and summary["last"]["accuracy"]["std"] == 2.0
+    assert summary["best"]["accuracy"]["mean"] == pytest.approx(63.0)
+
+
+def test_zero_shot_bundle_can_teach_and_a_student_bundle_cannot(tmp_path: Path) -> None:
+    from models.bundle import save_bundle
+
+    torch.manual_seed(0)
+    bb = load_backbone(str(TINY))
+    save_bundle(zeroshot_bundle(bb, ["cat", "dog", "bee"], ["a photo of a {}."], progress=False), tmp_path / "zs")
+    teacher = load_teacher(tmp_path / "zs")  # the paper's "zero-shot CLIP teacher" ablation
+    assert teacher.class_names == ["cat", "dog", "bee"] and teacher.class_vectors.shape == (3, 64)
+    from models.heads import Projector, ProjectorCfg
+    from models.prompts import PromptedImageEncoder, PromptedTextEncoder
+    from training.export import ImageParts, TextParts, assemble_bundle, label_set, write_bundle
+
+    image = ImageParts(bb, PromptedImageEncoder(bb.model), Projector(ProjectorCfg(64, 64)), key="student")
+    text = TextParts(bb, PromptedTextEncoder(bb.model, bb.tokenizer), ["a photo of a {}."], key="student")
+    student = assemble_bundle(image, {"default": teacher.class_vectors}, [label_set("default", teacher.class_names)],
+                              text=text)  # fmt: skip
+    write_bundle(student, tmp_path / "student")
+    with pytest.raises(ValueError, match="has a projector"):
+        load_teacher(tmp_path / "student")
