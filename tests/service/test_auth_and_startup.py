@@ -92,6 +92,11 @@ def test_backend_auto_picks_what_the_bundle_has(make_settings: Any, tiny_bundle_
             assert http.get("/readyz").status_code == 200
 
 
+def _clear_promptdistill_env() -> None:
+    for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
+        del os.environ[k]
+
+
 def test_serve_start_up_errors_are_one_line_and_exit_2(
     tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
 ) -> None:
@@ -109,8 +114,9 @@ def test_serve_start_up_errors_are_one_line_and_exit_2(
     if not torch.cuda.is_available():
         cases.append((["--bundle", str(tiny_bundle_dir), "--device", "cuda"], "no CUDA device"))
     for args, message in cases:
-        for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
-            monkeypatch.delenv(k)  # `serve` hands its flags to the workers through the environment
+        # `serve` hands its flags to the workers through the environment; not monkeypatch.delenv: it
+        # would put them back after this module's _isolated_env cleaned up, into later tests
+        _clear_promptdistill_env()
         assert main(["serve", *args, *state]) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -121,8 +127,7 @@ def test_serve_start_up_errors_are_one_line_and_exit_2(
     manifest["text_encoder"]["templates"] = ["{}"]
     (other / "manifest.json").write_text(json.dumps(manifest))
     seeded = tmp_path / "seeded"
-    for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
-        monkeypatch.delenv(k)
+    _clear_promptdistill_env()
     _start(Settings(bundle=tiny_bundle_dir, state_dir=seeded, threads=1))  # the database now belongs to it
     assert main(["serve", "--bundle", str(other), "--state-dir", str(seeded)]) == 2
     err = capsys.readouterr().err
