@@ -134,7 +134,7 @@ def bench_slow_clients(bundle: Path, work: Path) -> dict[str, Any]:
 def bench_sigterm(bundle: Path, work: Path, rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in ("serve", "plain uvicorn"):
-        totals = {"answered": 0, "refused": 0, "reset": 0, "no answer": 0}
+        totals = {"answered": 0, "refused with 429/503": 0, "refused": 0, "reset": 0, "no answer": 0}
         loads = []
         for r in range(rounds):
             state = work / f"state-term-{kind.split()[0]}-{r}"

@@ -107,14 +107,16 @@ def _outcome(sock: socket.socket) -> str:
                     break
     except ConnectionResetError:
         return "reset"
-    return "answered" if data.startswith(b"HTTP/1.1 200") else "no answer"
+    if data.startswith(b"HTTP/1.1 200"):
+        return "answered"
+    return "refused with 429/503" if data[9:12] in (b"429", b"503") else "no answer"
 
 
 def drain_round(port: int, send_sigterm: Callable[[], None], fresh: int = 120, kept: int = 40) -> dict[str, int]:
     """``kept`` idle keep-alive connections send their next request and ``fresh`` new connections send
     one each; SIGTERM goes out once half of the fresh ones are sent. Outcome counts over all of them."""
     addr = ("127.0.0.1", port)
-    counts = {"answered": 0, "refused": 0, "reset": 0, "no answer": 0}
+    counts = {"answered": 0, "refused with 429/503": 0, "refused": 0, "reset": 0, "no answer": 0}
     lock, sent = threading.Lock(), threading.Semaphore(0)
     kept_socks = [socket.create_connection(addr, timeout=60) for _ in range(kept)]
     for s in kept_socks:

@@ -23,12 +23,14 @@ def server_section(doc: dict[str, Any], conditions: Callable[[dict[str, Any]], s
         "**SIGTERM** (per round: 40 kept-alive connections send their next request and 120 fresh connections "
         "one classify each; the signal goes out once 60 fresh ones are sent):",
         "",
-        "| server | rounds | answered | refused at connect | reset | closed without answer | 1-min load |",
-        "|---|---|---|---|---|---|---|",
+        "| server | rounds | answered 200 | answered 429/503 | refused at connect | reset "
+        "| closed without answer | 1-min load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for kind, r in term.items():
         out.append(
-            f"| {kind} | {r['rounds']} | {r['answered']} | {r['refused']} | {r['reset']} | {r['no answer']} "
+            f"| {kind} | {r['rounds']} | {r['answered']} | {r['refused with 429/503']} | {r['refused']} "
+            f"| {r['reset']} | {r['no answer']} "
             f"| {', '.join(str(x) for x in r['load_1min'])} |"
         )
     starts = workers["starts"]
