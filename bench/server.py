@@ -16,6 +16,7 @@ speed does not matter here), written to ``server.json``:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -205,13 +206,22 @@ def _tiny_bundle(out: Path) -> Path:
 
 
 def run(cfg: BenchCfg) -> dict[str, Any]:
+    """All three parts; ``BENCH_SERVER_PARTS=workers`` (comma-separated) runs some of them and keeps the
+    other parts of an existing server.json, so the long workers part can run on its own."""
+    parts = os.environ.get("BENCH_SERVER_PARTS", "slow_clients,sigterm,workers").split(",")
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         work = Path(tmp)
         bundle = _tiny_bundle(work / "bundle")
-        result = {
-            "slow_clients": bench_slow_clients(bundle, work),
-            "sigterm": bench_sigterm(bundle, work, rounds=1 if cfg.quick else 3),
-            "workers": bench_workers(bundle, work, starts=2 if cfg.quick else 10),
-        }
+        result: dict[str, Any] = {}
+        if "slow_clients" in parts:
+            result["slow_clients"] = bench_slow_clients(bundle, work)
+        if "sigterm" in parts:
+            result["sigterm"] = bench_sigterm(bundle, work, rounds=1 if cfg.quick else 3)
+        if "workers" in parts:
+            result["workers"] = bench_workers(bundle, work, starts=2 if cfg.quick else 10)
+    previous = cfg.out_dir / "server.json"
+    if previous.is_file():  # parts not run this time keep their last measurement (each has its own load)
+        old = json.loads(previous.read_text())
+        result = {**{k: old[k] for k in ("slow_clients", "sigterm", "workers") if k in old}, **result}
     write_result("server", result, cfg)
     return result

@@ -7,6 +7,8 @@ from typing import Any
 
 
 def server_section(doc: dict[str, Any], conditions: Callable[[dict[str, Any]], str]) -> list[str]:
+    if not all(k in doc for k in ("slow_clients", "sigterm", "workers")):
+        return ["## HTTP layer", "", "_Incomplete result: run `python -m bench server`._", ""]
     slow, term, workers = doc["slow_clients"], doc["sigterm"], doc["workers"]
     alone, during = slow["normal_alone"], slow["normal_during"]
     out = ["## HTTP layer: slow clients, SIGTERM, supervised workers (`python -m bench server`)", ""]
