@@ -192,3 +192,44 @@ class ValidationProblem(Problem):
     errors: list[FieldError] = Field(
         default_factory=list, description="one entry per invalid field (absent when no single field is to blame)"
     )
+
+
+class EmbeddingsRequest(_Body):
+    """OpenAI / Infinity embeddings request; images as base64 or data: URIs (URLs are refused)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"input": [_TINY_PNG], "model": "default", "modality": "image"},
+                {"input": ["a photo of a cat"], "model": "default", "modality": "text", "encoding_format": "float"},
+            ]
+        },
+    )
+
+    input: str | list[str] = Field(description="one input or a list: texts, or base64 / data: URI images")
+    model: str = Field(default="default", max_length=256, description="accepted for compatibility; one model is served")
+    modality: Literal["image", "text"] = Field(default="text", description="what the inputs are (Infinity's field)")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="float: a list of numbers; base64: little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: int | None = Field(default=None, ge=1, description="must equal the model's dimension if given")
+    user: str | None = Field(default=None, max_length=256, description="ignored (OpenAI field)")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="L2-normalised vector (a base64 string for base64 encoding)")
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int = Field(description="encoder inputs: images, or text prompts (names x templates)")
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage
