@@ -21,7 +21,7 @@ class HFParameters(_Body):
 
     candidate_labels: list[str] | None = Field(default=None, description="labels for this request only")
     hypothesis_template: str | None = Field(default=None, description="e.g. 'This is a photo of {}.'")
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=1, strict=True, description="an integer: not true, not \"3\"")
 
 
 class ClassifyRequest(_Body):
@@ -42,13 +42,15 @@ class ClassifyRequest(_Body):
     inputs: str | list[str] | None = Field(default=None, description="Hugging Face shape: one image or a list")
     parameters: HFParameters | None = None
     label_set: str = Field(default="default", description="named label set to classify against")
-    top_k: int = Field(default=5, ge=1, description="predictions per image")
+    top_k: int = Field(
+        default=5, ge=1, strict=True, description="predictions per image (an integer: not true, not \"3\")"
+    )
     candidate_labels: list[str] | None = Field(
         default=None, description="classify against these labels instead of a set"
     )
     hypothesis_template: str | None = Field(default=None, description="template with one {} for candidate_labels")
     unknown_threshold: float | None = Field(
-        default=None, ge=-1.0, le=1.0, description="top-1 cosine below this -> 'unknown'"
+        default=None, ge=-1.0, le=1.0, strict=True, description="top-1 cosine below this -> 'unknown'"
     )
     min_version: int | None = Field(
         default=None,
