@@ -21,7 +21,7 @@ class HFParameters(_Body):
 
     candidate_labels: list[str] | None = Field(default=None, description="labels for this request only")
     hypothesis_template: str | None = Field(default=None, description="e.g. 'This is a photo of {}.'")
-    top_k: int | None = Field(default=None, ge=1, strict=True, description="an integer: not true, not \"3\"")
+    top_k: int | None = Field(default=None, ge=1, strict=True, description='an integer: not true, not "3"')
 
 
 class ClassifyRequest(_Body):
@@ -43,7 +43,7 @@ class ClassifyRequest(_Body):
     parameters: HFParameters | None = None
     label_set: str = Field(default="default", description="named label set to classify against")
     top_k: int = Field(
-        default=5, ge=1, strict=True, description="predictions per image (an integer: not true, not \"3\")"
+        default=5, ge=1, strict=True, description='predictions per image (an integer: not true, not "3")'
     )
     candidate_labels: list[str] | None = Field(
         default=None, description="classify against these labels instead of a set"
@@ -79,6 +79,18 @@ class ClassifyResponse(BaseModel):
     label_set: str | None = Field(description="the set answered from; null for candidate_labels requests")
     version: int | None = Field(description="the set's version this answer was computed from")
     results: list[ImageResult]
+
+
+class HFLabelScore(BaseModel):
+    """One entry of a Hugging Face zero-shot-image-classification answer."""
+
+    label: str
+    score: float
+
+
+# Requests in the Hugging Face shape (``inputs``) are answered in it: a list of {label, score} per
+# image (best first), or one flat list when ``inputs`` is a single image.
+HFAnswer = list[HFLabelScore] | list[list[HFLabelScore]]
 
 
 class ClassesIn(_Body):
