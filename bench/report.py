@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.common import REPO, RESULTS, BenchCfg
 from bench.report_pipeline import SECTIONS as PIPELINE_SECTIONS
+from bench.server_report import server_section
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +340,7 @@ SECTIONS = {
     "peers": peers_section,
     "fleet": fleet_section,
     **PIPELINE_SECTIONS,
+    "server": lambda doc: server_section(doc, _conditions),
 }
 
 

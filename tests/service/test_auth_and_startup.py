@@ -58,7 +58,7 @@ def test_every_mutating_route_needs_the_key_and_health_stays_open(live: Any) -> 
 def test_serve_refuses_public_bind_without_key(tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.delenv("PROMPTDISTILL_API_KEY", raising=False)
     started = []
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(k))
+    monkeypatch.setattr("service.cli._serve_one", lambda settings: started.append({"host": settings.host}) or 0)
     base = ["serve", "--bundle", str(tiny_bundle_dir), "--state-dir", str(tmp_path / "s")]
     assert main([*base, "--host", "0.0.0.0"]) == 2
     assert main([*base, "--host", "192.168.1.5"]) == 2
@@ -92,10 +92,15 @@ def test_backend_auto_picks_what_the_bundle_has(make_settings: Any, tiny_bundle_
             assert http.get("/readyz").status_code == 200
 
 
+def _clear_promptdistill_env() -> None:
+    for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
+        del os.environ[k]
+
+
 def test_serve_start_up_errors_are_one_line_and_exit_2(
     tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
 ) -> None:
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("uvicorn started despite a start-up error"))
+    monkeypatch.setattr("service.cli._serve_one", lambda settings: pytest.fail("served despite a start-up error"))
     no_onnx = _without_onnx(tiny_bundle_dir, tmp_path / "no-onnx")
     state = ["--state-dir", str(tmp_path / "state")]
     cases = [
@@ -109,8 +114,9 @@ def test_serve_start_up_errors_are_one_line_and_exit_2(
     if not torch.cuda.is_available():
         cases.append((["--bundle", str(tiny_bundle_dir), "--device", "cuda"], "no CUDA device"))
     for args, message in cases:
-        for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
-            monkeypatch.delenv(k)  # `serve` hands its flags to the workers through the environment
+        # `serve` hands its flags to the workers through the environment; not monkeypatch.delenv: it
+        # would put them back after this module's _isolated_env cleaned up, into later tests
+        _clear_promptdistill_env()
         assert main(["serve", *args, *state]) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -121,8 +127,7 @@ def test_serve_start_up_errors_are_one_line_and_exit_2(
     manifest["text_encoder"]["templates"] = ["{}"]
     (other / "manifest.json").write_text(json.dumps(manifest))
     seeded = tmp_path / "seeded"
-    for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
-        monkeypatch.delenv(k)
+    _clear_promptdistill_env()
     _start(Settings(bundle=tiny_bundle_dir, state_dir=seeded, threads=1))  # the database now belongs to it
     assert main(["serve", "--bundle", str(other), "--state-dir", str(seeded)]) == 2
     err = capsys.readouterr().err

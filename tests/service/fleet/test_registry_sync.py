@@ -187,3 +187,22 @@ def test_min_version_over_http_on_label_set_reads(live: Callable[..., Any]) -> N
         assert http.get("/v1/label-sets/default/classes", params={"min_version": -1}).status_code == 422
         foreign = http.get("/v1/label-sets/default/classes", params={"min_version": added["version"] + 99})
         assert foreign.status_code == 422
+
+
+def test_the_client_sends_its_token_on_classify_json_and_form(live: Callable[..., Any], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from service.client import Client
+    from tests.service.conftest import png_bytes
+
+    photo = tmp_path / "p.png"
+    photo.write_bytes(png_bytes(Image.new("RGB", (64, 64), (10, 200, 30))))
+    with live() as server, Client(server.url) as client:
+        added = client.add_classes(["okapi"], label_set="default")
+        assert client.seen["default"] == added["version"]
+        by_form = client.classify_files([photo], top_k=1)  # multipart field min_version
+        by_json = client.classify_bytes([photo.read_bytes()], top_k=1)  # JSON field min_version
+        assert by_form["version"] == by_json["version"] == added["version"]
+        client.seen["default"] = added["version"] + 50  # a token from elsewhere: refused, not served stale
+        with pytest.raises(Exception, match="422"):
+            client.classify_files([photo], top_k=1)
