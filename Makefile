@@ -52,6 +52,7 @@ bench: install
 docker-check: install
 	$(BIN)/hadolint Dockerfile
 	docker-compose -f docker-compose.yml config -q
+	docker-compose -f docker-compose.yml --profile cluster config -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -19,13 +19,13 @@ from pathlib import Path
 from bench.common import RESULTS, BenchCfg
 
 QUICK_OUT = Path(tempfile.gettempdir()) / "promptdistill-bench-quick"
-BENCHES = ("encoders", "labelsets", "http_load", "payoff")
+BENCHES = ("encoders", "labelsets", "http_load", "payoff", "preprocess")
 EXTRA = ("peers", "gpu")  # not in ``all``: peers installs its own virtualenv, gpu needs CUDA
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", choices=(*BENCHES, *EXTRA, "report", "all"))
+    parser.add_argument("which", choices=(*BENCHES, *EXTRA, "fleet", "report", "all"))
     parser.add_argument("--quick", action="store_true", help="smoke test: minimal sizes and iterations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="budget per timed measurement")

@@ -327,12 +327,19 @@ def gpu_section(doc: dict[str, Any] | None) -> list[str]:
     return [*out, "", f"FAISS GPU: `{doc['faiss_gpu']}`", ""]
 
 
+def fleet_section(doc: dict[str, Any]) -> list[str]:
+    from bench.fleet import section  # the fleet benchmark owns its table
+
+    return section(doc)
+
+
 SECTIONS = {
     "encoders": encoders_section,
     "labelsets": labelsets_section,
     "http": http_section,
     "payoff": payoff_section,
     "peers": peers_section,
+    "fleet": fleet_section,
 }
 
 

@@ -49,8 +49,8 @@ class GateCfg:
 class Gate(nn.Module):
     """Bias-free linear scores over the normalised image feature; keep top-k; softmax over those k.
 
-    Zero-initialised as in the official code, so at step 0 every score ties and ``topk`` returns
-    the first k prompts with equal weight 1/k.
+    Zero-initialised as in the official code, so at step 0 every score ties; here the ties go to
+    the first k prompts with equal weight 1/k (see ``forward``).
     """
 
     def __init__(self, cfg: GateCfg) -> None:
@@ -68,7 +68,8 @@ class Gate(nn.Module):
         """image_features [B, D] -> (weights [B, k] summing to 1, indices [B, k] into the pool)."""
         scores = self.linear(F.normalize(image_features, dim=-1))  # [B, P]
         # A stable sort, not topk: ties (all of them at step 0) resolve to the lowest prompt
-        # index on every device, as the official code's CUDA topk happened to do.
+        # index on every device. Which k prompts the official code's CUDA ``topk`` picks on an
+        # all-tied row is NOT verified (no GPU was available); it may differ at step 0 only.
         values, indices = scores.sort(dim=-1, descending=True, stable=True)
         k = self.cfg.top_k
         return values[:, :k].softmax(dim=-1), indices[:, :k]

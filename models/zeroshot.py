@@ -36,15 +36,20 @@ BACKBONE_KEY = "clip"
 
 
 def named_templates(which: str) -> list[str]:
-    """``imagenet`` (OpenAI's 80), ``simple`` (open_clip's 2), or a file with one template per line."""
+    """``imagenet`` (OpenAI's 80), ``promptsrc`` (PromptSRC's 60 of them, models/template_sets.py),
+    ``simple`` (open_clip's 2), or a file with one template per line."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
+    if which == "promptsrc":
+        from models.template_sets import PROMPTSRC_TEMPLATES
+
+        return list(PROMPTSRC_TEMPLATES)
     if which == "imagenet":
         return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     if which == "simple":
         return [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
     if not Path(which).is_file():
-        raise FileNotFoundError(f"templates: {which!r} is neither 'imagenet', 'simple' nor a file")
+        raise FileNotFoundError(f"templates: {which!r} is neither 'imagenet', 'promptsrc', 'simple' nor a file")
     return validate_templates(read_string_list(which, "templates file"))
 
 

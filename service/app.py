@@ -6,17 +6,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from models import __version__
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
+from service.openapi import build_openapi, operation_id
 from service.routes import classify, health, label_sets
-from service.schemas import ClassifyRequest
 from service.settings import Settings, get_settings
 from service.state import build_services
 
@@ -57,11 +56,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing heavy happens until the lifespan starts (startup errors are raised there)."""
     settings = settings or get_settings()
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs (Swagger UI) and /redoc load their scripts from assets in
+    # the fastapi-offline wheel (served under /static-offline-docs), not from a public CDN.
+    app = FastAPIOffline(
         title="promptdistill",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
         openapi_tags=[
             {"name": "classify", "description": "images in, top-k classes out"},
             {"name": "label sets", "description": "named, versioned, durable class lists"},
@@ -76,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     for module in (health, label_sets, classify):
         app.include_router(module.router)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
 
 
@@ -86,18 +88,3 @@ def create_app_from_env() -> FastAPI:
     if not logging.getLogger().handlers:  # spawned workers do not inherit the CLI's logging set-up
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return create_app(settings)
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the JSON classify body (the route parses JSON and multipart itself)."""
-    if app.openapi_schema:
-        return app.openapi_schema
-    schema = get_openapi(
-        title=app.title, version=app.version, description=app.description, routes=app.routes, tags=app.openapi_tags
-    )
-    body = ClassifyRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components.update(body.pop("$defs", {}))
-    components["ClassifyRequest"] = body
-    app.openapi_schema = schema
-    return schema

@@ -142,7 +142,7 @@ def _classes_list(args: argparse.Namespace) -> int:
     from service.client import Client
 
     with Client(args.url, args.api_key) as client:
-        out = client.classes(args.label_set)
+        out = client.classes(args.label_set)  # every page, all from one version of the set
     for c in out["classes"]:
         sys.stdout.write(f"{c['id']}\t{c['name']}\t{c['provenance']}\n")
     sys.stdout.write(f"# label set {out['label_set']} version {out['version']}\n")

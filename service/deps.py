@@ -5,7 +5,8 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
 
 from service.errors import Unauthorized
 from service.registry import Registry
@@ -30,12 +31,17 @@ def get_registry(services: ServicesDep) -> Registry:
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 
 
-def require_api_key(
-    settings: SettingsDep,
-    x_api_key: Annotated[
-        str | None, Header(description="required on mutating routes when the server has a key")
-    ] = None,
-) -> None:
+# Declared as a security scheme (not a plain header) so OpenAPI carries it and Swagger UI offers
+# "Authorize"; auto_error=False because a server without a key is open and the check below decides.
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="apiKey",
+    description="required on mutating routes when the server has a key",
+    auto_error=False,
+)
+
+
+def require_api_key(settings: SettingsDep, x_api_key: Annotated[str | None, Security(API_KEY_HEADER)]) -> None:
     """401 unless the configured key was sent in ``X-API-Key`` (no key configured: open)."""
     if settings.api_key is None:
         return

@@ -1,5 +1,6 @@
-"""Image encoders behind one interface: ONNX Runtime or torch, both fed by ``models.preprocess``.
+"""Image encoders behind one interface: ONNX Runtime or torch, each owning its preprocessing.
 
+``preprocess(image bytes) -> [3, H, W]`` (built once from the bundle's manifest) and
 ``encode(pixels [B, 3, H, W] float32) -> [B, D]`` L2-normalised embeddings. The two backends run
 the same exported :class:`models.towers.ImageTower`; a test checks they agree.
 """
@@ -13,6 +14,7 @@ import numpy as np
 
 from models.bundle import Bundle, OnnxSpec
 from service.errors import StartupError
+from service.images import ImageLimits, ImagePreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +22,14 @@ log = logging.getLogger(__name__)
 class ImageEncoder(Protocol):
     backend: str
     provider: str
+    preprocess: ImagePreprocessor
 
     def encode(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+def bundle_preprocessor(bundle: Bundle, limits: ImageLimits, jpeg_draft_factor: float) -> ImagePreprocessor:
+    """The one place the manifest's preprocessing becomes the encoder's input pipeline."""
+    return ImagePreprocessor(bundle.manifest.image_encoder.preprocess.to_config(), limits, jpeg_draft_factor)
 
 
 def cuda_wanted(device: str) -> bool:
@@ -58,9 +66,17 @@ class OnnxImageEncoder:
 
     backend = "onnx"
 
-    def __init__(self, bundle: Bundle, device: str, threads: int | None, precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        preprocess: ImagePreprocessor,
+        device: str,
+        threads: int | None,
+        precision: str = "fp32",
+    ) -> None:
         import onnxruntime as ort
 
+        self.preprocess = preprocess
         spec = onnx_graph(bundle, precision)
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
@@ -96,7 +112,8 @@ class TorchImageEncoder:
 
     backend = "torch"
 
-    def __init__(self, tower: Any, device: str) -> None:
+    def __init__(self, tower: Any, preprocess: ImagePreprocessor, device: str) -> None:
+        self.preprocess = preprocess
         self.tower = tower
         self.device = device
         self.provider = f"torch:{device}"

@@ -1,10 +1,12 @@
 """The batching engine between routes and the image encoder.
 
-Requests put their preprocessed images into one bounded queue; a single worker task takes up to
-``max_batch_size`` images, waiting at most ``max_wait_ms`` after the oldest one arrived for more
-company, and runs the encoder on a dedicated thread (one batch at a time). A request whose queue
-slots are not free is refused at once (429 + Retry-After); work whose client disconnected or
-whose deadline passed is dropped before it reaches the encoder.
+Requests put their preprocessed images into one queue; a single worker task takes up to
+``max_batch_size`` images and runs the encoder on a dedicated thread (one batch at a time). An
+image that finds the encoder idle is encoded at once: batches form only from what queued while the
+encoder was busy, unless ``max_wait_ms`` > 0 asks the first image to wait that long for company.
+Admission (service/admission.py) decides what enters before any decoding; ``queue_size`` here is
+only a backstop (429 + Retry-After). Work whose client disconnected or whose deadline passed is
+dropped before it reaches the encoder.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ POLL_S = 0.05  # how often a waiting request checks whether its client is still 
 @dataclass(frozen=True)
 class EngineCfg:
     max_batch_size: int = 16
-    max_wait_ms: float = 5.0
-    queue_size: int = 256
+    max_wait_ms: float = 0.0
+    queue_size: int = 4096  # backstop only: admission keeps the queue far below this
     retry_after_s: int = 1
 
 
@@ -153,7 +155,7 @@ class Engine:
                 await self._wakeup.wait()
                 continue
             fill_by = self._pending[0].enqueued + self.cfg.max_wait_ms / 1000.0
-            while len(self._pending) < self.cfg.max_batch_size and not self._closing:
+            while self.cfg.max_wait_ms > 0 and len(self._pending) < self.cfg.max_batch_size and not self._closing:
                 remaining = fill_by - loop.time()
                 if remaining <= 0:
                     break

@@ -6,9 +6,9 @@ import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import problem_response
 from service.metrics import Metrics
 
 
@@ -34,9 +34,7 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    resp = JSONResponse(
-                        {"detail": f"request body exceeds the {self.limit} byte limit", "error": "too_large"}, 413
-                    )
+                    resp = problem_response(413, f"request body exceeds the {self.limit} byte limit", code="too_large")
                     await resp(scope, receive, send)
                     return
         seen = 0

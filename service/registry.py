@@ -10,7 +10,7 @@ Keeping snapshots fresh depends on the store:
 - PostgreSQL (a fleet): reads never touch the database. The store's watcher delivers other
   replicas' commits (LISTEN/NOTIFY, a re-check on reconnect, a poll as a safety net) and only the
   added / removed rows are read. A request with ``min_version`` is answered from a snapshot at
-  least that new: the registry waits briefly for it, then reads the database, then gives up (503).
+  least that new: the registry waits briefly for it, then reads the database (503 if it cannot).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import numpy as np
 from models.bundle import CLASS_VECTORS, DEFAULT_LABEL_SET, Bundle
 from service.errors import (
     DuplicateClass,
+    InvalidInput,
     LabelSetExists,
     ProtectedLabelSet,
     StartupError,
     UnknownLabelSet,
-    VersionUnavailable,
 )
 from service.index import IndexKind, SearchCfg, Snapshot
 from service.stores.base import SetDelta, SetRows, Store
@@ -65,6 +65,21 @@ def bundle_fingerprint(bundle: Bundle) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def check_store_matches(store: Store, bundle: Bundle) -> None:
+    """Refuse a label-set database seeded from another bundle (a start-up check; reads only)."""
+    stored = store.meta("bundle_fingerprint")
+    if stored is not None and stored != bundle_fingerprint(bundle):
+        raise _different_bundle(store)
+
+
+def _different_bundle(store: Store) -> StartupError:
+    return StartupError(
+        f"the label-set database {store.where} was created for a different bundle "
+        "(its class vectors live in another embedding space); use a fresh --state-dir / "
+        "PROMPTDISTILL_STATE_DIR (or database) for this bundle, or delete that database to start over"
+    )
+
+
 class Registry:
     """Named, versioned, durable label sets with atomically swapped FAISS snapshots."""
 
@@ -75,7 +90,6 @@ class Registry:
         use_gpu: bool = False,
         on_version: Callable[[str, int, int], None] | None = None,
         min_version_wait_s: float = 1.0,
-        retry_after_s: int = 1,
         search: SearchCfg | None = None,
     ) -> None:
         self.store = store
@@ -83,7 +97,6 @@ class Registry:
         self.use_gpu = use_gpu
         self.search = search or SearchCfg(use_gpu=use_gpu)
         self.min_version_wait_s = min_version_wait_s
-        self.retry_after_s = retry_after_s
         self._snapshots: dict[str, Snapshot] = {}
         self._deleted: dict[str, int] = {}  # name -> clock of its deletion, as told by the watcher
         self._seen = 0  # every change up to this clock value has been applied here (notify order, syncs)
@@ -108,11 +121,7 @@ class Registry:
                 self.store.set_meta(db, "bundle_fingerprint", fingerprint)
                 log.info("seeded label sets %s from the bundle", [s.name for s in bundle.manifest.label_sets])
         if stored is not None and stored != fingerprint:
-            raise StartupError(
-                f"the label-set database {self.store.where} was created for a different bundle "
-                "(its class vectors live in another embedding space); use a fresh --state-dir / "
-                "PROMPTDISTILL_STATE_DIR (or database) for this bundle, or delete that database to start over"
-            )
+            raise _different_bundle(self.store)
         self.sync()
         log.info("label sets ready: %s", {n: (s.version, len(s)) for n, s in self._snapshots.items()})
         if self.store.shared:
@@ -122,7 +131,8 @@ class Registry:
     def get(self, name: str, min_version: int | None = None) -> Snapshot:
         """The snapshot of ``name`` to answer from, at least ``min_version`` new when given.
 
-        Raises UnknownLabelSet (404), VersionUnavailable / StoreUnavailable (503 + Retry-After).
+        Raises UnknownLabelSet (404), StoreUnavailable (503 + Retry-After) when the database would
+        have to answer and cannot, InvalidInput (422) for a token this database never issued.
         """
         if not self.store.shared:
             snap = self._get_local(name)
@@ -131,9 +141,11 @@ class Registry:
             fresh = held is not None and (min_version is None or held.version >= min_version)
             snap = held if held is not None and fresh else self._catch_up(name, min_version)
         if min_version is not None and snap.version < min_version:
-            raise VersionUnavailable(
-                f"label set {name!r} is at version {snap.version} here, older than min_version {min_version}",
-                retry_after_s=self.retry_after_s,
+            # snap came from the database itself, which holds every version ever acknowledged: this
+            # token was not issued by this database (another deployment, or a wiped one).
+            raise InvalidInput(
+                f"min_version {min_version} is newer than label set {name!r} has ever been in this database "
+                f"(version {snap.version}); the token comes from another deployment or a re-created database"
             )
         return snap
 
@@ -181,7 +193,7 @@ class Registry:
                 out.append((name, snap.version, len(snap)))
             return out
         if min_version is not None and not self._wait_seen(min_version):
-            self.sync()  # StoreUnavailable (503) if the database cannot answer either
+            self.sync()  # the database itself: fresh, or StoreUnavailable (503) if it cannot answer
         return [(n, s.version, len(s)) for n, s in sorted(self._snapshots.items())]
 
     def _wait_seen(self, clock: int) -> bool:

@@ -21,7 +21,7 @@ class HFParameters(_Body):
 
     candidate_labels: list[str] | None = Field(default=None, description="labels for this request only")
     hypothesis_template: str | None = Field(default=None, description="e.g. 'This is a photo of {}.'")
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=1, strict=True, description="an integer: not true, not \"3\"")
 
 
 class ClassifyRequest(_Body):
@@ -42,13 +42,22 @@ class ClassifyRequest(_Body):
     inputs: str | list[str] | None = Field(default=None, description="Hugging Face shape: one image or a list")
     parameters: HFParameters | None = None
     label_set: str = Field(default="default", description="named label set to classify against")
-    top_k: int = Field(default=5, ge=1, description="predictions per image")
+    top_k: int = Field(
+        default=5, ge=1, strict=True, description="predictions per image (an integer: not true, not \"3\")"
+    )
     candidate_labels: list[str] | None = Field(
         default=None, description="classify against these labels instead of a set"
     )
     hypothesis_template: str | None = Field(default=None, description="template with one {} for candidate_labels")
     unknown_threshold: float | None = Field(
-        default=None, ge=-1.0, le=1.0, description="top-1 cosine below this -> 'unknown'"
+        default=None, ge=-1.0, le=1.0, strict=True, description="top-1 cosine below this -> 'unknown'"
+    )
+    min_version: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**62,
+        description="answer from the label set at least this new (the last version you saw); a lagging "
+        "replica waits briefly, reads the database, else 503 + Retry-After",
     )
 
 
@@ -129,7 +138,10 @@ class ClassList(BaseModel):
     version: int
     index_size: int = Field(description="vectors in the FAISS index serving this version")
     index: str = Field(default="flat", description="flat (exact) or ivf (approximate; exact below 10,000 classes)")
-    classes: list[ClassOut]
+    classes: list[ClassOut] = Field(description="in ascending class id order")
+    next_cursor: str | None = Field(
+        default=None, description="pass as ?cursor= for the next page; null on the last page"
+    )
 
 
 class ChangeOut(BaseModel):
@@ -148,3 +160,37 @@ class DeletedSet(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: the body of every error response (``application/problem+json``)."""
+
+    type: str = Field(
+        description="URI naming the kind of problem", examples=["urn:promptdistill:problem:unknown_label_set"]
+    )
+    title: str = Field(description="short summary of the HTTP status", examples=["Not Found"])
+    status: int = Field(description="the HTTP status code", examples=[404])
+    detail: str = Field(description="what went wrong and what to do", examples=["unknown label set 'pets'"])
+    code: str = Field(
+        description="stable machine-readable code (the last part of type)", examples=["unknown_label_set"]
+    )
+
+
+class FieldError(BaseModel):
+    """One invalid field of a request."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    in_: str = Field(alias="in", description="body, query, path or header")
+    pointer: str = Field(description="JSON Pointer (RFC 6901) to the field within that part", examples=["#/top_k"])
+    field: str = Field(description="dotted field name", examples=["top_k"])
+    detail: str = Field(examples=["Input should be greater than or equal to 1"])
+    type: str = Field(description="pydantic's error type", examples=["greater_than_equal"])
+
+
+class ValidationProblem(Problem):
+    """A problem for a request that failed validation: one entry per invalid field."""
+
+    errors: list[FieldError] = Field(
+        default_factory=list, description="one entry per invalid field (absent when no single field is to blame)"
+    )

@@ -62,14 +62,36 @@ class Settings(BaseSettings):
         f"(FAISS IVF, for >= 100k classes; sets under {IVF_MIN_CLASSES:,} classes are searched exactly)",
     )
     ivf_nprobe: int = Field(default=32, ge=1, le=4096, description="IVF lists visited per query (recall vs speed)")
-    # --- engine (dynamic micro-batching)
+    # --- engine (dynamic micro-batching) and admission
     max_batch_size: int = Field(default=16, ge=1, le=4096, description="images per encoder call")
     max_wait_ms: float = Field(
-        default=5.0, ge=0, le=10_000, description="how long the first queued image waits for company"
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="how long an image that finds the encoder idle waits for company (0: encoded at once; "
+        "batches still form from what queues while the encoder is busy)",
     )
-    queue_size: int = Field(default=256, ge=1, description="images waiting at most; beyond this requests get 429")
+    queue_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="images in flight (decoding, queued, encoding) at most; beyond this requests get 429 before "
+        "any decoding. None: target_latency_s / the measured service time per image",
+    )
+    target_latency_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="the latency an admitted image is promised; sets the default admission capacity",
+    )
+    decode_workers: int = Field(default=2, ge=1, le=64, description="threads decoding + preprocessing images")
+    jpeg_draft_factor: float = Field(
+        default=2.0,
+        ge=0,
+        le=16,
+        description="decode JPEGs at the smallest DCT scale whose short side keeps this many times the network "
+        "input size (0: full-size decode, exact)",
+    )
     request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline for queued inference")
-    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429/503")
+    retry_after_s: int = Field(default=1, ge=1, description="least Retry-After sent with 429/503")
     # --- input caps
     max_request_bytes: int = Field(default=64 * MiB, ge=1024, description="whole request body")
     max_image_bytes: int = Field(default=16 * MiB, ge=1024, description="one encoded image")
@@ -77,11 +99,27 @@ class Settings(BaseSettings):
         default=40_000_000, ge=1, description="width x height of one image (decompression bombs)"
     )
     min_image_side: int = Field(default=16, ge=1, description="smaller images are rejected")
+    max_aspect_ratio: float = Field(
+        default=32.0, ge=1, description="long side / short side at most (the model sees a centred square)"
+    )
+    max_decoded_mib: int = Field(default=192, ge=1, description="memory one decoded bitmap may take")
     max_images_per_request: int = Field(default=32, ge=1)
     max_labels_per_request: int = Field(default=1000, ge=1, description="names or candidate labels in one request")
     max_name_length: int = Field(default=200, ge=1)
     max_templates: int = Field(default=100, ge=1)
     max_top_k: int = Field(default=1000, ge=1)
+    max_candidate_prompts: int = Field(
+        default=256,
+        ge=1,
+        description="text work of one anonymous request: candidate labels x templates (each a fixed-length "
+        "forward pass); more -> 422",
+    )
+    text_queue_requests: int = Field(
+        default=4, ge=1, description="maximal candidate-label requests the open-vocabulary text lane queues (429)"
+    )
+    text_chunk_prompts: int = Field(
+        default=16, ge=1, description="anonymous text work runs in chunks this size, so class adds cut in quickly"
+    )
     text_cache_size: int = Field(default=4096, ge=0, description="LRU entries of encoded candidate labels")
     # --- security and serving
     api_key: SecretStr | None = Field(default=None, description="X-API-Key required on mutating routes when set")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,15 +14,23 @@ import numpy as np
 from PIL import Image
 
 from models.bundle import Bundle, BundleError, load_bundle
-from models.preprocess import preprocess_image
 from models.towers import TextSide
-from service.encoders import ImageEncoder, OnnxImageEncoder, TorchImageEncoder, cuda_wanted, onnx_graph
+from service.admission import Admission, AdmissionCfg
+from service.classifier import Classifier, PipelineHooks
+from service.encoders import (
+    ImageEncoder,
+    OnnxImageEncoder,
+    TorchImageEncoder,
+    bundle_preprocessor,
+    cuda_wanted,
+    onnx_graph,
+)
 from service.engine import Engine, EngineCfg
 from service.errors import StartupError
-from service.images import ImageLimits, configure_pil
+from service.images import EncodedImage, ImageLimits, configure_pil
 from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
-from service.registry import Registry
+from service.registry import Registry, check_store_matches
 from service.settings import Settings
 from service.store import open_store
 from service.text import TextEncoder
@@ -36,8 +46,8 @@ class Services:
     text: TextEncoder
     registry: Registry
     engine: Engine
+    classifier: Classifier
     metrics: Metrics
-    limits: ImageLimits
     probe: np.ndarray  # [1, 3, H, W] a fixed synthetic image for readiness checks
 
     @property
@@ -45,6 +55,7 @@ class Services:
         return float(self.bundle.manifest.logit_scale)
 
     def close(self) -> None:
+        self.classifier.close()
         self.registry.store.close()
 
 
@@ -67,11 +78,18 @@ def resolve_backend(settings: Settings, bundle: Bundle) -> str:
 
 
 def preflight(settings: Settings) -> Bundle:
-    """The start-up checks that need no model: bundle, image-encoder backend, state dir (raises StartupError)."""
+    """The start-up checks that need no model (bundle, image-encoder backend, device, state dir,
+    label-set database of this bundle), run before any server starts; raises StartupError."""
     bundle = load_checked_bundle(settings)
     if resolve_backend(settings, bundle) == "onnx":
         onnx_graph(bundle, settings.onnx_precision)
+    cuda_wanted(settings.device)  # --device cuda without a CUDA device
     check_state_dir(settings.state_dir)
+    store = open_store(settings, bundle.manifest.embed_dim)
+    try:
+        check_store_matches(store, bundle)
+    finally:
+        store.close()
     return bundle
 
 
@@ -101,6 +119,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         learned_prompts=bool(spec and spec.prompts.n_tokens > 0),
         cache_size=settings.text_cache_size,
         on_call=metrics.text_call,
+        chunk_prompts=settings.text_chunk_prompts,
     )
     store = open_store(settings, bundle.manifest.embed_dim)
     use_gpu = settings.faiss_gpu and device == "cuda"
@@ -113,7 +132,6 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         use_gpu=use_gpu,
         on_version=metrics.version,
         min_version_wait_s=settings.min_version_wait_s,
-        retry_after_s=settings.retry_after_s,
         search=search,
     )
     try:
@@ -121,20 +139,52 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     except BaseException:
         store.close()
         raise
-    cfg = EngineCfg(settings.max_batch_size, settings.max_wait_ms, settings.queue_size, settings.retry_after_s)
     metrics.info.labels(encoder.backend, encoder.provider).set(1)
-    pre = bundle.manifest.image_encoder.preprocess.to_config()
-    return Services(
-        settings=settings,
-        bundle=bundle,
-        encoder=encoder,
-        text=text,
-        registry=registry,
-        engine=Engine(encoder.encode, cfg, metrics),
-        metrics=metrics,
-        limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.min_image_side),
-        probe=preprocess_image(_probe_image(), pre)[None],
+    probe = encoder.preprocess.from_pil(_probe_image())[None]  # [1, 3, H, W]
+    admission = Admission(_admission_cfg(settings), *_service_times(encoder, probe))
+    engine = Engine(
+        encoder.encode, EngineCfg(settings.max_batch_size, settings.max_wait_ms), PipelineHooks(metrics, admission)
     )
+    classifier = Classifier(
+        settings,
+        registry=registry,
+        text=text,
+        engine=engine,
+        preprocess=encoder.preprocess,
+        admission=admission,
+        logit_scale=float(bundle.manifest.logit_scale),
+        on_images=metrics.images.inc,
+    )
+    log.info(
+        "admission: %d images in flight at most (%s; %.1f ms per image)",
+        admission.capacity,
+        "queue_size" if settings.queue_size else f"target latency {settings.target_latency_s:g} s",
+        1000 * admission.image_s,
+    )
+    return Services(settings, bundle, encoder, text, registry, engine, classifier, metrics, probe)
+
+
+def _admission_cfg(settings: Settings) -> AdmissionCfg:
+    return AdmissionCfg(
+        capacity=settings.queue_size,
+        target_latency_s=settings.target_latency_s,
+        deadline_s=settings.request_timeout_s,
+        min_capacity=settings.decode_workers + 1,
+        retry_after_s=settings.retry_after_s,
+    )
+
+
+def _service_times(encoder: ImageEncoder, probe: np.ndarray) -> tuple[float, float]:
+    """First estimates (seconds per image) of encoding and of decoding a typical photo, timed now."""
+    encoder.encode(probe)  # warm-up: first runs allocate
+    start = time.perf_counter()
+    encoder.encode(probe)
+    encode_s = time.perf_counter() - start
+    buf = io.BytesIO()
+    _probe_image().resize((640, 480)).save(buf, "JPEG", quality=90)  # a typical upload
+    start = time.perf_counter()
+    encoder.preprocess(EncodedImage(buf.getvalue()))
+    return encode_s, time.perf_counter() - start
 
 
 def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEncoder, TextSide | None]:
@@ -145,13 +195,21 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
     if settings.threads:
         torch.set_num_threads(settings.threads)
     m = bundle.manifest
+    limits = ImageLimits(
+        settings.max_image_bytes,
+        settings.max_image_pixels,
+        settings.min_image_side,
+        settings.max_aspect_ratio,
+        settings.max_decoded_mib * 1024 * 1024,
+    )
+    pre = bundle_preprocessor(bundle, limits, settings.jpeg_draft_factor)
     backend = resolve_backend(settings, bundle)
     if settings.backend == "auto":
         has = "has an ONNX image encoder" if m.image_encoder.onnx else "has no ONNX image encoder (export with --onnx)"
         log.info("backend auto: bundle %s %s -> %s", bundle.root, has, backend)
     if backend == "onnx":
         encoder: ImageEncoder = OnnxImageEncoder(
-            bundle, "cuda" if device == "cuda" else settings.device, settings.threads, settings.onnx_precision
+            bundle, pre, "cuda" if device == "cuda" else settings.device, settings.threads, settings.onnx_precision
         )
         if m.text_encoder is None:
             return encoder, None
@@ -159,7 +217,7 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
         backbone.model.visual = torch.nn.Identity()  # ONNX runs the image side; keep only the text tower
         return encoder, build_text_side(bundle, device, backbone)
     tower, side = build_towers(bundle, device)
-    return TorchImageEncoder(tower, device), side
+    return TorchImageEncoder(tower, pre, device), side
 
 
 def _probe_image() -> Image.Image:

@@ -114,3 +114,23 @@ def int8_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         int8=True, int8_min_cosine=ACCEPT_ANY_INT8, progress=False,
     )  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """``promptdistill demo`` run once per session (about a minute): (its output folder, what it printed)."""
+    import contextlib
+    import io
+
+    from promptdistill.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and two spin-wait on a busy 2-core machine
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out, printed.getvalue()

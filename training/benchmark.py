@@ -34,8 +34,10 @@ from training.data import (
     few_shot_indices,
     image_folder_records,
     load_digits_images,
+    read_folder_names,
     scan_images,
 )
+from training.variants import FASHION_MNIST_NAMES, fashion_mnist_split, imagenet_variant_records
 
 Item = ImageRecord | Image.Image
 Part = Literal["train", "test"]
@@ -51,6 +53,9 @@ class Benchmark:
     test_items: list[Item]
     test_labels: list[int]
     unlabeled_root: Path | None = None
+    # ImageNet variants: class i is class source_ids[i] of ImageNet (the A/R 200-class mapping)
+    source_ids: list[int] | None = None
+    source_size: int | None = None  # number of classes of the source (ImageNet: 1000)
 
     def __post_init__(self) -> None:
         check_label_ids(self.train_labels + self.test_labels, len(self.class_names))
@@ -131,25 +136,33 @@ def digits_benchmark(size: int, test_fraction: float = 0.3, seed: int = 0) -> Be
 
 
 def load_benchmark(cfg: DataCfg, image_size: int = 224) -> Benchmark:
-    """Build the benchmark a :class:`DataCfg` describes (``image_size`` only matters for digits)."""
+    """Build the benchmark a :class:`DataCfg` describes (``image_size``: in-memory sources only)."""
     if cfg.kind == "digits":
         bench = digits_benchmark(image_size, cfg.digits_test_fraction)
         bench.unlabeled_root = cfg.unlabeled_root
         return bench
     if cfg.kind == "image_folder":
         assert cfg.root is not None
-        train, names = image_folder_records(cfg.root / "train")
-        test, test_names = image_folder_records(cfg.root / "test")
+        # ImageNet: "n01440764 tench" lines map folder names (as on disk) to class names
+        rename = read_folder_names(cfg.classnames_file) if cfg.classnames_file is not None else None
+        train, names = image_folder_records(cfg.root / "train", rename)
+        test, test_names = image_folder_records(cfg.root / "test", rename)
         if test_names != names:
             raise DataError(f"{cfg.root}: train and test class folders differ")
-        bench = _from_records(train, test, cfg)
-        if cfg.classnames_file is not None:  # ImageNet: "n01440764 tench" lines map folders to names
-            mapping = dict(line.split(" ", 1) for line in cfg.classnames_file.read_text().splitlines() if " " in line)
-            missing = [n for n in bench.class_names if n not in mapping]
-            if missing:
-                raise DataError(f"{cfg.classnames_file} has no name for folders {missing[:5]}")
-            bench.class_names = [mapping[n].strip() for n in bench.class_names]
-        return bench
+        return _from_records(train, test, cfg)
+    if cfg.kind == "imagenet_variant":
+        assert cfg.root is not None and cfg.classnames_file is not None and cfg.variant is not None
+        records, names, source_ids = imagenet_variant_records(cfg.root, cfg.variant, cfg.classnames_file)
+        if cfg.check_images:
+            records, _ = scan_images(records)
+        labels = [r.label for r in records]
+        n_source = len(read_folder_names(cfg.classnames_file))
+        return Benchmark(names, [], [], list(records), labels, cfg.unlabeled_root, source_ids, n_source)
+    if cfg.kind == "fashion_mnist":
+        assert cfg.root is not None
+        train_x, train_y = fashion_mnist_split(cfg.root, "train", image_size, cfg.subsample_train)
+        test_x, test_y = fashion_mnist_split(cfg.root, "t10k", image_size, cfg.subsample_test)
+        return Benchmark(list(FASHION_MNIST_NAMES), train_x, train_y, test_x, test_y, cfg.unlabeled_root)  # type: ignore[arg-type]
     if cfg.kind == "coop_split":
         assert cfg.root is not None and cfg.split_file is not None
         split = coop_split_records(cfg.split_file, cfg.root)

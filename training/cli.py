@@ -15,6 +15,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# a run's protocol -> the metric `evaluate` reports (training/protocols.py)
+EVAL_PROTOCOL = {"base2novel": "base2novel", "all": "all", "cross_dataset": "all", "domain_generalization": "all"}
 SET_HELP = "override a config field, e.g. --set optim.lr=0.01 (repeatable; values parsed as YAML)"
 
 
@@ -31,13 +33,38 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     distill.set_defaults(func=_train_distill)
     __import__("training.mopd.cli", fromlist=["register"]).register(tsub)  # MoPD (issue 4): train mopd, mopd-promptkd
 
-    ev = sub.add_parser("evaluate", help="base/novel/HM of a bundle on a dataset, or mean/std of result files")
+    ev = sub.add_parser(
+        "evaluate", help="a bundle (student or teacher) on a dataset under a protocol, or mean/std of result files"
+    )
     ev.add_argument("--bundle", help="bundle folder to evaluate")
     ev.add_argument("--config", help="YAML/JSON config whose `data` section names the dataset")
     ev.add_argument("--set", dest="overrides", action="append", default=[], help=SET_HELP)
+    ev.add_argument(
+        "--protocol",
+        choices=["base2novel", "all", "cross_dataset", "domain_generalization"],
+        help="base2novel: base/novel/HM; all (= cross_dataset, domain_generalization): all-class accuracy "
+        "(default: the config's top-level `protocol`, else base2novel)",
+    )
     ev.add_argument("--out", help="write the results JSON here")
     ev.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON", help="mean/std over seeds of results.json files")
     ev.set_defaults(func=_evaluate)
+
+    _register_convert(sub)
+
+    exp = sub.add_parser("experiment", help="offline benchmarks beyond the demo (docs/experiments.md)")
+    esub = exp.add_subparsers(dest="experiment_cmd", required=True)
+    fm = esub.add_parser(
+        "fashion-mnist", help="base-to-novel on Fashion-MNIST: zero-shot, CoOp, MoPD, PromptSRC, PromptKD"
+    )
+    fm.add_argument("--out", required=True, help="output folder (summary.json, table.md, fashion_mnist.png)")
+    fm.add_argument("--root", help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
+    fm.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    fm.add_argument("--train-per-class", type=int, default=100, help="train images kept per class")
+    fm.add_argument("--test-per-class", type=int, default=100, help="test images kept per class")
+    fm.add_argument("--pretrain-epochs", type=int, default=20)
+    fm.add_argument("--prompt-epochs", type=int, default=20, help="PromptSRC / CoOp / MoPD epochs")
+    fm.add_argument("--distill-epochs", type=int, default=10)
+    fm.set_defaults(func=_fashion)
 
     demo = sub.add_parser("demo", help="offline end-to-end PromptKD run on scikit-learn digits (~1 min on CPU)")
     demo.add_argument("--out", required=True, help="output folder (the bundle goes to OUT/bundle)")
@@ -47,9 +74,66 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     demo.set_defaults(func=_demo)
 
 
+def _register_convert(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    conv = sub.add_parser("convert", help="turn released / older teachers into teacher bundles")
+    csub = conv.add_subparsers(dest="convert_cmd", required=True)
+    pk = csub.add_parser(
+        "promptkd-teacher", help="the authors' PromptSRC/PromptKD teacher (Dassl model-best.pth.tar / model.pth.tar-N)"
+    )
+    pk.add_argument("checkpoint", help="Dassl checkpoint file")
+    names = pk.add_mutually_exclusive_group(required=True)
+    names.add_argument("--dataset", help="dataset config name (training/configs/promptkd/NAME.yaml) or path")
+    names.add_argument("--classnames", help="file with one class name per line, in label-id order")
+    pk.add_argument("--out", required=True, help="bundle folder to write")
+    pk.add_argument("--backbone", default="ViT-L-14-quickgelu", help="open_clip architecture (default: the teachers')")
+    pk.add_argument("--pretrained", default="openai", help="weights tag or file (default: openai)")
+    pk.add_argument("--n-base", type=int, help="base classes (default: ceil(N/2), the CoCoOp split)")
+    pk.add_argument("--trust-pickle", action="store_true", help="allow a full unpickle (the file runs code)")
+    pk.set_defaults(func=_convert_promptkd)
+    lg = csub.add_parser("legacy-teacher", help="a pre-bundle `train teacher` folder (teacher.json)")
+    lg.add_argument("folder")
+    lg.add_argument("--out", required=True, help="bundle folder to write (e.g. FOLDER/bundle)")
+    lg.set_defaults(func=_convert_legacy)
+
+
+def _dataset_class_names(dataset: str) -> list[str]:
+    from training.benchmark import load_benchmark
+    from training.config import DataCfg, read_config_file
+
+    path = Path(dataset)
+    if not path.suffix:
+        path = Path(__file__).resolve().parent / "configs" / "promptkd" / f"{dataset}.yaml"
+    return load_benchmark(DataCfg.model_validate(read_config_file(path).get("data", {}))).class_names
+
+
+def _convert_promptkd(args: argparse.Namespace) -> int:
+    from models.zeroshot import read_class_names
+    from training.convert import convert_promptkd_teacher
+    from training.data import prompt_name
+
+    names = [prompt_name(n) for n in read_class_names(args.classnames)] if args.classnames else None
+    names = names or _dataset_class_names(args.dataset)
+    out = convert_promptkd_teacher(
+        args.checkpoint, names, args.out, backbone=args.backbone, pretrained=args.pretrained,
+        n_base=args.n_base, trust_pickle=args.trust_pickle, dataset=args.dataset,
+    )  # fmt: skip
+    _emit({"bundle": str(out), "classes": len(names)})
+    return 0
+
+
+def _convert_legacy(args: argparse.Namespace) -> int:
+    from training.convert import convert_legacy_teacher
+
+    _emit({"bundle": str(convert_legacy_teacher(args.folder, args.out))})
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON run config (see training/configs/promptkd/)")
-    p.add_argument("--data-config", help="take the `data` section from this config (e.g. a dataset file)")
+    p.add_argument(
+        "--data-config",
+        help="take the dataset (data.kind/root/split_file/...; not shots or batch sizes) from this config",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], help=SET_HELP)
     p.add_argument("--out", help="shortcut for --set out_dir=OUT")
     p.add_argument("--device", help="shortcut for --set loop.device=DEVICE (auto|cpu|cuda|cuda:1)")
@@ -58,9 +142,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> list[str]:
     items: list[str] = []
     if getattr(args, "data_config", None):
-        from training.config import read_config_file
+        from training.config import dataset_fields, read_config_file
 
-        data = read_config_file(args.data_config).get("data", {})
+        # only the dataset's identity; the method config keeps its shots / batch sizes / augmentation
+        data, ignored = dataset_fields(read_config_file(args.data_config).get("data", {}))
+        if ignored:
+            log.info("--data-config %s: kept the run config's %s", args.data_config, ", ".join(sorted(ignored)))
         items += [f"data.{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in data.items()]
         dataset = Path(args.data_config).stem
         items += [f"out_dir=runs/teacher/{dataset}"] if args.func is _train_teacher else []
@@ -116,12 +203,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     from training.bundle_eval import EvalRunConfig, evaluate_bundle
     from training.config import deep_merge, parse_overrides, read_config_file
 
-    data = read_config_file(args.config).get("data", {}) if args.config else {}
-    raw = deep_merge({"bundle": args.bundle, "data": data}, parse_overrides(args.overrides))
+    file = read_config_file(args.config) if args.config else {}
+    protocol = args.protocol or file.get("protocol") or "base2novel"
+    raw = {"bundle": args.bundle, "data": file.get("data", {}), "protocol": EVAL_PROTOCOL[protocol]}
+    raw = deep_merge(raw, parse_overrides(args.overrides))
     result = evaluate_bundle(EvalRunConfig.model_validate(raw))
     _emit(result, strip_per_class=True)
     if args.out:
         save_json(result, args.out)
+    return 0
+
+
+def _fashion(args: argparse.Namespace) -> int:
+    from training.fashion import FashionCfg, format_table, run_fashion
+
+    fields = ("seeds", "train_per_class", "test_per_class", "pretrain_epochs", "prompt_epochs", "distill_epochs")
+    raw = {k: getattr(args, k) for k in fields} | ({"root": args.root} if args.root else {})
+    cfg = FashionCfg.model_validate(raw)
+    summary = run_fashion(args.out, cfg)
+    sys.stdout.write(format_table(summary["table"], len(cfg.seeds)))
+    sys.stdout.write(f"wall time: {summary['seconds']['total']:.0f} s\n")
     return 0
 
 

@@ -41,10 +41,14 @@ class DataCfg(Cfg):
       * ``image_folder``: ``root/train/<class>/*`` and ``root/test/<class>/*``;
       * ``coop_split``: ``split_file`` (CoOp JSON) with image paths relative to ``root``;
       * ``csv``: ``train_csv`` / ``test_csv`` (``path,label[,classname]``) relative to ``root``;
-      * ``digits``: scikit-learn's digits, upscaled (offline demo and tests).
+      * ``digits``: scikit-learn's digits, upscaled (offline demo and tests);
+      * ``imagenet_variant``: a test-only ImageNet variant (``variant``: v2 | sketch | a | r) read
+        as CoOp's readers do, class names from ImageNet's ``classnames_file`` (training/variants.py);
+      * ``fashion_mnist``: the IDX files of Debian's dataset-fashion-mnist under ``root``.
     """
 
-    kind: Literal["image_folder", "coop_split", "csv", "digits"] = "image_folder"
+    kind: Literal["image_folder", "coop_split", "csv", "digits", "imagenet_variant", "fashion_mnist"] = "image_folder"
+    variant: Literal["v2", "sketch", "a", "r"] | None = None  # imagenet_variant only
     root: Path | None = None
     split_file: Path | None = None
     train_csv: Path | None = None
@@ -60,6 +64,9 @@ class DataCfg(Cfg):
     hflip: bool = True  # random horizontal flip for training (the papers' default)
     check_images: bool = False  # open every image once up front and drop unreadable ones
     digits_test_fraction: float = Field(default=0.3, gt=0, lt=1)  # digits only: held-out share per class
+    # fashion_mnist only: keep this many images per class (seeded, first N of a fixed shuffle); None = all
+    subsample_train: int | None = Field(default=None, ge=1)
+    subsample_test: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _paths_for_kind(self) -> DataCfg:
@@ -68,6 +75,8 @@ class DataCfg(Cfg):
             "coop_split": ["root", "split_file"],
             "csv": ["train_csv", "test_csv"],
             "digits": [],
+            "imagenet_variant": ["root", "classnames_file", "variant"],
+            "fashion_mnist": ["root"],
         }
         missing = [k for k in need[self.kind] if getattr(self, k) is None]
         if missing:
@@ -96,6 +105,35 @@ class LoopCfg(Cfg):
     checkpoint: bool = True  # save a resumable checkpoint after every epoch
     resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
     max_steps_per_epoch: int | None = Field(default=None, ge=1)  # cap (smoke tests / quick looks)
+
+
+# The fields of ``DataCfg`` that say *which* data a run sees. A dataset file given with
+# ``--data-config`` contributes only these; how a method samples and loads that data (shots, batch
+# sizes, augmentation) stays the method config's, so e.g. _distill.yaml's ``shots: 0`` can never
+# replace teacher.yaml's 16 shots.
+DATASET_FIELDS = frozenset(
+    {
+        "kind",
+        "variant",
+        "root",
+        "split_file",
+        "train_csv",
+        "test_csv",
+        "classnames_file",
+        "unlabeled_root",
+        "digits_test_fraction",
+        "subsample_train",
+        "subsample_test",
+    }
+)
+
+
+def dataset_fields(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a ``data`` section into (dataset fields, method fields such as shots / batch size)."""
+    return (
+        {k: v for k, v in data.items() if k in DATASET_FIELDS},
+        {k: v for k, v in data.items() if k not in DATASET_FIELDS},
+    )
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import logging
 import math
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,21 +55,54 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def image_folder_records(root: str | Path) -> tuple[list[ImageRecord], list[str]]:
-    """``root/<class>/<image>`` -> records; classes sorted by folder name get ids ``0..N-1``."""
+def prompt_name(name: str) -> str:
+    """A class name as it goes into a prompt: ``_`` becomes a space (every official prompt learner
+    does ``name.replace("_", " ")``, so "apple_pie" is encoded as "apple pie")."""
+    return name.replace("_", " ").strip()
+
+
+def image_folder_records(
+    root: str | Path, rename: Mapping[str, str] | None = None
+) -> tuple[list[ImageRecord], list[str]]:
+    """``root/<class>/<image>`` -> records; classes sorted by folder name get ids ``0..N-1``.
+
+    Names are the folder names (``_`` -> space) or, with ``rename``, ``rename[folder]``; the mapping
+    is keyed by the folder name exactly as on disk (ImageNet's ``n01440764``, ``ankle_boot``).
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
+    if rename is not None:
+        missing = [c for c in classes if c not in rename]
+        if missing:
+            raise DataError(f"{root}: the class-name mapping has no name for folders {missing[:5]}")
+    names = [prompt_name(rename[c] if rename is not None else c) for c in classes]
     records: list[ImageRecord] = []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if _is_image(p))
+    for label, folder in enumerate(classes):
+        files = sorted(p for p in (root / folder).rglob("*") if _is_image(p))
         if not files:
-            raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
-        records += [ImageRecord(p, label, name.replace("_", " ")) for p in files]
-    return records, [c.replace("_", " ") for c in classes]
+            raise DataError(f"class folder {root / folder} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+        records += [ImageRecord(p, label, names[label]) for p in files]
+    return records, names
+
+
+def read_folder_names(path: str | Path) -> dict[str, str]:
+    """``"<folder> <class name>"`` lines (CoOp's ImageNet classnames.txt) -> {folder: name}."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"class-name file {path} does not exist")
+    out: dict[str, str] = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        folder, sep, name = line.strip().partition(" ")
+        if not sep or not name.strip():
+            raise DataError(f"{path}:{i}: expected '<folder> <class name>', got {line!r}")
+        out[folder] = name.strip()
+    return out
 
 
 def coop_split_records(split_file: str | Path, image_root: str | Path) -> dict[str, list[ImageRecord]]:
@@ -85,7 +118,7 @@ def coop_split_records(split_file: str | Path, image_root: str | Path) -> dict[s
         for i, item in enumerate(items):
             if not (isinstance(item, list | tuple) and len(item) == 3):
                 raise DataError(f"{split_file}: {part}[{i}] must be [relative_path, label, classname], got {item!r}")
-            recs.append(ImageRecord(image_root / item[0], int(item[1]), str(item[2])))
+            recs.append(ImageRecord(image_root / item[0], int(item[1]), prompt_name(str(item[2]))))
         out[part] = recs
     if not out["train"] and not out["test"]:
         raise DataError(f"split file {split_file} has empty train and test lists")
@@ -110,7 +143,7 @@ def csv_records(
             name = row.get("classname") or (
                 classnames[label] if classnames and 0 <= label < len(classnames) else str(label)
             )
-            records.append(ImageRecord(root / row["path"], label, name))
+            records.append(ImageRecord(root / row["path"], label, prompt_name(name)))
     if not records:
         raise DataError(f"CSV file {csv_file} lists no images")
     return records

@@ -16,7 +16,7 @@ Steps (2 CPU cores, no weights or datasets needed):
 Output layout (stable; the README serves ``DIR/bundle``)::
 
     DIR/bundle/       the PromptKD bundle (student tower + teacher class vectors + text side)
-    DIR/teacher/      teacher run: teacher.json + tensors, results.json, loss.png, history.csv, tb/
+    DIR/teacher/      teacher run: bundle/ (the teacher bundle), results.json, loss.png, history.csv, tb/
     DIR/student/      distillation run: results.json, loss.png, base_novel.png, history.csv, tb/
     DIR/summary.json  every number printed at the end, plus wall times
 """
@@ -65,7 +65,7 @@ class DemoCfg(Cfg):
     progress: bool = True
 
 
-def pretrain_clip(bb: Backbone, bench: Benchmark, cfg: DemoCfg, what: str) -> None:
+def pretrain_clip(bb: Backbone, bench: Benchmark, cfg: DemoCfg, what: str, captions: list[str] | None = None) -> None:
     """Brief CLIP-style pre-training of the image tower against the frozen text tower.
 
     Contrastive image-to-caption loss over the ten digit captions (mean of ``CAPTIONS``), with
@@ -75,7 +75,7 @@ def pretrain_clip(bb: Backbone, bench: Benchmark, cfg: DemoCfg, what: str) -> No
     """
     model: Any = bb.model
     with torch.no_grad():
-        caption_sets = [bb.tokenizer([t.format(n) for n in bench.class_names]) for t in CAPTIONS]
+        caption_sets = [bb.tokenizer([t.format(n) for n in bench.class_names]) for t in captions or CAPTIONS]
         text = F.normalize(
             torch.stack([F.normalize(model.encode_text(c), dim=-1) for c in caption_sets]).mean(0), dim=-1
         )

@@ -12,29 +12,25 @@ config.yaml, and the bundle (``bundle/`` unless ``export.bundle_dir`` says other
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from models.backbone import Backbone, load_backbone
+from models.bundle import load_bundle
+from models.class_vectors import encode_class_names
 from training.benchmark import Benchmark, load_benchmark
 from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg, save_config
 from training.data import Subset, build_transform
-from training.evaluate import (
-    accuracy,
-    base_novel_result,
-    per_class_accuracy,
-    plot_base_novel,
-    plot_history,
-    predict,
-    save_json,
-)
+from training.evaluate import plot_base_novel, plot_history, predict, save_json
 from training.export import ImageParts, TextParts, assemble_bundle, image_tower, label_set, write_bundle
 from training.loop import BestState, EvalCallback, Trainer, load_trainable_state, pick_device, trainable_state
 from training.promptkd import DistillCfg, PromptKDStudent, batchmean_equivalent_weight
 from training.promptsrc import LEARNED_TEMPLATES
-from training.teacher import Teacher, load_teacher
+from training.protocols import EvalProtocol, evaluate_classifier, headline
+from training.teacher import Teacher, load_teacher, teacher_bundle_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +48,15 @@ class DistillRunConfig(Cfg):
     """``promptdistill train distill``: PromptKD student on the unlabeled train split."""
 
     student: BackboneCfg
-    teacher_dir: Path
+    teacher_dir: Path  # a teacher bundle, or the `train teacher` folder holding one (bundle/)
     data: DataCfg
     optim: OptimCfg = OptimCfg()
     loop: LoopCfg = LoopCfg()
     distill: DistillCfg = DistillCfg()
     export: ExportCfg = ExportCfg()
+    # base2novel: the teacher's own classes, base/novel/HM. cross_dataset: a source (ImageNet)
+    # teacher; the target dataset's names are re-encoded through its text side, all-class accuracy.
+    protocol: Literal["base2novel", "cross_dataset"] = "base2novel"
     out_dir: Path
 
 
@@ -66,28 +65,17 @@ def evaluate_student(
     bench: Benchmark,
     transform: Any,
     device: torch.device,
-    subsets: tuple[Subset, ...] = ("base", "new"),
+    subsets: tuple[Subset, ...] | None = None,
     batch_size: int = 100,
+    protocol: EvalProtocol = "base2novel",
 ) -> dict[str, Any]:
-    """Accuracy per subset among that subset's class vectors; keys base / novel (+ per class)."""
+    """The student through THE evaluation: its tower against the (teacher's) class vectors."""
     was = model.training
     model.eval()
-    out: dict[str, Any] = {}
-    for subset in subsets:
-        rows = bench.rows(subset)
-
-        def logits_fn(x: torch.Tensor, r: slice = rows) -> torch.Tensor:
-            return model.logits(x, r)
-
-        logits, labels = predict(
-            logits_fn,
-            bench.dataset("test", subset, transform),
-            device=device,
-            batch_size=batch_size,
-        )
-        key = "novel" if subset == "new" else subset
-        out[key] = accuracy(logits, labels)
-        out[f"{key}_per_class"] = per_class_accuracy(logits, labels)
+    out = evaluate_classifier(
+        model.tower, model.class_vectors, model.student_logit_scale, bench, transform, device,
+        protocol=protocol, subsets=subsets, batch_size=batch_size,
+    )  # fmt: skip
     model.train(was)
     return out
 
@@ -103,10 +91,11 @@ def agreement(model: PromptKDStudent, dataset: Any, device: torch.device, batch_
     return float((s.argmax(-1) == t.argmax(-1)).float().mean())
 
 
-def _check_compatible(teacher: Teacher, student: Backbone, bench: Benchmark) -> None:
-    if teacher.class_names != bench.class_names:
+def _check_compatible(teacher: Teacher, student: Backbone, bench: Benchmark, protocol: str) -> None:
+    if protocol == "base2novel" and teacher.class_names != bench.class_names:
         raise ValueError(
-            "the teacher's class names differ from the dataset's; distill on the data the teacher was trained for"
+            "the teacher's class names differ from the dataset's; distill on the data the teacher was trained "
+            "for, or set protocol=cross_dataset to re-encode this dataset's names through the teacher's text side"
         )
     t, s = teacher.backbone.preprocess, student.preprocess
     if (t.size, t.mean, t.std) != (s.size, s.mean, s.std):
@@ -125,7 +114,9 @@ def run_distill(
     teacher = teacher or load_teacher(cfg.teacher_dir)
     sbb = student or load_backbone(cfg.student.name, cfg.student.pretrained)
     bench = load_benchmark(cfg.data, image_size=sbb.preprocess.size[0])
-    _check_compatible(teacher, sbb, bench)
+    _check_compatible(teacher, sbb, bench, cfg.protocol)
+    if cfg.protocol == "cross_dataset":
+        teacher = retarget(teacher, bench.class_names)
     train_tf = build_transform(sbb.preprocess, train=True, min_scale=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
     unlabeled = bench.unlabeled(train_tf)
     test_tf = build_transform(sbb.preprocess, train=False)
@@ -133,12 +124,15 @@ def run_distill(
     model = PromptKDStudent(sbb, teacher.image_encoder, teacher.class_vectors, cfg.distill, teacher.logit_scale)
 
     all_test = bench.dataset("test", "all", test_tf)
+    protocol: EvalProtocol = "base2novel" if cfg.protocol == "base2novel" else "all"
+    watched: Subset = "base" if protocol == "base2novel" else "all"
+    metric = "base_acc" if protocol == "base2novel" else "acc"
 
     def base_acc(m: Any) -> dict[str, float]:
-        base = evaluate_student(m, bench, test_tf, device, ("base",), cfg.data.test_batch_size)["base"]
-        return {"base_acc": base}
+        r = evaluate_student(m, bench, test_tf, device, (watched,), cfg.data.test_batch_size, protocol)
+        return {metric: r["base" if watched == "base" else "accuracy"]}
 
-    best = BestState("base_acc")
+    best = BestState(metric)
     trainer = Trainer(
         model,
         unlabeled,
@@ -154,6 +148,7 @@ def run_distill(
     state = trainer.fit()
     results = _protocol_results(model, best, bench, test_tf, device, cfg, state.epoch)
     results |= {
+        "protocol": cfg.protocol,
         "agreement": {
             "before": agreement_before,
             "after": agreement(model, all_test, device, cfg.data.test_batch_size),
@@ -170,11 +165,15 @@ def run_distill(
     results["bundle"] = str(bundle_dir)
     save_json(results, out / "results.json")
     _plots(results, state.history, out)
-    r = results["last"]
-    log.info(
-        "student (last epoch): base %.2f novel %.2f HM %.2f; bundle -> %s", r["base"], r["novel"], r["hm"], bundle_dir
-    )
+    log.info("student (last epoch): %s; bundle -> %s", headline(results["last"]), bundle_dir)
     return results
+
+
+def retarget(teacher: Teacher, class_names: list[str]) -> Teacher:
+    """The cross-dataset teacher: the target's names re-encoded through the teacher's text side
+    (as the official xd mode builds the teacher's prompt learner over the target classnames)."""
+    vectors = encode_class_names(teacher.text_encoder, class_names, LEARNED_TEMPLATES).to(teacher.class_vectors.device)
+    return replace(teacher, class_vectors=vectors, class_names=list(class_names), n_base=len(class_names))
 
 
 def _protocol_results(
@@ -189,12 +188,15 @@ def _protocol_results(
     """``last`` (final weights) and ``best`` (best base-test epoch, the official protocol); leaves
     the model holding the weights ``cfg.export.weights`` selects."""
     last_state = trainable_state(model)
-    r = evaluate_student(model, bench, transform, device, batch_size=cfg.data.test_batch_size)
-    results: dict[str, Any] = {"last": base_novel_result(r.pop("base"), r.pop("novel"), epoch=epochs, **r)}
+    protocol: EvalProtocol = "base2novel" if cfg.protocol == "base2novel" else "all"
+    bs = cfg.data.test_batch_size
+    results: dict[str, Any] = {
+        "last": evaluate_student(model, bench, transform, device, batch_size=bs, protocol=protocol) | {"epoch": epochs}
+    }
     if best.state is not None:
         load_trainable_state(model, best.state)
-        b = evaluate_student(model, bench, transform, device, batch_size=cfg.data.test_batch_size)
-        results["best"] = base_novel_result(b.pop("base"), b.pop("novel"), epoch=best.best_epoch, **b)
+        b = evaluate_student(model, bench, transform, device, batch_size=bs, protocol=protocol)
+        results["best"] = b | {"epoch": best.best_epoch}
     if cfg.export.weights == "last" or best.state is None:
         load_trainable_state(model, last_state)
     return results
@@ -202,22 +204,29 @@ def _protocol_results(
 
 def _plots(results: dict[str, Any], history: list[dict[str, float]], out: Path) -> None:
     plot_history(history, out / "loss.png", title="PromptKD distillation")
+    if "hm" not in results["last"]:  # all-class protocol: one number per run, the loss plot suffices
+        return
     bars = {"student (last)": results["last"]}
     if "best" in results:
         bars["student (best base ep.)"] = results["best"]
-    if results.get("teacher"):
+    if results.get("teacher") and "hm" in results["teacher"]:
         bars = {"teacher": results["teacher"], **bars}
     plot_base_novel(bars, out / "base_novel.png")
 
 
 def _teacher_results(teacher_dir: Path) -> dict[str, float]:
+    """The teacher's own metrics: its run's results.json, else those its bundle records."""
     import json
 
     path = Path(teacher_dir) / "results.json"
-    if not path.is_file():
-        return {}
-    r = json.loads(path.read_text())
-    return {k: float(r[k]) for k in ("base", "novel", "hm") if k in r}
+    if path.is_file():
+        r = json.loads(path.read_text())
+    else:
+        try:
+            r = load_bundle(teacher_bundle_dir(teacher_dir), verify=False).manifest.extra.get("metrics", {})
+        except (FileNotFoundError, ValueError):
+            return {}
+    return {k: float(r[k]) for k in ("base", "novel", "hm", "accuracy") if k in r}
 
 
 def export_student(
@@ -231,10 +240,14 @@ def export_student(
     """The PromptKD bundle: student tower + teacher class vectors + teacher text side."""
     m = teacher.n_base
     provenance = ["promptkd:base"] * m + ["promptkd:novel"] * (len(teacher.class_names) - m)
+    if cfg.protocol == "cross_dataset":
+        provenance = ["promptkd:cross"] * len(teacher.class_names)
     image = ImageParts(student, model.tower.encoder, model.tower.projector, key="student")
     text = TextParts(teacher.backbone, teacher.text_encoder, list(LEARNED_TEMPLATES), key="teacher")
     summary = {
-        k: {kk: results[k][kk] for kk in ("base", "novel", "hm", "epoch")} for k in ("last", "best") if k in results
+        k: {kk: results[k][kk] for kk in ("base", "novel", "hm", "accuracy", "epoch") if kk in results[k]}
+        for k in ("last", "best")
+        if k in results
     }
     bundle = assemble_bundle(
         image,
@@ -248,6 +261,7 @@ def export_student(
             "n_base": m,
             "distill": cfg.distill.model_dump(),
             "exported_weights": cfg.export.weights,
+            "protocol": cfg.protocol,
         },
         embed_weights=cfg.export.embed_weights,
     )

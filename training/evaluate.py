@@ -77,9 +77,10 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
 
 
 def summarize_seeds(
-    results: Sequence[Mapping[str, Any]], keys: Iterable[str] = ("base", "novel", "hm")
+    results: Sequence[Mapping[str, Any]], keys: Iterable[str] = ("base", "novel", "hm", "accuracy")
 ) -> dict[str, Any]:
-    """Mean/std over seeds of each numeric key (HM also recomputed from the mean B and N)."""
+    """Mean/std over seeds of each numeric key present in every result (base/novel/HM, or the
+    all-class ``accuracy`` of the cross-dataset protocol); HM also recomputed from the mean B and N."""
     out: dict[str, Any] = {k: mean_std([float(r[k]) for r in results]) for k in keys if all(k in r for r in results)}
     if "base" in out and "novel" in out:
         out["hm_of_means"] = harmonic_mean(out["base"]["mean"], out["novel"]["mean"])

@@ -39,9 +39,13 @@ class DistillCfg(Cfg):
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """τ² · Σ KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) / (B·N), as the official code computes it."""
+    """τ² · Σ KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) / (B·N), as the official code computes it.
+
+    The teacher is a constant target: its logits are detached here, so no caller can train the
+    teacher through this loss by forgetting a ``no_grad``.
+    """
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
     return kl * temperature**2 / student_logits.numel()
 

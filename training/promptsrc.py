@@ -46,9 +46,10 @@ class PromptSRCCfg(Cfg):
     image_loss_weight: float = 10.0
     gpa_mean: float = 15.0
     gpa_std: float = Field(default=1.0, gt=0)
-    # Zero-shot text targets: "imagenet" = OpenAI's 80 ImageNet templates (open_clip); the official
-    # code uses a 60-template subset of them (trainers/imagenet_templates.py). Or a file / "simple".
-    zs_templates: str = "imagenet"
+    # Zero-shot text targets: "promptsrc" = the official 60 ImageNet templates
+    # (trainers/imagenet_templates.py, models/template_sets.py); "imagenet" = OpenAI's 80
+    # (open_clip); or "simple" / a file with one template per line.
+    zs_templates: str = "promptsrc"
 
 
 def gpa_weights(epochs: int, mean: float = 15.0, std: float = 1.0) -> np.ndarray:

@@ -1,40 +1,45 @@
-"""Stage 1: train the PromptSRC teacher, evaluate it, and store it with its class vectors.
+"""Stage 1: train the PromptSRC teacher, evaluate it, and store it as a bundle.
 
 Output folder (``out_dir``)::
 
-    teacher.json            backbone reference, PromptSRC config, class names (base then novel), n_base
-    teacher.safetensors     "text_prompts" [J, n, w], "image_prompts" [J, n, w], "class_vectors" [N, D]
-    backbone.safetensors    the backbone weights, only when it has no weights reference (random init)
+    bundle/         THE teacher: a models.bundle folder (prompted image + text towers, class vectors
+                    for all names with provenance ``promptsrc:base`` / ``promptsrc:novel``, logit
+                    scale, ``extra.n_base``); servable and evaluable like any bundle
     results.json, history.csv, tb/, loss.png, checkpoint.pt, config.yaml
+
+Distillation (``teacher_dir``) takes the bundle folder or this run folder. The pre-bundle format
+(``teacher.json`` + ``teacher.safetensors``) is no longer read: convert such a folder once with
+``promptdistill convert legacy-teacher DIR --out DIR/bundle`` (training/convert.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from models.backbone import Backbone, load_backbone
-from models.prompts import PromptedImageEncoder, PromptedTextEncoder, TextPromptCfg, VisualPromptCfg
-from models.towers import needs_embedded_weights
+from models.bundle import MANIFEST, Bundle, load_bundle
+from models.class_vectors import encode_class_names
+from models.prompts import PromptedImageEncoder, PromptedTextEncoder
+from models.towers import build_image_tower, build_text_side, load_bundle_backbone
 from models.zeroshot import named_templates
 from training.benchmark import Benchmark, load_benchmark
 from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg, save_config
 from training.data import Subset, build_transform
-from training.evaluate import accuracy, base_novel_result, per_class_accuracy, plot_history, predict, save_json
+from training.evaluate import plot_history, save_json
+from training.export import ImageParts, TextParts, assemble_bundle, label_set, write_bundle
 from training.loop import Callback, EvalCallback, Trainer, pick_device
-from training.promptsrc import GaussianPromptAggregation, PromptSRC, PromptSRCCfg
+from training.promptsrc import LEARNED_TEMPLATES, GaussianPromptAggregation, PromptSRC, PromptSRCCfg
+from training.protocols import EvalProtocol, evaluate_classifier, headline
 
 log = logging.getLogger(__name__)
 
-TEACHER_JSON = "teacher.json"
-TEACHER_TENSORS = "teacher.safetensors"
-TEACHER_BACKBONE = "backbone.safetensors"
+LEGACY_TEACHER_JSON = "teacher.json"
+BUNDLE_DIR = "bundle"
 
 
 class TeacherRunConfig(Cfg):
@@ -45,6 +50,9 @@ class TeacherRunConfig(Cfg):
     optim: OptimCfg = OptimCfg()
     loop: LoopCfg = LoopCfg()
     promptsrc: PromptSRCCfg = PromptSRCCfg()
+    # "base": the base-to-novel teacher (k shots of the base classes); "all": k shots of every
+    # class, the cross-dataset / domain-generalisation source teacher (PromptSRC's ImageNet run)
+    classes: Literal["base", "all"] = "base"
     out_dir: Path
 
 
@@ -63,28 +71,25 @@ class Teacher:
 
 
 def evaluate_teacher(
-    model: PromptSRC, bench: Benchmark, transform: Any, device: torch.device, batch_size: int = 100
+    model: PromptSRC,
+    bench: Benchmark,
+    transform: Any,
+    device: torch.device,
+    batch_size: int = 100,
+    subsets: tuple[Subset, ...] | None = None,
+    trained_on: Literal["base", "all"] = "base",
 ) -> dict[str, Any]:
-    """Base / novel / HM of the prompted teacher, each subset among its own classes."""
+    """The prompted teacher through THE evaluation (base/novel/HM, or all-class when trained on all)."""
     was = model.training
     model.eval()
-    vectors = model.class_vectors(bench.class_names).to(device)  # [N, D], the stored class vectors
-    out: dict[str, Any] = {}
-    subsets: list[tuple[Subset, str]] = [("base", "base"), ("new", "novel")]
-    for subset, key in subsets:
-        w = vectors[bench.rows(subset)]  # [N_subset, D]
-
-        def logits_fn(x: torch.Tensor, w: torch.Tensor = w) -> torch.Tensor:
-            feats: torch.Tensor = model.image(x, normalize=True)  # [B, D]
-            return model.logit_scale * feats.float() @ w.t()
-
-        logits, labels = predict(
-            logits_fn, bench.dataset("test", subset, transform), device=device, batch_size=batch_size
-        )
-        out[key] = accuracy(logits, labels)
-        out[f"{key}_per_class"] = per_class_accuracy(logits, labels)
+    vectors = model.class_vectors(bench.class_names)  # [N, D], the stored class vectors
+    protocol: EvalProtocol = "base2novel" if trained_on == "base" else "all"
+    out = evaluate_classifier(
+        lambda x: model.image(x, normalize=True), vectors, model.logit_scale, bench, transform, device,
+        protocol=protocol, subsets=subsets, batch_size=batch_size,
+    )  # fmt: skip
     model.train(was)
-    return base_novel_result(out.pop("base"), out.pop("novel"), **out)
+    return out
 
 
 def run_teacher(cfg: TeacherRunConfig, backbone: Backbone | None = None) -> dict[str, Any]:
@@ -95,18 +100,16 @@ def run_teacher(cfg: TeacherRunConfig, backbone: Backbone | None = None) -> dict
     bb = backbone or load_backbone(cfg.backbone.name, cfg.backbone.pretrained)
     bench = load_benchmark(cfg.data, image_size=bb.preprocess.size[0])
     train_tf = build_transform(bb.preprocess, train=True, min_scale=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
-    train_ds = bench.dataset("train", "base", train_tf, cfg.data.shots, cfg.loop.seed)
+    train_ds = bench.dataset("train", cfg.classes, train_tf, cfg.data.shots, cfg.loop.seed)
     torch.manual_seed(cfg.loop.seed)  # prompt initialisation
-    model = PromptSRC(bb, bench.names("base"), cfg.promptsrc, named_templates(cfg.promptsrc.zs_templates))
+    model = PromptSRC(bb, bench.names(cfg.classes), cfg.promptsrc, named_templates(cfg.promptsrc.zs_templates))
     test_tf = build_transform(bb.preprocess, train=False)
     device = pick_device(cfg.loop.device)
+    seen: Subset = cfg.classes
 
     def base_acc(m: Any) -> dict[str, float]:
-        ds = bench.dataset("test", "base", test_tf)
-        m.eval()
-        logits, labels = predict(m.logits, ds, device=device, batch_size=cfg.data.test_batch_size)
-        m.train()
-        return {"base_acc": accuracy(logits, labels)}
+        r = evaluate_teacher(m, bench, test_tf, device, cfg.data.test_batch_size, (seen,), cfg.classes)
+        return {"base_acc" if seen == "base" else "acc": r["base" if seen == "base" else "accuracy"]}
 
     callbacks: list[Callback] = [
         GaussianPromptAggregation(cfg.optim.epochs, cfg.promptsrc.gpa_mean, cfg.promptsrc.gpa_std)
@@ -124,79 +127,104 @@ def run_teacher(cfg: TeacherRunConfig, backbone: Backbone | None = None) -> dict
         callbacks=callbacks,
     )
     state = trainer.fit()
-    results = evaluate_teacher(model, bench, test_tf, device, cfg.data.test_batch_size)
+    results = evaluate_teacher(model, bench, test_tf, device, cfg.data.test_batch_size, trained_on=cfg.classes)
+    n_base = bench.n_base if cfg.classes == "base" else len(bench.class_names)
     results |= {
         "n_train_images": len(train_ds),  # type: ignore[arg-type]
         "class_names": bench.class_names,
-        "n_base": bench.n_base,
+        "n_base": n_base,
+        "trained_on": cfg.classes,
         "seed": cfg.loop.seed,
     }
-    save_teacher(out, model, bb, bench.class_names, bench.n_base)
+    bundle = teacher_bundle(model, bb, bench.class_names, n_base, results)
+    write_bundle(bundle, out / BUNDLE_DIR)
+    results["bundle"] = str(out / BUNDLE_DIR)
     save_json(results, out / "results.json")
     plot_history(state.history, out / "loss.png", title="PromptSRC teacher")
-    log.info("teacher: base %.2f novel %.2f HM %.2f -> %s", results["base"], results["novel"], results["hm"], out)
+    log.info("teacher: %s -> %s", headline(results), out / BUNDLE_DIR)
     return results
 
 
-def save_teacher(out: Path, model: PromptSRC, backbone: Backbone, class_names: list[str], n_base: int) -> None:
-    """Write the teacher folder (see module docstring); class vectors for all names, base first."""
+def teacher_bundle(
+    model: PromptSRC,
+    backbone: Backbone,
+    class_names: list[str],
+    n_base: int,
+    results: dict[str, Any] | None = None,
+) -> Bundle:
+    """The trained PromptSRC teacher as a bundle (see :func:`prompted_teacher_bundle`)."""
     model = model.cpu().eval()
-    vectors = model.class_vectors(class_names)
-    assert model.text.prompts is not None and model.image.prompts is not None
-    save_file(
-        {
-            "text_prompts": model.text.prompts.detach().float().contiguous(),
-            "image_prompts": model.image.prompts.detach().float().contiguous(),
-            "class_vectors": vectors.contiguous(),
-        },
-        out / TEACHER_TENSORS,
+    metrics = {k: results[k] for k in ("base", "novel", "hm", "accuracy") if results and k in results}
+    return prompted_teacher_bundle(
+        backbone, model.image, model.text, class_names, n_base, model.logit_scale,
+        producer={"method": "promptsrc"}, extra={"promptsrc": model.cfg.model_dump(), "metrics": metrics},
+    )  # fmt: skip
+
+
+def prompted_teacher_bundle(
+    backbone: Backbone,
+    image: PromptedImageEncoder,
+    text: PromptedTextEncoder,
+    class_names: list[str],
+    n_base: int,
+    logit_scale: float,
+    producer: dict[str, str],
+    extra: dict[str, Any],
+    embed_weights: bool | None = None,
+) -> Bundle:
+    """A teacher bundle: one backbone for both towers, class vectors for all names (base rows first,
+    provenance ``promptsrc:base`` / ``promptsrc:novel``), ``extra.role = teacher``, ``extra.n_base``."""
+    if not 0 <= n_base <= len(class_names):
+        raise ValueError(f"n_base={n_base} for {len(class_names)} classes")
+    vectors = encode_class_names(text, class_names, LEARNED_TEMPLATES)
+    provenance = ["promptsrc:base"] * n_base + ["promptsrc:novel"] * (len(class_names) - n_base)
+    return assemble_bundle(
+        ImageParts(backbone, image, None, key="teacher"),
+        {"default": vectors},
+        [label_set("default", class_names, provenance)],
+        text=TextParts(backbone, text, list(LEARNED_TEMPLATES), key="teacher"),
+        logit_scale=logit_scale,
+        producer={**producer, "role": "teacher"},
+        extra={"role": "teacher", "n_base": n_base, **extra},
+        embed_weights=embed_weights,
     )
-    embedded = needs_embedded_weights(backbone)
-    if embedded:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in backbone.model.state_dict().items()}, out / TEACHER_BACKBONE
+
+
+def teacher_bundle_dir(path: str | Path) -> Path:
+    """A teacher bundle folder, given it or the ``train teacher`` run folder that holds it."""
+    path = Path(path)
+    for candidate in (path, path / BUNDLE_DIR):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    if (path / LEGACY_TEACHER_JSON).is_file():
+        raise FileNotFoundError(
+            f"{path} holds a pre-bundle teacher ({LEGACY_TEACHER_JSON}); convert it once with "
+            f"`promptdistill convert legacy-teacher {path} --out {path / BUNDLE_DIR}` or re-run `train teacher`"
         )
-    info = {
-        "backbone": {
-            "name": backbone.spec.name,
-            "pretrained": backbone.spec.pretrained,
-            "open_clip_config": backbone.spec.model_config,
-        },
-        "embedded_weights": TEACHER_BACKBONE if embedded else None,
-        "promptsrc": json.loads(model.cfg.model_dump_json()),
-        "class_names": class_names,
-        "n_base": n_base,
-        "logit_scale": model.logit_scale,
-    }
-    (out / TEACHER_JSON).write_text(json.dumps(info, indent=2))
+    raise FileNotFoundError(f"{path} is not a teacher bundle (no {MANIFEST}); run `promptdistill train teacher` first")
 
 
-def load_teacher(folder: str | Path, device: str | torch.device = "cpu") -> Teacher:
-    """Rebuild a stored teacher (frozen, eval mode)."""
-    folder = Path(folder)
-    if not (folder / TEACHER_JSON).is_file():
-        raise FileNotFoundError(f"{folder} holds no {TEACHER_JSON}; run `promptdistill train teacher` first")
-    info = json.loads((folder / TEACHER_JSON).read_text())
-    ref = info["backbone"]
-    weights = str(folder / info["embedded_weights"]) if info["embedded_weights"] else ref["pretrained"]
-    bb = load_backbone(ref["name"], weights, device=device, model_config=ref["open_clip_config"] or None)
-    tensors = load_file(folder / TEACHER_TENSORS)
-    psrc = PromptSRCCfg.model_validate(info["promptsrc"])
-    text = PromptedTextEncoder(bb.model, bb.tokenizer, TextPromptCfg(psrc.text_tokens, psrc.text_depth, psrc.ctx_init))
-    image = PromptedImageEncoder(bb.model, VisualPromptCfg(psrc.vision_tokens, psrc.vision_depth))
-    with torch.no_grad():
-        assert text.prompts is not None and image.prompts is not None
-        text.prompts.copy_(tensors["text_prompts"])
-        image.prompts.copy_(tensors["image_prompts"])
-    for m in (text, image):
-        m.to(device).eval().requires_grad_(False)
+def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> Teacher:
+    """Rebuild a teacher bundle (frozen, eval mode): towers, class vectors, base/novel split."""
+    bundle = load_bundle(teacher_bundle_dir(path))
+    m = bundle.manifest
+    if m.text_encoder is None:
+        raise ValueError(f"bundle {bundle.root} has no text side; a PromptKD teacher needs one")
+    if m.image_encoder.projector is not None:  # the teacher's image features must live in its text space as-is
+        raise ValueError(f"bundle {bundle.root} has a projector (a distilled student), not a teacher's image tower")
+    image_bb = load_bundle_backbone(bundle, m.image_encoder.backbone, device)
+    text_bb = image_bb if m.text_encoder.backbone == m.image_encoder.backbone else None
+    tower = build_image_tower(bundle, device, image_bb)
+    text = build_text_side(bundle, device, text_bb)
+    classes = bundle.label_set("default").classes
+    n_base = int(m.extra.get("n_base", sum(c.provenance.endswith(":base") for c in classes)))
     return Teacher(
-        bb,
-        text,
-        image,
-        tensors["class_vectors"].to(device),
-        list(info["class_names"]),
-        int(info["n_base"]),
-        float(info["logit_scale"]),
-        info,
+        image_bb,
+        text.encoder,
+        tower.encoder,
+        bundle.class_vectors["default"].to(device),
+        [c.name for c in classes],
+        n_base,
+        float(m.logit_scale),
+        {"bundle": str(bundle.root), **m.extra},
     )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Path, Query, Response, status
 
 from service.deps import ApiKeyDep, RegistryDep, SettingsDep
+from service.errors import InvalidInput
 from service.index import Snapshot
 from service.names import clean_name, clean_names, clean_set_name, clean_templates
 from service.registry import RUNTIME
@@ -26,23 +29,69 @@ from service.schemas import (
 router = APIRouter(prefix="/v1/label-sets", tags=["label sets"])
 SetName = Annotated[str, Path(description="label-set name", examples=["default"])]
 ClassId = Annotated[int, Path(ge=0, le=2**62, description="class id within the set")]
+MinVersion = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=2**62,
+        description="answer from a snapshot at least this new (the last version you saw); "
+        "a lagging replica waits briefly, reads the database, else 503 + Retry-After",
+    ),
+]
 _ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "API key missing or wrong"},
     404: {"description": "unknown label set or class"},
     409: {"description": "duplicate name, existing set, or protected set"},
     422: {"description": "invalid names or templates"},
+    503: {"description": "database unreachable, or min_version not reached in time (Retry-After)"},
 }
 
 
-def _classes(snap: Snapshot) -> list[ClassOut]:
-    return [
-        ClassOut(id=int(i), name=n, provenance=p) for i, n, p in zip(snap.ids, snap.names, snap.provenance, strict=True)
-    ]
+MAX_PAGE = 10_000
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="classes per page")]
+Cursor = Annotated[
+    str | None,
+    Query(max_length=64, description="next_cursor of the previous page (opaque); omit for the first page"),
+]
 
 
-@router.get("", response_model=LabelSetList, summary="list label sets with their versions")
-async def list_sets(registry: RegistryDep) -> LabelSetList:
-    rows = await asyncio.to_thread(registry.summaries)
+def _classes(snap: Snapshot, rows: np.ndarray | None = None) -> list[ClassOut]:
+    rows = np.arange(len(snap)) if rows is None else rows
+    return [ClassOut(id=int(snap.ids[r]), name=snap.names[r], provenance=snap.provenance[r]) for r in rows]
+
+
+def _encode_cursor(after_id: int) -> str:
+    return base64.urlsafe_b64encode(f"after:{after_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, value = text.partition(":")
+        after = int(value)
+        if kind != "after" or not 0 <= after < 2**63:
+            raise ValueError(text)
+        return after
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidInput(
+            "cursor: not a next_cursor this server gave out; omit it to start from the first page"
+        ) from e
+
+
+def _page(snap: Snapshot, limit: int, cursor: str | None) -> tuple[list[ClassOut], str | None]:
+    """Classes in ascending id order after the cursor's id: a page stays stable while the set changes."""
+    order = np.argsort(snap.ids, kind="stable")  # [N] rows by ascending id
+    start = 0 if cursor is None else int(np.searchsorted(snap.ids[order], _decode_cursor(cursor), side="right"))
+    rows = order[start : start + limit]
+    more = start + limit < len(order)
+    return _classes(snap, rows), (_encode_cursor(int(snap.ids[rows[-1]])) if more and len(rows) else None)
+
+
+@router.get(
+    "", response_model=LabelSetList, responses={503: _ERRORS[503]}, summary="list label sets with their versions"
+)
+async def list_label_sets(registry: RegistryDep, min_version: MinVersion = None) -> LabelSetList:
+    rows = await asyncio.to_thread(registry.summaries, min_version)
     return LabelSetList(label_sets=[LabelSetSummary(name=n, version=v, n_classes=c) for n, v, c in rows])
 
 
@@ -51,10 +100,12 @@ async def list_sets(registry: RegistryDep) -> LabelSetList:
     response_model=ClassList,
     status_code=status.HTTP_201_CREATED,
     dependencies=[ApiKeyDep],
-    responses=_ERRORS,
+    responses={**_ERRORS, 200: {"model": ClassList, "description": "if_exists='skip' and the set already exists"}},
     summary="create a label set from class names (encoded through the bundle's text side)",
 )
-async def create_set(body: LabelSetIn, registry: RegistryDep, settings: SettingsDep, response: Response) -> ClassList:
+async def create_label_set(
+    body: LabelSetIn, registry: RegistryDep, settings: SettingsDep, response: Response
+) -> ClassList:
     name = clean_set_name(body.name)
     names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
     templates = clean_templates(body.templates, settings.max_templates)
@@ -75,11 +126,24 @@ async def create_set(body: LabelSetIn, registry: RegistryDep, settings: Settings
     )
 
 
-@router.get("/{name}/classes", response_model=ClassList, responses={404: _ERRORS[404]}, summary="classes of a set")
-async def list_classes(name: SetName, registry: RegistryDep) -> ClassList:
-    snap = await asyncio.to_thread(registry.get, name)
+@router.get(
+    "/{name}/classes",
+    response_model=ClassList,
+    responses={404: _ERRORS[404], 503: _ERRORS[503]},
+    summary="classes of a set, a page at a time (ascending id; follow next_cursor)",
+)
+async def list_classes(
+    name: SetName, registry: RegistryDep, limit: Limit = 1000, cursor: Cursor = None, min_version: MinVersion = None
+) -> ClassList:
+    snap = await asyncio.to_thread(registry.get, name, min_version)
+    classes, next_cursor = _page(snap, limit, cursor)
     return ClassList(
-        label_set=name, version=snap.version, index_size=int(snap.index.ntotal), index=snap.kind, classes=_classes(snap)
+        label_set=name,
+        version=snap.version,
+        index_size=int(snap.index.ntotal),
+        index=snap.kind,
+        classes=classes,
+        next_cursor=next_cursor,
     )
 
 
@@ -88,7 +152,7 @@ async def list_classes(name: SetName, registry: RegistryDep) -> ClassList:
     response_model=ChangeOut,
     status_code=status.HTTP_201_CREATED,
     dependencies=[ApiKeyDep],
-    responses=_ERRORS,
+    responses={**_ERRORS, 200: {"model": ChangeOut, "description": "if_exists='skip' and every name was there"}},
     summary="add classes (all or none; if_exists='skip' leaves out names already there); durable before the response",
 )
 async def add_classes(
@@ -143,6 +207,6 @@ async def _remove(registry: RegistryDep, name: str, class_id: int | None, class_
     responses=_ERRORS,
     summary="delete a label set (not 'default')",
 )
-async def delete_set(name: SetName, registry: RegistryDep) -> DeletedSet:
+async def delete_label_set(name: SetName, registry: RegistryDep) -> DeletedSet:
     change = await asyncio.to_thread(registry.delete, name)
     return DeletedSet(label_set=name, version=change.version)

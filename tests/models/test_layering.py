@@ -29,6 +29,7 @@ def test_torchvision_shim_is_a_noop_where_nms_exists(monkeypatch: pytest.MonkeyP
     assert _compat._TORCHVISION_SHIM is None
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, torchvision and open_clip
 def test_open_clip_and_torchvision_import_after_models() -> None:
     res = subprocess.run(
         [sys.executable, "-c", "import models, torchvision, open_clip"], capture_output=True, text=True, timeout=120

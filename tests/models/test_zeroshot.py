@@ -52,6 +52,7 @@ def _onnx_vs_torch(tower: ImageTower, pixels: torch.Tensor, out: Path) -> float:
     return diff
 
 
+@pytest.mark.slow  # an ONNX export of a prompted tower
 def test_onnx_prompted_tower_matches_torch_on_real_photos(tiny_backbone, photos, tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(5)
     tower = ImageTower(

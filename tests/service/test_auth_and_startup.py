@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from promptdistill.cli import main
-from service import create_app
+from service import Settings, create_app
 from service.errors import StartupError
 from tests.service.conftest import ROOT
 
@@ -92,6 +92,11 @@ def test_backend_auto_picks_what_the_bundle_has(make_settings: Any, tiny_bundle_
             assert http.get("/readyz").status_code == 200
 
 
+def _clear_promptdistill_env() -> None:
+    for k in [k for k in os.environ if k.startswith("PROMPTDISTILL_")]:
+        del os.environ[k]
+
+
 def test_serve_start_up_errors_are_one_line_and_exit_2(
     tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
 ) -> None:
@@ -104,16 +109,35 @@ def test_serve_start_up_errors_are_one_line_and_exit_2(
         (["--bundle", str(tiny_bundle_dir), "--onnx-precision", "int8"], "no such ONNX graph"),
         (["--bundle", str(tiny_bundle_dir), "--port", "70000"], r"port \(PROMPTDISTILL_PORT\).*70000"),
     ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--bundle", str(tiny_bundle_dir), "--device", "cuda"], "no CUDA device"))
     for args, message in cases:
+        # `serve` hands its flags to the workers through the environment; not monkeypatch.delenv: it
+        # would put them back after this module's _isolated_env cleaned up, into later tests
+        _clear_promptdistill_env()
         assert main(["serve", *args, *state]) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert re.search(message, err) and err.startswith("promptdistill serve: error: "), err
+    other = tmp_path / "other"  # encodes names differently: its vectors live in another space
+    shutil.copytree(tiny_bundle_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["text_encoder"]["templates"] = ["{}"]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    seeded = tmp_path / "seeded"
+    _clear_promptdistill_env()
+    _start(Settings(bundle=tiny_bundle_dir, state_dir=seeded, threads=1))  # the database now belongs to it
+    assert main(["serve", "--bundle", str(other), "--state-dir", str(seeded)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "different bundle" in err, err
     monkeypatch.setenv("PROMPTDISTILL_MAX_WAIT_MS", "soon")  # a bad setting from the environment
     assert main(["serve", "--bundle", str(tiny_bundle_dir), *state]) == 2
     assert "max_wait_ms (PROMPTDISTILL_MAX_WAIT_MS)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter (the in-process test covers the messages)
 def test_serve_without_bundle_fails_in_one_line_from_the_shell(tmp_path: Path) -> None:
     """The real console entry point: no traceback on stderr, exit status 2."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTDISTILL_")}

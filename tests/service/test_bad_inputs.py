@@ -36,6 +36,22 @@ def _bomb() -> bytes:
     return buf.getvalue()
 
 
+def _strip_png(width: int, height: int) -> bytes:
+    """The red team's aspect-ratio amplifier: a real 1-bit PNG of a few KB (16 x 2,400,000: 7 KB)."""
+    buf = io.BytesIO()
+    Image.new("1", (width, height)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _saved(image: Any, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto showpage\n%%EOF\n"
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -94,6 +110,29 @@ def _cases(photo: Any) -> list[tuple[str, str, dict[str, Any], tuple[int, ...]]]
         ("name not a string", names_url, {"json": {"names": [42]}}, (422,)),
         ("duplicate names", names_url, {"json": {"names": ["café", "cafe\u0301"]}}, (409,)),
         ("bad label-set name", "/v1/label-sets", {"json": {"name": "../etc", "names": ["a"]}}, (422,)),
+        # issue 10: aspect amplification, plugin formats, strict top_k, data-URI types, text work
+        ("16x2.4M 1-bit strip", "/v1/classify", _upload(_strip_png(16, 2_400_000)), (422,)),
+        ("200000x16 strip as base64", "/v1/classify", {"json": {"images": [_b64(_strip_png(200_000, 16))]}}, (422,)),
+        ("EPS (Ghostscript)", "/v1/classify", _upload(EPS, "application/postscript"), (422,)),
+        ("ICO", "/v1/classify", _upload(_saved(photo.resize((32, 32)), "ICO"), "image/x-icon"), (422,)),
+        ("TGA", "/v1/classify", _upload(_saved(photo.resize((32, 32)), "TGA")), (422,)),
+        ("top_k true", "/v1/classify", {"json": {"images": [_b64(small)], "top_k": True}}, (422,)),
+        ("top_k '3'", "/v1/classify", {"json": {"images": [_b64(small)], "top_k": "3"}}, (422,)),
+        ("top_k 3.0", "/v1/classify", {"json": {"images": [_b64(small)], "top_k": 3.0}}, (422,)),
+        ("HF top_k '3'", "/v1/classify",
+         {"json": {"inputs": _b64(small), "parameters": {"candidate_labels": ["a"], "top_k": "3"}}}, (422,)),
+        ("form top_k '+3'", "/v1/classify", {"files": _upload(small)["files"], "data": {"top_k": "+3"}}, (422,)),
+        ("form top_k '3_0'", "/v1/classify", {"files": _upload(small)["files"], "data": {"top_k": "3_0"}}, (422,)),
+        ("unknown_threshold true", "/v1/classify",
+         {"json": {"images": [_b64(small)], "unknown_threshold": True}}, (422,)),
+        ("data uri says png, bytes are jpeg", "/v1/classify",
+         {"json": {"images": ["data:image/png;base64," + _b64(jpeg)]}}, (422,)),
+        ("data uri text/plain", "/v1/classify",
+         {"json": {"images": ["data:text/plain;base64," + _b64(small)]}}, (422,)),
+        ("data uri image/svg+xml", "/v1/classify",
+         {"json": {"images": ["data:image/svg+xml;base64," + _b64(b"<svg/>")]}}, (422,)),
+        ("candidate prompts over the bound", "/v1/classify",
+         {"json": {"images": [_b64(small)], "candidate_labels": [f"l{i}" for i in range(100)]}}, (422,)),
     ]  # fmt: skip
 
 
@@ -107,10 +146,8 @@ def test_bad_inputs_get_4xx_with_a_message(hostile_server: Any, photos: list[Any
     with hostile_server as server, server.client() as http:
         for name, url, kwargs, statuses in _cases(photos[0]):
             resp = http.post(url, **kwargs)
-            detail = (
-                resp.json().get("detail")
-                if resp.headers.get("content-type", "").startswith("application/json")
-                else None
+            detail = (  # every refusal is an RFC 9457 problem (service/errors.py)
+                resp.json().get("detail") if resp.headers.get("content-type") == "application/problem+json" else None
             )
             if resp.status_code not in statuses or not detail:
                 failures.append(f"{name}: {resp.status_code} {resp.text[:200]}")

@@ -179,11 +179,32 @@ def test_queued_work_of_a_client_that_hung_up_never_reaches_the_encoder(live: An
         assert holder.result().status_code == 200
         dropped = 0.0
         with server.client() as http:
-            for _ in range(50):
+            deadline = time.monotonic() + 20  # the worker drops them when it reaches them, after the holder
+            while not dropped and time.monotonic() < deadline:
                 text = http.get("/metrics").text
                 dropped = metric(text, "promptdistill_dropped_images_total", {"reason": "cancelled"})
-                if dropped:
-                    break
                 time.sleep(0.05)
     assert seen == [1], f"images of the departed client were encoded: batches {seen}"
     assert dropped == 3
+
+
+def test_a_lone_request_is_encoded_at_once_and_batches_form_only_while_busy() -> None:
+    """No idle window: with the encoder idle, the first image goes alone even though company follows."""
+
+    async def run() -> list[int]:
+        gate = threading.Event()
+        hooks = Recorder()
+        engine = Engine(_encoder(gate=gate), EngineCfg(max_batch_size=8), hooks)  # default max_wait_ms: 0
+        engine.start()
+        first = asyncio.ensure_future(engine.embed(_px(1), timeout_s=5))
+        await asyncio.sleep(0)  # the request is queued; the worker takes it as soon as it runs
+        while engine.depth:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(engine.embed(_px(i), timeout_s=5)) for i in range(2, 7)]
+        await asyncio.sleep(0.05)  # all five queue behind the busy encoder
+        gate.set()
+        await asyncio.gather(first, *rest)
+        await engine.stop()
+        return hooks.batches
+
+    assert asyncio.run(run()) == [1, 5]

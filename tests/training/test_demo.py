@@ -10,7 +10,6 @@ import torch
 
 from models.bundle import load_bundle
 from models.towers import build_towers
-from promptdistill.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +19,8 @@ pytestmark = pytest.mark.slow
 MIN_HM_FRACTION = 0.8
 
 
-def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+def test_demo_end_to_end(demo_run: tuple[Path, str]) -> None:
+    out, printed = demo_run  # the session's one demo run (tests/test_readme.py serves its bundle)
     assert "teacher" in printed and str(out / "bundle") in printed
 
     summary = json.loads((out / "summary.json").read_text())

@@ -56,10 +56,16 @@ def test_kd_weight_batchmean_equivalent() -> None:
 def test_kd_loss_zero_iff_equal_and_gradient_only_to_student() -> None:
     z = torch.randn(4, 6)
     assert kd_loss(z, z).item() == pytest.approx(0.0, abs=1e-7)
+    # No no_grad here on purpose: kd_loss itself must keep the teacher a constant target.
     z_s = torch.randn(4, 6, requires_grad=True)
     z_t = torch.randn(4, 6, requires_grad=True)
     kd_loss(z_s, z_t).backward()
     assert z_s.grad is not None and z_s.grad.abs().sum() > 0
+    assert z_t.grad is None  # before the fix: a non-zero gradient (~0.13 in the audit) reached the teacher
+    # ... also when the teacher logits come out of a module with trainable weights
+    w = torch.randn(6, 6, requires_grad=True)
+    kd_loss(torch.randn(4, 6, requires_grad=True), torch.randn(4, 6) @ w).backward()
+    assert w.grad is None
 
 
 def test_promptsrc_terms_equal_references() -> None:

@@ -127,3 +127,41 @@ def test_evaluate_command_reproduces_last_epoch(runs: Path) -> None:
     assert main(["evaluate", "--summarize", *files, "--out", str(summary_file)]) == 0
     summary = json.loads(summary_file.read_text())
     assert summary["last"]["base"]["mean"] == pytest.approx(want["base"]) and summary["last"]["base"]["std"] == 0.0
+
+
+def test_teacher_is_a_bundle_evaluable_and_servable(runs: Path) -> None:
+    """`train teacher` writes a bundle; `evaluate` on it reproduces the teacher's own results."""
+    bundle = load_bundle(runs / "teacher" / "bundle")
+    m = bundle.manifest
+    assert m.extra["role"] == "teacher" and m.extra["n_base"] == 5
+    assert [c.provenance for c in bundle.label_set().classes] == ["promptsrc:base"] * 5 + ["promptsrc:novel"] * 5
+    assert set(m.backbones) == {"teacher"} and m.text_encoder is not None and m.text_encoder.backbone == "teacher"
+    assert not (runs / "teacher" / "teacher.json").exists()  # the private format is gone
+    out = runs / "teacher_eval.json"
+    rc = main(
+        ["evaluate", "--bundle", str(runs / "teacher" / "bundle"), "--set", "data.kind=digits", "--out", str(out)]
+    )
+    assert rc == 0
+    got = json.loads(out.read_text())
+    want = json.loads((runs / "teacher" / "results.json").read_text())
+    assert got["base"] == pytest.approx(want["base"], abs=1e-6) and got["novel"] == pytest.approx(
+        want["novel"], abs=1e-6
+    )
+    # servable: the real app (torch backend: the teacher has no ONNX graph) classifies a digit with it
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    buf = io.BytesIO()
+    digits_benchmark(64).test_items[0].save(buf, format="PNG")  # type: ignore[union-attr]
+    settings = Settings(
+        bundle=runs / "teacher" / "bundle", backend="torch", state_dir=runs / "teacher_state", threads=1
+    )
+    with TestClient(create_app(settings)) as http:
+        resp = http.post("/v1/classify", json={"images": [base64.b64encode(buf.getvalue()).decode()], "top_k": 3})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["results"][0]["predictions"]) == 3

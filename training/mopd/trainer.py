@@ -11,7 +11,6 @@ Output folder::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,21 +23,14 @@ from models.class_vectors import encode_class_names
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
 from training.benchmark import Benchmark, load_benchmark
 from training.config import DataCfg, save_config
-from training.data import Subset, build_transform
-from training.evaluate import (
-    accuracy,
-    base_novel_result,
-    per_class_accuracy,
-    plot_base_novel,
-    plot_history,
-    predict,
-    save_json,
-)
+from training.data import build_transform
+from training.evaluate import plot_base_novel, plot_history, predict, save_json
 from training.loop import EvalCallback, Trainer, pick_device
 from training.mopd.config import MoPDRunCfg
 from training.mopd.diagnostics import GateDiagnostics, GateStats, plot_gate
 from training.mopd.model import MoPDModel, build_prompt_bank
 from training.pools import resolve_pool
+from training.protocols import evaluate_classifier
 
 log = logging.getLogger(__name__)
 
@@ -74,30 +66,23 @@ def train_transform(preprocess: PreprocessConfig, data: DataCfg) -> Any:
     return build_transform(preprocess, train=True, min_scale=data.crop_scale_min, hflip=data.hflip)
 
 
-def _classify(model: MoPDModel, vectors: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: model.logit_scale * model.image_features(x) @ vectors.to(x.device).t()
-
-
 def evaluate(
     model: MoPDModel, bench: Benchmark, transform: Any, device: torch.device, batch_size: int, templates: list[str]
 ) -> dict[str, Any]:
-    """Base / novel / HM of the student (each subset among its own names) and of the pool's zero-shot ensemble."""
+    """Base / novel / HM of the student (each subset among its own names) and of the pool's zero-shot
+    ensemble, both through THE evaluation (training/protocols.py).
+
+    The student's vectors for all names at once equal per-subset encodings: CoOp encodes each name
+    independently of the others."""
     model.eval()
     plain = PromptedTextEncoder(model.text.clip, model.text.tokenizer)
-    out: dict[str, Any] = {}
-    zs: dict[str, float] = {}
-    pairs: tuple[tuple[Subset, str], ...] = (("base", "base"), ("new", "novel"))
-    for subset, key in pairs:
-        ds = bench.dataset("test", subset, transform)
-        names = bench.names(subset)
-        logits, labels = predict(_classify(model, model.class_vectors(names)), ds, device=device, batch_size=batch_size)
-        out[key], out[f"{key}_per_class"] = accuracy(logits, labels), per_class_accuracy(logits, labels)
-        zs_vectors = encode_class_names(plain, names, templates)
-        zs_logits, zs_labels = predict(_classify(model, zs_vectors), ds, device=device, batch_size=batch_size)
-        zs[key] = accuracy(zs_logits, zs_labels)
+    names = bench.class_names
+    res = evaluate_classifier(model.image_features, model.class_vectors(names), model.logit_scale, bench,
+                              transform, device, batch_size=batch_size)  # fmt: skip
+    zs = evaluate_classifier(model.image_features, encode_class_names(plain, names, templates), model.logit_scale,
+                             bench, transform, device, batch_size=batch_size)  # fmt: skip
     model.train()
-    res = base_novel_result(out.pop("base"), out.pop("novel"), **out)
-    res["zeroshot_pool"] = base_novel_result(zs["base"], zs["novel"])
+    res["zeroshot_pool"] = {k: zs[k] for k in ("base", "novel", "hm")}
     return res
 
 
@@ -135,12 +120,11 @@ def train(
     diagnostics = GateDiagnostics(model.gate_stats)
 
     def base_acc(m: Any) -> dict[str, float]:
-        ds = bench.dataset("test", "base", test_tf)
         m.eval()
-        vectors = m.class_vectors(bench.names("base"))
-        logits, labels = predict(_classify(m, vectors), ds, device=device, batch_size=cfg.data.test_batch_size)
+        r = evaluate_classifier(m.image_features, m.class_vectors(bench.class_names), m.logit_scale, bench, test_tf,
+                                device, subsets=("base",), batch_size=cfg.data.test_batch_size)  # fmt: skip
         m.train()
-        return {"base_acc": accuracy(logits, labels)}
+        return {"base_acc": r["base"]}
 
     callbacks = [EvalCallback(base_acc, cfg.loop.eval_every), diagnostics]
     trainer = Trainer(model, train_ds, cfg.optim, cfg.loop, out, batch_size=cfg.data.batch_size,

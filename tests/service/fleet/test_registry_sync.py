@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -163,3 +164,45 @@ def test_outage_serves_snapshots_refuses_writes_and_recovers(
             assert b.store.problem is None or wait_until(lambda: b.store.ping() is None)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_token_this_database_never_issued_is_refused(
+    make_store: Callable[..., Store], make_registry: Callable[..., Registry]
+) -> None:
+    registry = make_registry(make_store(), min_version_wait_s=0.05)
+    version = registry.get("default").version
+    assert registry.get("default", min_version=version).version == version
+    with pytest.raises(ServiceError) as foreign:
+        registry.get("default", min_version=version + 1000)
+    assert foreign.value.status == 422 and "another deployment" in foreign.value.message
+
+
+def test_min_version_over_http_on_label_set_reads(live: Callable[..., Any]) -> None:
+    with live() as server, server.client() as http:
+        added = http.post("/v1/label-sets/default/classes", json={"names": ["okapi"]}).json()
+        got = http.get("/v1/label-sets/default/classes", params={"min_version": added["version"]})
+        assert got.status_code == 200 and "okapi" in {c["name"] for c in got.json()["classes"]}
+        listed = http.get("/v1/label-sets", params={"min_version": added["version"]})
+        assert listed.status_code == 200
+        assert http.get("/v1/label-sets/default/classes", params={"min_version": -1}).status_code == 422
+        foreign = http.get("/v1/label-sets/default/classes", params={"min_version": added["version"] + 99})
+        assert foreign.status_code == 422
+
+
+def test_the_client_sends_its_token_on_classify_json_and_form(live: Callable[..., Any], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from service.client import Client
+    from tests.service.conftest import png_bytes
+
+    photo = tmp_path / "p.png"
+    photo.write_bytes(png_bytes(Image.new("RGB", (64, 64), (10, 200, 30))))
+    with live() as server, Client(server.url) as client:
+        added = client.add_classes(["okapi"], label_set="default")
+        assert client.seen["default"] == added["version"]
+        by_form = client.classify_files([photo], top_k=1)  # multipart field min_version
+        by_json = client.classify_bytes([photo.read_bytes()], top_k=1)  # JSON field min_version
+        assert by_form["version"] == by_json["version"] == added["version"]
+        client.seen["default"] = added["version"] + 50  # a token from elsewhere: refused, not served stale
+        with pytest.raises(Exception, match="422"):
+            client.classify_files([photo], top_k=1)

@@ -1,0 +1,218 @@
+"""The one classify pipeline every request walks, in this order:
+
+1. cheap checks (top_k, image count, candidate labels clean, template allowed, label set exists);
+2. candidate labels only: the text lane (bounded text work per request, its own queue, low priority);
+3. admission: the request's images are admitted or refused (429 + Retry-After) before decoding;
+4. decode + preprocess in a bounded pool (the image encoder's own preprocessor);
+5. the batching engine (the encoder thread);
+6. search in a worker thread (never on the event loop);
+7. the response.
+
+Every refusal is a domain exception from :mod:`service.errors`; routes only parse and call
+:meth:`Classifier.classify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.admission import Admission
+from service.engine import Engine, EngineHooks
+from service.errors import EmptyLabelSet, InvalidInput, Overloaded
+from service.images import EncodedImage, ImagePreprocessor, decode_base64_image
+from service.index import Ranked, Snapshot, adhoc_rank
+from service.names import clean_names, clean_templates
+from service.registry import Registry
+from service.schemas import ClassifyResponse, ImageResult, Prediction
+from service.settings import Settings
+from service.text import TextEncoder
+
+UNKNOWN = "unknown"
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class ClassifyJob:
+    """A parsed classify request (JSON or multipart), not yet checked."""
+
+    images: list[EncodedImage | str]  # uploads, or base64 / data: URI strings from JSON
+    label_set: str = "default"
+    top_k: int = 5
+    candidate_labels: list[str] | None = None
+    hypothesis_template: str | None = None
+    unknown_threshold: float | None = None
+    min_version: int | None = None  # answer from the label set at least this new
+
+
+@dataclass
+class _Plan:
+    """What the cheap checks established."""
+
+    snapshot: Snapshot | None  # label-set requests
+    names: list[str] | None  # candidate-label requests
+    templates: list[str] | None
+
+
+class PipelineHooks(EngineHooks):
+    """Engine observations go to the metrics and to admission's service-time estimate."""
+
+    def __init__(self, metrics: EngineHooks, admission: Admission) -> None:
+        self.metrics = metrics
+        self.admission = admission
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch(size, seconds)
+        self.admission.observe_encode(seconds, size)
+
+    def depth(self, depth: int) -> None:
+        self.metrics.depth(depth)
+
+    def dropped(self, reason: str, n: int) -> None:
+        self.metrics.dropped(reason, n)
+
+    def rejected(self, reason: str) -> None:
+        self.metrics.rejected(reason)
+
+
+class Classifier:
+    """Orchestrates one classify request; owns the decode, text and search worker pools."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry,
+        text: TextEncoder,
+        engine: Engine,
+        preprocess: ImagePreprocessor,
+        admission: Admission,
+        logit_scale: float,
+        on_images: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.text = text
+        self.engine = engine
+        self.preprocess = preprocess
+        self.admission = admission
+        self.logit_scale = logit_scale
+        self._on_images = on_images or (lambda n: None)
+        self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="text-open")  # anonymous text work: one lane
+        # searches set their own FAISS / BLAS threads (service/index.py); a pool apart from the default
+        # executor, so label-set writes and store reads never queue searches behind them
+        self._search_pool = ThreadPoolExecutor(2, thread_name_prefix="search")
+        self._text_queued = 0  # prompts waiting in or running on the text lane
+
+    def close(self) -> None:
+        for pool in (self._decode_pool, self._text_pool, self._search_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    async def classify(self, job: ClassifyJob, is_disconnected: Disconnected | None = None) -> ClassifyResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        plan = await self._check(job)
+        vectors = await self._candidate_vectors(plan) if plan.names is not None else None
+        emb = await self.embed_images(job.images, deadline, is_disconnected)  # [B, D]
+        if plan.snapshot is not None:
+            ranked = await loop.run_in_executor(
+                self._search_pool, plan.snapshot.search, emb, job.top_k, self.logit_scale
+            )
+            return self._response(plan.snapshot.name, plan.snapshot.version, ranked, plan.snapshot.label, job)
+        assert vectors is not None and plan.names is not None
+        ranked = await loop.run_in_executor(self._search_pool, adhoc_rank, emb, vectors, self.logit_scale, job.top_k)
+        names = plan.names
+        return self._response(None, None, ranked, lambda i: names[i], job)
+
+    async def embed_images(
+        self, images: Sequence[EncodedImage | str], deadline: float, is_disconnected: Disconnected | None = None
+    ) -> np.ndarray:
+        """Admission, then decode + preprocess in the pool, then the engine: [B, D] embeddings."""
+        loop = asyncio.get_running_loop()
+        with self.admission.admit(len(images)):
+            futures = [loop.run_in_executor(self._decode_pool, self._prepare, im, i) for i, im in enumerate(images)]
+            done = await asyncio.gather(*futures, return_exceptions=True)  # all finished: slots stay honest
+            errors = [d for d in done if isinstance(d, BaseException)]
+            if errors:
+                raise errors[0]
+            pixels = np.stack([d for d in done if isinstance(d, np.ndarray)])  # [B, 3, H, W]
+            return await self.engine.embed(
+                pixels, timeout_s=deadline - loop.time(), is_disconnected=is_disconnected
+            )
+
+    def _prepare(self, image: EncodedImage | str, index: int) -> np.ndarray:
+        start = time.perf_counter()
+        if isinstance(image, str):
+            image = decode_base64_image(image, index, self.settings.max_image_bytes)
+        pixels = self.preprocess(image, index)  # [3, H, W]
+        self.admission.observe_decode(time.perf_counter() - start)
+        return pixels
+
+    async def _check(self, job: ClassifyJob) -> _Plan:
+        s = self.settings
+        if not 1 <= job.top_k <= s.max_top_k:
+            raise InvalidInput(f"top_k: must be between 1 and {s.max_top_k}")
+        if not job.images:
+            raise InvalidInput("no images: send 'images' (JSON), 'inputs' (Hugging Face shape) or multipart 'files'")
+        if len(job.images) > s.max_images_per_request:
+            raise InvalidInput(f"{len(job.images)} images, at most {s.max_images_per_request} per request")
+        if job.candidate_labels is not None:
+            names = clean_names(job.candidate_labels, s.max_labels_per_request, s.max_name_length, "candidate_labels")
+            templates = clean_templates([job.hypothesis_template], 1) if job.hypothesis_template is not None else None
+            self.text.check_templates(templates)
+            prompts = self.text.prompts(len(names), templates)
+            if prompts > s.max_candidate_prompts:
+                raise InvalidInput(
+                    f"candidate_labels: {len(names)} labels x {prompts // len(names)} template(s) = {prompts} "
+                    f"text prompts, at most {s.max_candidate_prompts} per request (max_candidate_prompts); "
+                    "send fewer labels, or create a label set for a large vocabulary"
+                )
+            return _Plan(None, names, templates)
+        if job.hypothesis_template is not None:
+            raise InvalidInput("hypothesis_template applies to candidate_labels only; label sets are already encoded")
+        # this version answers the request (a lagging replica may wait briefly for min_version)
+        snap = await asyncio.to_thread(self.registry.get, job.label_set, job.min_version)
+        if len(snap) == 0:
+            raise EmptyLabelSet(f"label set {job.label_set!r} has no classes; add some first")
+        return _Plan(snap, None, None)
+
+    async def _candidate_vectors(self, plan: _Plan) -> np.ndarray:
+        """Candidate-label vectors [C, D] from the anonymous text lane (refused when its queue is full)."""
+        assert plan.names is not None
+        prompts = self.text.prompts(len(plan.names), plan.templates)
+        limit = self.settings.max_candidate_prompts * self.settings.text_queue_requests
+        if self._text_queued and self._text_queued + prompts > limit:
+            raise Overloaded(
+                f"the open-vocabulary text queue is full ({self._text_queued} prompts waiting); retry later, "
+                "or classify against a label set",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        self._text_queued += prompts
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._text_pool, self.text.encode_cached, plan.names, plan.templates)
+        finally:
+            self._text_queued -= prompts
+
+    def _response(
+        self, label_set: str | None, version: int | None, ranked: Ranked, label: Callable[[int], str], job: ClassifyJob
+    ) -> ClassifyResponse:
+        results = []
+        for b in range(ranked.ids.shape[0]):
+            preds = [
+                Prediction(class_id=int(i), label=label(int(i)), score=float(s), cosine=float(c))
+                for i, s, c in zip(ranked.ids[b], ranked.scores[b], ranked.cosines[b], strict=True)
+            ]
+            unknown = job.unknown_threshold is not None and preds[0].cosine < job.unknown_threshold
+            results.append(
+                ImageResult(index=b, label=UNKNOWN if unknown else preds[0].label, unknown=unknown, predictions=preds)
+            )
+        self._on_images(len(results))
+        return ClassifyResponse(label_set=label_set, version=version, results=results)
+

@@ -1,0 +1,116 @@
+"""Admission before work: refusals come before any decoding, capacity follows the latency target."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx2
+import numpy as np
+import pytest
+
+from service.admission import Admission, AdmissionCfg
+from service.errors import Overloaded
+from tests.service.conftest import png_bytes
+
+
+def _cfg(**kw: Any) -> AdmissionCfg:
+    values: dict[str, Any] = {
+        "capacity": None, "target_latency_s": 0.5, "deadline_s": 30.0, "min_capacity": 3, "retry_after_s": 1
+    }  # fmt: skip
+    values.update(kw)
+    return AdmissionCfg(**values)
+
+
+def test_capacity_follows_the_latency_target_and_the_measured_service_time() -> None:
+    adm = Admission(_cfg(), encode_s=0.015, decode_s=0.005)
+    assert adm.capacity == 25  # 0.5 s / 20 ms
+    for _ in range(200):  # the encoder turns out slower: 16 images in 1.6 s -> 100 ms per image
+        adm.observe_encode(1.6, 16)
+    assert adm.capacity == 4  # 0.5 / 0.105
+    assert Admission(_cfg(deadline_s=0.1), 0.015, 0.005).capacity == 5  # never more than fits the deadline
+    assert Admission(_cfg(), 1.0, 0.1).capacity == 3  # a slow model still keeps every stage busy
+    assert Admission(_cfg(capacity=7), 1.0, 0.1).capacity == 7  # queue_size fixes it
+
+
+def test_refusal_is_immediate_carries_retry_after_and_frees_nothing() -> None:
+    adm = Admission(_cfg(capacity=4, retry_after_s=2), encode_s=0.5, decode_s=0.5)
+    with adm.admit(3):
+        with pytest.raises(Overloaded) as refused, adm.admit(2):
+            pytest.fail("admitted over capacity")
+        assert refused.value.status == 429
+        assert int(refused.value.headers["Retry-After"]) >= 2
+        assert adm.in_flight == 3
+        with adm.admit(1):
+            assert adm.in_flight == 4
+    assert adm.in_flight == 0 and adm.refused == 1
+    with adm.admit(10):  # an idle server takes one request however large
+        assert adm.in_flight == 10
+
+
+def test_http_refusal_happens_before_decoding(live: Any, photos: list[Any]) -> None:
+    """With the encoder busy and capacity used up, a request gets 429 and none of its images is decoded."""
+    image = base64.b64encode(png_bytes(photos[0].resize((64, 64)))).decode()
+    gate = threading.Event()
+    with live(queue_size=2, max_batch_size=1, retry_after_s=3) as server:
+        classifier = server.services.classifier
+        engine = server.services.engine
+        fast, real_pre = engine.encode, classifier.preprocess
+        decoded: list[int] = []
+        encoding: list[int] = []
+
+        def counting_pre(im: Any, index: int = 0) -> np.ndarray:
+            decoded.append(index)
+            return real_pre(im, index)
+
+        def gated(px: np.ndarray) -> np.ndarray:
+            encoding.append(len(px))
+            gate.wait(20)
+            return fast(px)
+
+        classifier.preprocess, engine.encode = counting_pre, gated
+        pool = ThreadPoolExecutor(1)
+        holder = pool.submit(httpx2.post, server.url + "/v1/classify", json={"images": [image] * 2}, timeout=60)
+        deadline = time.monotonic() + 20
+        while not encoding and time.monotonic() < deadline:  # 2 images in flight: capacity is used up
+            time.sleep(0.01)
+        assert encoding and classifier.admission.in_flight == 2
+        before = len(decoded)
+        with server.client() as http:
+            refused = http.post("/v1/classify", json={"images": [image]})
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["Retry-After"] == "3" and "capacity" in refused.json()["detail"]
+        assert len(decoded) == before == 2, "the refused request's image was decoded"
+        gate.set()
+        assert holder.result().status_code == 200
+        pool.shutdown()
+        engine.encode, classifier.preprocess = fast, real_pre
+        with server.client() as http:
+            assert http.post("/v1/classify", json={"images": [image]}).status_code == 200
+        assert classifier.admission.in_flight == 0
+
+
+def test_admission_counts_images_until_they_are_encoded() -> None:
+    """in_flight covers decoding, queueing and encoding, and drops back to zero after errors too."""
+
+    async def run() -> list[int]:
+        adm = Admission(_cfg(capacity=8), 0.01, 0.01)
+        seen: list[int] = []
+
+        async def work(n: int, fail: bool) -> None:
+            with adm.admit(n):
+                seen.append(adm.in_flight)
+                await asyncio.sleep(0.01)
+                if fail:
+                    raise ValueError("decode failed")
+
+        results = await asyncio.gather(work(3, False), work(4, True), return_exceptions=True)
+        assert isinstance(results[1], ValueError)
+        seen.append(adm.in_flight)
+        return seen
+
+    assert asyncio.run(run()) == [3, 7, 0]
