@@ -267,7 +267,12 @@ def peers_section(doc: dict[str, Any]) -> list[str]:
         _conditions(doc),
         "",
     ]
-    out += [f"{doc['model']}; {doc['images']}; {doc['threads']} threads per server; one server at a time, one run.", ""]
+    out += [
+        f"{doc['model']}; {doc['images']}; {doc['threads']} threads per server; one server at a time, one run. "
+        "The servers run one after another, so a load change between them (see 'load before', per system) "
+        "skews the ratios: on a shared machine this table checks the harness more than it measures the goal.",
+        "",
+    ]
     if "conversion" in doc:
         c = doc["conversion"]
         out += [f"Weights: our bundle's open_clip state dict converted to a Hugging Face `CLIPModel` (transformers "
