@@ -1,4 +1,4 @@
-"""``python -m bench {encoders,labelsets,http_load,payoff,peers,gpu,report,all} [--quick]``.
+"""``python -m bench {encoders,labelsets,http_load,payoff,preprocess,server,peers,gpu,report,all} [--quick]``.
 
 Each benchmark writes ``<name>.json`` + ``<name>.png`` into bench/results/; ``report`` renders
 BENCHMARKS.md from them; ``all`` runs the four benchmarks and then ``report``. The full run takes
@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.common import RESULTS, BenchCfg
 
 QUICK_OUT = Path(tempfile.gettempdir()) / "promptdistill-bench-quick"
-BENCHES = ("encoders", "labelsets", "http_load", "payoff", "preprocess")
+BENCHES = ("encoders", "labelsets", "http_load", "payoff", "preprocess", "server")
 EXTRA = ("peers", "gpu")  # not in ``all``: peers installs its own virtualenv, gpu needs CUDA
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, RESULTS, BenchCfg
+from bench.server_report import server_section
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +346,7 @@ SECTIONS = {
     "payoff": payoff_section,
     "peers": peers_section,
     "fleet": fleet_section,
+    "server": lambda doc: server_section(doc, _conditions),
 }
 
 

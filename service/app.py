@@ -13,7 +13,7 @@ from fastapi_offline import FastAPIOffline
 from models import __version__
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestMetrics
+from service.middleware import AllowedMethods, BodyLimit, RequestMetrics
 from service.openapi import build_openapi, operation_id
 from service.routes import classify, health, label_sets
 from service.settings import Settings, get_settings
@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(AllowedMethods, routes=app.router.routes)  # the list routers are added to below
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     for module in (health, label_sets, classify):
         app.include_router(module.router)

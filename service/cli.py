@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 log = logging.getLogger(__name__)
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -18,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--bundle", help="bundle folder (or PROMPTDISTILL_BUNDLE)")
     serve.add_argument("--host", help="default 127.0.0.1; other hosts need --api-key or --allow-insecure-bind")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, help="uvicorn worker processes (each rebuilds its index from the DB)")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes under gunicorn's arbiter (each rebuilds its index from the DB)"
+    )
     serve.add_argument(
         "--backend", choices=["auto", "onnx", "torch"], help="auto (default): ONNX when the bundle has it, else torch"
     )
@@ -30,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--max-wait-ms", type=float)
     serve.add_argument("--queue-size", type=int)
+    serve.add_argument("--header-timeout", dest="header_timeout_s", type=float, help="seconds for headers (408)")
+    serve.add_argument("--body-timeout", dest="body_timeout_s", type=float, help="seconds for a body (408)")
+    serve.add_argument("--max-connections", type=int, help="open connections per process; beyond: 503")
+    serve.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, help="restart a silent worker after")
     serve.set_defaults(func=_serve)
 
     cls = sub.add_parser("classify", help="classify image files with a running server")
@@ -78,15 +89,19 @@ _SERVE_FIELDS = (
     "max_batch_size",
     "max_wait_ms",
     "queue_size",
+    "header_timeout_s",
+    "body_timeout_s",
+    "max_connections",
+    "worker_timeout_s",
 )
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.settings import Settings
     from service.state import preflight
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is blank: give a real key, or leave the option out to serve without one")
     for name in _SERVE_FIELDS:  # CLI flags win over the environment; workers read it back
         value = getattr(args, name)
         if value is not None:
@@ -101,19 +116,48 @@ def _serve(args: argparse.Namespace) -> int:
     log.info(
         "serving %s on http://%s:%d (%d worker(s))", settings.bundle, settings.host, settings.port, settings.workers
     )
-    # uvicorn drains on SIGTERM, restores the previous handler and re-raises the signal; with this no-op
-    # handler in place the process then returns normally, so a clean drain exits 0 (not -15).
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(
+    if settings.workers > 1:
+        return _serve_workers(settings)
+    return _serve_one(settings)
+
+
+def _serve_one(settings: Settings) -> int:
+    """One process: uvicorn's server with the guarded protocol (service/server.py)."""
+    from service.server import DrainingServer, uvicorn_config
+    from service.workers import limits_from
+
+    config = uvicorn_config(
         "service.app:create_app_from_env",
+        limits_from(settings),
         factory=True,
         host=settings.host,
         port=settings.port,
-        workers=settings.workers,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        timeout_keep_alive=math.ceil(settings.keep_alive_s),
+        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
         proxy_headers=False,
     )
+    # uvicorn drains on SIGTERM, restores the previous handler and re-raises the signal; with this no-op
+    # handler in place the process then returns normally, so a clean drain exits 0 (not -15).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server = DrainingServer(config)
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's start-up failure code
+
+
+def _serve_workers(settings: Settings) -> int:
+    """N processes under gunicorn's arbiter (service/workers.py); each marks itself ready in a temp folder."""
+    import shutil
+    import tempfile
+
+    from service.workers import Supervisor
+
+    folder = tempfile.mkdtemp(prefix="promptdistill-workers-")
+    os.environ["PROMPTDISTILL_WORKER_DIR"] = folder
+    try:
+        Supervisor(settings.model_copy(update={"worker_dir": folder})).run()  # exits via SystemExit
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -17,6 +18,7 @@ class Metrics(EngineHooks):
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._label_sets: set[str] = set()  # names with label-set series (prometheus_client cannot list them)
         p = "promptdistill_"
         self.requests = Counter(p + "requests", "HTTP requests", ["method", "route", "status"], registry=r)
         self.latency = Histogram(
@@ -57,12 +59,23 @@ class Metrics(EngineHooks):
     # registry / text hooks
     def version(self, label_set: str, version: int, n_classes: int) -> None:
         if version < 0:
-            for gauge in (self.label_set_version, self.label_set_classes):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(label_set)
+            self._forget(label_set)
             return
+        self._label_sets.add(label_set)
         self.label_set_version.labels(label_set).set(version)
         self.label_set_classes.labels(label_set).set(n_classes)
+
+    def prune_label_sets(self, existing: Collection[str]) -> None:
+        """Drop the series of sets that are gone: a set deleted through another worker or replica never
+        reaches this process's delete hook, and its gauges would stay for ever (one series per deleted set)."""
+        for name in self._label_sets - set(existing):
+            self._forget(name)
+
+    def _forget(self, label_set: str) -> None:
+        self._label_sets.discard(label_set)
+        for gauge in (self.label_set_version, self.label_set_classes):
+            with contextlib.suppress(KeyError):
+                gauge.remove(label_set)
 
     def text_call(self, n_names: int) -> None:
         self.text_calls.inc()

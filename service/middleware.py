@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request body cap (413) and request metrics."""
+"""Pure ASGI middleware: request body cap (413), request metrics, and ``Allow`` for OPTIONS / 405."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import problem_response
@@ -52,7 +55,7 @@ class BodyLimit:
 
 
 class RequestMetrics:
-    """Count requests and observe latency per route template (not per raw path)."""
+    """Count requests and observe latency per route template (not per raw path); 499 for a vanished client."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -71,9 +74,62 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            # the client went away (or its body missed the server's deadline: service/server.py answered
+            # 408 already); nobody reads an answer, so this is not a server error
+            status["code"] = 499
         finally:
             route: Any = scope.get("route")
             path = getattr(route, "path", "unmatched")
             method = scope.get("method", "")
             self.metrics.requests.labels(method, path, str(status["code"])).inc()
             self.metrics.latency.labels(method, path).observe(time.perf_counter() - start)
+
+
+class AllowedMethods:
+    """``OPTIONS`` on a known path answers 204 with ``Allow``; a 405 names every method of the path.
+
+    Starlette matches routes one by one, so a 405 lists only the first route with that path (``GET``
+    where ``POST`` also exists) and ``OPTIONS`` is never routed. RFC 9110 (sections 9.3.7, 15.5.6):
+    ``Allow`` lists every method the resource supports.
+    """
+
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute]) -> None:
+        self.app, self.routes = app, routes
+
+    def allowed(self, scope: Scope) -> list[str]:
+        methods: set[str] = set()
+        for route in _flat(self.routes):
+            route_methods = getattr(route, "methods", None)
+            if route_methods and route.matches(scope)[0] != Match.NONE:
+                methods |= set(route_methods)
+        return sorted(methods | {"OPTIONS"}) if methods else []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS":
+            allowed = self.allowed(scope)
+            if allowed:
+                await Response(status_code=204, headers={"Allow": ", ".join(allowed)})(scope, receive, send)
+                return
+
+        async def fix_405(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                allow = ", ".join(self.allowed(scope)).encode()
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                message = {**message, "headers": [*headers, (b"allow", allow)]}
+            await send(message)
+
+        await self.app(scope, receive, fix_405)
+
+
+def _flat(routes: list[BaseRoute]) -> list[BaseRoute]:
+    """Routes of included routers too (FastAPI keeps ``include_router`` as one entry; its routes carry
+    their router's prefix, and the app includes them without one)."""
+    out: list[BaseRoute] = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out.extend(_flat(inner.routes) if inner is not None else [route])
+    return out

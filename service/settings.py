@@ -128,6 +128,25 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
+    # --- connections (service/server.py): uvicorn itself has no deadline for headers or bodies
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a request's headers must arrive within this (from its first byte) or 408"
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, description="a request's whole body must arrive within this after its headers or 408"
+    )
+    keep_alive_s: float = Field(default=5.0, gt=0, description="idle keep-alive connections are closed after this")
+    max_connections: int = Field(
+        default=512, ge=1, description="open connections per process; requests on connections beyond it get 503"
+    )
+    worker_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="--workers > 1: the supervisor restarts a worker silent this long (counted after its start-up)",
+    )
+    worker_dir: Path | None = Field(
+        default=None, description="set by `serve --workers N`: where each worker marks itself ready (for /readyz)"
+    )
     log_level: str = "info"
 
     @model_validator(mode="after")

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
+import os
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from models.bundle import Bundle
 from service.deps import ServicesDep
 from service.errors import ServiceError, StoreUnavailable
 from service.schemas import Health
+from service.server import count_ready
 
 router = APIRouter(tags=["health"])
 PROBE_TIMEOUT_S = 10.0
@@ -31,16 +37,19 @@ async def readyz(request: Request) -> Response:
     services = getattr(request.app.state, "services", None)
     if services is None:
         return JSONResponse(Health(status="unready", checks={"startup": "still loading"}).model_dump(), 503)
-    checks: dict[str, str] = {
-        "bundle": f"{services.bundle.root} ({services.bundle.manifest.producer.get('method', '?')})"
-    }
+    checks: dict[str, str] = {"bundle": bundle_identity(services.bundle)}
     ok = True
+    workers = services.settings.workers
+    if workers > 1 and services.settings.worker_dir is not None:  # serve --workers N: are all N serving?
+        ready = await asyncio.to_thread(count_ready, services.settings.worker_dir)
+        checks["workers"] = f"{ready}/{workers} ready (this answer: pid {os.getpid()})"
+        ok = ready >= workers
     try:
         await asyncio.to_thread(services.registry.store.ping)
         checks["database"] = "ok"
         problems = await asyncio.to_thread(services.registry.check)
         checks["index"] = "; ".join(problems) if problems else "ok"
-        ok = not problems
+        ok = ok and not problems
     except StoreUnavailable as e:
         # A shared database is down: every replica still classifies from its snapshots. Stay ready
         # (and say so), or every pod would leave the load balancer at the same moment.
@@ -62,7 +71,19 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(Health(status=status, checks=checks).model_dump(), 200 if ok else 503)
 
 
+def bundle_identity(bundle: Bundle) -> str:
+    """Folder name, method and a fingerprint of the bundle's files; never the absolute path (it leaks layout)."""
+    m = bundle.manifest
+    digest = hashlib.sha256(json.dumps(m.files, sort_keys=True).encode()).hexdigest()[:12]
+    name = bundle.root.name if bundle.root is not None else "in-memory"
+    return f"{name} ({m.producer.get('method', '?')}, files sha256:{digest})"
+
+
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
     services.metrics.queue_depth.set(services.engine.depth)
+    # Sets deleted through another worker or replica leave this process's series too; with the database
+    # down (StoreUnavailable) the metrics still render and are pruned at a later scrape.
+    with contextlib.suppress(ServiceError):
+        services.metrics.prune_label_sets(await asyncio.to_thread(services.registry.store.versions))
     return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

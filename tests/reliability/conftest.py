@@ -52,9 +52,11 @@ class ServerProcess:
         raise TimeoutError(f"server at {self.url} not ready after {timeout_s} s:\n{self.output()}")
 
 
-def start_server(bundle: Path, workdir: Path, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start the real CLI on a free loopback port and wait for /readyz."""
-    port = free_port()
+def start_server(
+    bundle: Path, workdir: Path, env: dict[str, str] | None = None, port: int | None = None
+) -> ServerProcess:
+    """Start the real CLI on ``port`` (default: a free loopback port) and wait for /readyz."""
+    port = port or free_port()
     state = workdir / "state"
     log = workdir / "server.log"
     cmd = [sys.executable, "-m", "promptdistill", "serve", "--bundle", str(bundle), "--state-dir", str(state)]

@@ -58,7 +58,7 @@ def test_every_mutating_route_needs_the_key_and_health_stays_open(live: Any) -> 
 def test_serve_refuses_public_bind_without_key(tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.delenv("PROMPTDISTILL_API_KEY", raising=False)
     started = []
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(k))
+    monkeypatch.setattr("service.cli._serve_one", lambda settings: started.append({"host": settings.host}) or 0)
     base = ["serve", "--bundle", str(tiny_bundle_dir), "--state-dir", str(tmp_path / "s")]
     assert main([*base, "--host", "0.0.0.0"]) == 2
     assert main([*base, "--host", "192.168.1.5"]) == 2
@@ -100,7 +100,7 @@ def _clear_promptdistill_env() -> None:
 def test_serve_start_up_errors_are_one_line_and_exit_2(
     tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
 ) -> None:
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("uvicorn started despite a start-up error"))
+    monkeypatch.setattr("service.cli._serve_one", lambda settings: pytest.fail("served despite a start-up error"))
     no_onnx = _without_onnx(tiny_bundle_dir, tmp_path / "no-onnx")
     state = ["--state-dir", str(tmp_path / "state")]
     cases = [
