@@ -11,7 +11,7 @@ STAMP    = $(VENV)/.installed-$(FLAVOUR)
 
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-fast lint serve demo bench docker-check clean
+.PHONY: install test test-fast lint serve demo bench docker-check docker-smoke clean
 
 # pip's own output is the progress report (a bar on a terminal, one line per package otherwise).
 $(STAMP): pyproject.toml
@@ -50,9 +50,14 @@ bench: install
 
 # Static checks of the container files (no Docker engine needed): hadolint and compose v1's parser.
 docker-check: install
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile Dockerfile.gpu
 	docker-compose -f docker-compose.yml config -q
 	docker-compose -f docker-compose.yml --profile cluster config -q
+
+# The CPU image built and run for real (root; starts and stops its own dockerd; ~15-25 min on 2
+# cores, ~25 GB of scratch space under SMOKE_WORK, default /var/tmp). See scripts/docker-smoke.sh.
+docker-smoke: install
+	PYTHON=$(abspath $(BIN))/python scripts/docker-smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

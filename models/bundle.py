@@ -9,9 +9,10 @@ A bundle is a folder::
     backbones/<key>.safetensors    embedded backbone weights (optional; required for random init)
     image_encoder.onnx[.data]      exported image tower (optional)
 
-``save_bundle`` writes the tensors first and the manifest last (atomically), so a folder with a
-manifest is always complete. ``load_bundle`` validates everything it reads and raises a
-:class:`BundleError` subclass naming the exact problem. Reading needs only ``models/``.
+``save_bundle`` stages everything next to the destination and moves the manifest in last
+(:mod:`models.staging`), so a folder with a manifest is always complete. ``load_bundle``
+validates everything it reads and raises a :class:`BundleError` subclass naming the exact
+problem. Reading needs only ``models/``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from models.backbone import PreprocessConfig, sha256_file
+from models.staging import staged_dir
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -44,6 +47,10 @@ class BundleError(ValueError):
 
 class BundleMissingFile(BundleError):
     """manifest.json or a file the manifest lists is absent."""
+
+
+class BundleUnreadable(BundleError):
+    """A bundle file or folder exists but this process may not read it (ownership / mode)."""
 
 
 class BundleChecksumError(BundleError):
@@ -176,48 +183,78 @@ class Bundle:
         raise KeyError(name)
 
 
-def save_bundle(bundle: Bundle, out_dir: str | Path, extra_files: dict[str, Path] | None = None) -> Path:
-    """Write ``bundle`` into ``out_dir`` (created; an existing manifest there is replaced).
+def save_bundle(
+    bundle: Bundle,
+    out_dir: str | Path,
+    extra_files: dict[str, Path] | None = None,
+    *,
+    exports: Callable[[Path], dict[str, Path]] | None = None,
+) -> Path:
+    """Write ``bundle`` into ``out_dir`` (created; a bundle already there is replaced).
+
+    Everything is staged in a hidden folder inside ``out_dir`` (same filesystem, whatever
+    ``$TMPDIR`` is) and moved into place with ``manifest.json`` last (:func:`models.staging.staged_dir`):
+    an interrupted write never leaves a folder that looks finished. Files follow the umask.
 
     Args:
         bundle: manifest + tensors. The manifest's ``files`` are recomputed here.
         out_dir: target folder.
-        extra_files: already-written files inside ``out_dir`` to checksum too (ONNX models).
+        extra_files: relative path -> existing file to include (copied in).
+        exports: called with the staging folder before the manifest is written; writes files
+            there (ONNX graphs) and returns them as relative path -> path, like ``extra_files``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     _validate(bundle)
+    with staged_dir(out, marker=MANIFEST, replaces=_previous_files(out)) as stage:
+        extra = dict(extra_files or {})
+        if exports is not None:
+            extra |= exports(stage)
+        manifest = _write_into(bundle, stage, extra)
+    bundle.manifest, bundle.root = manifest, out
+    return out
+
+
+def _write_into(bundle: Bundle, stage: Path, extra_files: dict[str, Path]) -> Manifest:
+    """Write tensors, carried-over files and (last) the manifest into the staging folder."""
     written: list[str] = [CLASS_VECTORS]
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in bundle.class_vectors.items()}, out / CLASS_VECTORS)
+    vectors = {k: v.detach().float().contiguous().cpu() for k, v in bundle.class_vectors.items()}
+    save_file(vectors, stage / CLASS_VECTORS)
     if bundle.prompts:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in bundle.prompts.items()}, out / PROMPTS)
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in bundle.prompts.items()}, stage / PROMPTS)
         written.append(PROMPTS)
     if bundle.projector is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in bundle.projector.items()}, out / PROJECTOR)
+        save_file({k: v.detach().contiguous().cpu() for k, v in bundle.projector.items()}, stage / PROJECTOR)
         written.append(PROJECTOR)
     backbones = dict(bundle.manifest.backbones)
     for key, state in bundle.backbone_states.items():
         rel = f"backbones/{key}.safetensors"
-        (out / "backbones").mkdir(exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / rel)
+        (stage / "backbones").mkdir(exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, stage / rel)
         backbones[key] = backbones[key].model_copy(update={"weights_file": rel})
         written.append(rel)
-    for rel in extra_files or {}:
+    for rel, src in extra_files.items():
+        if Path(src).resolve() != (stage / rel).resolve():
+            copy_into(stage, Path(src), rel)
         written.append(rel)
     # Files a loaded bundle already had (embedded weights, ONNX graphs) travel with it.
     if bundle.root is not None:
         for rel in bundle.manifest.files:
             if rel not in written:
-                if bundle.root.resolve() != out.resolve():
-                    copy_into(out, bundle.root / rel, rel)
+                copy_into(stage, bundle.root / rel, rel)
                 written.append(rel)
-    files = {rel: sha256_file(out / rel) for rel in written}
+    files = {rel: sha256_file(stage / rel) for rel in written}
     manifest = bundle.manifest.model_copy(update={"files": files, "backbones": backbones})
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(manifest.model_dump_json(indent=2))
-    os.replace(tmp, out / MANIFEST)
-    bundle.manifest, bundle.root = manifest, out
-    return out
+    (stage / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+    return manifest
+
+
+def _previous_files(out: Path) -> list[str]:
+    """Files of the bundle ``out`` holds now (replaced by the new one); none if it holds none."""
+    try:
+        files = json.loads((out / MANIFEST).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [rel for rel in files if isinstance(rel, str) and ".." not in Path(rel).parts]
 
 
 def load_bundle(bundle_dir: str | Path, *, verify: bool = True) -> Bundle:
@@ -228,12 +265,31 @@ def load_bundle(bundle_dir: str | Path, *, verify: bool = True) -> Bundle:
         BundleSchemaError: schema newer than this reader, or a malformed manifest.
         BundleChecksumError: a file's sha256 differs from the manifest (skipped if ``verify=False``).
         BundleDimensionError: tensor shapes disagree with the manifest.
+        BundleUnreadable: a file or folder of the bundle may not be read by this user.
     """
     root = Path(bundle_dir)
+    try:
+        return _load(root, verify)
+    except PermissionError as e:
+        raise BundleUnreadable(unreadable_message(root, e)) from e
+
+
+def unreadable_message(root: Path, e: OSError) -> str:
+    """One line: which file, as whom, and how to fix it."""
+    who = f"uid {os.getuid()}" if hasattr(os, "getuid") else "this user"
+    return (
+        f"bundle {root}: cannot read {e.filename or root} ({e.strerror or e}) as {who}; make the bundle "
+        f"readable for that user (chmod -R a+rX {root}) or re-export it with umask 022"
+    )
+
+
+def _load(root: Path, verify: bool) -> Bundle:
     manifest = read_manifest(root)
     for rel, digest in manifest.files.items():
         path = root / rel
         if not path.is_file():
+            if path.parent.is_dir() and not os.access(path.parent, os.X_OK):
+                raise PermissionError(13, "folder not searchable", str(path.parent))
             raise BundleMissingFile(f"bundle {root}: file {rel} listed in manifest.json is missing")
         if verify and sha256_file(path) != digest:
             raise BundleChecksumError(
@@ -254,6 +310,9 @@ def load_bundle(bundle_dir: str | Path, *, verify: bool = True) -> Bundle:
 
 def read_manifest(root: Path) -> Manifest:
     path = root / MANIFEST
+    if root.is_dir() and not os.access(root, os.R_OK | os.X_OK):
+        # is_file() below would answer False and the error would wrongly say "missing"
+        raise PermissionError(13, "folder not readable", str(root))
     if not path.is_file():
         hint = " (the folder does not exist)" if not root.exists() else ""
         raise BundleMissingFile(f"not a bundle: {path} is missing{hint}")
@@ -321,7 +380,7 @@ def _validate(bundle: Bundle) -> None:
 
 
 def copy_into(bundle_dir: Path, src: Path, rel: str) -> str:
-    """Copy a file into the bundle folder (for ONNX exports made elsewhere); returns ``rel``."""
+    """Copy a file into the bundle folder (a copy, not a link: its mode is then ours to set); returns ``rel``."""
     dst = bundle_dir / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)

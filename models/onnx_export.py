@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from models.bundle import OnnxSpec
+from models.staging import STAGING_PREFIX, follow_umask
 from models.towers import ImageTower
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ def export_image_tower(
 
     tower = tower.cpu().eval()
     pixels = sample_pixels.detach().float().cpu()
-    with tempfile.TemporaryDirectory() as tmp:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Staged next to the destination: a rename out of $TMPDIR fails across filesystems (EXDEV).
+    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=out_dir) as tmp:
         tmp_path = Path(tmp) / name
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # exporter deprecation chatter, not actionable here
@@ -70,9 +73,9 @@ def export_image_tower(
         diff = float(np.abs(got - want).max())
         if not diff <= tolerance:
             raise OnnxParityError(f"ONNX image tower differs from torch by {diff:.2e} (> {tolerance:.0e}); not written")
-        out_dir.mkdir(parents=True, exist_ok=True)
         data_name = None
-        for produced in Path(tmp).iterdir():
+        for produced in sorted(Path(tmp).iterdir(), key=lambda p: p.name == name):  # graph last
+            follow_umask(produced)
             produced.replace(out_dir / produced.name)
             if produced.name != name:
                 data_name = produced.name
@@ -120,7 +123,8 @@ def quantize_image_tower(
 
     out_path = Path(out_path)
     pixels = sample_pixels.detach().float().cpu().numpy()  # [B, 3, H, W]
-    with tempfile.TemporaryDirectory() as tmp:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=out_path.parent) as tmp:
         tmp_path = Path(tmp) / out_path.name
         quantize_dynamic(str(onnx_path), str(tmp_path), weight_type=QuantType.QInt8, per_channel=per_channel)
         want = _run(Path(onnx_path), pixels)  # [B, D]
@@ -130,7 +134,7 @@ def quantize_image_tower(
             raise OnnxParityError(
                 f"int8 image tower: min cosine vs fp32 {parity['cosine_min']:.4f} < {min_cosine}; not written"
             )
-        out_path.parent.mkdir(parents=True, exist_ok=True)
+        follow_umask(tmp_path)
         tmp_path.replace(out_path)
     diff = float(np.abs(got - want).max())
     log.info("quantised %s -> %s (%s)", onnx_path, out_path, ", ".join(f"{k}={v:.4g}" for k, v in parity.items()))

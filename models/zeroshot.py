@@ -153,10 +153,11 @@ def build_zeroshot_bundle(
     backbone = load_backbone(model, pretrained, device=device)
     bundle = zeroshot_bundle(backbone, class_names, templates, progress=progress)
     out = Path(out)
-    extra: dict[str, Path] = {}
-    if onnx or int8:
+
+    def exports(stage: Path) -> dict[str, Path]:
         tower = ImageTower(PromptedImageEncoder(backbone.model))
-        extra = add_onnx(bundle, tower, out, int8=int8, int8_min_cosine=int8_min_cosine)
-    save_bundle(bundle, out, extra_files=extra)
+        return add_onnx(bundle, tower, stage, int8=int8, int8_min_cosine=int8_min_cosine)
+
+    save_bundle(bundle, out, exports=exports if onnx or int8 else None)
     log.info("wrote zero-shot bundle with %d classes to %s", len(class_names), out)
     return bundle

@@ -15,7 +15,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import AllowedMethods, BodyLimit, RequestMetrics
 from service.openapi import build_openapi, operation_id
-from service.routes import classify, health, label_sets
+from service.routes import classify, embeddings, health, label_sets
 from service.settings import Settings, get_settings
 from service.state import build_services
 
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=[
             {"name": "classify", "description": "images in, top-k classes out"},
             {"name": "label sets", "description": "named, versioned, durable class lists"},
+            {"name": "embeddings", "description": "image or text embeddings (OpenAI / Infinity shape)"},
             {"name": "health", "description": "liveness, readiness, metrics (never behind the key)"},
         ],
     )
@@ -77,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(AllowedMethods, routes=app.router.routes)  # the list routers are added to below
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
-    for module in (health, label_sets, classify):
+    for module in (health, label_sets, classify, embeddings):
         app.include_router(module.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

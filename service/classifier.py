@@ -48,6 +48,7 @@ class ClassifyJob:
     hypothesis_template: str | None = None
     unknown_threshold: float | None = None
     min_version: int | None = None  # answer from the label set at least this new
+    hf_single: bool | None = None  # Hugging Face request shape: answer in it (True: one image, flat list)
 
 
 @dataclass
@@ -142,9 +143,26 @@ class Classifier:
             if errors:
                 raise errors[0]
             pixels = np.stack([d for d in done if isinstance(d, np.ndarray)])  # [B, 3, H, W]
-            return await self.engine.embed(
-                pixels, timeout_s=deadline - loop.time(), is_disconnected=is_disconnected
-            )
+            return await self.engine.embed(pixels, timeout_s=deadline - loop.time(), is_disconnected=is_disconnected)
+
+    async def embed_image_inputs(
+        self, images: Sequence[str], is_disconnected: Disconnected | None = None
+    ) -> np.ndarray:
+        """/v1/embeddings images: the same caps, admission, decode and engine as classify; [B, D]."""
+        if len(images) > self.settings.max_images_per_request:
+            raise InvalidInput(f"{len(images)} images, at most {self.settings.max_images_per_request} per request")
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        return await self.embed_images(list(images), deadline, is_disconnected)
+
+    async def embed_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
+        """/v1/embeddings texts: the class vectors these names would get, [N, D], on the bounded
+        open-vocabulary text lane (same limits as candidate_labels); also the prompts it cost."""
+        unique = list(dict.fromkeys(texts))  # repeated texts are fine here (unlike class names)
+        plan = await self._check(ClassifyJob(images=[""], candidate_labels=unique, label_set=""))
+        assert plan.names is not None
+        vectors = await self._candidate_vectors(plan)  # [U, D], in the order of `unique`
+        rows = [unique.index(t) for t in texts]
+        return vectors[rows], self.text.prompts(len(plan.names), plan.templates)
 
     def _prepare(self, image: EncodedImage | str, index: int) -> np.ndarray:
         start = time.perf_counter()
@@ -215,4 +233,3 @@ class Classifier:
             )
         self._on_images(len(results))
         return ClassifyResponse(label_set=label_set, version=version, results=results)
-

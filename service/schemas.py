@@ -21,7 +21,7 @@ class HFParameters(_Body):
 
     candidate_labels: list[str] | None = Field(default=None, description="labels for this request only")
     hypothesis_template: str | None = Field(default=None, description="e.g. 'This is a photo of {}.'")
-    top_k: int | None = Field(default=None, ge=1, strict=True, description="an integer: not true, not \"3\"")
+    top_k: int | None = Field(default=None, ge=1, strict=True, description='an integer: not true, not "3"')
 
 
 class ClassifyRequest(_Body):
@@ -43,7 +43,7 @@ class ClassifyRequest(_Body):
     parameters: HFParameters | None = None
     label_set: str = Field(default="default", description="named label set to classify against")
     top_k: int = Field(
-        default=5, ge=1, strict=True, description="predictions per image (an integer: not true, not \"3\")"
+        default=5, ge=1, strict=True, description='predictions per image (an integer: not true, not "3")'
     )
     candidate_labels: list[str] | None = Field(
         default=None, description="classify against these labels instead of a set"
@@ -79,6 +79,18 @@ class ClassifyResponse(BaseModel):
     label_set: str | None = Field(description="the set answered from; null for candidate_labels requests")
     version: int | None = Field(description="the set's version this answer was computed from")
     results: list[ImageResult]
+
+
+class HFLabelScore(BaseModel):
+    """One entry of a Hugging Face zero-shot-image-classification answer."""
+
+    label: str
+    score: float
+
+
+# Requests in the Hugging Face shape (``inputs``) are answered in it: a list of {label, score} per
+# image (best first), or one flat list when ``inputs`` is a single image.
+HFAnswer = list[HFLabelScore] | list[list[HFLabelScore]]
 
 
 class ClassesIn(_Body):
@@ -194,3 +206,44 @@ class ValidationProblem(Problem):
     errors: list[FieldError] = Field(
         default_factory=list, description="one entry per invalid field (absent when no single field is to blame)"
     )
+
+
+class EmbeddingsRequest(_Body):
+    """OpenAI / Infinity embeddings request; images as base64 or data: URIs (URLs are refused)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"input": [_TINY_PNG], "model": "default", "modality": "image"},
+                {"input": ["a photo of a cat"], "model": "default", "modality": "text", "encoding_format": "float"},
+            ]
+        },
+    )
+
+    input: str | list[str] = Field(description="one input or a list: texts, or base64 / data: URI images")
+    model: str = Field(default="default", max_length=256, description="accepted for compatibility; one model is served")
+    modality: Literal["image", "text"] = Field(default="text", description="what the inputs are (Infinity's field)")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="float: a list of numbers; base64: little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: int | None = Field(default=None, ge=1, description="must equal the model's dimension if given")
+    user: str | None = Field(default=None, max_length=256, description="ignored (OpenAI field)")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="L2-normalised vector (a base64 string for base64 encoding)")
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int = Field(description="encoder inputs: images, or text prompts (names x templates)")
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage

@@ -192,14 +192,18 @@ def write_bundle(
     [B, 3, H, W] are the images for the parity check (default: the shipped sample photos).
     """
     out = Path(out_dir)
-    extra_files: dict[str, Path] = {}
-    if onnx or int8:
-        if tower is None:
-            raise ValueError("onnx export needs the image tower")
+    if (onnx or int8) and tower is None:
+        raise ValueError("onnx export needs the image tower")
+
+    def exports(stage: Path) -> dict[str, Path]:
+        assert tower is not None
         was_training = tower.training
         device = next(tower.parameters()).device
-        extra_files = add_onnx(bundle, tower.eval(), out, sample_pixels, int8=int8, int8_min_cosine=int8_min_cosine)
-        tower.to(device).train(was_training)  # the exporter moved it to CPU
-    save_bundle(bundle, out, extra_files=extra_files)
+        try:
+            return add_onnx(bundle, tower.eval(), stage, sample_pixels, int8=int8, int8_min_cosine=int8_min_cosine)
+        finally:
+            tower.to(device).train(was_training)  # the exporter moved it to CPU
+
+    save_bundle(bundle, out, exports=exports if onnx or int8 else None)
     log.info("wrote bundle to %s", out)
     return load_bundle(out)

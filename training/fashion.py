@@ -36,6 +36,7 @@ from pydantic import Field
 from models.backbone import Backbone, load_backbone
 from models.class_vectors import encode_class_names
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
+from models.staging import staged_file
 from training.benchmark import Benchmark, load_benchmark
 from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg, deep_merge, parse_overrides
 from training.data import build_transform
@@ -84,7 +85,8 @@ def pretrained(config: Path, bench: Benchmark, cfg: FashionCfg, cache: Path, wha
         bb.model.eval()
         return bb
     pretrain_clip(bb, bench, DemoCfg(seed=0, pretrain_epochs=cfg.pretrain_epochs, progress=False), what, CAPTIONS)
-    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, cache)
+    with staged_file(cache) as tmp:  # a reader never sees a half-written cache; mode follows the umask
+        save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, tmp)
     return bb
 
 

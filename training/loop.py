@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from models.staging import staged_file
 from training.config import LoopCfg, OptimCfg
 
 log = logging.getLogger(__name__)
@@ -349,9 +350,8 @@ class Trainer:
             "rng": rng_state(),
             "callbacks": {key: cb.state_dict() for key, cb in self._keyed_callbacks()},
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        with staged_file(path) as tmp:  # next to path: a crash mid-save keeps the previous checkpoint
+            torch.save(payload, tmp)
 
     def _keyed_callbacks(self) -> list[tuple[str, Callback]]:
         """Callbacks keyed by class name and occurrence ("BestState#0"), stable across runs."""

@@ -14,7 +14,7 @@ from service.classifier import ClassifyJob
 from service.deps import ServicesDep
 from service.errors import ImageTooLarge, InvalidInput, UnsupportedMediaType
 from service.images import EncodedImage
-from service.schemas import ClassifyRequest, ClassifyResponse
+from service.schemas import ClassifyRequest, ClassifyResponse, HFAnswer, HFLabelScore
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["classify"])
@@ -54,7 +54,7 @@ OPENAPI_BODY: dict[str, Any] = {
 
 @router.post(
     "/classify",
-    response_model=ClassifyResponse,
+    response_model=ClassifyResponse | HFAnswer,
     openapi_extra=OPENAPI_BODY,
     summary="classify images against a label set or ad-hoc candidate labels",
     responses={
@@ -65,9 +65,17 @@ OPENAPI_BODY: dict[str, Any] = {
         503: {"description": "shutting down; see Retry-After"},
     },
 )
-async def classify(request: Request, services: ServicesDep) -> ClassifyResponse:
+async def classify(request: Request, services: ServicesDep) -> ClassifyResponse | HFAnswer:
     job = await _parse(request, services.settings)
-    return await services.classifier.classify(job, request.is_disconnected)
+    answer = await services.classifier.classify(job, request.is_disconnected)
+    return hf_answer(answer, job.hf_single) if job.hf_single is not None else answer
+
+
+def hf_answer(answer: ClassifyResponse, single: bool) -> HFAnswer:
+    """The Hugging Face zero-shot answer: per image a list of {label, score}, best first; a flat list
+    for a single ``inputs`` string (as huggingface_hub's client parses it)."""
+    per_image = [[HFLabelScore(label=p.label, score=p.score) for p in r.predictions] for r in answer.results]
+    return per_image[0] if single else per_image
 
 
 async def _parse(request: Request, settings: Settings) -> ClassifyJob:
@@ -103,7 +111,10 @@ def _from_json(body: bytes) -> ClassifyJob:
         labels = labels if labels is not None else params.candidate_labels
         template = template or params.hypothesis_template
         top_k = params.top_k or top_k
-    return ClassifyJob(images, req.label_set, top_k, labels, template, req.unknown_threshold, req.min_version)
+    job = ClassifyJob(images, req.label_set, top_k, labels, template, req.unknown_threshold, req.min_version)
+    if req.inputs is not None:  # asked in the Hugging Face shape: answered in it
+        job.hf_single = isinstance(req.inputs, str)
+    return job
 
 
 async def _from_form(request: Request, settings: Settings) -> ClassifyJob:

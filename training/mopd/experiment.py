@@ -27,6 +27,7 @@ import torch
 
 from models.backbone import Backbone, load_backbone
 from models.prompts import PromptedTextEncoder
+from models.staging import staged_file
 from training.benchmark import Benchmark, digits_benchmark
 from training.config import load_config
 from training.data import build_transform
@@ -56,8 +57,8 @@ def pretrained_tiny_clip(cache: Path, seed: int = 1, epochs: int = 6) -> tuple[B
         return bb, bench
     demo: Any = importlib.import_module("training.demo")  # a CLI-level module; keep it out of type checking
     demo.pretrain_clip(bb, bench, demo.DemoCfg(seed=seed, pretrain_epochs=epochs, progress=False), "tiny CLIP")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, cache)
+    with staged_file(cache) as tmp:  # a reader never sees a half-written cache; mode follows the umask
+        save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, tmp)
     return bb, bench
 
 
