@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, RESULTS, BenchCfg
+from bench.report_pipeline import SECTIONS as PIPELINE_SECTIONS
 from bench.server_report import server_section
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,7 @@ SECTIONS = {
     "payoff": payoff_section,
     "peers": peers_section,
     "fleet": fleet_section,
+    **PIPELINE_SECTIONS,
     "server": lambda doc: server_section(doc, _conditions),
 }
 
