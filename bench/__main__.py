@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.common import RESULTS, BenchCfg
 
 QUICK_OUT = Path(tempfile.gettempdir()) / "promptdistill-bench-quick"
-BENCHES = ("encoders", "labelsets", "http_load", "payoff", "preprocess", "server")
+BENCHES = ("encoders", "labelsets", "http_load", "payoff", "preprocess", "server", "hostile", "admission", "fairness")
 EXTRA = ("peers", "gpu")  # not in ``all``: peers installs its own virtualenv, gpu needs CUDA
 
 

@@ -58,10 +58,12 @@ def _free_port() -> int:
 class Server:
     """``promptdistill serve`` as a subprocess on 127.0.0.1; waits for /readyz."""
 
-    def __init__(self, bundle: Path, state: Path, threads: int, log_path: Path) -> None:
+    def __init__(
+        self, bundle: Path, state: Path, threads: int, log_path: Path, env_extra: dict[str, str] | None = None
+    ) -> None:
         self.port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTDISTILL_")}  # defaults only
-        env.update({"PROMPTDISTILL_THREADS": str(threads), "HF_HUB_OFFLINE": "1"})
+        env.update({"PROMPTDISTILL_THREADS": str(threads), "HF_HUB_OFFLINE": "1", **(env_extra or {})})
         args = ["serve", "--bundle", str(bundle), "--state-dir", str(state), "--port", str(self.port)]
         self.log_path = log_path
         self._log = log_path.open("wb")

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,29 +218,56 @@ def run_hf_pipeline(python: Path, hf_dir: Path, labels: Path, tmp: Path, images:
         peer.stop()
 
 
+def _image_pipeline(bundle: Any, threads: int) -> tuple[Any, Callable[[str], Any]]:
+    """The service's own encoder and "JSON image string -> pixels [1, 3, H, W]", with its default settings.
+
+    Encoders that own their preprocessing (``bundle_preprocessor``) are used as the server builds them;
+    otherwise the decode + preprocess functions the classify route calls.
+    """
+    from service import encoders as _encoders
+    from service import images as _images
+    from service.settings import Settings
+
+    encoders: Any = _encoders  # either API (before / after the encoder owns its preprocessing)
+    images: Any = _images
+    ImageLimits, decode_base64_image = images.ImageLimits, images.decode_base64_image
+    s: Any = Settings()
+    if hasattr(encoders, "bundle_preprocessor"):
+        mib = 1024 * 1024
+        limits = ImageLimits(
+            s.max_image_bytes, s.max_image_pixels, s.min_image_side, s.max_aspect_ratio, s.max_decoded_mib * mib
+        )
+        pre = encoders.bundle_preprocessor(bundle, limits, s.jpeg_draft_factor)
+        encoder = encoders.OnnxImageEncoder(bundle, pre, "cpu", threads, "fp32")
+        return encoder, lambda b64: pre(decode_base64_image(b64, 0, s.max_image_bytes), 0)[None]
+    from models.preprocess import preprocess_image
+
+    decode_image = images.decode_image
+
+    cfg = bundle.manifest.image_encoder.preprocess.to_config()
+    limits = ImageLimits(s.max_image_bytes, s.max_image_pixels, s.min_image_side)
+    encoder = encoders.OnnxImageEncoder(bundle, "cpu", threads, "fp32")
+    return encoder, lambda b64: preprocess_image(
+        decode_image(decode_base64_image(b64, 0, s.max_image_bytes), 0, limits), cfg
+    )[None]
+
+
 def in_process_limit(bundle_dir: Path, images: list[str], cfg: BenchCfg) -> dict[str, Any]:
     """Our own ceiling: base64 + JPEG decode, preprocess, ONNX encode, search, one image at a time, no HTTP."""
     from models.bundle import load_bundle
-    from models.preprocess import preprocess_image
-    from service.encoders import OnnxImageEncoder
-    from service.images import ImageLimits, decode_base64_image, decode_image
     from service.index import Snapshot
     from service.store import SetRows
 
     bundle = load_bundle(bundle_dir)
-    encoder = OnnxImageEncoder(bundle, "cpu", cfg.threads, "fp32")
-    pre = bundle.manifest.image_encoder.preprocess.to_config()
+    encoder, pixels = _image_pipeline(bundle, cfg.threads)
     spec = bundle.manifest.label_sets[0]
     names = [c.name for c in spec.classes]
-    rows = SetRows(spec.name, 1, np.asarray([c.id for c in spec.classes], dtype=np.int64), names, names,
-                   bundle.class_vectors[spec.name].float().numpy())  # fmt: skip
-    snap = Snapshot.from_rows(rows)
-    limits = ImageLimits(16 * 1024 * 1024, 40_000_000, 16)
+    ids = np.asarray([c.id for c in spec.classes], dtype=np.int64)
+    snap = Snapshot.from_rows(SetRows(spec.name, 1, ids, names, names, bundle.class_vectors[spec.name].float().numpy()))
     scale = float(bundle.manifest.logit_scale)
 
     def one(i: int) -> None:
-        data = decode_base64_image(images[i % len(images)], 0, limits.max_bytes)
-        snap.search(encoder.encode(preprocess_image(decode_image(data, 0, limits), pre)[None]), 5, scale)
+        snap.search(encoder.encode(pixels(images[i % len(images)])), 5, scale)
 
     one(0)
     n = 4 if cfg.quick else 48

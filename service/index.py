@@ -6,8 +6,9 @@ request that already holds a snapshot finishes on it (and reports its version).
 Scores are a softmax over *every* class of the set (``logit_scale * cosine``). Nothing materialises a
 sorted N-list:
 
-* ``flat`` (exact): FAISS ``IndexFlatIP`` finds the top-k; one matrix product ``q @ X.T`` into a
-  reused per-thread buffer gives the exact softmax denominator ``sum(exp(s * (cos - max)))``.
+* ``flat`` (exact): one pass of FAISS's SIMD inner products per image writes all N cosines into a
+  reused per-thread buffer; the top-k is selected from it, and the same buffer gives the exact
+  softmax denominator ``sum(exp(s * (cos - max)))`` (no sorted N-list, no N-sized allocation).
 * ``ivf`` (approximate, for >= 100k classes): FAISS ``IndexIVFFlat`` finds the ``IVF_HEAD`` best
   candidates (exact cosines, probably-best ids); the denominator is exact over those and
   *estimated* for the rest from a fixed uniform sample of the set (``TAIL_SAMPLE`` rows), so scores
@@ -33,6 +34,7 @@ IndexKind = Literal["flat", "ivf"]
 INDEX_KINDS: tuple[str, ...] = ("flat", "ivf")
 IVF_HEAD = 256  # candidates whose softmax terms are computed exactly on an IVF set
 TAIL_SAMPLE = 16_384  # rows that estimate the rest of an IVF set's softmax denominator
+_CHUNK = 8192  # columns per top-k selection step (its temporaries stay on the heap)
 _BLOCK = 8_000_000  # cosines computed at once (32 MB per searching thread): 16 images x 1M classes are split
 
 
@@ -130,6 +132,51 @@ def log_partition(query: np.ndarray, vectors: np.ndarray, best: np.ndarray, scal
         np.exp(cos, out=cos)
         out[s : s + rows] = np.log(cos.sum(axis=1, dtype=np.float64))
     return out
+
+
+def _top_k_row(row: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest of ``row`` [N], best first (ties: lower position first).
+
+    Selected per 8k-column chunk, so no temporary is large enough to be a fresh mmap (page faults).
+    """
+    n = len(row)
+    if n <= _CHUNK:
+        cand = np.argpartition(row, n - k)[n - k :] if k < n else np.arange(n)
+    else:
+        parts = []
+        for s in range(0, n, _CHUNK):
+            block = row[s : s + _CHUNK]
+            kk = min(k, len(block))
+            parts.append(np.argpartition(block, len(block) - kk)[len(block) - kk :] + s)
+        cand = np.concatenate(parts)
+    vals = row[cand]
+    return cand[np.lexsort((cand, -vals))[:k]]
+
+
+def _exact_search(query: np.ndarray, vectors: np.ndarray, ids: np.ndarray, top_k: int, scale: float) -> Ranked:
+    """Exact top-k and softmax over all N rows: one pass of FAISS's SIMD inner products per image.
+
+    query [B, D] float32 C-contiguous, vectors [N, D] float32 C-contiguous (the FAISS buffer), ids [N].
+    The N cosines land in a reused per-thread buffer; the top-k is read from it, then the same buffer
+    becomes the softmax terms in place (float32 exp, float64 sum).
+    """
+    faiss = _faiss()
+    n, d = vectors.shape
+    k = min(top_k, n)
+    out_pos = np.empty((len(query), k), dtype=np.int64)
+    out_cos = np.empty((len(query), k), dtype=np.float32)
+    log_z = np.empty(len(query), dtype=np.float64)
+    row = _workspace(1, n)[0]  # [N]
+    for b in range(len(query)):
+        q = np.ascontiguousarray(query[b])
+        faiss.fvec_inner_products_ny(faiss.swig_ptr(row), faiss.swig_ptr(q), faiss.swig_ptr(vectors), d, n)
+        pos = _top_k_row(row, k)
+        out_pos[b], out_cos[b] = pos, row[pos]
+        row -= out_cos[b, 0]
+        row *= np.float32(scale)
+        np.exp(row, out=row)
+        log_z[b] = np.log(row.sum(dtype=np.float64))
+    return Ranked(ids[out_pos], out_cos, _scores(out_cos, log_z, out_cos[:, 0].astype(np.float64), scale))
 
 
 def exact_rank(query: np.ndarray, vectors: np.ndarray, logit_scale: float, top_k: int) -> tuple[np.ndarray, Ranked]:
@@ -273,10 +320,7 @@ class Snapshot:
         set_search_threads(self.faiss_threads)  # OpenMP's setting of *this* thread
         if self._tail is not None:
             return self._search_ivf(query, top_k, logit_scale)
-        # exact: FAISS finds the top-k (no N-sized allocation); one GEMM gives the exact denominator
-        cos, ids = self.index.search(query, min(top_k, len(self)))  # [B, k] best first
-        log_z = log_partition(query, self.vectors, cos[:, 0].copy(), logit_scale)
-        return Ranked(ids, cos, _scores(cos, log_z, cos[:, 0].astype(np.float64), logit_scale))
+        return _exact_search(query, self.vectors, self.ids, top_k, logit_scale)
 
     def _search_ivf(self, query: np.ndarray, top_k: int, logit_scale: float) -> Ranked:
         """IVF candidates (exact cosines) + a sampled estimate of the softmax mass outside them."""

@@ -48,7 +48,7 @@ def _rows(vectors: np.ndarray, kind: str | None = None, version: int = 1) -> Set
     return SetRows("s", version, ids, [f"c{i}" for i in range(n)], ["test"] * n, vectors, kind)
 
 
-@pytest.mark.parametrize(("n", "k"), [(1, 5), (7, 7), (5000, 10), (5000, 1)])
+@pytest.mark.parametrize(("n", "k"), [(1, 5), (7, 7), (5000, 10), (5000, 1), (20_000, 7)])
 def test_flat_search_matches_a_full_softmax_reference(n: int, k: int) -> None:
     rng = np.random.default_rng(n)
     vectors, query = _unit(rng, n, 64), _unit(rng, 3, 64)
@@ -61,15 +61,20 @@ def test_flat_search_matches_a_full_softmax_reference(n: int, k: int) -> None:
     assert got.scores.shape == (3, min(k, n))
 
 
-def test_flat_search_splits_large_batches_into_blocks_with_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_top_k_by_chunks_and_gemm_blocks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(1)
     vectors, query = _unit(rng, 3000, 32), _unit(rng, 9, 32)
     snap = Snapshot.from_rows(_rows(vectors))
     whole = snap.search(query, 4, SCALE)
-    monkeypatch.setattr("service.index._BLOCK", 2 * 3000)  # two images per GEMM
-    split = snap.search(query, 4, SCALE)
+    adhoc = adhoc_rank(query, vectors, SCALE, 4)
+    monkeypatch.setattr("service.index._CHUNK", 256)  # top-k picked from 12 chunks, some of them short
+    monkeypatch.setattr("service.index._BLOCK", 2 * 3000)  # ad-hoc labels: two images per GEMM
+    split, adhoc_split = snap.search(query, 4, SCALE), adhoc_rank(query, vectors, SCALE, 4)
     np.testing.assert_array_equal(split.ids, whole.ids)
-    np.testing.assert_allclose(split.scores, whole.scores, rtol=1e-4)  # GEMM shape changes rounding
+    np.testing.assert_allclose(split.scores, whole.scores, rtol=1e-6)
+    np.testing.assert_array_equal(adhoc_split.ids, adhoc.ids)
+    np.testing.assert_allclose(adhoc_split.scores, adhoc.scores, rtol=1e-4)  # GEMM shape changes rounding
+    np.testing.assert_array_equal(snap.ids[adhoc.ids], whole.ids)
 
 
 def test_adhoc_rank_matches_the_reference() -> None:
