@@ -193,3 +193,19 @@ def save_figure(fig: Any, name: str, cfg: BenchCfg) -> Path:
     fig.savefig(path, dpi=110)
     log.info("wrote %s", path)
     return path
+
+
+def conditions(doc: dict[str, Any]) -> str:
+    """The italic line under every BENCHMARKS.md section: machine, threads, load, package versions."""
+    m, c = doc["machine"], doc["config"]
+    pk = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    quick = " **QUICK SMOKE RUN: numbers are not meaningful.**" if c.get("quick") else ""
+    return (
+        f"_Run {m['time_utc']} on {m['cpu']} ({m['affinity_cpus']} usable cores, {m['mem_gib']} GiB), "
+        f"{c['threads']} threads; load average at write time {m['loadavg_1_5_15']} (1/5/15 min; above "
+        f"~0.2 the machine was shared and timings are disturbed); {pk}._{quick}"
+    )
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"

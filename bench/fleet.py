@@ -306,7 +306,8 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
 
 def section(doc: dict[str, Any]) -> list[str]:
     """The BENCHMARKS.md section (``bench.report`` renders it from fleet.json)."""
-    from bench.report import _conditions, _verdict
+    from bench.common import conditions as _conditions
+    from bench.common import verdict as _verdict
 
     ryw, vis, lk = doc["read_your_writes"], doc["visibility_without_token"], doc["listener_kill"]
     k9, out, cw, tp = doc["kill9_restart"], doc["outage"], doc["concurrent_writers"], doc["throughput"]

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, RESULTS, BenchCfg
+from bench.common import conditions as _conditions
+from bench.common import verdict as _verdict
 from bench.report_pipeline import SECTIONS as PIPELINE_SECTIONS
 from bench.server_report import server_section
 
@@ -35,21 +37,6 @@ real photos; PromptKD student >= 3.5x teacher.
 def _load(name: str, results: Path) -> dict[str, Any] | None:
     path = results / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _conditions(doc: dict[str, Any]) -> str:
-    m, c = doc["machine"], doc["config"]
-    pk = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
-    quick = " **QUICK SMOKE RUN: numbers are not meaningful.**" if c.get("quick") else ""
-    return (
-        f"_Run {m['time_utc']} on {m['cpu']} ({m['affinity_cpus']} usable cores, {m['mem_gib']} GiB), "
-        f"{c['threads']} threads; load average at write time {m['loadavg_1_5_15']} (1/5/15 min; above "
-        f"~0.2 the machine was shared and timings are disturbed); {pk}._{quick}"
-    )
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "**not met**"
 
 
 def encoders_section(doc: dict[str, Any]) -> list[str]:

@@ -5,19 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-
-def _conditions(doc: dict[str, Any]) -> str:
-    m, c = doc["machine"], doc["config"]
-    quick = " **QUICK SMOKE RUN: numbers are not meaningful.**" if c.get("quick") else ""
-    return (
-        f"_Run {m['time_utc']} on {m['cpu']} ({m['affinity_cpus']} usable cores), {c['threads']} threads; load "
-        f"average at write time {m['loadavg_1_5_15']} (1/5/15 min; the machine was shared: timings are "
-        f"disturbed)._{quick}"
-    )
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "**not met**"
+from bench.common import conditions as _conditions
+from bench.common import verdict as _verdict
 
 
 def preprocess_section(doc: dict[str, Any]) -> list[str]:
