@@ -149,8 +149,7 @@ class Classifier:
         self, images: Sequence[str], is_disconnected: Disconnected | None = None
     ) -> np.ndarray:
         """/v1/embeddings images: the same caps, admission, decode and engine as classify; [B, D]."""
-        if len(images) > self.settings.max_images_per_request:
-            raise InvalidInput(f"{len(images)} images, at most {self.settings.max_images_per_request} per request")
+        self._check_image_count(len(images))
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         return await self.embed_images(list(images), deadline, is_disconnected)
 
@@ -158,7 +157,7 @@ class Classifier:
         """/v1/embeddings texts: the class vectors these names would get, [N, D], on the bounded
         open-vocabulary text lane (same limits as candidate_labels); also the prompts it cost."""
         unique = list(dict.fromkeys(texts))  # repeated texts are fine here (unlike class names)
-        plan = await self._check(ClassifyJob(images=[""], candidate_labels=unique, label_set=""))
+        plan = self._text_plan(unique, None)
         assert plan.names is not None
         vectors = await self._candidate_vectors(plan)  # [U, D], in the order of `unique`
         rows = [unique.index(t) for t in texts]
@@ -172,26 +171,34 @@ class Classifier:
         self.admission.observe_decode(time.perf_counter() - start)
         return pixels
 
+    def _check_image_count(self, n: int) -> None:
+        if n > self.settings.max_images_per_request:
+            raise InvalidInput(f"{n} images, at most {self.settings.max_images_per_request} per request")
+
+    def _text_plan(self, labels: Sequence[str], template: str | None) -> _Plan:
+        """Clean open-vocabulary labels and bound their text work (labels x templates), before any work."""
+        s = self.settings
+        names = clean_names(labels, s.max_labels_per_request, s.max_name_length, "candidate_labels")
+        templates = clean_templates([template], 1) if template is not None else None
+        self.text.check_templates(templates)
+        prompts = self.text.prompts(len(names), templates)
+        if prompts > s.max_candidate_prompts:
+            raise InvalidInput(
+                f"candidate_labels: {len(names)} labels x {prompts // len(names)} template(s) = {prompts} "
+                f"text prompts, at most {s.max_candidate_prompts} per request (max_candidate_prompts); "
+                "send fewer labels, or create a label set for a large vocabulary"
+            )
+        return _Plan(None, names, templates)
+
     async def _check(self, job: ClassifyJob) -> _Plan:
         s = self.settings
         if not 1 <= job.top_k <= s.max_top_k:
             raise InvalidInput(f"top_k: must be between 1 and {s.max_top_k}")
         if not job.images:
             raise InvalidInput("no images: send 'images' (JSON), 'inputs' (Hugging Face shape) or multipart 'files'")
-        if len(job.images) > s.max_images_per_request:
-            raise InvalidInput(f"{len(job.images)} images, at most {s.max_images_per_request} per request")
+        self._check_image_count(len(job.images))
         if job.candidate_labels is not None:
-            names = clean_names(job.candidate_labels, s.max_labels_per_request, s.max_name_length, "candidate_labels")
-            templates = clean_templates([job.hypothesis_template], 1) if job.hypothesis_template is not None else None
-            self.text.check_templates(templates)
-            prompts = self.text.prompts(len(names), templates)
-            if prompts > s.max_candidate_prompts:
-                raise InvalidInput(
-                    f"candidate_labels: {len(names)} labels x {prompts // len(names)} template(s) = {prompts} "
-                    f"text prompts, at most {s.max_candidate_prompts} per request (max_candidate_prompts); "
-                    "send fewer labels, or create a label set for a large vocabulary"
-                )
-            return _Plan(None, names, templates)
+            return self._text_plan(job.candidate_labels, job.hypothesis_template)
         if job.hypothesis_template is not None:
             raise InvalidInput("hypothesis_template applies to candidate_labels only; label sets are already encoded")
         # this version answers the request (a lagging replica may wait briefly for min_version)
