@@ -94,14 +94,23 @@ class Server:
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, conn: Any = None) -> tuple[int, bytes]:
+    status, data, _ = request_with_retry_after(port, method, path, body, conn)
+    return status, data
+
+
+def request_with_retry_after(
+    port: int, method: str, path: str, body: bytes | None = None, conn: Any = None
+) -> tuple[int, bytes, float | None]:
+    """Status, body and the ``Retry-After`` header in seconds (None when absent)."""
     c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     headers = {"Content-Type": "application/json"} if body is not None else {}
     c.request(method, path, body=body, headers=headers)
     resp = c.getresponse()
     data = resp.read()
+    retry_after = resp.getheader("Retry-After")
     if conn is None:
         c.close()
-    return resp.status, data
+    return resp.status, data, float(retry_after) if retry_after else None
 
 
 def _payloads() -> list[bytes]:
@@ -114,11 +123,23 @@ def _payloads() -> list[bytes]:
 
 
 def load(
-    port: int, concurrency: int, n_requests: int, payloads: list[bytes], max_seconds: float, path: str = "/v1/classify"
+    port: int,
+    concurrency: int,
+    n_requests: int,
+    payloads: list[bytes],
+    max_seconds: float,
+    path: str = "/v1/classify",
+    honour_retry_after: bool = False,
 ) -> dict[str, Any]:
-    """``n_requests`` POSTs to ``path`` from ``concurrency`` threads; stops early after ``max_seconds``."""
+    """``n_requests`` POSTs to ``path`` from ``concurrency`` threads; stops early after ``max_seconds``.
+
+    ``honour_retry_after``: clients behave like ours (service/client.py): a 429 / 503 with
+    ``Retry-After`` is retried after that delay, its latency counted from the first attempt, and the
+    refusals are counted in ``refusals``.
+    """
     latencies: list[float] = []
     errors: dict[int, int] = {}
+    refusals = [0]
     lock = threading.Lock()
     counter = iter(range(n_requests))
     deadline = time.perf_counter() + max_seconds
@@ -129,7 +150,13 @@ def load(
             if time.perf_counter() > deadline:
                 break
             t0 = time.perf_counter()
-            status, _ = request(port, "POST", path, payloads[i % len(payloads)], conn)
+            while True:
+                status, _, retry_after = request_with_retry_after(port, "POST", path, payloads[i % len(payloads)], conn)
+                if not (honour_retry_after and status in (429, 503) and retry_after is not None):
+                    break
+                with lock:
+                    refusals[0] += 1
+                time.sleep(retry_after)
             dt = (time.perf_counter() - t0) * 1000.0
             with lock:
                 if status == 200:
@@ -150,6 +177,7 @@ def load(
         "concurrency": concurrency,
         "ok": len(latencies),
         "errors": errors,
+        "refusals_retried": refusals[0],
         "wall_s": wall,
         "throughput_rps": len(latencies) / wall,
         "p50_ms": float(np.percentile(lat, 50)),

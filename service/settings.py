@@ -111,14 +111,14 @@ class Settings(BaseSettings):
     max_candidate_prompts: int = Field(
         default=256,
         ge=1,
-        description="text work of one anonymous request: candidate labels x templates (each a fixed-length "
-        "forward pass); more -> 422",
+        description="text work of one anonymous request: candidate labels x templates (each one row of a "
+        "forward pass, at most the context length long); more -> 422",
     )
     text_queue_requests: int = Field(
         default=4, ge=1, description="maximal candidate-label requests the open-vocabulary text lane queues (429)"
     )
     text_chunk_prompts: int = Field(
-        default=16, ge=1, description="anonymous text work runs in chunks this size, so class adds cut in quickly"
+        default=8, ge=1, description="anonymous text work runs in chunks this size, so class adds cut in quickly"
     )
     text_cache_size: int = Field(default=4096, ge=0, description="LRU entries of encoded candidate labels")
     # --- security and serving

@@ -58,7 +58,7 @@ class TextEncoder:
         learned_prompts: bool,
         cache_size: int,
         on_call: Callable[[int], None] | None = None,
-        chunk_prompts: int = 16,
+        chunk_prompts: int = 8,
     ) -> None:
         self.side = side
         self.learned_prompts = learned_prompts

@@ -57,6 +57,23 @@ def test_coop_init_reproduces_handwritten_prompt(tiny_backbone, depth: int) -> N
         assert (ours - ref).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("n_tokens,depth", [(0, 1), (4, 1), (2, 2)])
+def test_trimmed_context_equals_full_context(tiny_backbone, n_tokens: int, depth: int) -> None:  # type: ignore[no-untyped-def]
+    """Running only the prefix up to the longest EOT gives the full-context features (and gradients)."""
+    bb = tiny_backbone
+    torch.manual_seed(2)
+    enc = PromptedTextEncoder(bb.model, bb.tokenizer, TextPromptCfg(n_tokens=n_tokens, depth=depth))
+    texts = ["x.", "a photo of a golden retriever lying on the grass in the park.", *NAMES]
+    tokens = enc.tokenize(texts)
+    assert int(enc.pooled_positions(tokens).max()) + 1 < tokens.shape[1] // 2  # the trim is real
+    trimmed, full = enc(tokens), enc(tokens, trim=False)
+    assert (trimmed - full).abs().max().item() <= 1e-5
+    if enc.prompts is not None:
+        (g_trim,) = torch.autograd.grad(trimmed.square().sum(), enc.prompts)
+        (g_full,) = torch.autograd.grad(full.square().sum(), enc.prompts)
+        assert (g_trim - g_full).abs().max().item() <= 1e-5 * max(1.0, g_full.abs().max().item())
+
+
 def test_coop_init_phrase_length_is_checked(tiny_backbone) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="n_tokens=4"):
         PromptedTextEncoder(
