@@ -50,7 +50,7 @@ bench: install
 
 # Static checks of the container files (no Docker engine needed): hadolint and compose v1's parser.
 docker-check: install
-	$(BIN)/hadolint Dockerfile Dockerfile.gpu
+	$(BIN)/hadolint Dockerfile Dockerfile.gpu scripts/smoke/Dockerfile.infra
 	docker-compose -f docker-compose.yml config -q
 	docker-compose -f docker-compose.yml --profile cluster config -q
 

@@ -145,7 +145,7 @@ def bench_sigterm(bundle: Path, work: Path, rounds: int) -> dict[str, Any]:
                 server.wait_ready()
                 loads.append(round(os.getloadavg()[0], 2))
                 for key, n in drain_round(server.port, lambda s=server: s.proc.send_signal(signal.SIGTERM)).items():
-                    totals[key] += n
+                    totals[key] = totals.get(key, 0) + n
                 server.proc.wait(timeout=120)
             finally:
                 server.kill()

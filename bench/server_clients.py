@@ -107,9 +107,14 @@ def _outcome(sock: socket.socket) -> str:
                     break
     except ConnectionResetError:
         return "reset"
-    if data.startswith(b"HTTP/1.1 200"):
+    if not data.startswith(b"HTTP/1.1 ") or b"\r\n\r\n" not in data:
+        return "no answer"
+    status = data[9:12]
+    if status == b"200":
         return "answered"
-    return "refused with 429/503" if data[9:12] in (b"429", b"503") else "no answer"
+    if status in (b"429", b"503"):
+        return "refused with 429/503"
+    return f"answered {status.decode('ascii', 'replace')}"  # any other complete answer (a 504 deadline...)
 
 
 def drain_round(port: int, send_sigterm: Callable[[], None], fresh: int = 120, kept: int = 40) -> dict[str, int]:
@@ -140,7 +145,7 @@ def drain_round(port: int, send_sigterm: Callable[[], None], fresh: int = 120, k
                     sent.release()
                     result = _outcome(s)
         with lock:
-            counts[result] += 1
+            counts[result] = counts.get(result, 0) + 1
 
     threads = [threading.Thread(target=one) for _ in range(fresh)]
     for t in threads:
@@ -153,7 +158,7 @@ def drain_round(port: int, send_sigterm: Callable[[], None], fresh: int = 120, k
     for s in kept_socks:
         result = _outcome(s)
         s.close()
-        counts[result] += 1
+        counts[result] = counts.get(result, 0) + 1
     for t in threads:
         t.join(timeout=120)
     return counts

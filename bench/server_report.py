@@ -27,13 +27,14 @@ def server_section(doc: dict[str, Any], conditions: Callable[[dict[str, Any]], s
         "one classify each; the signal goes out once 60 fresh ones are sent):",
         "",
         "| server | rounds | answered 200 | answered 429/503 | refused at connect | reset "
-        "| closed without answer | 1-min load |",
-        "|---|---|---|---|---|---|---|---|",
+        "| other answers | closed without answer | 1-min load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, r in term.items():
+        other = {k.split()[-1]: v for k, v in r.items() if k.startswith("answered ")} or "-"
         out.append(
             f"| {kind} | {r['rounds']} | {r['answered']} | {r['refused with 429/503']} | {r['refused']} "
-            f"| {r['reset']} | {r['no answer']} "
+            f"| {r['reset']} | {other} | {r['no answer']} "
             f"| {', '.join(str(x) for x in r['load_1min'])} |"
         )
     starts = workers["starts"]

@@ -13,7 +13,7 @@ from fastapi_offline import FastAPIOffline
 from models import __version__
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import AllowedMethods, BodyLimit, RequestMetrics
+from service.middleware import AllowedMethods, BodyLimit, RequestMetrics, StoreIdentity
 from service.openapi import build_openapi, operation_id
 from service.routes import classify, embeddings, health, label_sets
 from service.settings import Settings, get_settings
@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(AllowedMethods, routes=app.router.routes)  # the list routers are added to below
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    app.add_middleware(StoreIdentity)  # outermost: error answers carry it too
     for module in (health, label_sets, classify, embeddings):
         app.include_router(module.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]

@@ -12,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from service.client import Client
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,19 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--label-set", default="default")
     p.add_argument("--api-key", default=os.environ.get("PROMPTDISTILL_API_KEY"), help="or PROMPTDISTILL_API_KEY")
+    p.add_argument(
+        "--versions-file",
+        help="where the label-set versions this machine saw are kept, so each command reads the writes of the "
+        "ones before on any replica (default PROMPTDISTILL_VERSIONS_FILE or $XDG_STATE_HOME/promptdistill/"
+        "versions.json; '' keeps none)",
+    )
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from service.client import Client, default_versions_file
+
+    versions = default_versions_file() if args.versions_file is None else (args.versions_file or None)
+    return Client(args.url, args.api_key, versions_file=versions)
 
 
 _SERVE_FIELDS = (
@@ -162,9 +176,7 @@ def _serve_workers(settings: Settings) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from service.client import Client
-
-    with Client(args.url, args.api_key) as client:
+    with _client(args) as client:
         out = client.classify_files(args.images, label_set=args.label_set, top_k=args.top_k)
     for path, result in zip(args.images, out["results"], strict=True):
         preds = ", ".join(f"{p['label']} {p['score']:.3f}" for p in result["predictions"])
@@ -174,18 +186,14 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _classes_add(args: argparse.Namespace) -> int:
-    from service.client import Client
-
-    with Client(args.url, args.api_key) as client:
+    with _client(args) as client:
         out = client.add_classes(args.names, label_set=args.label_set, if_exists=args.if_exists)
     sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     return 0
 
 
 def _classes_list(args: argparse.Namespace) -> int:
-    from service.client import Client
-
-    with Client(args.url, args.api_key) as client:
+    with _client(args) as client:
         out = client.classes(args.label_set)  # every page, all from one version of the set
     for c in out["classes"]:
         sys.stdout.write(f"{c['id']}\t{c['name']}\t{c['provenance']}\n")
@@ -194,11 +202,9 @@ def _classes_list(args: argparse.Namespace) -> int:
 
 
 def _classes_remove(args: argparse.Namespace) -> int:
-    from service.client import Client
-
     if not args.names and not args.id:
         raise ValueError("name at least one class (or --id)")
-    with Client(args.url, args.api_key) as client:
+    with _client(args) as client:
         for class_id in args.id:
             out = client.remove_class(args.label_set, class_id=class_id)
             sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")

@@ -12,6 +12,11 @@ This module imports no torch, numpy or FastAPI: the CLI's client commands stay f
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
+import json
+import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -127,10 +132,64 @@ class _WaitRetryAfter:
         return float(self.backoff(state))
 
 
+class VersionsFile:
+    """The versions a client saw, kept between runs (the CLI: one process per command).
+
+    One JSON file: per label-set database (its ``X-Store-Id``, the same on every replica of a
+    fleet, whatever URL reaches it), the last version seen per label set. Updates merge under an
+    exclusive lock (concurrent CLI runs), keep the newer version, replace the file atomically, and
+    keep the ``MAX_STORES`` most recently used databases.
+    """
+
+    MAX_STORES = 32
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # absent or damaged: tokens are an optimisation, start afresh
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def load(self, store_id: str) -> dict[str, int]:
+        entry = self._read().get(store_id)
+        versions = entry.get("versions") if isinstance(entry, dict) else None
+        if not isinstance(versions, dict):
+            return {}
+        return {str(k): int(v) for k, v in versions.items() if isinstance(v, int)}
+
+    def save(self, store_id: str, versions: dict[str, int]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._read()
+            merged = {**self.load(store_id)}
+            for name, v in versions.items():
+                merged[name] = max(v, merged.get(name, 0))
+            data[store_id] = {"used": time.time(), "versions": merged}
+            recent = sorted(data, key=lambda k: -float((data[k] or {}).get("used", 0)))[: self.MAX_STORES]
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({k: data[k] for k in recent}, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+
+
+def default_versions_file() -> Path:
+    """``PROMPTDISTILL_VERSIONS_FILE``, else ``$XDG_STATE_HOME/promptdistill/versions.json``."""
+    explicit = os.environ.get("PROMPTDISTILL_VERSIONS_FILE")
+    if explicit:
+        return Path(explicit)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "promptdistill" / "versions.json"
+
+
 class Client:
     """``Client("http://127.0.0.1:8000", api_key=...)``; every method returns the decoded JSON.
 
     ``retries``: how many times a 429/503 is retried (0: never); ``max_wait_s`` caps one wait.
+    ``versions_file``: keep the versions seen between runs (see :class:`VersionsFile`), so a later
+    run still reads its own writes, whichever replica answers.
     """
 
     def __init__(
@@ -141,12 +200,18 @@ class Client:
         *,
         retries: int = 3,
         max_wait_s: float = 30.0,
+        versions_file: str | Path | None = None,
     ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
+        self.url = url.rstrip("/")
         # Last version seen per label set, sent back as min_version: whichever replica answers, a
-        # client sees its own writes (and never an older version than it already saw).
+        # client sees its own writes (and never an older version than it already saw). Versions
+        # only compare within one database: ``store_id`` is the one they came from.
         self.seen: dict[str, int] = {}
-        self._http = httpx2.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.store_id: str | None = None
+        self._versions = VersionsFile(versions_file) if versions_file is not None else None
+        self._asked = False  # whether the database was asked for by name (once per client)
+        self._http = httpx2.Client(base_url=self.url, headers=headers, timeout=timeout_s)
         self._retrying = Retrying(
             stop=stop_after_attempt(retries + 1),
             wait=_WaitRetryAfter(max_wait_s),
@@ -162,6 +227,8 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+        if self._versions is not None and self.store_id and self.seen:
+            self._versions.save(self.store_id, self.seen)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._retrying(self._once, method, path, **kwargs)
@@ -171,11 +238,22 @@ class Client:
             resp = self._http.request(method, path, **kwargs)
         except httpx2.TransportError as e:
             raise Unreachable(0, f"cannot reach {self._http.base_url}: {e}") from e
+        self._note_store(resp)
         if resp.status_code >= 400:
             raise error_from_response(resp)
         out = resp.json()
         self._remember(out)
         return out
+
+    def _note_store(self, resp: httpx2.Response) -> None:
+        """Versions only compare within one database: a new one (re-created, or another deployment)
+        starts from what the versions file kept for it."""
+        store_id = resp.headers.get("x-store-id")
+        if store_id and store_id != self.store_id:
+            kept = self.seen if self.store_id is None else {}  # first contact: what we saw was this store's
+            loaded = self._versions.load(store_id) if self._versions is not None else {}
+            self.seen = {k: max(loaded.get(k, 0), kept.get(k, 0)) for k in {*loaded, *kept}}
+            self.store_id = store_id
 
     def _remember(self, out: Any) -> None:
         items = out.get("label_sets", [out]) if isinstance(out, dict) else []
@@ -184,8 +262,17 @@ class Client:
             if isinstance(name, str) and isinstance(version, int):
                 self.seen[name] = max(version, self.seen.get(name, 0))
 
+    def _tokens(self) -> dict[str, int]:
+        """``seen`` for the server's database; with a versions file, one cheap call first names it."""
+        if self.store_id is None and self._versions is not None and not self._asked:
+            self._asked = True
+            with contextlib.suppress(httpx2.TransportError):  # the real request reports an unreachable server
+                self._note_store(self._http.get("/livez"))
+        return self.seen
+
     def _token(self, label_set: str) -> dict[str, str]:
-        return {"min_version": str(self.seen[label_set])} if label_set in self.seen else {}
+        seen = self._tokens()
+        return {"min_version": str(seen[label_set])} if label_set in seen else {}
 
     # classify
     def classify_files(self, paths: Sequence[str | Path], label_set: str = "default", top_k: int = 5) -> Any:
@@ -201,7 +288,8 @@ class Client:
 
     # label sets
     def label_sets(self) -> Any:
-        params = {"min_version": max(self.seen.values())} if self.seen else {}
+        seen = self._tokens()
+        params = {"min_version": max(seen.values())} if seen else {}
         return self._call("GET", "/v1/label-sets", params=params)
 
     def create_label_set(

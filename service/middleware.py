@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request body cap (413), request metrics, and ``Allow`` for OPTIONS / 405."""
+"""Pure ASGI middleware: request body cap (413), request metrics, ``Allow`` for OPTIONS / 405, and the
+label-set database's identity on every answer (``X-Store-Id``)."""
 
 from __future__ import annotations
 
@@ -133,3 +134,33 @@ def _flat(routes: list[BaseRoute]) -> list[BaseRoute]:
         inner = getattr(route, "original_router", None)
         out.extend(_flat(inner.routes) if inner is not None else [route])
     return out
+
+
+STORE_ID_HEADER = b"x-store-id"
+
+
+class StoreIdentity:
+    """Every answer names the label-set database it came from (``X-Store-Id``).
+
+    Versions are comparable only within one database; a client that keeps the versions it saw
+    across runs (the CLI) keys them by this, so a re-created database never gets stale tokens.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def tag(message: Message) -> None:
+            services = getattr(scope["app"].state, "services", None)
+            if message["type"] == "http.response.start" and services is not None and services.registry.store_id:
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (STORE_ID_HEADER, services.registry.store_id.encode())],
+                }
+            await send(message)
+
+        await self.app(scope, receive, tag)

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,6 +51,9 @@ class Change:
     ids: list[int]
     names: list[str]
     skipped: list[str] = field(default_factory=list)  # names already there (skip_existing)
+
+
+STORE_ID = "store_id"  # meta key of the database identity
 
 
 def bundle_fingerprint(bundle: Bundle) -> str:
@@ -103,6 +107,9 @@ class Registry:
         self._write_lock = threading.RLock()  # get() may refresh a stale set while a writer holds it
         self._changed = threading.Condition()  # wakes min_version waiters after each install
         self._on_version = on_version or (lambda name, version, n: None)
+        #: This database's identity (made on its first start): versions are only comparable within one
+        #: store, so clients that keep versions across runs key them by it (the X-Store-Id header).
+        self.store_id = ""
 
     # ----------------------------------------------------------------- start-up
     def open(self, bundle: Bundle) -> None:
@@ -111,6 +118,10 @@ class Registry:
         with self.store.transaction() as db:  # one writer at a time: several workers may start together
             self.store.lock_all(db)
             stored = self.store.meta("bundle_fingerprint")
+            self.store_id = self.store.meta(STORE_ID) or ""
+            if not self.store_id:  # first start of this database (or one made before identities)
+                self.store_id = uuid.uuid4().hex
+                self.store.set_meta(db, STORE_ID, self.store_id)
             if stored is None:
                 for spec in bundle.manifest.label_sets:
                     vectors = bundle.class_vectors[spec.name].float().numpy()  # [N, D] stored, not recomputed

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# the CLI keeps label-set versions under $XDG_STATE_HOME: never the developer's own
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="pd-test-state-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
@@ -18,6 +23,7 @@ import torch
 import models  # noqa: F401  (the torchvision shim, before any test module imports open_clip)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "models" / "configs" / "tiny-clip.json"
 _real_connect = socket.socket.connect

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -12,7 +13,7 @@ import httpx2
 import pytest
 
 from promptdistill.cli import main
-from service.client import Client, ServiceClientError
+from service.client import Client, ServiceClientError, VersionsFile
 from tests.service.conftest import png_bytes, subprocess_server
 from tests.service.test_classify import metric
 
@@ -53,6 +54,45 @@ def test_client_and_cli_commands(live: Any, tmp_path: Path, photos: list[Any], c
             assert "fruit" not in {s["name"] for s in client.label_sets()["label_sets"]}
     with Client(url) as client, pytest.raises(ServiceClientError, match="cannot reach"):
         client.label_sets()
+
+
+def test_cli_keeps_versions_between_runs_per_database(live: Any, tmp_path: Path, capsys: Any) -> None:
+    """Each CLI run is a new process: the versions it saw live in a file, keyed by the database."""
+    vf = tmp_path / "versions.json"
+    with live(api_key=KEY) as server:
+        assert main(["classes", "add", "tapir", "--url", server.url, "--api-key", KEY, "--versions-file", str(vf)]) == 0
+        added = json.loads(capsys.readouterr().out)
+        store = httpx2.get(f"{server.url}/livez").headers["x-store-id"]
+        assert json.loads(vf.read_text())[store]["versions"]["default"] == added["version"]
+        # the next run sends the kept version as min_version: one this database never reached is refused
+        kept = json.loads(vf.read_text())
+        kept[store]["versions"]["default"] = added["version"] + 1000
+        vf.write_text(json.dumps(kept))
+        assert main(["classes", "list", "--url", server.url, "--versions-file", str(vf)]) == 2
+        assert "min_version" in capsys.readouterr().err
+        assert main(["classes", "list", "--url", server.url, "--versions-file", ""]) == 0  # '' keeps none
+        assert "tapir" in capsys.readouterr().out
+    with live(state_dir=tmp_path / "another-state") as other:  # a re-created database: a new identity
+        assert httpx2.get(f"{other.url}/v1/label-sets").headers["x-store-id"] != store
+        assert main(["classes", "list", "--url", other.url, "--versions-file", str(vf)]) == 0  # no stale token
+        assert "tapir" not in capsys.readouterr().out
+    assert set(json.loads(vf.read_text())) >= {store}
+
+
+def test_versions_file_merges_keeps_the_newest_and_stays_bounded(tmp_path: Path) -> None:
+    vf = VersionsFile(tmp_path / "v.json")
+    assert vf.load("s1") == {}  # absent
+    vf.save("s1", {"a": 5, "b": 2})
+    vf.save("s1", {"a": 3, "c": 1})  # another run that saw an older "a"
+    assert vf.load("s1") == {"a": 5, "b": 2, "c": 1}
+    for i in range(VersionsFile.MAX_STORES + 3):
+        vf.save(f"other-{i}", {"x": i})
+    data = json.loads(vf.path.read_text())
+    assert len(data) == VersionsFile.MAX_STORES and "s1" not in data and f"other-{VersionsFile.MAX_STORES + 2}" in data
+    vf.path.write_text("{not json")
+    assert vf.load("other-3") == {}  # damaged: tokens are an optimisation, never an error
+    vf.save("s2", {"a": 1})
+    assert vf.load("s2") == {"a": 1}
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from bench.cluster_kit import PostgresServer, Replica, postgres_available, start_replicas
+from promptdistill.cli import main
 from service.client import Client, ServiceClientError
 from tests.service.conftest import png_bytes
 from tests.service.fleet.conftest import pg_root
@@ -92,6 +93,19 @@ def test_reads_on_another_replica_see_the_clients_own_writes(fleet: Fleet) -> No
         for c in clients:
             c.close()
     assert (violations, regressions) == (0, 0)
+
+
+def test_cli_runs_read_their_writes_on_any_replica(fleet: Fleet, tmp_path: Path, capsys: Any) -> None:
+    """One CLI process per command: the versions file carries the token from one run to the next."""
+    stores = {httpx2.get(f"{u}/livez", timeout=30).headers["x-store-id"] for u in fleet.urls}
+    assert len(stores) == 1  # one database, one identity, whichever replica answers
+    vf = str(tmp_path / "versions.json")
+    for i in range(6):
+        writer, reader = fleet.urls[i % 3], fleet.urls[(i + 1) % 3]
+        assert main(["classes", "add", f"cli-{i}", "--url", writer, "--versions-file", vf]) == 0
+        capsys.readouterr()
+        assert main(["classes", "list", "--url", reader, "--versions-file", vf]) == 0
+        assert f"cli-{i}" in capsys.readouterr().out
 
 
 def test_changes_reach_every_replica_without_a_token(fleet: Fleet) -> None:
