@@ -118,7 +118,9 @@ class Settings(BaseSettings):
         default=4, ge=1, description="maximal candidate-label requests the open-vocabulary text lane queues (429)"
     )
     text_chunk_prompts: int = Field(
-        default=8, ge=1, description="anonymous text work runs in chunks this size, so class adds cut in quickly"
+        default=16,
+        ge=1,
+        description="anonymous text work runs in chunks this size (class adds cut in between their transformer blocks)",
     )
     text_cache_size: int = Field(default=4096, ge=0, description="LRU entries of encoded candidate labels")
     # --- security and serving

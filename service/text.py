@@ -7,7 +7,8 @@ never touches it.
 Fairness: the encoder runs one forward pass at a time under a :class:`PriorityLock`. Class adds
 and label-set creation (authenticated mutations) take it at high priority in one go; anonymous
 open-vocabulary work takes it at low priority one chunk of ``chunk_prompts`` prompts at a time,
-so a mutation waits for at most one chunk however large the anonymous backlog is.
+and between the transformer blocks of a chunk it steps aside for a waiting mutation, so a
+mutation waits for at most one block of one chunk however large the anonymous backlog is.
 """
 
 from __future__ import annotations
@@ -48,6 +49,18 @@ class PriorityLock:
                 self._held = False
                 self._cond.notify_all()
 
+    def step_aside(self) -> None:
+        """Called by a low-priority holder at a safe point: let waiting high-priority holders go
+        first, then hold the lock again (its own work resumes where it paused)."""
+        with self._cond:
+            if not self._high_waiting:
+                return
+            self._held = False
+            self._cond.notify_all()
+            while self._held or self._high_waiting:
+                self._cond.wait()
+            self._held = True
+
 
 class TextEncoder:
     """Thread-safe wrapper around :class:`models.towers.TextSide` (one forward pass at a time)."""
@@ -58,7 +71,7 @@ class TextEncoder:
         learned_prompts: bool,
         cache_size: int,
         on_call: Callable[[int], None] | None = None,
-        chunk_prompts: int = 8,
+        chunk_prompts: int = 16,
     ) -> None:
         self.side = side
         self.learned_prompts = learned_prompts
@@ -112,7 +125,8 @@ class TextEncoder:
             self.calls += 1
             if self._on_call is not None:
                 self._on_call(len(names))
-            vectors = self.side.class_vectors(names, list(templates) if templates else None)
+            pause = None if high else self._encoder_lock.step_aside
+            vectors = self.side.class_vectors(names, list(templates) if templates else None, between_blocks=pause)
         return vectors.detach().cpu().numpy().astype(np.float32)  # [N, D]
 
     def encode_cached(self, names: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:

@@ -46,6 +46,34 @@ def test_priority_lock_serves_waiting_high_before_low() -> None:
     assert sorted(order[2:]) == ["low0", "low1", "low2"]
 
 
+def test_a_low_priority_holder_steps_aside_mid_work_for_a_waiting_high_one() -> None:
+    lock = PriorityLock()
+    order: list[str] = []
+
+    def high() -> None:
+        with lock.hold(high=True):
+            order.append("high")
+
+    def low() -> None:
+        with lock.hold(high=False):
+            for i in range(4):
+                order.append(f"block{i}")
+                if i == 1:
+                    threading.Thread(target=high).start()
+                    deadline = time.monotonic() + 5
+                    while not lock._high_waiting and time.monotonic() < deadline:
+                        time.sleep(0.001)
+                lock.step_aside()  # a no-op unless a high-priority holder waits
+
+    worker = threading.Thread(target=low)
+    worker.start()
+    worker.join(10)
+    deadline = time.monotonic() + 5
+    while len(order) < 5 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert order == ["block0", "block1", "high", "block2", "block3"], order
+
+
 def test_open_vocabulary_work_is_chunked_and_a_class_add_cuts_in(live: Any) -> None:
     """The real text side: a long anonymous encode yields to a mutation after at most one chunk."""
     with live(text_chunk_prompts=14) as server:  # 7 templates -> 2 names per chunk
@@ -55,11 +83,20 @@ def test_open_vocabulary_work_is_chunked_and_a_class_add_cuts_in(live: Any) -> N
         log: list[tuple[str, int]] = []
         started = threading.Event()
 
-        def spy(names: list[str], templates: Any = None, progress: bool = False) -> Any:
+        pauses = [0]
+        step_aside = text._encoder_lock.step_aside
+
+        def counted() -> None:
+            pauses[0] += 1
+            step_aside()
+
+        text._encoder_lock.step_aside = counted  # type: ignore[method-assign]
+
+        def spy(names: list[str], templates: Any = None, progress: bool = False, between_blocks: Any = None) -> Any:
             log.append((names[0], len(names)))
             started.set()
             time.sleep(0.02)  # each chunk takes a while, so the add arrives mid-stream
-            return real(names, templates)
+            return real(names, templates, between_blocks=between_blocks)
 
         side.class_vectors = spy  # type: ignore[method-assign]
         names = [f"anonymous label {i}" for i in range(40)]
@@ -73,6 +110,8 @@ def test_open_vocabulary_work_is_chunked_and_a_class_add_cuts_in(live: Any) -> N
         assert position <= 2, f"the add waited behind {position} anonymous chunks: {log}"
         assert all(k <= 2 for n, k in log if n != "authenticated add"), log
         assert vectors.shape == (40, added.shape[1])
+        blocks = len(side.encoder.clip.transformer.resblocks)
+        assert pauses[0] == (blocks - 1) * (len(log) - 1)  # anonymous chunks offer to step aside at every block
         reference = real(names[:3]).numpy()  # chunking changes nothing in the vectors
         assert np.abs(vectors[:3] - reference).max() < 1e-5
 
