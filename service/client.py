@@ -151,7 +151,7 @@ class VersionsFile:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):  # absent or damaged: tokens are an optimisation, start afresh
             return {}
-        return data if isinstance(data, dict) else {}
+        return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
     def load(self, store_id: str) -> dict[str, int]:
         entry = self._read().get(store_id)
@@ -169,7 +169,7 @@ class VersionsFile:
             for name, v in versions.items():
                 merged[name] = max(v, merged.get(name, 0))
             data[store_id] = {"used": time.time(), "versions": merged}
-            recent = sorted(data, key=lambda k: -float((data[k] or {}).get("used", 0)))[: self.MAX_STORES]
+            recent = sorted(data, key=lambda k: -float(data[k].get("used", 0)))[: self.MAX_STORES]
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({k: data[k] for k in recent}, indent=1, sort_keys=True))
             os.replace(tmp, self.path)

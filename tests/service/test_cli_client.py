@@ -89,6 +89,9 @@ def test_versions_file_merges_keeps_the_newest_and_stays_bounded(tmp_path: Path)
         vf.save(f"other-{i}", {"x": i})
     data = json.loads(vf.path.read_text())
     assert len(data) == VersionsFile.MAX_STORES and "s1" not in data and f"other-{VersionsFile.MAX_STORES + 2}" in data
+    vf.path.write_text('{"s3": [1, 2], "s4": {"versions": {"a": "x"}}}')  # damaged entries are dropped
+    vf.save("s4", {"b": 1})
+    assert vf.load("s4") == {"b": 1} and "s3" not in json.loads(vf.path.read_text())
     vf.path.write_text("{not json")
     assert vf.load("other-3") == {}  # damaged: tokens are an optimisation, never an error
     vf.save("s2", {"a": 1})
