@@ -196,6 +196,8 @@ def _bench_service(x: np.ndarray, queries: np.ndarray, exact_top: np.ndarray, cf
         top = snap.search(queries, TOP_K, 100.0).ids
         rec[f"service_{kind}_recall_at_1"] = float((top[:, 0] == exact_top[:, 0]).mean())
         rec[f"service_{kind}_approximate"] = snap.approximate
+        if kind == "ivf" and snap.approximate:
+            rec.update(_ivf_next_version(snap, x, ids))
         if kind == "flat" and n <= 100_000:  # before: FAISS asked for all N results to build the softmax
             with _one_thread():
                 rec["old_search_all_n_1"] = _search_timing(lambda q, s=snap: s.index.search(q, n), queries, cfg)
@@ -226,6 +228,24 @@ def plot(records: list[dict[str, Any]], cfg: BenchCfg) -> Any:
     b.set(xscale="log", yscale="log", xlabel="classes", ylabel="ms per added class (median)", title="add one class")
     b.legend()
     return save_figure(fig, "labelsets", cfg)
+
+
+def _ivf_next_version(snap: Any, x: np.ndarray, ids: np.ndarray) -> dict[str, float]:
+    """One class added to an IVF set: the next snapshot's index by patching the previous one (the
+    service's path) vs re-adding every vector to the previous centroids (before)."""
+    from service.index import _build_ivf
+
+    grown_ids = np.append(ids, ids[-1] + 1)
+    grown = np.concatenate([snap.vectors, x[:1]])
+    out = {}
+    for name, previous_ids in (("patch", snap.ids), ("readd", None)):
+        t0 = time.perf_counter()
+        index = _build_ivf(grown_ids, grown, 32, snap.index, previous_ids)
+        out[f"service_ivf_next_version_{name}_s"] = time.perf_counter() - t0
+        assert index.ntotal == len(grown_ids)
+        del index
+        gc.collect()
+    return out
 
 
 def run(cfg: BenchCfg, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:

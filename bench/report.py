@@ -113,6 +113,13 @@ def labelsets_section(doc: dict[str, Any]) -> list[str]:
             f"{'' if r.get('service_ivf_approximate', True) else ', exact'}) | {_get(r, 'old_search_all_n_1')} |"
         )
     out += ["", "![label sets](bench/results/labelsets.png)", ""]
+    patched = [r for r in doc["results"] if "service_ivf_next_version_patch_s" in r]
+    if patched:
+        cells = "; ".join(
+            f"{r['n_classes']:,} classes: {r['service_ivf_next_version_patch_s']:.2f} s patched vs "
+            f"{r['service_ivf_next_version_readd_s']:.2f} s re-adding every vector" for r in patched
+        )
+        out += [f"An IVF set's next version after one class add (the index the new snapshot searches): {cells}.", ""]
     return out + _labelsets_http(doc) + _ivf_quality(doc)
 
 

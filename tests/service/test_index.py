@@ -127,6 +127,36 @@ def test_ivf_keeps_its_centroids_on_the_next_version_and_small_sets_stay_exact()
     assert small.kind == "ivf" and not small.approximate  # under IVF_MIN_CLASSES: exact
 
 
+def test_a_small_change_patches_the_previous_ivf_index_and_searches_as_a_full_rebuild() -> None:
+    import faiss
+
+    vectors, query, snap = _ivf_case()
+    rows = _rows(vectors, "ivf")
+    gone = np.isin(np.arange(len(vectors)), [3, 17, 500, 9000])
+    extra = _unit(np.random.default_rng(9), 10, vectors.shape[1])
+    ids = np.concatenate([rows.ids[~gone], rows.ids[-1] + 3 * np.arange(1, 11)])
+    new_vectors = np.concatenate([vectors[~gone], extra])
+    names = [f"c{i}" for i in range(len(ids))]
+    nxt = Snapshot.from_rows(
+        SetRows("s", 2, ids, names, ["test"] * len(ids), new_vectors, "ivf"), cfg=SearchCfg(nprobe=32), previous=snap
+    )
+    np.testing.assert_array_equal(nxt.index_ids(), np.sort(ids))  # removed ids gone, new ones in
+    assert snap.index.ntotal == len(vectors)  # the previous version is untouched (still serving)
+    # reference: the same centroids, every row assigned afresh
+    centroids = snap.index.quantizer.reconstruct_n(0, snap.index.nlist)
+    quantizer = faiss.IndexFlatIP(vectors.shape[1])
+    quantizer.add(centroids)
+    full = faiss.IndexIVFFlat(quantizer, vectors.shape[1], snap.index.nlist, faiss.METRIC_INNER_PRODUCT)
+    full.add_with_ids(np.ascontiguousarray(nxt.vectors), ids)
+    full.nprobe = 32
+    for index in (nxt.index, full):
+        assert index.ntotal == len(ids)
+    d_patch, i_patch = nxt.index.search(np.ascontiguousarray(query), 8)
+    d_full, i_full = full.search(np.ascontiguousarray(query), 8)
+    np.testing.assert_allclose(d_patch, d_full, atol=1e-5)
+    np.testing.assert_array_equal(i_patch[:, 0], i_full[:, 0])
+
+
 def test_concurrent_searches_agree_and_faiss_threads_are_set_on_the_searching_thread() -> None:
     import faiss
 
