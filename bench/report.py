@@ -304,12 +304,25 @@ def peers_section(doc: dict[str, Any]) -> list[str]:
         f"Our in-process limit (base64 + JPEG decode, preprocess, ONNX encode, search in a loop, no HTTP): "
         f"{ip['images_per_s']:.2f} img/s (load {ip['loadavg']}){again}; ours over HTTP at c=1 reaches "
         f"**{ratio:.2f}x** of the better one (goal >= 0.95x: {_verdict(ratio >= 0.95)}).",
+        *_c1_latency(doc),
         *_peers_ceiling(doc),
         "",
         "![peers](bench/results/peers.png)",
         "",
     ]
     return out
+
+
+def _c1_latency(doc: dict[str, Any]) -> list[str]:
+    """Issue 11's first figure: a lone request's p50 over HTTP vs one in-process pass (mean)."""
+    best = max(doc[k]["images_per_s"] for k in ("in_process", "in_process_after") if k in doc)
+    p50 = next(lv["p50_ms"] for lv in doc["systems"]["ours"] if lv["concurrency"] == 1)
+    ratio = p50 / (1000 / best)
+    return [
+        "",
+        f"A lone request (c=1): p50 {p50:.1f} ms over HTTP vs {1000 / best:.1f} ms per image in-process (the "
+        f"better run) = **{ratio:.2f}x** (goal <= 1.05x: {_verdict(ratio <= 1.05)}).",
+    ]
 
 
 def _peers_ceiling(doc: dict[str, Any]) -> list[str]:
