@@ -85,7 +85,9 @@ class PostgresStore(Store):
         return describe(self._url)
 
     def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self._url, autocommit=True, connect_timeout=self._timeout)
+        # UTF-8 whatever the database's encoding: on a SQL_ASCII database psycopg would otherwise
+        # hand back text columns as bytes (found with a stand-in server initialised without a locale)
+        return psycopg.connect(self._url, autocommit=True, connect_timeout=self._timeout, client_encoding="UTF8")
 
     def close(self) -> None:
         self._stop.set()

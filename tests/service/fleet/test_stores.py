@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -147,3 +148,20 @@ def test_same_name_created_at_once_succeeds_exactly_once(make_store: Callable[..
         t.join(timeout=60)
     assert sorted(outcomes) == ["created", "exists", "exists", "exists"]
     assert len(stores[0].load("race").names) == 1
+
+
+def test_a_sql_ascii_database_still_returns_text(postgres: Any) -> None:
+    """A database made without a UTF-8 locale (initdb in a bare container): names and metadata stay str."""
+    from service.stores.postgres import PostgresStore
+
+    postgres.sql("CREATE DATABASE ascii_db ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    store = PostgresStore(postgres.url.rsplit("/", 1)[0] + "/ascii_db", EMBED_DIM)
+    try:
+        with store.transaction() as db:
+            store.create_set(db, "tiere", ["katze", "hund", "k\u00e4fer"], vecs(3), "runtime")
+            store.set_meta(db, "bundle_fingerprint", "abc")
+        rows = store.load("tiere")
+        assert rows.names == ["katze", "hund", "k\u00e4fer"] and store.meta("bundle_fingerprint") == "abc"
+        assert store.version("tiere") == rows.version
+    finally:
+        store.close()
