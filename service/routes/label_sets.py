@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import re
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Path, Query, Response, status
+from pydantic import BeforeValidator
 
 from service.deps import ApiKeyDep, RegistryDep, SettingsDep
 from service.errors import InvalidInput
@@ -27,8 +29,19 @@ from service.schemas import (
 )
 
 router = APIRouter(prefix="/v1/label-sets", tags=["label sets"])
+
+
+def _digits(value: object) -> object:
+    """Integers in paths and query strings are written with digits: pydantic's lax mode would also
+    take "+0.0" or " 7" as whole numbers, which the OpenAPI schema (type integer) does not allow."""
+    if isinstance(value, str) and not re.fullmatch(r"-?[0-9]+", value):
+        raise ValueError("must be a whole number written with digits only")
+    return value
+
+
+Digits = BeforeValidator(_digits)
 SetName = Annotated[str, Path(description="label-set name", examples=["default"])]
-ClassId = Annotated[int, Path(ge=0, le=2**62, description="class id within the set")]
+ClassId = Annotated[int, Path(ge=0, le=2**62, description="class id within the set"), Digits]
 MinVersion = Annotated[
     int | None,
     Query(
@@ -37,6 +50,7 @@ MinVersion = Annotated[
         description="answer from a snapshot at least this new (the last version you saw); "
         "a lagging replica waits briefly, reads the database, else 503 + Retry-After",
     ),
+    Digits,  # after the FieldInfo: before it, FastAPI writes ge/le instead of minimum/maximum
 ]
 _ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "API key missing or wrong"},
@@ -48,7 +62,7 @@ _ERRORS: dict[int | str, dict[str, str]] = {
 
 
 MAX_PAGE = 10_000
-Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="classes per page")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="classes per page"), Digits]
 Cursor = Annotated[
     str | None,
     Query(max_length=64, description="next_cursor of the previous page (opaque); omit for the first page"),

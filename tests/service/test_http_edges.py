@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -81,3 +82,22 @@ def test_blank_api_key_fails_with_one_clear_line(tiny_bundle_dir: Path, tmp_path
     assert run.returncode == 2, lines
     assert len(lines) == 1 and "--api-key is blank" in lines[0], lines
     assert "pydantic" not in lines[0] and "validation error" not in lines[0]
+
+
+@pytest.mark.parametrize("value", ["+0.0", "1e2", " 7", "0x1", "3.0"])
+def test_integers_in_paths_and_queries_are_digits_only(live: Callable[..., Any], value: str) -> None:
+    """Pydantic's lax mode reads "+0.0" as 0: the schema says integer, so it is a 422 (schemathesis ST201)."""
+    with live() as server, server.client() as http:
+        for path, params in (
+            ("/v1/label-sets", {"min_version": value}),
+            ("/v1/label-sets/default/classes", {"limit": value}),
+            ("/v1/label-sets/default/classes", {"min_version": value}),
+        ):
+            got = http.get(path, params=params)
+            assert got.status_code == 422 and "digits" in got.text, (path, params, got.text)
+        gone = http.delete(f"/v1/label-sets/default/classes/{quote(value, safe='')}")
+        assert gone.status_code == 422, gone.text
+        assert http.get("/v1/label-sets", params={"min_version": "1"}).status_code == 200
+        spec = http.get("/openapi.json").json()  # the check leaves the documented bounds as they were
+        (param,) = spec["paths"]["/v1/label-sets/{name}/classes/{class_id}"]["delete"]["parameters"][1:]
+        assert param["schema"]["minimum"] == 0 and "ge" not in param["schema"], param
