@@ -3,9 +3,14 @@
 A request is admitted or refused (429 + ``Retry-After``) *before* any of its images is decoded.
 Unless a fixed ``queue_size`` is set, the capacity follows from the latency an admitted image is
 promised: ``target_latency_s`` (never more than the request deadline) divided by the measured
-service time per image (decode + preprocess + encode, exponentially averaged; seeded at start-up
-by timing the readiness probe). What the server cannot finish in time is refused at once, so a
-crowd of clients gets fast refusals instead of everyone getting slow answers.
+service time per image. Decoding (a pool of ``decode_workers`` threads) and encoding (one batch at a
+time) overlap, so that time is the slower stage's: the encoder's seconds per image, or a decode's
+seconds divided by the decode workers (both exponentially averaged, both measured under whatever
+contention the load causes; seeded at start-up by timing the readiness probe). Summing the two
+stages instead counts the CPU they share twice: under load on 2 cores that estimate rose to ~1.3x
+the time per image the server actually delivered, and halved the capacity. What the server cannot
+finish in time is refused at once, so a crowd of clients gets fast refusals instead of everyone
+getting slow answers.
 """
 
 from __future__ import annotations
@@ -27,19 +32,29 @@ class AdmissionCfg:
     target_latency_s: float  # an admitted image should be answered within this
     deadline_s: float  # the request deadline; the derived capacity never exceeds what fits in it
     min_capacity: int  # keeps every stage busy (decode workers + the image in the encoder)
+    decode_workers: int  # threads decoding + preprocessing side by side
     retry_after_s: int  # the least Retry-After sent
 
 
-class _Average:
-    """Exponentially weighted mean, safe to update from worker threads."""
+class _Rate:
+    """Seconds per image, exponentially weighted per observation; safe to update from worker threads.
 
-    def __init__(self, value: float) -> None:
-        self.value = value
+    Seconds and images are averaged apart and divided (not the per-batch quotients averaged), so a big
+    batch weighs by its images: the value is the time per image the stage actually delivered.
+    """
+
+    def __init__(self, seconds_per_image: float) -> None:
+        self._seconds, self._images = seconds_per_image, 1.0
         self._lock = threading.Lock()
 
-    def observe(self, sample: float) -> None:
+    @property
+    def value(self) -> float:
+        return self._seconds / self._images
+
+    def observe(self, seconds: float, images: int = 1) -> None:
         with self._lock:
-            self.value += EWMA_WEIGHT * (sample - self.value)
+            self._seconds += EWMA_WEIGHT * (seconds - self._seconds)
+            self._images += EWMA_WEIGHT * (max(images, 1) - self._images)
 
 
 class Admission:
@@ -49,13 +64,13 @@ class Admission:
         self.cfg = cfg
         self.in_flight = 0
         self.refused = 0
-        self._encode = _Average(encode_s)
-        self._decode = _Average(decode_s)
+        self._encode = _Rate(encode_s)
+        self._decode = _Rate(decode_s)
 
     @property
     def image_s(self) -> float:
-        """Estimated service time of one image: decode + preprocess + encode (stages share the CPU)."""
-        return max(self._encode.value + self._decode.value, 1e-4)
+        """Estimated seconds per image at full load: the slower of the two overlapping stages."""
+        return max(self._encode.value, self._decode.value / max(self.cfg.decode_workers, 1), 1e-4)
 
     @property
     def capacity(self) -> int:
@@ -65,7 +80,7 @@ class Admission:
         return max(self.cfg.min_capacity, int(budget / self.image_s))
 
     def observe_encode(self, batch_seconds: float, batch_size: int) -> None:
-        self._encode.observe(batch_seconds / max(batch_size, 1))
+        self._encode.observe(batch_seconds, batch_size)
 
     def observe_decode(self, seconds: float) -> None:
         self._decode.observe(seconds)

@@ -40,6 +40,14 @@ class Metrics(EngineHooks):
         self.text_calls = Counter(p + "text_encoder_calls", "text encoder invocations", registry=r)
         self.text_names = Counter(p + "text_encoder_names", "names encoded by the text encoder", registry=r)
         self.images = Counter(p + "images_classified", "images classified", registry=r)
+        self.admission_capacity = Gauge(
+            p + "admission_capacity", "images admitted in flight at most (the latency target / seconds_per_image)",
+            registry=r,
+        )
+        self.admission_in_flight = Gauge(p + "admission_in_flight", "images decoding, queued or encoding", registry=r)
+        self.admission_image_seconds = Gauge(
+            p + "admission_seconds_per_image", "admission's estimate of the time per image at full load", registry=r
+        )
         self.info = Gauge(p + "image_encoder_info", "image encoder in use", ["backend", "provider"], registry=r)
 
     # engine hooks

@@ -170,6 +170,7 @@ def _admission_cfg(settings: Settings) -> AdmissionCfg:
         target_latency_s=settings.target_latency_s,
         deadline_s=settings.request_timeout_s,
         min_capacity=settings.decode_workers + 1,
+        decode_workers=settings.decode_workers,
         retry_after_s=settings.retry_after_s,
     )
 

@@ -81,7 +81,11 @@ def bundle_identity(bundle: Bundle) -> str:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
-    services.metrics.queue_depth.set(services.engine.depth)
+    m, admission = services.metrics, services.classifier.admission
+    m.queue_depth.set(services.engine.depth)
+    m.admission_capacity.set(admission.capacity)
+    m.admission_in_flight.set(admission.in_flight)
+    m.admission_image_seconds.set(admission.image_s)
     # Sets deleted through another worker or replica leave this process's series too; with the database
     # down (StoreUnavailable) the metrics still render and are pruned at a later scrape.
     with contextlib.suppress(ServiceError):

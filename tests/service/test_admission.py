@@ -16,25 +16,40 @@ import pytest
 from service.admission import Admission, AdmissionCfg
 from service.errors import Overloaded
 from tests.service.conftest import png_bytes
+from tests.service.test_classify import metric
 
 
 def _cfg(**kw: Any) -> AdmissionCfg:
     values: dict[str, Any] = {
-        "capacity": None, "target_latency_s": 0.5, "deadline_s": 30.0, "min_capacity": 3, "retry_after_s": 1
+        "capacity": None, "target_latency_s": 0.5, "deadline_s": 30.0, "min_capacity": 3, "decode_workers": 2,
+        "retry_after_s": 1,
     }  # fmt: skip
     values.update(kw)
     return AdmissionCfg(**values)
 
 
-def test_capacity_follows_the_latency_target_and_the_measured_service_time() -> None:
-    adm = Admission(_cfg(), encode_s=0.015, decode_s=0.005)
-    assert adm.capacity == 25  # 0.5 s / 20 ms
+def test_capacity_follows_the_latency_target_and_the_slower_stage() -> None:
+    adm = Admission(_cfg(), encode_s=0.020, decode_s=0.010)
+    assert adm.capacity == 25  # 0.5 s / 20 ms: the encoder is the slower stage (decode: 10 ms / 2 workers)
     for _ in range(200):  # the encoder turns out slower: 16 images in 1.6 s -> 100 ms per image
         adm.observe_encode(1.6, 16)
-    assert adm.capacity == 4  # 0.5 / 0.105
-    assert Admission(_cfg(deadline_s=0.1), 0.015, 0.005).capacity == 5  # never more than fits the deadline
+    assert adm.capacity == 5  # 0.5 / 0.100
+    assert Admission(_cfg(deadline_s=0.1), 0.015, 0.005).capacity == 6  # never more than fits the deadline
     assert Admission(_cfg(), 1.0, 0.1).capacity == 3  # a slow model still keeps every stage busy
     assert Admission(_cfg(capacity=7), 1.0, 0.1).capacity == 7  # queue_size fixes it
+    decode_bound = Admission(_cfg(), encode_s=0.002, decode_s=0.050)  # tiny model, big photos
+    assert decode_bound.capacity == 20  # 0.5 s / (50 ms / 2 decode workers)
+    assert Admission(_cfg(decode_workers=1), 0.002, 0.050).capacity == 10
+
+
+def test_the_encoder_rate_weighs_batches_by_their_images() -> None:
+    """Time per image delivered, not the mean of per-batch quotients: one batch of 15 in 0.6 s and one
+    image alone in 0.06 s is 0.66 s for 16 images (41 ms each), where the quotients average 50 ms."""
+    adm = Admission(_cfg(target_latency_s=10.0, decode_workers=64), encode_s=0.060, decode_s=0.001)
+    for _ in range(300):
+        adm.observe_encode(0.6, 15)
+        adm.observe_encode(0.06, 1)
+    assert adm.image_s == pytest.approx(0.66 / 16, rel=0.1)
 
 
 def test_refusal_is_immediate_carries_retry_after_and_frees_nothing() -> None:
@@ -85,6 +100,11 @@ def test_http_refusal_happens_before_decoding(live: Any, photos: list[Any]) -> N
         assert refused.status_code == 429, refused.text
         assert refused.headers["Retry-After"] == "3" and "capacity" in refused.json()["detail"]
         assert len(decoded) == before == 2, "the refused request's image was decoded"
+        with server.client() as http:  # what an operator sees meanwhile
+            text = http.get("/metrics").text
+        assert metric(text, "promptdistill_admission_capacity") == 2
+        assert metric(text, "promptdistill_admission_in_flight") == 2
+        assert metric(text, "promptdistill_admission_seconds_per_image") > 0
         gate.set()
         assert holder.result().status_code == 200
         pool.shutdown()
