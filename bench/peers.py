@@ -10,8 +10,10 @@ its ``[all]`` extra and our torchvision shim, installed as a ``.pth`` start-up h
 concurrency 1 / 4 / 16, one run, one server at a time; clients honour ``Retry-After`` (a refused
 request is retried after the delay, its latency counted from the first attempt), as ours does.
 Also our in-process limit, before and after our server runs: decode + preprocess + ONNX encode +
-search in a loop, no HTTP. If the peers cannot be installed, the result
-file says why (pip's own error) and only our figures are measured.
+search in a loop, no HTTP; and, while our server is up, 7 rounds of an in-process block and an HTTP
+c=1 block of the same 24 images back to back: the c=1 ratios (throughput, p50) are the medians over
+those pairs. If the peers cannot be installed, the result file says why (pip's own error) and only
+our figures are measured.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,14 +184,68 @@ def _levels(port: int, path: str, payloads: list[bytes], cfg: BenchCfg, slow: bo
     return out
 
 
-def run_ours(bundle_dir: Path, tmp: Path, images: list[str], cfg: BenchCfg) -> list[dict[str, Any]]:
+def run_ours(
+    bundle_dir: Path, tmp: Path, images: list[str], cfg: BenchCfg, in_process: InProcess
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Our levels, then (server still up, idle between blocks) the paired c=1 rounds against in-process."""
     payloads = [json.dumps({"images": [b], "top_k": 5}).encode() for b in images]
     server = Server(bundle_dir, tmp / "state", cfg.threads, tmp / "ours.log")
     try:
         server.wait_ready()
-        return _levels(server.port, "/v1/classify", payloads, cfg)
+        levels = _levels(server.port, "/v1/classify", payloads, cfg)
+        levels[-1]["admission_after"] = _admission_gauges(server.port)
+        pairs = paired_c1(server.port, payloads, in_process, cfg)
+        return levels, pairs
     finally:
         server.stop()
+
+
+def _admission_gauges(port: int) -> dict[str, float]:
+    """Our server's admission state from /metrics (capacity, in flight, seconds per image)."""
+    _, body = request(port, "GET", "/metrics")
+    prefix = "promptdistill_admission_"
+    return {
+        line.split()[0][len(prefix) :]: float(line.split()[1])
+        for line in body.decode().splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def paired_c1(port: int, payloads: list[bytes], in_process: InProcess, cfg: BenchCfg) -> dict[str, Any]:
+    """c=1 over HTTP against the in-process loop, in alternating blocks of the same images.
+
+    One block each way per round, back to back, so both sides of a ratio see the same machine; the
+    medians over the rounds are the figures (a single pair on a shared 2-core VM drifts by +-10 %).
+    """
+    rounds, n = (1, 4) if cfg.quick else (7, 24)
+    out = []
+    for _ in range(rounds):
+        before = [round(x, 2) for x in os.getloadavg()]
+        lat = []
+        t0 = time.perf_counter()
+        for i in range(n):
+            t = time.perf_counter()
+            in_process.one(i)
+            lat.append((time.perf_counter() - t) * 1000.0)
+        ip_wall = time.perf_counter() - t0
+        lv = load(port, 1, n, payloads, 3 * cfg.max_seconds)
+        out.append({
+            "in_process_images_per_s": n / ip_wall,
+            "in_process_p50_ms": float(np.median(lat)),
+            "http_images_per_s": lv["throughput_rps"],
+            "http_p50_ms": lv["p50_ms"],
+            "loadavg_before": before,
+        })  # fmt: skip
+    throughput = [r["http_images_per_s"] / r["in_process_images_per_s"] for r in out]
+    p50 = [r["http_p50_ms"] / r["in_process_p50_ms"] for r in out]
+    return {
+        "rounds": out,
+        "images_per_block": n,
+        "throughput_ratios": throughput,
+        "p50_ratios": p50,
+        "throughput_ratio_median": float(np.median(throughput)),
+        "p50_ratio_median": float(np.median(p50)),
+    }
 
 
 def run_infinity(python: Path, hf_dir: Path, tmp: Path, images: list[str], cfg: BenchCfg) -> list[dict[str, Any]]:
@@ -236,11 +293,21 @@ def _image_pipeline(bundle: Any, threads: int) -> tuple[Any, Callable[[str], Any
     return encoder, lambda b64: pre(decode_base64_image(b64, 0, s.max_image_bytes), 0)[None]
 
 
-def in_process_limit(bundle_dir: Path, images: list[str], cfg: BenchCfg) -> dict[str, Any]:
-    """Our own ceiling: base64 + JPEG decode, preprocess, ONNX encode, search, one image at a time, no HTTP.
+@dataclass
+class InProcess:
+    """Our pipeline without HTTP, in this process: the encoder, "JSON image string -> pixels", a snapshot."""
 
-    Also where that time goes: decode + preprocess alone, the encoder alone at batch 1 and batch 8.
-    """
+    encoder: Any
+    pixels: Callable[[str], Any]
+    search: Callable[[np.ndarray], Any]
+    images: list[str]
+
+    def one(self, i: int) -> None:
+        """base64 + JPEG decode, preprocess, ONNX encode, search: one image."""
+        self.search(self.encoder.encode(self.pixels(self.images[i % len(self.images)])))
+
+
+def in_process_pipeline(bundle_dir: Path, images: list[str], cfg: BenchCfg) -> InProcess:
     from models.bundle import load_bundle
     from service.index import Snapshot
     from service.store import SetRows
@@ -252,15 +319,21 @@ def in_process_limit(bundle_dir: Path, images: list[str], cfg: BenchCfg) -> dict
     ids = np.asarray([c.id for c in spec.classes], dtype=np.int64)
     snap = Snapshot.from_rows(SetRows(spec.name, 1, ids, names, names, bundle.class_vectors[spec.name].float().numpy()))
     scale = float(bundle.manifest.logit_scale)
+    pipeline = InProcess(encoder, pixels, lambda emb: snap.search(emb, 5, scale), images)
+    pipeline.one(0)  # warm-up
+    return pipeline
 
-    def one(i: int) -> None:
-        snap.search(encoder.encode(pixels(images[i % len(images)])), 5, scale)
 
-    one(0)
+def in_process_limit(pipeline: InProcess, cfg: BenchCfg) -> dict[str, Any]:
+    """Our own ceiling: base64 + JPEG decode, preprocess, ONNX encode, search, one image at a time, no HTTP.
+
+    Also where that time goes: decode + preprocess alone, the encoder alone at batch 1 and batch 8.
+    """
+    encoder, pixels, images = pipeline.encoder, pipeline.pixels, pipeline.images
     n = 4 if cfg.quick else 48
     t0 = time.perf_counter()
     for i in range(n):
-        one(i)
+        pipeline.one(i)
     wall = time.perf_counter() - t0
     t0 = time.perf_counter()
     batch = [pixels(b) for b in images]  # [1, 3, H, W] each
@@ -298,11 +371,18 @@ def run(cfg: BenchCfg, venv: Path | None = None, install: bool = True) -> dict[s
     with tempfile.TemporaryDirectory(prefix="pd-bench-peers-") as tmp_name:
         tmp = Path(tmp_name)
         bundle_dir = build_bundle(arch, tmp / "bundle")
-        result["in_process"] = in_process_limit(bundle_dir, images, cfg)
+        pipeline = in_process_pipeline(bundle_dir, images, cfg)
+        result["in_process"] = in_process_limit(pipeline, cfg)
         log.info("in-process limit: %.2f img/s", result["in_process"]["images_per_s"])
         log.info("ours:")
-        result["systems"]["ours"] = run_ours(bundle_dir, tmp, images, cfg)
-        result["in_process_after"] = in_process_limit(bundle_dir, images, cfg)  # the machine's drift, bracketed
+        result["systems"]["ours"], result["c1_paired"] = run_ours(bundle_dir, tmp, images, cfg, pipeline)
+        log.info(
+            "c=1 paired with in-process (median of %d rounds): throughput %.3fx, p50 %.3fx",
+            len(result["c1_paired"]["rounds"]),
+            result["c1_paired"]["throughput_ratio_median"],
+            result["c1_paired"]["p50_ratio_median"],
+        )
+        result["in_process_after"] = in_process_limit(pipeline, cfg)  # the machine's drift, bracketed
         log.info("in-process limit again: %.2f img/s", result["in_process_after"]["images_per_s"])
         try:
             python = ensure_peer_venv(venv or DEFAULT_VENV, install)
@@ -339,7 +419,13 @@ def _ratios(result: dict[str, Any]) -> None:
         inf = {lv["concurrency"]: lv["throughput_rps"] for lv in systems["infinity"]}
         result["ours_over_infinity"] = {str(c): ours[c] / inf[c] for c in ours if inf.get(c)}
     limit = max(result[k]["images_per_s"] for k in ("in_process", "in_process_after") if k in result)
-    result["ours_c1_over_in_process"] = ours[1] / limit  # against the better of the two in-process runs
+    result["ours_c1_over_in_process_unpaired"] = ours[1] / limit  # against the better of the two in-process runs
+    paired = result.get("c1_paired")
+    if paired is not None:  # the figures: medians of back-to-back pairs
+        result["ours_c1_over_in_process"] = paired["throughput_ratio_median"]
+        result["ours_c1_p50_over_in_process"] = paired["p50_ratio_median"]
+    else:
+        result["ours_c1_over_in_process"] = result["ours_c1_over_in_process_unpaired"]
 
 
 def _plot(result: dict[str, Any], cfg: BenchCfg) -> Any:

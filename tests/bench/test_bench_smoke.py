@@ -48,8 +48,14 @@ def test_peers_harness_records_why_peers_are_missing_and_measures_ours(tmp_path:
     assert set(doc["systems"]) == {"ours"} and [lv["concurrency"] for lv in doc["systems"]["ours"]] == [1, 4, 16]
     assert all(lv["ok"] > 0 and not lv["errors"] for lv in doc["systems"]["ours"])
     assert doc["in_process"]["images_per_s"] > 0 and doc["ours_c1_over_in_process"] > 0
+    paired = doc["c1_paired"]  # the c=1 figures come from back-to-back pairs
+    assert len(paired["rounds"]) == len(paired["p50_ratios"]) >= 1
+    assert doc["ours_c1_over_in_process"] == paired["throughput_ratio_median"]
+    assert doc["ours_c1_p50_over_in_process"] == paired["p50_ratio_median"] > 0
+    assert doc["systems"]["ours"][-1]["admission_after"]["capacity"] >= 1
     text = render(tmp_path)
     assert "Peers not measured" in text and "GPU" in text and "Not measured" in text
+    assert "back-to-back pairs" in text
 
 
 def test_gpu_bench_refuses_without_cuda_and_writes_nothing(tmp_path: Path) -> None:
