@@ -10,13 +10,23 @@ from fastapi.security import APIKeyHeader
 
 from service.errors import Unauthorized
 from service.registry import Registry
-from service.settings import Settings, get_settings
+from service.settings import Settings
 from service.state import Services
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+# Every dependency is ``async def`` and reads the app's state: FastAPI runs a plain ``def`` dependency
+# in a worker thread (one thread hop per request for a dict lookup), and any entry in
+# ``app.dependency_overrides`` makes it rebuild each dependency's signature on every request.
 
 
-def get_services(request: Request) -> Services:
+async def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -24,7 +34,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_registry(services: ServicesDep) -> Registry:
+async def get_registry(services: ServicesDep) -> Registry:
     return services.registry
 
 
@@ -41,7 +51,7 @@ API_KEY_HEADER = APIKeyHeader(
 )
 
 
-def require_api_key(settings: SettingsDep, x_api_key: Annotated[str | None, Security(API_KEY_HEADER)]) -> None:
+async def require_api_key(settings: SettingsDep, x_api_key: Annotated[str | None, Security(API_KEY_HEADER)]) -> None:
     """401 unless the configured key was sent in ``X-API-Key`` (no key configured: open)."""
     if settings.api_key is None:
         return

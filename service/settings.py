@@ -1,8 +1,8 @@
 """Service settings: one pydantic-settings model, read from ``PROMPTDISTILL_*`` environment variables.
 
 Nothing is read at import time; :func:`get_settings` builds (and caches) the settings on first use,
-and tests either pass a :class:`Settings` to ``create_app`` or override the ``get_settings``
-dependency.
+and tests pass a :class:`Settings` to ``create_app``; routes read the app's own copy
+(``app.state.settings``, service/deps.py).
 """
 
 from __future__ import annotations
@@ -186,5 +186,5 @@ def is_loopback(host: str) -> bool:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Settings from the environment, built once (tests: ``app.dependency_overrides`` or pass Settings)."""
+    """Settings from the environment, built once (the app keeps its own in ``app.state.settings``)."""
     return Settings()

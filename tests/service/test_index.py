@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -217,3 +219,26 @@ def test_index_kind_is_chosen_per_set_over_http_and_survives_a_restart(make_sett
     with TestClient(create_app(make_settings(index_kind="ivf"))) as http:
         assert http.get("/v1/label-sets/big/classes").json()["index"] == "ivf"  # stored with the set
         assert http.get("/v1/label-sets/plain/classes").json()["index"] == "ivf"  # NULL follows the default
+
+
+def test_small_searches_run_on_the_event_loop_and_big_ones_in_the_search_pool() -> None:
+    """A hop to a thread costs more than a 100-class search; a large label set must not block the loop."""
+    from service.classifier import INLINE_SEARCH_WORK, Classifier
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="search")
+    holder = SimpleNamespace(_search_pool=pool)
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    async def both() -> tuple[str, str, str]:
+        loop_thread = where()
+        small = await Classifier._search(holder, INLINE_SEARCH_WORK, where)  # type: ignore[arg-type]
+        big = await Classifier._search(holder, INLINE_SEARCH_WORK + 1, where)  # type: ignore[arg-type]
+        return loop_thread, small, big
+
+    try:
+        loop_thread, small, big = asyncio.run(both())
+    finally:
+        pool.shutdown()
+    assert small == loop_thread and big.startswith("search") and big != loop_thread
