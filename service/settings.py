@@ -78,11 +78,10 @@ class Settings(BaseSettings):
         "any decoding. None: target_latency_s / the measured service time per image",
     )
     target_latency_s: float = Field(
-        default=1.0,
+        default=0.5,
         gt=0,
-        description="the latency an admitted image is promised; sets the default admission capacity. A refused "
-        "client waits retry_after_s (>= 1 s) before it tries again, so a target below that makes the clients "
-        "it turns away slower than queueing them would",
+        description="the latency an admitted image is promised; sets the default admission capacity. Higher "
+        "admits more (fewer clients sent away for retry_after_s, >= 1 s), at the price of slower answers",
     )
     decode_workers: int = Field(default=2, ge=1, le=64, description="threads decoding + preprocessing images")
     jpeg_draft_factor: float = Field(
