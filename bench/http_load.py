@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import http.client
 import io
+import itertools
 import json
 import logging
 import os
@@ -130,60 +131,77 @@ def load(
     max_seconds: float,
     path: str = "/v1/classify",
     honour_retry_after: bool = False,
+    window: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """``n_requests`` POSTs to ``path`` from ``concurrency`` threads; stops early after ``max_seconds``.
 
     ``honour_retry_after``: clients behave like ours (service/client.py): a 429 / 503 with
     ``Retry-After`` is retried after that delay, its latency counted from the first attempt, and the
     refusals are counted in ``refusals``.
+
+    ``window=(warm_up_s, measure_s)``: steady state instead of a fixed count. Every client sends
+    request after request until the window closes; only answers that arrive inside the window
+    (after the warm-up) count, so throughput is answers / ``measure_s``. A fixed count ends with a
+    tail in which few clients are left (the last ones may be asleep in a Retry-After), which charges a
+    server that sheds load for its clients' back-off, not for its work.
     """
-    latencies: list[float] = []
-    errors: dict[int, int] = {}
+    done: list[tuple[float, float, int]] = []  # (finished at, latency ms, status)
     refusals = [0]
     lock = threading.Lock()
-    counter = iter(range(n_requests))
-    deadline = time.perf_counter() + max_seconds
+    counter = iter(range(n_requests)) if window is None else itertools.count()
+    t0 = time.perf_counter()
+    open_from, close_at = (t0, t0 + max_seconds) if window is None else (t0 + window[0], t0 + sum(window))
 
     def worker() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        for i in counter:  # shared iterator: each index taken once (next() on range_iterator is atomic)
-            if time.perf_counter() > deadline:
+        for i in counter:  # shared iterator: each index taken once (next() on a C iterator is atomic)
+            if time.perf_counter() > close_at:
                 break
-            t0 = time.perf_counter()
+            start = time.perf_counter()
             while True:
                 status, _, retry_after = request_with_retry_after(port, "POST", path, payloads[i % len(payloads)], conn)
                 if not (honour_retry_after and status in (429, 503) and retry_after is not None):
                     break
                 with lock:
                     refusals[0] += 1
+                if window is not None and time.perf_counter() + retry_after > close_at:
+                    status = 0  # the window closes before the retry: not answered in it, not an error either
+                    break
                 time.sleep(retry_after)
-            dt = (time.perf_counter() - t0) * 1000.0
-            with lock:
-                if status == 200:
-                    latencies.append(dt)
-                else:
-                    errors[status] = errors.get(status, 0) + 1
+            now = time.perf_counter()
+            if status:
+                with lock:
+                    done.append((now, (now - start) * 1000.0, status))
         conn.close()
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    if window is not None:
+        done = [d for d in done if open_from <= d[0] <= close_at]
+    latencies = [ms for _, ms, status in done if status == 200]
+    errors: dict[int, int] = {}
+    for _, _, status in done:
+        if status != 200:
+            errors[status] = errors.get(status, 0) + 1
     lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
-    return {
+    out = {
         "concurrency": concurrency,
         "ok": len(latencies),
         "errors": errors,
         "refusals_retried": refusals[0],
         "wall_s": wall,
-        "throughput_rps": len(latencies) / wall,
+        "throughput_rps": len(latencies) / (wall if window is None else window[1]),
         "p50_ms": float(np.percentile(lat, 50)),
         "p95_ms": float(np.percentile(lat, 95)),
         "p99_ms": float(np.percentile(lat, 99)),
     }
+    if window is not None:
+        out["window_s"] = {"warm_up": window[0], "measured": window[1]}
+    return out
 
 
 def raw_encoder(onnx_path: Path, pixels: np.ndarray, cfg: BenchCfg) -> dict[str, float]:

@@ -295,6 +295,15 @@ def peers_section(doc: dict[str, Any]) -> list[str]:
         loads = "; ".join(str(systems[n][i].get("loadavg_before", "")) for n in names)
         out.append(f"| {c} | {cells} | {rcell} | {loads} |")
     refused = {n: [lv.get("refusals_retried", 0) for lv in systems[n]] for n in names}
+    windows = {n: systems[n][-1].get("window_s") for n in names}
+    if any(windows.values()):
+        how = "; ".join(
+            f"{n}: a steady-state window ({w['warm_up']:g} s warm-up, then {w['measured']:g} s measured at c=16)"
+            if w
+            else f"{n}: a fixed count of requests"
+            for n, w in windows.items()
+        )
+        out += ["", f"Throughput is answers per second ({how})."]
     ip = doc["in_process"]
     after = doc.get("in_process_after")
     again = f", {after['images_per_s']:.2f} img/s after our server ran (load {after['loadavg']})" if after else ""

@@ -47,6 +47,9 @@ def test_peers_harness_records_why_peers_are_missing_and_measures_ours(tmp_path:
     assert "installing was not allowed" in doc["peers_unavailable"]
     assert set(doc["systems"]) == {"ours"} and [lv["concurrency"] for lv in doc["systems"]["ours"]] == [1, 4, 16]
     assert all(lv["ok"] > 0 and not lv["errors"] for lv in doc["systems"]["ours"])
+    for lv in doc["systems"]["ours"]:  # steady-state windows: answers inside the measured second only
+        assert lv["window_s"] == {"warm_up": 0.3, "measured": 1.0}
+        assert lv["throughput_rps"] == pytest.approx(lv["ok"] / 1.0)
     assert doc["in_process"]["images_per_s"] > 0 and doc["ours_c1_over_in_process"] > 0
     paired = doc["c1_paired"]  # the c=1 figures come from back-to-back pairs
     assert len(paired["rounds"]) == len(paired["p50_ratios"]) >= 1
