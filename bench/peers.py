@@ -7,14 +7,15 @@ classes); its open_clip weights converted to a Hugging Face ``CLIPModel`` folder
 pipeline over the same 100 labels: it re-encodes every label on every call). The peers live in
 their own virtualenv (made here, torch pinned to our CPU build; Infinity needs ``aiohttp`` beyond
 its ``[all]`` extra and our torchvision shim, installed as a ``.pth`` start-up hook). Same JPEGs,
-concurrency 1 / 4 / 16, one run, one server at a time; clients honour ``Retry-After`` (a refused
+concurrency 1 / 4 / 16, one server at a time; clients honour ``Retry-After`` (a refused
 request is retried after the delay, its latency counted from the first attempt), as ours does.
 Throughput is steady state: answers inside a timed window after a warm-up (bench/http_load.load).
 Also our in-process limit, before and after our server runs: decode + preprocess + ONNX encode +
-search in a loop, no HTTP; and, while our server is up, 7 rounds of an in-process block and an HTTP
-c=1 block of the same 24 images back to back: the c=1 ratios (throughput, p50) are the medians over
-those pairs. If the peers cannot be installed, the result file says why (pip's own error) and only
-our figures are measured.
+search in a loop, no HTTP; and, while our server is up, 3 pairs per round of an in-process block and
+an HTTP c=1 block of the same 24 images back to back: the c=1 ratios (throughput, p50) are the
+medians over those pairs. Ours and Infinity run 3 rounds, back to back; the table holds the
+per-level medians and the ratios are medians of the per-round ratios. If the peers cannot be
+installed, the result file says why (pip's own error) and only our figures are measured.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from bench.http_load import _free_port as free_port
 log = logging.getLogger(__name__)
 
 CONCURRENCY = (1, 4, 16)
+ROUNDS = 3  # ours then Infinity, this many times: one pair of runs drifts by +-20 % on a shared VM
+PAIRS_PER_ROUND, PAIR_IMAGES, PAIR_IMAGES_QUICK = 3, 24, 4
 INFINITY = "infinity-emb[all]==0.0.78"
 PEER_PINS = (INFINITY, "aiohttp==3.14.5", "torch==2.13.0", "torchvision==0.28.0")
 DEFAULT_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "promptdistill" / "peers-venv"
@@ -199,7 +202,7 @@ def _levels(port: int, path: str, payloads: list[bytes], cfg: BenchCfg, slow: bo
 
 def run_ours(
     bundle_dir: Path, tmp: Path, images: list[str], cfg: BenchCfg, in_process: InProcess
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Our levels, then (server still up, idle between blocks) the paired c=1 rounds against in-process."""
     payloads = [json.dumps({"images": [b], "top_k": 5}).encode() for b in images]
     server = Server(bundle_dir, tmp / "state", cfg.threads, tmp / "ours.log")
@@ -224,13 +227,13 @@ def _admission_gauges(port: int) -> dict[str, float]:
     }
 
 
-def paired_c1(port: int, payloads: list[bytes], in_process: InProcess, cfg: BenchCfg) -> dict[str, Any]:
+def paired_c1(port: int, payloads: list[bytes], in_process: InProcess, cfg: BenchCfg) -> list[dict[str, Any]]:
     """c=1 over HTTP against the in-process loop, in alternating blocks of the same images.
 
     One block each way per round, back to back, so both sides of a ratio see the same machine; the
     medians over the rounds are the figures (a single pair on a shared 2-core VM drifts by +-10 %).
     """
-    rounds, n = (1, 4) if cfg.quick else (7, 24)
+    rounds, n = (1, PAIR_IMAGES_QUICK) if cfg.quick else (PAIRS_PER_ROUND, PAIR_IMAGES)
     out = []
     for _ in range(rounds):
         before = [round(x, 2) for x in os.getloadavg()]
@@ -249,16 +252,46 @@ def paired_c1(port: int, payloads: list[bytes], in_process: InProcess, cfg: Benc
             "http_p50_ms": lv["p50_ms"],
             "loadavg_before": before,
         })  # fmt: skip
-    throughput = [r["http_images_per_s"] / r["in_process_images_per_s"] for r in out]
-    p50 = [r["http_p50_ms"] / r["in_process_p50_ms"] for r in out]
+    return out
+
+
+def pairs_summary(pairs: list[dict[str, Any]], per_block: int) -> dict[str, Any]:
+    """The c=1 figures: medians of the per-pair ratios (HTTP over in-process)."""
+    throughput = [r["http_images_per_s"] / r["in_process_images_per_s"] for r in pairs]
+    p50 = [r["http_p50_ms"] / r["in_process_p50_ms"] for r in pairs]
     return {
-        "rounds": out,
-        "images_per_block": n,
+        "rounds": pairs,
+        "images_per_block": per_block,
         "throughput_ratios": throughput,
         "p50_ratios": p50,
         "throughput_ratio_median": float(np.median(throughput)),
         "p50_ratio_median": float(np.median(p50)),
     }
+
+
+def median_levels(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per concurrency, the medians over rounds (throughput, percentiles); counts are summed."""
+    out = []
+    for levels in zip(*rounds, strict=True):
+        errors: dict[str, int] = {}
+        for lv in levels:
+            for status, n in lv["errors"].items():
+                errors[str(status)] = errors.get(str(status), 0) + n
+        merged = {
+            "concurrency": levels[0]["concurrency"],
+            "ok": sum(lv["ok"] for lv in levels),
+            "errors": errors,
+            "refusals_retried": sum(lv["refusals_retried"] for lv in levels),
+            "rounds_throughput_rps": [lv["throughput_rps"] for lv in levels],
+            "loadavg_before": levels[0]["loadavg_before"],
+        }
+        for key in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms"):
+            merged[key] = float(np.median([lv[key] for lv in levels]))
+        for key in ("window_s", "admission_after"):
+            if key in levels[-1]:
+                merged[key] = levels[-1][key]
+        out.append(merged)
+    return out
 
 
 def run_infinity(python: Path, hf_dir: Path, tmp: Path, images: list[str], cfg: BenchCfg) -> list[dict[str, Any]]:
@@ -381,56 +414,80 @@ def run(cfg: BenchCfg, venv: Path | None = None, install: bool = True) -> dict[s
         "threads": cfg.threads,
         "systems": {},
     }
+    rounds = 1 if cfg.quick else ROUNDS
     with tempfile.TemporaryDirectory(prefix="pd-bench-peers-") as tmp_name:
         tmp = Path(tmp_name)
         bundle_dir = build_bundle(arch, tmp / "bundle")
         pipeline = in_process_pipeline(bundle_dir, images, cfg)
         result["in_process"] = in_process_limit(pipeline, cfg)
         log.info("in-process limit: %.2f img/s", result["in_process"]["images_per_s"])
-        log.info("ours:")
-        result["systems"]["ours"], result["c1_paired"] = run_ours(bundle_dir, tmp, images, cfg, pipeline)
-        log.info(
-            "c=1 paired with in-process (median of %d rounds): throughput %.3fx, p50 %.3fx",
-            len(result["c1_paired"]["rounds"]),
-            result["c1_paired"]["throughput_ratio_median"],
-            result["c1_paired"]["p50_ratio_median"],
-        )
-        result["in_process_after"] = in_process_limit(pipeline, cfg)  # the machine's drift, bracketed
-        log.info("in-process limit again: %.2f img/s", result["in_process_after"]["images_per_s"])
+        python = None
         try:
-            python = ensure_peer_venv(venv or DEFAULT_VENV, install)
-            export_open_clip(bundle_dir, tmp / "oc")
-            conv = subprocess.run(
-                [str(python), str(REPO / "bench" / "peer_hf.py"), "convert", str(tmp / "oc"), str(tmp / "hf")],
-                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            )  # fmt: skip
-            if conv.returncode != 0:
-                raise PeerUnavailable(
-                    f"converting the weights to Hugging Face CLIPModel failed:\n{conv.stderr[-3000:]}"
-                )
-            result["conversion"] = json.loads(conv.stdout.strip().splitlines()[-1])
-            log.info("conversion: %s", result["conversion"])
-            log.info("infinity:")
-            result["systems"]["infinity"] = run_infinity(python, tmp / "hf", tmp, images, cfg)
-            log.info("hf pipeline:")
-            result["systems"]["hf_pipeline"] = run_hf_pipeline(
-                python, tmp / "hf", tmp / "oc" / "labels.json", tmp, images, cfg
-            )
+            python = _peer_setup(venv, install, bundle_dir, tmp, result)
         except PeerUnavailable as e:
             log.error("peers not measured: %s", e)
             result["peers_unavailable"] = str(e)
+        per_round: list[dict[str, list[dict[str, Any]]]] = []
+        pairs: list[dict[str, Any]] = []
+        for r in range(rounds):
+            log.info("round %d of %d: ours", r + 1, rounds)
+            levels, round_pairs = run_ours(bundle_dir, tmp, images, cfg, pipeline)
+            pairs += round_pairs
+            entry = {"ours": levels}
+            if python is not None:
+                log.info("round %d of %d: infinity", r + 1, rounds)
+                entry["infinity"] = run_infinity(python, tmp / "hf", tmp, images, cfg)
+            per_round.append(entry)
+        result["in_process_after"] = in_process_limit(pipeline, cfg)  # the machine's drift, bracketed
+        log.info("in-process limit again: %.2f img/s", result["in_process_after"]["images_per_s"])
+        result["rounds"] = per_round
+        for name in per_round[0]:
+            result["systems"][name] = median_levels([entry[name] for entry in per_round])
+        result["c1_paired"] = pairs_summary(pairs, PAIR_IMAGES_QUICK if cfg.quick else PAIR_IMAGES)
+        log.info(
+            "c=1 paired with in-process (median of %d pairs): throughput %.3fx, p50 %.3fx",
+            len(pairs),
+            result["c1_paired"]["throughput_ratio_median"],
+            result["c1_paired"]["p50_ratio_median"],
+        )
+        if python is not None:
+            log.info("hf pipeline (once: ~1 answer per second):")
+            result["systems"]["hf_pipeline"] = run_hf_pipeline(
+                python, tmp / "hf", tmp / "oc" / "labels.json", tmp, images, cfg
+            )
     _ratios(result)
     write_result("peers", result, cfg)
     _plot(result, cfg)
     return result
 
 
+def _peer_setup(venv: Path | None, install: bool, bundle_dir: Path, tmp: Path, result: dict[str, Any]) -> Path:
+    """The peers' python, with our weights converted to a Hugging Face folder at ``tmp / "hf"``."""
+    python = ensure_peer_venv(venv or DEFAULT_VENV, install)
+    export_open_clip(bundle_dir, tmp / "oc")
+    conv = subprocess.run(
+        [str(python), str(REPO / "bench" / "peer_hf.py"), "convert", str(tmp / "oc"), str(tmp / "hf")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    if conv.returncode != 0:
+        raise PeerUnavailable(f"converting the weights to Hugging Face CLIPModel failed:\n{conv.stderr[-3000:]}")
+    result["conversion"] = json.loads(conv.stdout.strip().splitlines()[-1])
+    log.info("conversion: %s", result["conversion"])
+    return python
+
+
 def _ratios(result: dict[str, Any]) -> None:
     systems = result["systems"]
     ours = {lv["concurrency"]: lv["throughput_rps"] for lv in systems["ours"]}
-    if "infinity" in systems:
-        inf = {lv["concurrency"]: lv["throughput_rps"] for lv in systems["infinity"]}
-        result["ours_over_infinity"] = {str(c): ours[c] / inf[c] for c in ours if inf.get(c)}
+    if "infinity" in systems:  # per round (ours and Infinity back to back), then the median
+        per_round: dict[str, list[float]] = {}
+        for entry in result["rounds"]:
+            for mine, theirs in zip(entry["ours"], entry["infinity"], strict=True):
+                per_round.setdefault(str(mine["concurrency"]), []).append(
+                    mine["throughput_rps"] / theirs["throughput_rps"]
+                )
+        result["ours_over_infinity_rounds"] = per_round
+        result["ours_over_infinity"] = {c: float(np.median(r)) for c, r in per_round.items()}
     limit = max(result[k]["images_per_s"] for k in ("in_process", "in_process_after") if k in result)
     result["ours_c1_over_in_process_unpaired"] = ours[1] / limit  # against the better of the two in-process runs
     paired = result.get("c1_paired")

@@ -266,9 +266,15 @@ def peers_section(doc: dict[str, Any]) -> list[str]:
         "",
     ]
     out += [
-        f"{doc['model']}; {doc['images']}; {doc['threads']} threads per server; one server at a time, one run. "
-        "The servers run one after another, so a load change between them (see 'load before', per system) "
-        "skews the ratios: on a shared machine this table checks the harness more than it measures the goal.",
+        f"{doc['model']}; {doc['images']}; {doc['threads']} threads per server; one server at a time"
+        + (
+            f", {len(doc['rounds'])} rounds of ours then Infinity: the table holds per-level medians over the "
+            "rounds, and the ratios are medians of the per-round ratios (their spread is given below). "
+            if "rounds" in doc
+            else ", one run. "
+        )
+        + "The servers run one after another, so a load change between them (see 'load before', per system) "
+        "skews a ratio: on a shared machine one round checks the harness more than it measures the goal.",
         "",
     ]
     if "conversion" in doc:
@@ -295,6 +301,10 @@ def peers_section(doc: dict[str, Any]) -> list[str]:
         loads = "; ".join(str(systems[n][i].get("loadavg_before", "")) for n in names)
         out.append(f"| {c} | {cells} | {rcell} | {loads} |")
     refused = {n: [lv.get("refusals_retried", 0) for lv in systems[n]] for n in names}
+    spread = doc.get("ours_over_infinity_rounds")
+    if spread:
+        per_c = "; ".join(f"c={c}: {', '.join(f'{r:.2f}x' for r in rs)}" for c, rs in spread.items())
+        out += ["", f"Ours / Infinity per round: {per_c}."]
     windows = {n: systems[n][-1].get("window_s") for n in names}
     if any(windows.values()):
         how = "; ".join(
