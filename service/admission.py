@@ -7,9 +7,8 @@ service time per image. Decoding (a pool of ``decode_workers`` threads) and enco
 time) overlap, so that time is the slower stage's: the encoder's seconds per image, or a decode's
 seconds divided by the decode workers (both exponentially averaged, both measured under whatever
 contention the load causes; seeded at start-up by timing the readiness probe). Summing the two
-stages would count the time they overlap twice. What the server cannot
-finish in time is refused at once, so a crowd of clients gets fast refusals instead of everyone
-getting slow answers.
+stages would count the time they overlap twice. What the server cannot finish in time is refused
+at once, so a crowd of clients gets fast refusals instead of everyone getting slow answers.
 """
 
 from __future__ import annotations
