@@ -230,12 +230,13 @@ def _admission_gauges(port: int) -> dict[str, float]:
 def paired_c1(port: int, payloads: list[bytes], in_process: InProcess, cfg: BenchCfg) -> list[dict[str, Any]]:
     """c=1 over HTTP against the in-process loop, in alternating blocks of the same images.
 
-    One block each way per round, back to back, so both sides of a ratio see the same machine; the
-    medians over the rounds are the figures (a single pair on a shared 2-core VM drifts by +-10 %).
+    A pair is one in-process block then one HTTP block, back to back, so both sides of its ratio see
+    the same machine; the medians over all pairs are the figures (one pair on a shared 2-core VM
+    drifts by +-10 %).
     """
-    rounds, n = (1, PAIR_IMAGES_QUICK) if cfg.quick else (PAIRS_PER_ROUND, PAIR_IMAGES)
+    n_pairs, n = (1, PAIR_IMAGES_QUICK) if cfg.quick else (PAIRS_PER_ROUND, PAIR_IMAGES)
     out = []
-    for _ in range(rounds):
+    for _ in range(n_pairs):
         before = [round(x, 2) for x in os.getloadavg()]
         lat = []
         t0 = time.perf_counter()
