@@ -218,12 +218,15 @@ def run_ours(
 
 def _admission_gauges(port: int) -> dict[str, float]:
     """Our server's admission state from /metrics (capacity, in flight, seconds per image)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     _, body = request(port, "GET", "/metrics")
     prefix = "promptdistill_admission_"
     return {
-        line.split()[0][len(prefix) :]: float(line.split()[1])
-        for line in body.decode().splitlines()
-        if line.startswith(prefix)
+        sample.name[len(prefix) :]: sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name.startswith(prefix)
     }
 
 
