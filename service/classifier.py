@@ -5,7 +5,7 @@
 3. admission: the request's images are admitted or refused (429 + Retry-After) before decoding;
 4. decode + preprocess in a bounded pool (the image encoder's own preprocessor);
 5. the batching engine (the encoder thread);
-6. search in a worker thread (never on the event loop);
+6. search in a worker thread (only a small one, up to ``INLINE_SEARCH_WORK``, on the event loop);
 7. the response.
 
 Every refusal is a domain exception from :mod:`service.errors`; routes only parse and call
