@@ -4,8 +4,9 @@ A request is admitted or refused (429 + ``Retry-After``) *before* any of its ima
 Unless a fixed ``queue_size`` is set, the capacity follows from the latency an admitted image is
 promised: ``target_latency_s`` (never more than the request deadline) divided by the measured
 service time per image. Decoding (a pool of ``decode_workers`` threads) and encoding (one batch at a
-time) overlap, so that time is the slower stage's: the encoder's seconds per image, or a decode's
-seconds divided by the decode workers (both exponentially averaged, both measured under whatever
+time, or one per lane side by side: a lane batch's seconds count divided by the lanes, all of which
+are busy at full load) overlap, so that time is the slower stage's: the encoder's seconds per image,
+or a decode's seconds divided by the decode workers (both exponentially averaged, both measured under whatever
 contention the load causes; seeded at start-up by timing the readiness probe). Summing the two
 stages would count the time they overlap twice. What the server cannot finish in time is refused
 at once, so a crowd of clients gets fast refusals instead of everyone getting slow answers.

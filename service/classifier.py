@@ -72,9 +72,9 @@ class PipelineHooks(EngineHooks):
         self.metrics = metrics
         self.admission = admission
 
-    def batch(self, size: int, seconds: float) -> None:
-        self.metrics.batch(size, seconds)
-        self.admission.observe_encode(seconds, size)
+    def batch(self, size: int, seconds: float, lanes: int) -> None:
+        self.metrics.batch(size, seconds, lanes)
+        self.admission.observe_encode(seconds / lanes, size)  # at full load every lane is busy
 
     def depth(self, depth: int) -> None:
         self.metrics.depth(depth)

@@ -28,6 +28,12 @@ class Metrics(EngineHooks):
         self.batch_seconds = Histogram(
             p + "batch_seconds", "encoder time per batch", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.encoder_batches = Counter(
+            p + "encoder_batches",
+            "encoder calls: all_threads (one batch at a time) or lane (side by side, one thread each)",
+            ["mode"],
+            registry=r,
+        )
         self.queue_depth = Gauge(p + "queue_depth", "images waiting for the encoder", registry=r)
         self.dropped_total = Counter(
             p + "dropped_images", "queued images dropped before encoding", ["reason"], registry=r
@@ -41,7 +47,8 @@ class Metrics(EngineHooks):
         self.text_names = Counter(p + "text_encoder_names", "names encoded by the text encoder", registry=r)
         self.images = Counter(p + "images_classified", "images classified", registry=r)
         self.admission_capacity = Gauge(
-            p + "admission_capacity", "images admitted in flight at most (the latency target / seconds_per_image)",
+            p + "admission_capacity",
+            "images admitted in flight at most (the latency target / seconds_per_image)",
             registry=r,
         )
         self.admission_in_flight = Gauge(p + "admission_in_flight", "images decoding, queued or encoding", registry=r)
@@ -51,9 +58,10 @@ class Metrics(EngineHooks):
         self.info = Gauge(p + "image_encoder_info", "image encoder in use", ["backend", "provider"], registry=r)
 
     # engine hooks
-    def batch(self, size: int, seconds: float) -> None:
+    def batch(self, size: int, seconds: float, lanes: int) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
+        self.encoder_batches.labels("lane" if lanes > 1 else "all_threads").inc()
 
     def depth(self, depth: int) -> None:
         self.queue_depth.set(depth)

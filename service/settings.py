@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         default=None, ge=1, description="intra-op threads for the encoder (None: runtime default)"
     )
+    encoder_lanes: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="CPU ONNX only: when two or more images wait, encode up to this many batches side by side, "
+        "one thread each (a lone image still uses every thread). None: one lane per thread (`threads`, else "
+        "the CPUs this process may use); 1: off. Costs a second copy of the encoder's weights in memory",
+    )
     onnx_precision: Literal["fp32", "int8"] = Field(
         default="fp32", description="which ONNX graph to serve: fp32, or the dynamically quantised int8 one"
     )

@@ -141,9 +141,12 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         raise
     metrics.info.labels(encoder.backend, encoder.provider).set(1)
     probe = encoder.preprocess.from_pil(_probe_image())[None]  # [1, 3, H, W]
-    admission = Admission(_admission_cfg(settings), *_service_times(encoder, probe))
+    admission = Admission(_admission_cfg(settings, encoder.lanes), *_service_times(encoder, probe))
     engine = Engine(
-        encoder.encode, EngineCfg(settings.max_batch_size, settings.max_wait_ms), PipelineHooks(metrics, admission)
+        encoder.encode,
+        EngineCfg(settings.max_batch_size, settings.max_wait_ms, lanes=encoder.lanes),
+        PipelineHooks(metrics, admission),
+        encoder.encode_lane,
     )
     classifier = Classifier(
         settings,
@@ -164,12 +167,12 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     return Services(settings, bundle, encoder, text, registry, engine, classifier, metrics, probe)
 
 
-def _admission_cfg(settings: Settings) -> AdmissionCfg:
+def _admission_cfg(settings: Settings, lanes: int) -> AdmissionCfg:
     return AdmissionCfg(
         capacity=settings.queue_size,
         target_latency_s=settings.target_latency_s,
         deadline_s=settings.request_timeout_s,
-        min_capacity=settings.decode_workers + 1,
+        min_capacity=settings.decode_workers + lanes,
         decode_workers=settings.decode_workers,
         retry_after_s=settings.retry_after_s,
     )
@@ -210,7 +213,12 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
         log.info("backend auto: bundle %s %s -> %s", bundle.root, has, backend)
     if backend == "onnx":
         encoder: ImageEncoder = OnnxImageEncoder(
-            bundle, pre, "cuda" if device == "cuda" else settings.device, settings.threads, settings.onnx_precision
+            bundle,
+            pre,
+            "cuda" if device == "cuda" else settings.device,
+            settings.threads,
+            settings.onnx_precision,
+            encoder_lanes(settings),
         )
         if m.text_encoder is None:
             return encoder, None
@@ -219,6 +227,13 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
         return encoder, build_text_side(bundle, device, backbone)
     tower, side = build_towers(bundle, device)
     return TorchImageEncoder(tower, pre, device), side
+
+
+def encoder_lanes(settings: Settings) -> int:
+    """Side-by-side single-thread encoder runs: the setting, else one per thread the encoder may use."""
+    if settings.encoder_lanes is not None:
+        return settings.encoder_lanes
+    return settings.threads or len(os.sched_getaffinity(0))
 
 
 def _probe_image() -> Image.Image:

@@ -74,7 +74,7 @@ def test_http_refusal_happens_before_decoding(live: Any, photos: list[Any]) -> N
     with live(queue_size=2, max_batch_size=1, retry_after_s=3) as server:
         classifier = server.services.classifier
         engine = server.services.engine
-        fast, real_pre = engine.encode, classifier.preprocess
+        fast, real_pre = engine.encode, classifier.preprocess  # lanes run encode_lane: gate both
         decoded: list[int] = []
         encoding: list[int] = []
 
@@ -87,7 +87,8 @@ def test_http_refusal_happens_before_decoding(live: Any, photos: list[Any]) -> N
             gate.wait(20)
             return fast(px)
 
-        classifier.preprocess, engine.encode = counting_pre, gated
+        classifier.preprocess = counting_pre
+        engine.encode = engine.encode_lane = gated
         pool = ThreadPoolExecutor(1)
         holder = pool.submit(httpx2.post, server.url + "/v1/classify", json={"images": [image] * 2}, timeout=60)
         deadline = time.monotonic() + 20
@@ -108,7 +109,8 @@ def test_http_refusal_happens_before_decoding(live: Any, photos: list[Any]) -> N
         gate.set()
         assert holder.result().status_code == 200
         pool.shutdown()
-        engine.encode, classifier.preprocess = fast, real_pre
+        classifier.preprocess = real_pre
+        engine.encode = engine.encode_lane = fast
         with server.client() as http:
             assert http.post("/v1/classify", json={"images": [image]}).status_code == 200
         assert classifier.admission.in_flight == 0

@@ -73,3 +73,30 @@ def test_int8_graph_is_served_when_asked(
     fp32_only = make_settings(onnx_precision="int8", state_dir=tmp_path / "none")  # shared bundle: fp32 only
     with pytest.raises(StartupError, match="no such ONNX graph"), TestClient(create_app(fp32_only)):
         pass
+
+
+def test_lanes_answer_like_one_batch_on_every_thread(live: Any, tmp_path: Path, photos: list[Any]) -> None:
+    """With encoder lanes, a multi-image request is split across single-thread runs; the answers do not change."""
+    from tests.service.test_classify import metric
+
+    body = {"images": [base64.b64encode(png_bytes(p)).decode() for p in photos] * 2, "top_k": 8}
+    answers, runs = {}, {}
+    for lanes in (1, 2):
+        with (
+            live(threads=2, encoder_lanes=lanes, state_dir=tmp_path / str(lanes)) as server,
+            server.client() as http,
+        ):
+            assert server.services.encoder.lanes == lanes
+            resp = http.post("/v1/classify", json=body)
+            assert resp.status_code == 200, resp.text
+            answers[lanes] = resp.json()["results"]
+            text = http.get("/metrics").text
+            runs[lanes] = {
+                m: metric(text, "promptdistill_encoder_batches_total", {"mode": m}) for m in ("all_threads", "lane")
+            }
+    assert runs[1]["lane"] == 0 and runs[1]["all_threads"] >= 1, runs
+    assert runs[2]["lane"] >= 2, runs  # the request's images queued together: split across both lanes
+    for a, b in zip(answers[1], answers[2], strict=True):
+        assert [p["class_id"] for p in a["predictions"]] == [p["class_id"] for p in b["predictions"]]
+        for p, q in zip(a["predictions"], b["predictions"], strict=True):
+            assert abs(p["cosine"] - q["cosine"]) <= 1e-5, (p, q)

@@ -22,18 +22,18 @@ from tests.service.test_classify import metric
 class Recorder(EngineHooks):
     def __init__(self) -> None:
         self.batches: list[int] = []
+        self.lanes: list[int] = []
         self.drops: dict[str, int] = {}
 
-    def batch(self, size: int, seconds: float) -> None:
+    def batch(self, size: int, seconds: float, lanes: int) -> None:
         self.batches.append(size)
+        self.lanes.append(lanes)
 
     def dropped(self, reason: str, n: int) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n
 
 
-def _encoder(
-    delay_s: float = 0.0, gate: threading.Event | None = None, entered: threading.Event | None = None
-) -> Any:
+def _encoder(delay_s: float = 0.0, gate: threading.Event | None = None, entered: threading.Event | None = None) -> Any:
     def encode(pixels: np.ndarray) -> np.ndarray:
         if entered is not None:
             entered.set()
@@ -126,7 +126,7 @@ def test_burst_against_tiny_queue_gets_429_and_server_stays_ready(live: Any, pho
     with live(queue_size=2, max_batch_size=1, max_wait_ms=0, retry_after_s=2) as server:
         engine = server.services.engine
         fast = engine.encode
-        engine.encode = lambda px: (time.sleep(0.1), fast(px))[1]  # a slow model, so a burst really queues
+        engine.encode = engine.encode_lane = lambda px: (time.sleep(0.1), fast(px))[1]  # a slow model: bursts queue
 
         def one(_: int) -> httpx2.Response:
             return httpx2.post(server.url + "/v1/classify", json={"images": [image, image]}, timeout=30)
@@ -137,7 +137,7 @@ def test_burst_against_tiny_queue_gets_429_and_server_stays_ready(live: Any, pho
         refused = [r for r in results if r.status_code in (429, 503)]
         assert refused and 200 in codes and set(codes) <= {200, 429, 503}, codes
         assert all(r.headers.get("Retry-After") == "2" and r.json()["detail"] for r in refused)
-        engine.encode = fast
+        engine.encode = engine.encode_lane = fast
         with server.client() as http:
             assert http.get("/readyz").status_code == 200
             assert http.post("/v1/classify", json={"images": [image]}).status_code == 200
@@ -157,7 +157,7 @@ def test_queued_work_of_a_client_that_hung_up_never_reaches_the_encoder(live: An
             gate.wait(10)
             return fast(px)
 
-        engine.encode = gated
+        engine.encode = engine.encode_lane = gated
         holder = ThreadPoolExecutor(1).submit(
             httpx2.post, server.url + "/v1/classify", json={"images": [image]}, timeout=30
         )
@@ -208,3 +208,47 @@ def test_a_lone_request_is_encoded_at_once_and_batches_form_only_while_busy() ->
         return hooks.batches
 
     assert asyncio.run(run()) == [1, 5]
+
+
+def test_queued_images_share_side_by_side_lanes_and_never_run_beside_a_wide_batch() -> None:
+    """A lone image runs on every thread; what queues behind it is split across lanes that run at once."""
+
+    async def run() -> tuple[list[np.ndarray], Recorder, list[tuple[int, int]]]:
+        gate, lock = threading.Event(), threading.Lock()
+        both_lanes_in = threading.Barrier(2, timeout=5)  # broken unless two lane calls overlap
+        active = {"wide": 0, "lane": 0}
+        seen: list[tuple[int, int]] = []
+
+        def tracked(kind: str, wait: Any) -> Any:
+            def encode(pixels: np.ndarray) -> np.ndarray:
+                with lock:
+                    active[kind] += 1
+                    seen.append((active["wide"], active["lane"]))
+                wait()
+                with lock:
+                    active[kind] -= 1
+                return _encoder()(pixels)
+
+            return encode
+
+        hooks = Recorder()
+        cfg = EngineCfg(max_batch_size=8, lanes=2)
+        engine = Engine(tracked("wide", lambda: gate.wait(5)), cfg, hooks, tracked("lane", both_lanes_in.wait))
+        engine.start()
+        first = asyncio.ensure_future(engine.embed(_px(1), timeout_s=5))
+        await asyncio.sleep(0)
+        while engine.depth:  # the lone image is in the wide run
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(engine.embed(_px(i), timeout_s=5)) for i in range(2, 8)]
+        await asyncio.sleep(0.05)  # six images queue behind the wide run
+        gate.set()
+        outs = await asyncio.gather(first, *rest)
+        await engine.stop()
+        return outs, hooks, seen
+
+    outs, hooks, seen = asyncio.run(run())
+    assert [float(o[0, 0]) for o in outs] == [2.0 * i for i in range(1, 8)]
+    assert hooks.batches == [1, 3, 3] and hooks.lanes == [1, 2, 2], (hooks.batches, hooks.lanes)
+    assert all(not (wide and lane) for wide, lane in seen), f"a wide run overlapped a lane run: {seen}"
+    with pytest.raises(ValueError, match="encode_lane"):
+        Engine(_encoder(), EngineCfg(lanes=2))
