@@ -165,13 +165,14 @@ def load(
                 with lock:
                     refusals[0] += 1
                 if window is not None and time.perf_counter() + retry_after > close_at:
-                    status = 0  # the window closes before the retry: not answered in it, not an error either
-                    break
+                    status = 0  # the window closes before the retry: this client is done (sending again
+                    break  # at once would hammer the server with requests it was told to delay)
                 time.sleep(retry_after)
+            if not status:
+                break
             now = time.perf_counter()
-            if status:
-                with lock:
-                    done.append((now, (now - start) * 1000.0, status))
+            with lock:
+                done.append((now, (now - start) * 1000.0, status))
         conn.close()
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
