@@ -18,7 +18,7 @@ class _Refuses(BaseHTTPRequestHandler):
     posts = 0
     lock = threading.Lock()
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         with _Refuses.lock:
             _Refuses.posts += 1
