@@ -201,17 +201,26 @@ def _levels(port: int, path: str, payloads: list[bytes], cfg: BenchCfg, slow: bo
     return out
 
 
+LANES_OFF = {"PROMPTDISTILL_ENCODER_LANES": "1"}
+
+
 def run_ours(
-    bundle_dir: Path, tmp: Path, images: list[str], cfg: BenchCfg, in_process: InProcess
+    bundle_dir: Path,
+    tmp: Path,
+    images: list[str],
+    cfg: BenchCfg,
+    in_process: InProcess | None,
+    env: dict[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Our levels, then (server still up, idle between blocks) the paired c=1 rounds against in-process."""
+    """Our levels, then (server still up, idle between blocks) the paired c=1 rounds against in-process
+    (none when ``in_process`` is None). ``env``: settings other than the defaults."""
     payloads = [json.dumps({"images": [b], "top_k": 5}).encode() for b in images]
-    server = Server(bundle_dir, tmp / "state", cfg.threads, tmp / "ours.log")
+    server = Server(bundle_dir, tmp / "state", cfg.threads, tmp / "ours.log", env)
     try:
         server.wait_ready()
         levels = _levels(server.port, "/v1/classify", payloads, cfg)
         levels[-1]["admission_after"] = _admission_gauges(server.port)
-        pairs = paired_c1(server.port, payloads, in_process, cfg)
+        pairs = [] if in_process is None else paired_c1(server.port, payloads, in_process, cfg)
         return levels, pairs
     finally:
         server.stop()
@@ -451,6 +460,11 @@ def run(cfg: BenchCfg, venv: Path | None = None, install: bool = True) -> dict[s
             levels, round_pairs = run_ours(bundle_dir, tmp, images, cfg, pipeline)
             pairs += round_pairs
             entry = {"ours": levels}
+            if r == rounds - 1:  # what the encoder lanes buy, next to ours in the same round
+                log.info(
+                    "round %d of %d: ours with encoder_lanes=1 (one batch at a time on every thread)", r + 1, rounds
+                )
+                result["ours_lanes_off"], _ = run_ours(bundle_dir, tmp, images, cfg, None, LANES_OFF)
             if python is not None:
                 log.info("round %d of %d: infinity", r + 1, rounds)
                 entry["infinity"] = run_infinity(python, tmp / "hf", tmp, images, cfg)

@@ -306,6 +306,7 @@ def peers_section(doc: dict[str, Any]) -> list[str]:
     if spread:
         per_c = "; ".join(f"c={c}: {', '.join(f'{r:.2f}x' for r in rs)}" for c, rs in spread.items())
         out += ["", f"Ours / Infinity per round: {per_c}."]
+    out += _lanes_off(doc)
     windows = {n: systems[n][-1].get("window_s") for n in names}
     if any(windows.values()):
         how = "; ".join(
@@ -332,6 +333,25 @@ def peers_section(doc: dict[str, Any]) -> list[str]:
         "",
     ]
     return out
+
+
+def _lanes_off(doc: dict[str, Any]) -> list[str]:
+    """Our server with ``encoder_lanes=1`` next to the last round's default one: what the lanes buy."""
+    off = doc.get("ours_lanes_off")
+    if not off or "rounds" not in doc:
+        return []
+    on = doc["rounds"][-1]["ours"]
+    cells = ", ".join(
+        f"c={a['concurrency']}: {b['throughput_rps']:.2f} -> {a['throughput_rps']:.2f} img/s "
+        f"({a['throughput_rps'] / b['throughput_rps'] - 1:+.0%})"
+        for a, b in zip(on, off, strict=True)
+    )
+    return [
+        "",
+        f"What the encoder lanes buy (the last round's server, then the same with `encoder_lanes=1`, one batch at a "
+        f"time on every thread, right after it): {cells}. At c=1 there is nothing to share: a lone image runs on every "
+        "thread either way, so that difference is the machine's drift.",
+    ]
 
 
 def _c1_pairs(doc: dict[str, Any], ratio: float) -> list[str]:

@@ -56,9 +56,12 @@ def test_peers_harness_records_why_peers_are_missing_and_measures_ours(tmp_path:
     assert doc["ours_c1_over_in_process"] == paired["throughput_ratio_median"]
     assert doc["ours_c1_p50_over_in_process"] == paired["p50_ratio_median"] > 0
     assert doc["systems"]["ours"][-1]["admission_after"]["capacity"] >= 1
+    off = doc["ours_lanes_off"]  # the same server with encoder_lanes=1, for what the lanes buy
+    assert [lv["concurrency"] for lv in off] == [1, 4, 16] and all(lv["ok"] > 0 and not lv["errors"] for lv in off)
+    assert doc["in_process"]["lanes"] >= 1
     text = render(tmp_path)
     assert "Peers not measured" in text and "GPU" in text and "Not measured" in text
-    assert "back-to-back pairs" in text
+    assert "back-to-back pairs" in text and "What the encoder lanes buy" in text
 
 
 def test_gpu_bench_refuses_without_cuda_and_writes_nothing(tmp_path: Path) -> None:
