@@ -7,9 +7,10 @@ unless ``max_wait_ms`` > 0 asks the first image to wait that long for company.
 
 With ``lanes`` > 1 (CPU ONNX: see service/encoders.py) a lone image still runs on ``encode``, which
 uses every thread (lowest latency), but once two or more images wait the engine runs up to ``lanes``
-batches side by side on ``encode_lane``, one thread each: on 2 cores two single-thread runs deliver
-~15 % more images per second than one two-thread run, whose threads wait on each other between
-operators. A wide run and lane runs never overlap, so the cores are never oversubscribed.
+batches side by side on ``encode_lane``, one thread each: on 2 cores two single-thread runs of
+ViT-B/32 delivered 2-15 % more images per second than one two-thread run (whose threads wait on each
+other at every operator); end to end, 2-15 % more answers at 4 and 16 clients, varying from run to
+run. A wide run and lane runs never overlap, so the cores are never oversubscribed.
 Admission (service/admission.py) decides what enters before any decoding; ``queue_size`` here is
 only a backstop (429 + Retry-After). Work whose client disconnected or whose deadline passed is
 dropped before it reaches the encoder.
