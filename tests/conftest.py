@@ -8,8 +8,12 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -140,3 +144,53 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     finally:
         torch.set_num_threads(threads)
     return out, printed.getvalue()
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Answers ``failures`` times with ``status`` + Retry-After, then 200; records arrival times."""
+
+    status, failures, retry_after = 429, 2, "1"
+    arrivals: ClassVar[list[float]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        type(self).arrivals.append(time.monotonic())
+        if len(self.arrivals) <= self.failures:
+            body = b'{"type":"urn:promptdistill:problem:overloaded","title":"Too Many Requests","status":429,' \
+                   b'"detail":"queue full","code":"overloaded"}'  # fmt: skip
+            self.send_response(self.status)
+            self.send_header("Retry-After", self.retry_after)
+            self.send_header("Content-Type", "application/problem+json")
+        else:
+            body = b'{"label_sets": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def flaky() -> Iterator[Any]:
+    """``flaky(status, failures, retry_after)`` -> (url, arrival times) of a real HTTP server that refuses
+    ``failures`` requests (GET or POST) with ``status`` + ``Retry-After``, then answers 200."""
+
+    def start(status: int, failures: int, retry_after: str = "1") -> tuple[str, list[float]]:
+        handler = type("Handler", (_Flaky,), {"status": status, "failures": failures, "retry_after": retry_after,
+                                              "arrivals": []})  # fmt: skip
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        servers.append(httpd)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{httpd.server_address[1]}", handler.arrivals
+
+    servers: list[ThreadingHTTPServer] = []
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
