@@ -79,14 +79,22 @@ def _image_embedding(bundle: Path, photo: Any) -> np.ndarray:
     return np.asarray(session.run(["embedding"], {"pixels": pixels})[0][0])  # [D]
 
 
+def _list_all(http: httpx2.Client) -> list[dict[str, Any]]:
+    """Every page of the default set's classes (a round can ack more adds than one page holds)."""
+    pages = [http.get("/v1/label-sets/default/classes").json()]
+    while pages[-1]["next_cursor"]:
+        pages.append(http.get("/v1/label-sets/default/classes", params={"cursor": pages[-1]["next_cursor"]}).json())
+    return pages
+
+
 def _check_consistent(url: str, state_dir: Path, image: str, embedding: np.ndarray) -> dict[int, str]:
     version, names, vectors = _db_rows(state_dir)
     with httpx2.Client(base_url=url, timeout=30.0) as http:
-        listed = http.get("/v1/label-sets/default/classes").json()
+        pages = _list_all(http)
         out = http.post("/v1/classify", json={"images": [image], "top_k": len(names)}).json()
-    assert listed["version"] == version == out["version"]
-    assert {c["id"]: c["name"] for c in listed["classes"]} == names
-    assert listed["index_size"] == len(names)
+    assert {p["version"] for p in pages} == {version} == {out["version"]}
+    assert {c["id"]: c["name"] for p in pages for c in p["classes"]} == names
+    assert {p["index_size"] for p in pages} == {len(names)}
     preds = out["results"][0]["predictions"]
     assert {p["class_id"]: p["label"] for p in preds} == names, "the FAISS index disagrees with the database"
     worst = max(abs(p["cosine"] - float(embedding @ vectors[p["class_id"]])) for p in preds)
