@@ -35,7 +35,8 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy models service training promptdistill
+	$(BIN)/ruff format --check models service training promptdistill bench tests
+	$(BIN)/mypy models service training promptdistill bench
 
 demo: install
 	$(BIN)/promptdistill demo --out $(DEMO)

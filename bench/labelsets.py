@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -192,7 +193,9 @@ def _bench_service(x: np.ndarray, queries: np.ndarray, exact_top: np.ndarray, cf
     rec: dict[str, Any] = {}
     for kind in ("flat", "ivf"):
         snap = Snapshot.from_rows(SetRows("b", 1, ids, names, names, x, kind), cfg=SearchCfg(faiss_threads=1))
-        rec[f"service_{kind}_search_1"] = _search_timing(lambda q, s=snap: s.search(q, TOP_K, 100.0), queries, cfg)
+        rec[f"service_{kind}_search_1"] = _search_timing(
+            partial(snap.search, top_k=TOP_K, logit_scale=100.0), queries, cfg
+        )
         top = snap.search(queries, TOP_K, 100.0).ids
         rec[f"service_{kind}_recall_at_1"] = float((top[:, 0] == exact_top[:, 0]).mean())
         rec[f"service_{kind}_approximate"] = snap.approximate
@@ -200,7 +203,7 @@ def _bench_service(x: np.ndarray, queries: np.ndarray, exact_top: np.ndarray, cf
             rec.update(_ivf_next_version(snap, x, ids))
         if kind == "flat" and n <= 100_000:  # before: FAISS asked for all N results to build the softmax
             with _one_thread():
-                rec["old_search_all_n_1"] = _search_timing(lambda q, s=snap: s.index.search(q, n), queries, cfg)
+                rec["old_search_all_n_1"] = _search_timing(partial(snap.index.search, k=n), queries, cfg)
         del snap
         gc.collect()
     return rec

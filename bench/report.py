@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -451,7 +452,7 @@ def fleet_section(doc: dict[str, Any]) -> list[str]:
     return section(doc)
 
 
-SECTIONS = {
+SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "encoders": encoders_section,
     "labelsets": labelsets_section,
     "http": http_section,

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ def bench_sigterm(bundle: Path, work: Path, rounds: int) -> dict[str, Any]:
             try:
                 server.wait_ready()
                 loads.append(round(os.getloadavg()[0], 2))
-                for key, n in drain_round(server.port, lambda s=server: s.proc.send_signal(signal.SIGTERM)).items():
+                for key, n in drain_round(server.port, partial(server.proc.send_signal, signal.SIGTERM)).items():
                     totals[key] = totals.get(key, 0) + n
                 server.proc.wait(timeout=120)
             finally:

@@ -31,7 +31,7 @@ README = ROOT / "README.md"
 ANY, MORE = "<readme: any value>", "<readme: more items>"  # what `...` becomes in a pattern
 HTTP_STATUS = "readme-test-http-status:"
 # curl on PATH reports each answer's status on stderr; the commands stay exactly as the README shows them
-CURL_SHIM = "#!/bin/sh\nexec {curl} --write-out '%{{stderr}}" + HTTP_STATUS + "%{{http_code}}\\n' \"$@\"\n"
+CURL_SHIM = "#!/bin/sh\nexec {curl} --write-out '%{{stderr}}" + HTTP_STATUS + '%{{http_code}}\\n\' "$@"\n'
 
 
 @dataclass

@@ -45,9 +45,7 @@ def _staging_leftovers(folder: Path) -> list[Path]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHM.is_dir(), reason="needs a tmpfs at /dev/shm")
-def test_onnx_bundle_with_tmpdir_on_another_filesystem(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_onnx_bundle_with_tmpdir_on_another_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reported EXDEV: $TMPDIR on a tmpfs, the bundle on disk (the CLI's builder, ONNX included)."""
     from models.zeroshot import build_zeroshot_bundle, named_templates
 
@@ -205,9 +203,7 @@ def _startup_error_as(uid: int, bundle: Path) -> str:
 
 
 @pytest.mark.parametrize("unreadable", ["class_vectors.safetensors", "backbones"])
-def test_unreadable_bundle_file_is_one_line_naming_file_and_fix(
-    tiny_bundle_dir: Path, unreadable: str
-) -> None:
+def test_unreadable_bundle_file_is_one_line_naming_file_and_fix(tiny_bundle_dir: Path, unreadable: str) -> None:
     """A bundle written 0600/0700 by someone else (the old safetensors modes) and served as uid 10001."""
     if not hasattr(os, "fork"):
         pytest.skip("needs fork")

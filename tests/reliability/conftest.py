@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
 
 
-
 @dataclass
 class ServerProcess:
     """A started ``promptdistill serve`` child; output goes to ``log`` (a file: pipes can fill up)."""

@@ -50,7 +50,7 @@ def open_slow(server: ServerProcess, kind: str) -> Slow:
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     else:  # headers complete, the promised body never finishes
         sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
-        sock.sendall(b"Content-Length: 100000\r\n\r\n{\"images\": [\"")
+        sock.sendall(b'Content-Length: 100000\r\n\r\n{"images": ["')
     sock.setblocking(False)
     return Slow(sock)
 

@@ -26,9 +26,7 @@ def _classify(http: Any, image: str, label_set: str = "default", top_k: int = 10
     return out
 
 
-def test_added_classes_are_classifiable_at_once_and_deleted_ones_vanish(
-    shared_server: Any, photos: list[Any]
-) -> None:
+def test_added_classes_are_classifiable_at_once_and_deleted_ones_vanish(shared_server: Any, photos: list[Any]) -> None:
     image = base64.b64encode(png_bytes(photos[2])).decode()
     server = shared_server
     with server.client() as http:
