@@ -5,12 +5,15 @@ Requests put their preprocessed images into one queue; a single worker task take
 encoder idle is encoded at once: batches form only from what queued while the encoder was busy,
 unless ``max_wait_ms`` > 0 asks the first image to wait that long for company.
 
-With ``lanes`` > 1 (CPU ONNX: see service/encoders.py) a lone image still runs on ``encode``, which
-uses every thread (lowest latency), but once two or more images wait the engine runs up to ``lanes``
-batches side by side on ``encode_lane``, one thread each: on 2 cores two single-thread runs of
-ViT-B/32 delivered 2-15 % more images per second than one two-thread run (whose threads wait on each
-other at every operator); end to end, 2-15 % more answers at 4 and 16 clients, varying from run to
-run. A wide run and lane runs never overlap, so the cores are never oversubscribed.
+With ``lanes`` > 1 (CPU ONNX: see service/encoders.py) an idle encoder runs what waits on ``encode``,
+which uses every thread (lowest latency), unless the backlog can fill every lane: then the engine
+runs up to ``lanes`` batches side by side on ``encode_lane``, one thread each, and keeps a lane
+running only while the backlog fills every free lane (a few images never run on one thread each
+while the other cores idle; with 2 lanes: a lone image runs wide, two or more share the lanes). On
+2 cores two single-thread runs of ViT-B/32 delivered 2-15 % more images per second than one
+two-thread run (whose threads wait on each other at every operator); end to end, 2-15 % more
+answers at 4 and 16 clients, varying from run to run. Only 2-core machines were measured. A wide
+run and lane runs never overlap, so the cores are never oversubscribed.
 Admission (service/admission.py) decides what enters before any decoding; ``queue_size`` here is
 only a backstop (429 + Retry-After). Work whose client disconnected or whose deadline passed is
 dropped before it reaches the encoder.
@@ -194,11 +197,11 @@ class Engine:
         """(images the next batch may take now, whether it runs wide); size 0: wait (nothing queued or no free lane)."""
         if not self._pending or self._wide:
             return 0, False
-        if not self._runs and (self.cfg.lanes == 1 or len(self._pending) == 1):
-            return self.cfg.max_batch_size, True  # an idle encoder: one batch on every thread
+        if not self._runs and (self.cfg.lanes == 1 or len(self._pending) < self.cfg.lanes):
+            return self.cfg.max_batch_size, True  # an idle encoder, too little to fill the lanes: every thread
         free = self.cfg.lanes - self._lanes_busy
-        if free <= 0:
-            return 0, False
+        if free <= 0 or len(self._pending) < free:
+            return 0, False  # lanes only while the backlog fills every free one; else wait for a wide run
         return min(self.cfg.max_batch_size, -(-len(self._pending) // free)), False  # backlog shared by free lanes
 
     def _start(self, batch: list[_Item], wide: bool) -> None:

@@ -252,3 +252,70 @@ def test_queued_images_share_side_by_side_lanes_and_never_run_beside_a_wide_batc
     assert all(not (wide and lane) for wide, lane in seen), f"a wide run overlapped a lane run: {seen}"
     with pytest.raises(ValueError, match="encode_lane"):
         Engine(_encoder(), EngineCfg(lanes=2))
+
+
+def test_lanes_run_only_while_the_backlog_fills_every_free_lane() -> None:
+    """With 4 lanes a backlog of 2 runs wide and 9 split over the 4 lanes; with 2 lanes free, 1 image waits."""
+
+    async def run() -> tuple[Recorder, list[str], list[str]]:
+        wide_gate = threading.Event()
+        lane_gates = [threading.Event() for _ in range(5)]  # the i-th lane call waits on the i-th gate
+        four_lanes_in = threading.Barrier(4, timeout=5)  # broken unless the first four lane runs overlap
+        calls: list[str] = []
+        lock = threading.Lock()
+
+        def wide(pixels: np.ndarray) -> np.ndarray:
+            calls.append(f"wide{len(pixels)}")
+            wide_gate.wait(5)
+            return _encoder()(pixels)
+
+        def lane(pixels: np.ndarray) -> np.ndarray:
+            with lock:
+                n = sum(c.startswith("lane") for c in calls)
+                calls.append(f"lane{len(pixels)}")
+            if n < 4:
+                four_lanes_in.wait()
+            lane_gates[n].wait(5)
+            return _encoder()(pixels)
+
+        async def until(cond: Any) -> None:
+            deadline = time.monotonic() + 10
+            while not cond():
+                assert time.monotonic() < deadline, calls
+                await asyncio.sleep(0.001)
+
+        async def queue_behind_busy_encoder(n: int) -> list[asyncio.Future[np.ndarray]]:
+            busy = len(calls)
+            first = asyncio.ensure_future(engine.embed(_px(0), timeout_s=10))
+            await until(lambda: len(calls) > busy)  # the lone image is in a wide run
+            rest = [asyncio.ensure_future(engine.embed(_px(i), timeout_s=10)) for i in range(n)]
+            await asyncio.sleep(0.05)
+            return [first, *rest]
+
+        hooks = Recorder()
+        engine = Engine(wide, EngineCfg(max_batch_size=8, lanes=4), hooks, lane)
+        engine.start()
+        small = await queue_behind_busy_encoder(2)
+        wide_gate.set()
+        await asyncio.gather(*small)
+        wide_gate.clear()
+        big = await queue_behind_busy_encoder(9)
+        wide_gate.set()
+        await until(lambda: len(calls) == 3 + 4)  # the four lane runs hold the lanes
+        lane_gates[0].set()
+        lane_gates[1].set()
+        await until(lambda: engine._lanes_busy == 2)  # two lanes free, two still busy
+        late = asyncio.ensure_future(engine.embed(_px(9), timeout_s=10))
+        await asyncio.sleep(0.05)
+        held = list(calls)  # the late image must not take a lane of its own while the other lane idles
+        for gate in lane_gates:
+            gate.set()
+        await asyncio.gather(*big, late)
+        await engine.stop()
+        return hooks, held, calls
+
+    hooks, held, calls = asyncio.run(run())
+    assert held[:3] == ["wide1", "wide2", "wide1"], held
+    assert sorted(held[3:]) == ["lane2", "lane2", "lane2", "lane3"], held
+    assert calls[-1] == "wide1", f"the late image ran on a lane instead of wide: {calls}"
+    assert sorted(hooks.batches) == [1, 1, 1, 2, 2, 2, 2, 3]
