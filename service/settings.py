@@ -51,8 +51,8 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         le=256,
-        description="CPU ONNX only: when two or more images wait, encode up to this many batches side by side, "
-        "one thread each (a lone image still uses every thread). None: one lane per thread (`threads`, else "
+        description="CPU ONNX only: while the queued images fill every free lane, encode up to this many batches "
+        "side by side, one thread each (a lone image, or a smaller backlog, still uses every thread). None: one lane per thread (`threads`, else "
         "the CPUs this process may use); 1: off. Costs a second copy of the encoder's weights in memory",
     )
     onnx_precision: Literal["fp32", "int8"] = Field(
