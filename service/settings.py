@@ -52,8 +52,9 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description="CPU ONNX only: while the queued images fill every free lane, encode up to this many batches "
-        "side by side, one thread each (a lone image, or a smaller backlog, still uses every thread). None: one lane per thread (`threads`, else "
-        "the CPUs this process may use); 1: off. Costs a second copy of the encoder's weights in memory",
+        "side by side, one thread each (a lone image, or a smaller backlog, still uses every thread). None: one "
+        "lane per thread (`threads`, else the CPUs this process may use); 1: off. Costs a second copy of the "
+        "encoder's weights in memory",
     )
     onnx_precision: Literal["fp32", "int8"] = Field(
         default="fp32", description="which ONNX graph to serve: fp32, or the dynamically quantised int8 one"
