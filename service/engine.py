@@ -12,7 +12,7 @@ running only while the backlog fills every free lane (a few images never run on 
 while the other cores idle; with 2 lanes: a lone image runs wide, two or more share the lanes). On
 2 cores two single-thread runs of ViT-B/32 delivered 2-15 % more images per second than one
 two-thread run (whose threads wait on each other at every operator); end to end, from -1 % to
-+15 % more answers at 4 and 16 clients, varying from run to run. Only 2-core machines were measured. A wide
++20 % more answers at 4 and 16 clients, varying from run to run. Only 2-core machines were measured. A wide
 run and lane runs never overlap, so the cores are never oversubscribed.
 Admission (service/admission.py) decides what enters before any decoding; ``queue_size`` here is
 only a backstop (429 + Retry-After). Work whose client disconnected or whose deadline passed is
