@@ -194,7 +194,10 @@ class Engine:
                 self._start(batch, wide)
 
     def _plan(self) -> tuple[int, bool]:
-        """(images the next batch may take now, whether it runs wide); size 0: wait (nothing queued or no free lane)."""
+        """(images the next batch may take now, whether it runs wide).
+
+        Size 0: wait (nothing queued, a wide run busy, no free lane, or too few images to fill the free lanes).
+        """
         if not self._pending or self._wide:
             return 0, False
         if not self._runs and (self.cfg.lanes == 1 or len(self._pending) < self.cfg.lanes):
