@@ -20,6 +20,7 @@ import httpx2
 import numpy as np
 import pytest
 
+from service.client import Client
 from service.store import DB_FILE
 from tests.service.conftest import png_bytes, subprocess_server
 
@@ -79,18 +80,11 @@ def _image_embedding(bundle: Path, photo: Any) -> np.ndarray:
     return np.asarray(session.run(["embedding"], {"pixels": pixels})[0][0])  # [D]
 
 
-def _list_all(http: httpx2.Client) -> list[dict[str, Any]]:
-    """Every page of the default set's classes (a round can ack more adds than one page holds)."""
-    pages = [http.get("/v1/label-sets/default/classes").json()]
-    while pages[-1]["next_cursor"]:
-        pages.append(http.get("/v1/label-sets/default/classes", params={"cursor": pages[-1]["next_cursor"]}).json())
-    return pages
-
-
 def _check_consistent(url: str, state_dir: Path, image: str, embedding: np.ndarray) -> dict[int, str]:
     version, names, vectors = _db_rows(state_dir)
+    with Client(url, timeout_s=30.0) as client:
+        pages = list(client.class_pages(page_size=250))  # several pages however fast the machine
     with httpx2.Client(base_url=url, timeout=30.0) as http:
-        pages = _list_all(http)
         out = http.post("/v1/classify", json={"images": [image], "top_k": len(names)}).json()
     assert {p["version"] for p in pages} == {version} == {out["version"]}
     assert {c["id"]: c["name"] for p in pages for c in p["classes"]} == names
