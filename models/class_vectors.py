@@ -42,7 +42,6 @@ def encode_class_names(
     batch_size: int = 256,
     progress: bool = False,
     on_batch: Callable[[int], None] | None = None,
-    between_blocks: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Class vectors [N, D]: the normalised mean of the normalised template embeddings per name.
 
@@ -53,8 +52,6 @@ def encode_class_names(
         batch_size: texts per forward pass.
         progress: show a tqdm bar over class names.
         on_batch: optional callback with the number of names finished so far.
-        between_blocks: optional callback between transformer blocks (the service pauses anonymous
-            work there while a class add waits).
     """
     templates = validate_templates(templates)
     if not names:
@@ -66,7 +63,7 @@ def encode_class_names(
     bar = tqdm(total=len(names), desc="encoding class names", unit="class", disable=not progress)
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        feats.append(encoder.encode(chunk, normalize=True, between_blocks=between_blocks).float().cpu())
+        feats.append(encoder.encode(chunk, normalize=True).float().cpu())
         done = min(len(names), (start + len(chunk)) // len(templates))
         bar.update(done - bar.n)
         if on_batch is not None:

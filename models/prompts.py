@@ -10,7 +10,6 @@ input, row i (1 <= i < depth) replaces the prompt positions before transformer b
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,17 +55,13 @@ def _run_blocks(
     depth: int,
     start: int,
     attn_mask: torch.Tensor | None,
-    between_blocks: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Run open_clip transformer blocks; before block i >= 1 replace ``x[:, start:start+n]`` by ``prompts[i]``.
 
-    x: [B, L, D] batch-first. prompts: [depth, n, D] or None. ``between_blocks`` is called before
-    every block but the first (a serving thread may pause there for more urgent work).
+    x: [B, L, D] batch-first. prompts: [depth, n, D] or None.
     """
     batch_first = getattr(transformer, "batch_first", True)
     for i, block in enumerate(transformer.resblocks):
-        if between_blocks is not None and i:
-            between_blocks()
         if prompts is not None and 1 <= i < depth:
             fresh = prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :start], fresh, x[:, start + fresh.shape[1] :]], dim=1)
@@ -122,11 +117,9 @@ class PromptedTextEncoder(nn.Module):
         prefix = " ".join([PLACEHOLDER] * n) + " " if n else ""
         return self.tokenizer([prefix + t for t in texts]).to(self.device)
 
-    def encode(
-        self, texts: list[str], normalize: bool = False, between_blocks: Callable[[], None] | None = None
-    ) -> torch.Tensor:
+    def encode(self, texts: list[str], normalize: bool = False) -> torch.Tensor:
         """Text features [T, embed_dim] for already-formatted texts (template applied)."""
-        return self.forward(self.tokenize(texts), normalize=normalize, between_blocks=between_blocks)
+        return self.forward(self.tokenize(texts), normalize=normalize)
 
     def pooled_positions(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Per text, the position whose features are pooled (the EOT token); None for other poolings."""
@@ -143,7 +136,6 @@ class PromptedTextEncoder(nn.Module):
         tokens: torch.Tensor,
         normalize: bool = False,
         trim: bool = True,
-        between_blocks: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Features of token ids [T, L]; ``trim=False`` runs every context position (the reference).
 
@@ -164,7 +156,7 @@ class PromptedTextEncoder(nn.Module):
             ctx = self.prompts[0].to(cast).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], ctx, x[:, 1 + n :]], dim=1)
         x = x + clip.positional_embedding[:length].to(cast)
-        x = _run_blocks(clip.transformer, x, self.prompts, self.cfg.depth, 1, mask, between_blocks)
+        x = _run_blocks(clip.transformer, x, self.prompts, self.cfg.depth, 1, mask)
         x = clip.ln_final(x)  # [T, L, width]
         from open_clip.transformer import text_global_pool
 

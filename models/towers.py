@@ -7,7 +7,6 @@ the exporter's evaluation computed, what the ONNX export contains, and what the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,12 +54,9 @@ class TextSide:
         names: list[str],
         templates: list[str] | None = None,
         progress: bool = False,
-        between_blocks: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """[N, D] class vectors; ``templates`` overrides the bundle's (only for prompt-free text sides)."""
-        return encode_class_names(
-            self.encoder, names, templates or self.templates, progress=progress, between_blocks=between_blocks
-        )
+        return encode_class_names(self.encoder, names, templates or self.templates, progress=progress)
 
 
 def backbone_ref(backbone: Backbone) -> BackboneRef:

@@ -125,8 +125,7 @@ class TextEncoder:
             self.calls += 1
             if self._on_call is not None:
                 self._on_call(len(names))
-            pause = None if high else self._encoder_lock.step_aside
-            vectors = self.side.class_vectors(names, list(templates) if templates else None, between_blocks=pause)
+            vectors = self.side.class_vectors(names, list(templates) if templates else None)
         return vectors.detach().cpu().numpy().astype(np.float32)  # [N, D]
 
     def encode_cached(self, names: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
