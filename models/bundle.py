@@ -425,7 +425,9 @@ def _validate_calibration(bundle: Bundle) -> None:
     if spec is not None and sample is not None:
         want = (spec.count, bundle.manifest.embed_dim)
         if sample.ndim != 2 or tuple(sample.shape) != want:
-            raise BundleDimensionError(f"calibration sample has shape {tuple(sample.shape)}, manifest says {list(want)}")
+            raise BundleDimensionError(
+                f"calibration sample has shape {tuple(sample.shape)}, manifest says {list(want)}"
+            )
 
 
 def copy_into(bundle_dir: Path, src: Path, rel: str) -> str:

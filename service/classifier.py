@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from service.admission import Admission
+from service.calibration import Calibrator, OperatingPoint, check_unknown_policy
 from service.engine import Engine, EngineHooks
 from service.errors import EmptyLabelSet, InvalidInput, Overloaded
 from service.images import EncodedImage, ImagePreprocessor, decode_base64_image
@@ -54,6 +55,8 @@ class ClassifyJob:
     unknown_threshold: float | None = None
     min_version: int | None = None  # answer from the label set at least this new
     hf_single: bool | None = None  # Hugging Face request shape: answer in it (True: one image, flat list)
+    unknown: str | None = None  # "calibrated": threshold from the bundle's calibration sample
+    acceptance: float | None = None  # with unknown="calibrated" (default 0.95)
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Classifier:
         admission: Admission,
         logit_scale: float,
         on_images: Callable[[int], None] | None = None,
+        calibration: Calibrator | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -109,6 +113,7 @@ class Classifier:
         self.admission = admission
         self.logit_scale = logit_scale
         self._on_images = on_images or (lambda n: None)
+        self.calibration = calibration or Calibrator(None, None, logit_scale)
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="text-open")  # anonymous text work: one lane
         # searches set their own FAISS / BLAS threads (service/index.py); a pool apart from the default
@@ -125,15 +130,19 @@ class Classifier:
         deadline = loop.time() + self.settings.request_timeout_s
         plan = await self._check(job)
         vectors = await self._candidate_vectors(plan) if plan.names is not None else None
+        point = None
+        if job.unknown == "calibrated":
+            labels = (plan.names, plan.templates, vectors) if vectors is not None and plan.names is not None else None
+            point = await self.calibration.for_request(job.acceptance, plan.snapshot, labels, self._search_pool)
         emb = await self.embed_images(job.images, deadline, is_disconnected)  # [B, D]
         if plan.snapshot is not None:
             snap = plan.snapshot
             ranked = await self._search(emb.size * len(snap), snap.search, emb, job.top_k, self.logit_scale)
-            return self._response(snap.name, snap.version, ranked, snap.label, job)
+            return self._response(snap.name, snap.version, ranked, snap.label, job, point)
         assert vectors is not None and plan.names is not None
         ranked = await self._search(emb.size * len(vectors), adhoc_rank, emb, vectors, self.logit_scale, job.top_k)
         names = plan.names
-        return self._response(None, None, ranked, lambda i: names[i], job)
+        return self._response(None, None, ranked, lambda i: names[i], job, point)
 
     async def _search(self, work: int, rank: Callable[..., Ranked], *args: Any) -> Ranked:
         """A search of ``work`` multiply-adds (images x dim x classes): on the event loop when small (a
@@ -208,6 +217,7 @@ class Classifier:
         if not job.images:
             raise InvalidInput("no images: send 'images' (JSON), 'inputs' (Hugging Face shape) or multipart 'files'")
         self._check_image_count(len(job.images))
+        check_unknown_policy(job.unknown, job.acceptance, job.unknown_threshold, self.calibration)
         if job.candidate_labels is not None:
             return self._text_plan(job.candidate_labels, job.hypothesis_template)
         if job.hypothesis_template is not None:
@@ -237,7 +247,13 @@ class Classifier:
             self._text_queued -= prompts
 
     def _response(
-        self, label_set: str | None, version: int | None, ranked: Ranked, label: Callable[[int], str], job: ClassifyJob
+        self,
+        label_set: str | None,
+        version: int | None,
+        ranked: Ranked,
+        label: Callable[[int], str],
+        job: ClassifyJob,
+        point: OperatingPoint | None = None,
     ) -> ClassifyResponse:
         results = []
         for b in range(ranked.ids.shape[0]):
@@ -246,8 +262,10 @@ class Classifier:
                 for i, s, c in zip(ranked.ids[b], ranked.scores[b], ranked.cosines[b], strict=True)
             ]
             unknown = job.unknown_threshold is not None and preds[0].cosine < job.unknown_threshold
+            unknown = unknown or (point is not None and point.rejects(preds[0].cosine, preds[0].score))
             results.append(
                 ImageResult(index=b, label=UNKNOWN if unknown else preds[0].label, unknown=unknown, predictions=preds)
             )
         self._on_images(len(results))
-        return ClassifyResponse(label_set=label_set, version=version, results=results)
+        operating = point.describe(version) if point is not None else None
+        return ClassifyResponse(label_set=label_set, version=version, results=results, operating_point=operating)

@@ -16,6 +16,7 @@ from PIL import Image
 from models.bundle import Bundle, BundleError, load_bundle
 from models.towers import TextSide
 from service.admission import Admission, AdmissionCfg
+from service.calibration import bundle_calibrator
 from service.classifier import Classifier, PipelineHooks
 from service.encoders import (
     ImageEncoder,
@@ -157,6 +158,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         admission=admission,
         logit_scale=float(bundle.manifest.logit_scale),
         on_images=metrics.images.inc,
+        calibration=bundle_calibrator(bundle),
     )
     log.info(
         "admission: %d images in flight at most (%s; %.1f ms per image)",

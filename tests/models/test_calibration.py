@@ -16,8 +16,8 @@ from models.calibration import centroid, draw
 from models.preprocess import preprocess_batch
 from models.towers import build_image_tower
 from models.zeroshot import build_zeroshot_bundle, named_templates
-from training.export import add_calibration
 from tests.conftest import CLASS_NAMES, TINY_CONFIG
+from training.export import add_calibration
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,254 @@
+"""The calibrated "unknown": a score threshold per label-set version, derived from the bundle's
+calibration sample (in-domain image embeddings stored at export, models/calibration.py).
+
+For a set (or a request's candidate labels) and an acceptance rate ``a`` (default 0.95), the
+threshold is the ``1 - a`` quantile of the sample's top-1 scores against the set's current vectors
+(numpy's ``method="lower"``: at least ``a`` of those sample rows score at or above it), so the
+operating point stays calibrated as classes are added or removed. An image whose top-1 score is
+below the threshold is answered ``unknown``.
+
+Which sample rows count: the sample covers the whole domain, and a set usually names only part
+of it (5 of 10 digits). A threshold accepting 95 % of *all* sample rows would also accept 95 %
+of the images of classes the set lacks. So a row counts for a set when the set claims it: its
+best class among (the set's classes + the bundle's own vocabulary, i.e. its stored label sets)
+is one of the set's, ties going to the set. A set that covers the vocabulary counts every row.
+
+The score is the top-1 cosine (``SCORE``): it is what the raw ``unknown_threshold`` compares, it
+does not depend on the other classes, and the open-set figures in BENCHMARKS.md compare it with
+the top-1 softmax probability.
+
+Computing a version's scores is one search of the sample (<= 2,000 rows) against the set; it is
+done once per (set, version) — thresholds for every acceptance rate come from the same sorted
+scores — off the event loop for big sets, and shared by concurrent requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from models.bundle import Bundle
+from service import schemas
+from service.errors import InvalidInput
+from service.index import Ranked, Snapshot, adhoc_rank, normalise
+
+ScoreKind = Literal["cosine", "softmax"]
+SCORE: ScoreKind = "cosine"
+DEFAULT_ACCEPTANCE = 0.95
+MIN_ROWS = 20  # sample rows a threshold must rest on (fewer: refused, not guessed)
+CACHE_ENTRIES = 64  # (set, version) and candidate-label entries kept
+TIE_TOLERANCE = 1e-5  # a set's class and an identical vocabulary class score within float error
+
+
+class NoCalibrationSample(InvalidInput):
+    """The bundle has no calibration sample (or too little of it concerns this set)."""
+
+    code = "no_calibration_sample"
+
+
+def threshold(scores: np.ndarray, acceptance: float) -> float:
+    """The ``1 - acceptance`` quantile (method "lower") of ``scores`` [M]: at least ``acceptance`` of
+    them are >= the result."""
+    if not 0.0 < acceptance <= 1.0:
+        raise InvalidInput(f"acceptance: must be within (0, 1], got {acceptance}")
+    return float(np.quantile(scores, 1.0 - acceptance, method="lower"))
+
+
+def top1(ranked: Ranked, kind: ScoreKind) -> np.ndarray:
+    """The top-1 score per row [M] of a ranking."""
+    return (ranked.cosines if kind == "cosine" else ranked.scores)[:, 0].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class SetScores:
+    """The sample against one version of one set (or one candidate list)."""
+
+    scores: np.ndarray  # [R] top-1 scores of the rows the set claims, ascending
+    rows: int  # R
+    sample_size: int  # M
+
+    def threshold(self, acceptance: float) -> float:
+        return threshold(self.scores, acceptance)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What a calibrated answer used; reported with it."""
+
+    threshold: float
+    acceptance: float
+    score: ScoreKind
+    rows: int  # sample rows the threshold rests on (those the set claims)
+    sample_size: int
+
+    def rejects(self, cosine: float, softmax: float) -> bool:
+        """Whether an image whose top-1 has these scores is answered 'unknown'."""
+        return (cosine if self.score == "cosine" else softmax) < self.threshold
+
+    def describe(self, version: int | None) -> schemas.OperatingPoint:
+        return schemas.OperatingPoint(
+            score=self.score,
+            threshold=self.threshold,
+            acceptance=self.acceptance,
+            version=version,
+            calibration_images=self.rows,
+        )
+
+
+def bundle_calibrator(bundle: Bundle) -> Calibrator:
+    """The calibrator of a loaded bundle: its sample (if any), its stored class vectors as vocabulary."""
+    sample = None if bundle.calibration is None else bundle.calibration.float().numpy()
+    vectors = [v.float().numpy() for v in bundle.class_vectors.values() if len(v)]
+    vocabulary = np.unique(np.concatenate(vectors), axis=0) if vectors else None
+    return Calibrator(sample, vocabulary, float(bundle.manifest.logit_scale))
+
+
+def check_unknown_policy(
+    unknown: str | None, acceptance: float | None, unknown_threshold: float | None, calibrator: Calibrator
+) -> None:
+    """The request's unknown policy is consistent (422 otherwise) and possible with this bundle."""
+    if unknown is None:
+        if acceptance is not None:
+            raise InvalidInput("acceptance applies to unknown='calibrated' only")
+        return
+    if unknown != "calibrated":
+        raise InvalidInput(f"unknown: {unknown[:40]!r} is not a policy; the one policy is 'calibrated'")
+    if unknown_threshold is not None:
+        raise InvalidInput("send either unknown='calibrated' or a raw unknown_threshold, not both")
+    if acceptance is not None and not 0.0 < acceptance <= 1.0:
+        raise InvalidInput(f"acceptance: must be within (0, 1], got {acceptance}")
+    calibrator.require()
+
+
+def claimed(set_best: np.ndarray, vocabulary_best: np.ndarray | None) -> np.ndarray:
+    """Rows [M] (bool) the set claims: its top-1 cosine is at least the vocabulary's best (ties: the set)."""
+    if vocabulary_best is None:
+        return np.ones(len(set_best), dtype=bool)
+    return set_best >= vocabulary_best - TIE_TOLERANCE
+
+
+def set_scores(ranked: Ranked, vocabulary_best: np.ndarray | None, kind: ScoreKind = SCORE) -> SetScores:
+    """The sample's ranking against a set (top-1 at least) -> the claimed rows' sorted scores."""
+    keep = claimed(ranked.cosines[:, 0].astype(np.float64), vocabulary_best)
+    scores = np.sort(top1(ranked, kind)[keep])
+    return SetScores(scores, int(keep.sum()), len(keep))
+
+
+class Calibrator:
+    """Per-version thresholds from one bundle's calibration sample (``None``: the bundle has none).
+
+    ``vocabulary`` [V, D]: the bundle's stored class vectors (what the sample's images are of).
+    """
+
+    def __init__(
+        self,
+        sample: np.ndarray | None,
+        vocabulary: np.ndarray | None,
+        logit_scale: float,
+        kind: ScoreKind = SCORE,
+        inline_work: int = 1 << 20,
+    ) -> None:
+        self.inline_work = inline_work  # searches up to this many multiply-adds run on the event loop
+        self.sample = None if sample is None else normalise(np.asarray(sample, dtype=np.float32))  # [M, D]
+        self.logit_scale = logit_scale
+        self.kind = kind
+        self.vocabulary_best: np.ndarray | None = None  # [M] best vocabulary cosine per sample row
+        if self.sample is not None and vocabulary is not None and len(vocabulary):
+            ranked = adhoc_rank(self.sample, normalise(np.asarray(vocabulary, dtype=np.float32)), logit_scale, 1)
+            self.vocabulary_best = ranked.cosines[:, 0].astype(np.float64)
+        self._cache: OrderedDict[Hashable, SetScores] = OrderedDict()
+        self._pending: dict[Hashable, asyncio.Future[SetScores]] = {}
+
+    @property
+    def available(self) -> bool:
+        return self.sample is not None
+
+    def require(self) -> np.ndarray:
+        """The sample, or a 422 saying why a calibrated answer is impossible here."""
+        if self.sample is None:
+            raise NoCalibrationSample(
+                "unknown='calibrated' needs a calibration sample, and this bundle has none; re-export it with "
+                "one (PromptKD / MoPD exports store it; zero-shot: promptdistill bundle zeroshot "
+                "--calibration-images DIR), or send a raw unknown_threshold"
+            )
+        return self.sample
+
+    def work(self, n_classes: int) -> int:
+        """Multiply-adds of one calibration search against ``n_classes`` classes."""
+        return 0 if self.sample is None else self.sample.size * n_classes
+
+    async def point(
+        self,
+        key: Hashable,
+        search: Callable[[np.ndarray], Ranked],
+        n_classes: int,
+        acceptance: float,
+        pool: Executor | None = None,
+    ) -> OperatingPoint:
+        """The operating point for ``key`` (e.g. (set, version)) at ``acceptance``.
+
+        ``search(sample)`` ranks the sample against the set's ``n_classes`` classes (top-1 suffices).
+        Computed once per key, in ``pool`` unless small; concurrent requests for one key share it.
+        """
+        sample = self.require()
+
+        def compute() -> SetScores:
+            return set_scores(search(sample), self.vocabulary_best, self.kind)
+
+        scores = await self._scores(key, compute, pool if self.work(n_classes) > self.inline_work else None)
+        if scores.rows < MIN_ROWS:
+            raise NoCalibrationSample(
+                f"only {scores.rows} of the {scores.sample_size} calibration images belong to this set's classes "
+                f"(at least {MIN_ROWS} are needed to calibrate); send a raw unknown_threshold instead"
+            )
+        return OperatingPoint(scores.threshold(acceptance), acceptance, self.kind, scores.rows, scores.sample_size)
+
+    async def for_request(
+        self,
+        acceptance: float | None,
+        snapshot: Snapshot | None,
+        candidates: tuple[Sequence[str], Sequence[str] | None, np.ndarray] | None,
+        pool: Executor | None = None,
+    ) -> OperatingPoint:
+        """The operating point of a classify request: against a label set's snapshot, or against
+        ``candidates`` (labels, templates, their vectors [C, D])."""
+        rate = DEFAULT_ACCEPTANCE if acceptance is None else acceptance
+        scale = self.logit_scale
+        if snapshot is not None:
+            snap = snapshot
+            key: Hashable = ("set", snap.name, snap.version)
+            return await self.point(key, lambda s: snap.search(s, 1, scale), len(snap), rate, pool)
+        assert candidates is not None
+        names, templates, vectors = candidates
+        key = ("labels", tuple(names), tuple(templates or ()))
+        return await self.point(key, lambda s: adhoc_rank(s, vectors, scale, 1), len(vectors), rate, pool)
+
+    async def _scores(self, key: Hashable, compute: Callable[[], SetScores], pool: Executor | None) -> SetScores:
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[SetScores] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            scores = compute() if pool is None else await asyncio.get_running_loop().run_in_executor(pool, compute)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        finally:
+            del self._pending[key]
+        future.set_result(scores)
+        self._cache[key] = scores
+        while len(self._cache) > CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+        return scores

@@ -1,0 +1,134 @@
+"""service/calibration.py: quantile parity with numpy, which sample rows count, caching per version."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.calibration import (
+    MIN_ROWS,
+    Calibrator,
+    NoCalibrationSample,
+    check_unknown_policy,
+    claimed,
+    set_scores,
+    threshold,
+)
+from service.errors import InvalidInput
+from service.index import adhoc_rank, normalise
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 2000])
+@pytest.mark.parametrize("acceptance", [0.05, 0.5, 0.9, 0.95, 0.999, 1.0])
+def test_threshold_is_numpys_lower_quantile_and_accepts_at_least_the_rate(n: int, acceptance: float) -> None:
+    scores = np.random.default_rng(n).normal(size=n)
+    t = threshold(scores, acceptance)
+    assert t == np.quantile(scores, 1 - acceptance, method="lower")
+    assert t == np.sort(scores)[int(np.floor((1 - acceptance) * (n - 1)))]  # the order statistic, by hand
+    assert (scores >= t).mean() >= acceptance - 1e-12
+    below = np.sort(scores)[np.sort(scores) < t]
+    if len(below):  # and it is the highest threshold that does: one step up accepts too few
+        assert (scores >= below.max()).mean() >= acceptance and (scores > t).mean() < acceptance + 1 / n + 1e-12
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.01])
+def test_threshold_refuses_rates_outside_0_1(bad: float) -> None:
+    with pytest.raises(InvalidInput, match="acceptance"):
+        threshold(np.arange(5.0), bad)
+
+
+def _space(seed: int = 0, m: int = 400, d: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """A sample of images around 4 class directions (100 each) and those 4 class vectors."""
+    rng = np.random.default_rng(seed)
+    classes = normalise(rng.normal(size=(4, d)))
+    sample = normalise(np.repeat(classes, m // 4, axis=0) + 0.3 * rng.normal(size=(m, d)))
+    return sample, classes
+
+
+def test_a_set_counts_only_the_sample_rows_it_claims() -> None:
+    sample, vocab = _space()
+    cal = Calibrator(sample, vocab, logit_scale=100.0)
+    ranked = adhoc_rank(sample, vocab[:2], 100.0, 1)  # a set with 2 of the 4 classes
+    got = set_scores(ranked, cal.vocabulary_best)
+    want_rows = (sample @ vocab.T).argmax(1) < 2  # rows whose best vocabulary class is in the set
+    assert got.rows == want_rows.sum() and got.sample_size == len(sample)
+    np.testing.assert_allclose(got.scores, np.sort((sample @ vocab[:2].T).max(1)[want_rows]), atol=1e-6)
+    full = set_scores(adhoc_rank(sample, vocab, 100.0, 1), cal.vocabulary_best)
+    assert full.rows == len(sample)  # the whole vocabulary claims every row (ties go to the set)
+    assert claimed(np.array([0.5]), None).all()  # no vocabulary: every row counts
+
+
+def test_softmax_scores_are_the_rankings_top1_probability() -> None:
+    sample, vocab = _space(1)
+    ranked = adhoc_rank(sample, vocab, 50.0, 1)
+    got = set_scores(ranked, None, "softmax")
+    logits = 50.0 * sample @ vocab.T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(got.scores, np.sort((p / p.sum(1, keepdims=True)).max(1)), atol=1e-5)
+
+
+def test_point_is_computed_once_per_key_and_shared_by_concurrent_requests() -> None:
+    sample, vocab = _space(2)
+    cal = Calibrator(sample, vocab, logit_scale=100.0, inline_work=0)  # always in the pool
+    calls: list[int] = []
+
+    def search(s: np.ndarray, k: int) -> object:
+        calls.append(k)
+        return adhoc_rank(s, vocab[: 2 + k], 100.0, 1)
+
+    async def run() -> list[float]:
+        with ThreadPoolExecutor(2) as pool:
+            first = await asyncio.gather(
+                *[cal.point(("set", "s", 1), lambda s: search(s, 0), 2, a, pool) for a in (0.95, 0.5, 0.95)]  # type: ignore[arg-type, return-value]
+            )
+            again = await cal.point(("set", "s", 1), lambda s: search(s, 0), 2, 0.9, pool)  # type: ignore[arg-type, return-value]
+            other = await cal.point(("set", "s", 2), lambda s: search(s, 1), 3, 0.95, pool)  # type: ignore[arg-type, return-value]
+        return [p.threshold for p in (*first, again, other)]
+
+    t95, t50, t95b, t90, t95v2 = asyncio.run(run())
+    assert calls == [0, 1]  # version 1 once (three concurrent requests, then a cached one), version 2 once
+    assert t95 == t95b and t50 > t95 and t90 >= t95
+    rows = (sample @ vocab.T).argmax(1) < 2
+    assert t95 == pytest.approx(np.quantile((sample @ vocab[:2].T).max(1)[rows], 0.05, method="lower"), abs=1e-6)
+    assert t95v2 != t95
+
+
+def test_too_few_claimed_rows_and_no_sample_are_422s() -> None:
+    sample, vocab = _space(3, m=4 * (MIN_ROWS - 1))
+    cal = Calibrator(sample, vocab, logit_scale=100.0)
+    with pytest.raises(NoCalibrationSample, match="at least 20"):
+        asyncio.run(cal.point("k", lambda s: adhoc_rank(s, vocab[:1], 100.0, 1), 1, 0.95))
+    assert asyncio.run(cal.point("k2", lambda s: adhoc_rank(s, vocab[:2], 100.0, 1), 2, 0.95)).rows >= MIN_ROWS
+    none = Calibrator(None, None, 100.0)
+    with pytest.raises(NoCalibrationSample) as err:
+        none.require()
+    assert err.value.status == 422 and err.value.code == "no_calibration_sample"
+
+
+@pytest.mark.parametrize(
+    ("unknown", "acceptance", "raw", "message"),
+    [
+        (None, 0.9, None, "applies to unknown='calibrated' only"),
+        ("sometimes", None, None, "not a policy"),
+        ("calibrated", None, 0.2, "not both"),
+        ("calibrated", 0.0, None, "within"),
+        ("calibrated", 1.5, None, "within"),
+    ],
+)
+def test_inconsistent_unknown_policies_are_refused(
+    unknown: str | None, acceptance: float | None, raw: float | None, message: str
+) -> None:
+    sample, vocab = _space()
+    with pytest.raises(InvalidInput, match=message):
+        check_unknown_policy(unknown, acceptance, raw, Calibrator(sample, vocab, 100.0))
+
+
+def test_a_consistent_policy_passes_only_with_a_sample() -> None:
+    sample, vocab = _space()
+    check_unknown_policy("calibrated", 0.9, None, Calibrator(sample, vocab, 100.0))
+    check_unknown_policy(None, None, 0.3, Calibrator(None, None, 100.0))
+    with pytest.raises(NoCalibrationSample):
+        check_unknown_policy("calibrated", None, None, Calibrator(None, None, 100.0))
