@@ -196,16 +196,33 @@ def run(bundle_dir: Path, data: str, per_class: int = 200) -> dict[str, Any]:
     }
 
 
+def fashion_bundle(out: Path, seed: int = 1) -> Path:
+    """The PromptKD student bundle of ``promptdistill experiment fashion-mnist`` (one seed, its default
+    sizes), trained here: the experiment's own steps (training/fashion.py), PromptKD only."""
+    from training.fashion import STUDENT_CONFIG, TEACHER_CONFIG, FashionCfg, _data, _promptkd, pretrained
+
+    cfg = FashionCfg(seeds=[seed])
+    bench = load_benchmark(_data(cfg), image_size=64)
+    teacher_bb = pretrained(TEACHER_CONFIG, bench, cfg, out / "pretrained-teacher.safetensors", "teacher")
+    student_bb = pretrained(STUDENT_CONFIG, bench, cfg, out / "pretrained-student.safetensors", "student")
+    _promptkd(teacher_bb, student_bb, cfg, seed, out / f"seed{seed}")
+    return out / f"seed{seed}" / "student" / "bundle"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.openset", description=__doc__)
-    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--bundle", type=Path, default=None, help="a bundle with a calibration sample")
+    parser.add_argument("--train-fashion", type=Path, default=None, help="train the Fashion-MNIST student here first")
     parser.add_argument("--data", choices=("digits", "fashion"), required=True)
     parser.add_argument("--per-class", type=int, default=200, help="fashion: test images per class")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)
-    result = run(args.bundle, args.data, args.per_class)
+    bundle = fashion_bundle(args.train_fashion) if args.train_fashion else args.bundle
+    if bundle is None:
+        parser.error("give --bundle or --train-fashion")
+    result = run(bundle, args.data, args.per_class)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text)

@@ -34,6 +34,7 @@ from typing import Literal
 import numpy as np
 
 from models.bundle import Bundle
+from models.calibration import centroid
 from service import schemas
 from service.errors import InvalidInput
 from service.index import Ranked, Snapshot, adhoc_rank, normalise
@@ -158,6 +159,9 @@ class Calibrator:
         self.sample = None if sample is None else normalise(np.asarray(sample, dtype=np.float32))  # [M, D]
         self.logit_scale = logit_scale
         self.kind = kind
+        #: the in-domain image centroid [D] (mean of the sample's rows; not normalised), e.g. for modality-gap
+        #: corrections of classes built from example images
+        self.centroid = None if self.sample is None else centroid(self.sample)
         self.vocabulary_best: np.ndarray | None = None  # [M] best vocabulary cosine per sample row
         if self.sample is not None and vocabulary is not None and len(vocabulary):
             ranked = adhoc_rank(self.sample, normalise(np.asarray(vocabulary, dtype=np.float32)), logit_scale, 1)

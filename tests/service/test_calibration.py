@@ -132,3 +132,9 @@ def test_a_consistent_policy_passes_only_with_a_sample() -> None:
     check_unknown_policy(None, None, 0.3, Calibrator(None, None, 100.0))
     with pytest.raises(NoCalibrationSample):
         check_unknown_policy("calibrated", None, None, Calibrator(None, None, 100.0))
+
+
+def test_the_centroid_is_the_samples_mean() -> None:
+    sample, vocab = _space(6)
+    np.testing.assert_allclose(Calibrator(sample, vocab, 100.0).centroid, sample.mean(0), atol=1e-6)  # type: ignore[arg-type]
+    assert Calibrator(None, None, 100.0).centroid is None
