@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import re
 from typing import Annotated
 
@@ -12,11 +11,12 @@ import numpy as np
 from fastapi import APIRouter, Path, Query, Response, status
 from pydantic import BeforeValidator
 
-from service.deps import ApiKeyDep, RegistryDep, SettingsDep
+from service.deps import ApiKeyDep, CuratorDep, RegistryDep
 from service.errors import InvalidInput
 from service.index import Snapshot
-from service.names import clean_name, clean_names, clean_set_name, clean_templates
+from service.names import clean_name
 from service.registry import RUNTIME
+from service.routes.quality import quality_out
 from service.schemas import (
     ChangeOut,
     ClassesIn,
@@ -55,7 +55,7 @@ MinVersion = Annotated[
 _ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "API key missing or wrong"},
     404: {"description": "unknown label set or class"},
-    409: {"description": "duplicate name, existing set, or protected set"},
+    409: {"description": "duplicate name, existing set, protected set, or (if_similar='error') a likely duplicate"},
     422: {"description": "invalid names or templates"},
     503: {"description": "database unreachable, or min_version not reached in time (Retry-After)"},
 }
@@ -117,26 +117,22 @@ async def list_label_sets(registry: RegistryDep, min_version: MinVersion = None)
     responses={**_ERRORS, 200: {"model": ClassList, "description": "if_exists='skip' and the set already exists"}},
     summary="create a label set from class names (encoded through the bundle's text side)",
 )
-async def create_label_set(
-    body: LabelSetIn, registry: RegistryDep, settings: SettingsDep, response: Response
-) -> ClassList:
-    name = clean_set_name(body.name)
-    names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
-    templates = clean_templates(body.templates, settings.max_templates)
-    registry.text.check_templates(templates)
+async def create_label_set(body: LabelSetIn, curator: CuratorDep, response: Response) -> ClassList:
     skip = body.if_exists == "skip"
-    create = functools.partial(registry.create, name, names, templates, skip_existing=skip, index=body.index)
-    change = await asyncio.to_thread(create)
+    change = await curator.create(
+        body.name, body.names, body.templates, skip_existing=skip, index=body.index, if_similar=body.if_similar
+    )
     assert change.snapshot is not None
     if change.skipped:
         response.status_code = status.HTTP_200_OK  # the set was already there: nothing created
     snap = change.snapshot
     return ClassList(
-        label_set=name,
+        label_set=snap.name,
         version=change.version,
         index_size=int(snap.index.ntotal),
         index=snap.kind,
         classes=_classes(snap),
+        quality=None if change.skipped else quality_out(change.quality),
     )
 
 
@@ -169,18 +165,14 @@ async def list_classes(
     responses={**_ERRORS, 200: {"model": ChangeOut, "description": "if_exists='skip' and every name was there"}},
     summary="add classes (all or none; if_exists='skip' leaves out names already there); durable before the response",
 )
-async def add_classes(
-    name: SetName, body: ClassesIn, registry: RegistryDep, settings: SettingsDep, response: Response
-) -> ChangeOut:
-    names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
-    templates = clean_templates(body.templates, settings.max_templates)
-    registry.text.check_templates(templates)
+async def add_classes(name: SetName, body: ClassesIn, curator: CuratorDep, response: Response) -> ChangeOut:
     skip = body.if_exists == "skip"
-    change = await asyncio.to_thread(functools.partial(registry.add, name, names, templates, skip_existing=skip))
+    change = await curator.add(name, body.names, body.templates, skip_existing=skip, if_similar=body.if_similar)
     added = [ClassOut(id=i, name=n, provenance=RUNTIME) for i, n in zip(change.ids, change.names, strict=True)]
     if not added:
         response.status_code = status.HTTP_200_OK  # every name was already there: nothing changed
-    return ChangeOut(label_set=name, version=change.version, classes=added, skipped=change.skipped)
+    quality = quality_out(change.quality)
+    return ChangeOut(label_set=name, version=change.version, classes=added, skipped=change.skipped, quality=quality)
 
 
 @router.delete(

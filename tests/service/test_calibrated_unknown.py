@@ -230,3 +230,60 @@ def test_report_lists_the_sets_confusable_pairs(server: LiveServer, calibrated_b
         assert got["tie_rate"] == pytest.approx(ref.tie_rate) and got["support"] == ref.support
     assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
     assert bad.status_code == 422
+
+
+def _brute_tie(sample: np.ndarray, union: np.ndarray, a: int, b: int, scale: float) -> tuple[float, int]:
+    cos = sample @ union.T
+    top = cos.argmax(1)
+    either = (top == a) | (top == b)
+    ties = either & (np.abs(cos[:, a] - cos[:, b]) < np.log(2) / scale)
+    return float(ties.sum() / max(either.sum(), 1)), int(either.sum())
+
+
+def test_adding_a_class_reports_its_nearest_classes_with_tie_rates(server: LiveServer, calibrated_bundle: Path) -> None:
+    with server.client() as http:
+        assert http.post("/v1/label-sets", json={"name": "q", "names": CLASS_NAMES[:6]}).status_code == 201
+        r = http.post("/v1/label-sets/q/classes", json={"names": ["temple"]})
+    assert r.status_code == 201, r.text
+    (quality,) = r.json()["quality"]
+    snap = server.services.registry.get("q")
+    b = load_bundle(calibrated_bundle)
+    assert b.calibration is not None
+    sample, scale = b.calibration.numpy().astype(np.float64), b.manifest.logit_scale
+    vectors = np.asarray(snap.vectors, dtype=np.float64)  # rows: the 6 classes, then "temple"
+    new = snap.names.index("temple")
+    cos = np.delete(vectors @ vectors[new], new)
+    others = [n for n in snap.names if n != "temple"]
+    assert quality["name"] == "temple"
+    assert [n["name"] for n in quality["nearest"]] == [others[i] for i in np.argsort(-cos)[:3]]
+    for n in quality["nearest"]:
+        j = snap.names.index(n["name"])
+        assert n["cosine"] == pytest.approx(float(vectors[j] @ vectors[new]), abs=1e-5)
+        rate, support = _brute_tie(sample, vectors, j, new, scale)
+        assert n["support"] == support and (n["tie_rate"] is None) == (support == 0)
+        if support:
+            assert n["tie_rate"] == pytest.approx(rate, abs=1e-9)
+
+
+def test_a_duplicate_under_another_spelling_is_flagged_and_refused_on_request(server: LiveServer) -> None:
+    with server.client() as http:
+        assert http.post("/v1/label-sets", json={"name": "dup", "names": CLASS_NAMES[:4]}).status_code == 201
+        before = http.get("/v1/label-sets/dup/classes").json()
+        refused = http.post("/v1/label-sets/dup/classes", json={"names": ["CAT", "rocket"], "if_similar": "error"})
+        after = http.get("/v1/label-sets/dup/classes").json()
+        bad = http.post("/v1/label-sets/dup/classes", json={"names": ["rocket"], "if_similar": "maybe"})
+        warned = http.post("/v1/label-sets/dup/classes", json={"names": ["CAT"]})
+        new_set = http.post("/v1/label-sets", json={"name": "dup2", "names": ["dog", "Dog"], "if_similar": "error"})
+        missing = http.get("/v1/label-sets/dup2/classes")
+    assert refused.status_code == 409 and refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert problem["code"] == "similar_classes" and "'CAT' ~ 'cat'" in problem["detail"]
+    assert {"name": "CAT", "similar_to": "cat"}.items() <= problem["pairs"][0].items()
+    assert after == before  # nothing stored, not even the unflagged "rocket"
+    assert bad.status_code == 422 and bad.json()["code"] == "validation_error"
+    assert warned.status_code == 201
+    (q,) = warned.json()["quality"]
+    top = q["nearest"][0]
+    assert q["flagged"] and top["name"] == "cat" and top["flagged"] and top["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert new_set.status_code == 409 and new_set.json()["code"] == "similar_classes"
+    assert missing.status_code == 404  # the set was not created
