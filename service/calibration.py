@@ -3,21 +3,26 @@ calibration sample (in-domain image embeddings stored at export, models/calibrat
 
 For a set (or a request's candidate labels) and an acceptance rate ``a`` (default 0.95), the
 threshold is the ``1 - a`` quantile of the sample's top-1 scores against the set's current vectors
-(numpy's ``method="lower"``: at least ``a`` of those sample rows score at or above it), so the
-operating point stays calibrated as classes are added or removed. An image whose top-1 score is
-below the threshold is answered ``unknown``.
+(numpy's weighted ``method="inverted_cdf"``: sample images of at least ``a`` of the weight score at
+or above it), so the operating point stays calibrated as classes are added or removed. An image
+whose top-1 score is below the threshold is answered ``unknown``.
 
-Which sample rows count: the sample covers the whole domain, and a set usually names only part
-of it (5 of 10 digits). A threshold accepting 95 % of *all* sample rows would also accept 95 %
-of the images of classes the set lacks. So a row counts for a set when the set claims it: its
-best class among (the set's classes + the bundle's own vocabulary, i.e. its stored label sets)
-is one of the set's, ties going to the set. A set that covers the vocabulary counts every row.
+Which sample images count, and how much: the sample covers the whole domain, and a set usually
+names only part of it (5 of 10 digits). A threshold accepting 95 % of *all* sample images would
+also accept 95 % of the images of classes the set lacks. So each sample image is weighted by the
+probability that its class is one of the set's: the model's own softmax (the bundle's logit
+scale) over the set's classes plus the bundle's vocabulary (its stored label sets) less the
+vocabulary classes the set already has. The weighted quantile then estimates the score
+distribution of the set's own in-domain images. (Counting only the images whose top-1 is one of
+the set's was measured too: it keeps the confidently classified images only and sets the
+threshold too high; see docs/experiments.md.) A set that covers the vocabulary weighs every image 1.
 
 The score is the top-1 cosine (``SCORE``): it is what the raw ``unknown_threshold`` compares, it
 does not depend on the other classes, and the open-set figures in BENCHMARKS.md compare it with
 the top-1 softmax probability.
 
-Computing a version's scores is one search of the sample (<= 2,000 rows) against the set; it is
+Computing a version's scores is one search of the sample (<= 2,000 images) and of the vocabulary
+against the set; it is
 done once per (set, version) — thresholds for every acceptance rate come from the same sorted
 scores — off the event loop for big sets, and shared by concurrent requests.
 """
@@ -42,9 +47,9 @@ from service.index import Ranked, Snapshot, adhoc_rank, normalise
 ScoreKind = Literal["cosine", "softmax"]
 SCORE: ScoreKind = "cosine"
 DEFAULT_ACCEPTANCE = 0.95
-MIN_ROWS = 20  # sample rows a threshold must rest on (fewer: refused, not guessed)
+MIN_ROWS = 20  # expected sample images of the set's classes a threshold must rest on (fewer: refused)
 CACHE_ENTRIES = 64  # (set, version) and candidate-label entries kept
-TIE_TOLERANCE = 1e-5  # a set's class and an identical vocabulary class score within float error
+DUPLICATE_COSINE = 1.0 - 1e-5  # a vocabulary class the set already has (float error apart)
 
 
 class NoCalibrationSample(InvalidInput):
@@ -53,12 +58,12 @@ class NoCalibrationSample(InvalidInput):
     code = "no_calibration_sample"
 
 
-def threshold(scores: np.ndarray, acceptance: float) -> float:
-    """The ``1 - acceptance`` quantile (method "lower") of ``scores`` [M]: at least ``acceptance`` of
-    them are >= the result."""
+def threshold(scores: np.ndarray, acceptance: float, weights: np.ndarray | None = None) -> float:
+    """The ``1 - acceptance`` quantile (numpy's method "inverted_cdf", optionally weighted) of
+    ``scores`` [M]: at least ``acceptance`` of the (weighted) scores are >= the result."""
     if not 0.0 < acceptance <= 1.0:
         raise InvalidInput(f"acceptance: must be within (0, 1], got {acceptance}")
-    return float(np.quantile(scores, 1.0 - acceptance, method="lower"))
+    return float(np.quantile(scores, 1.0 - acceptance, method="inverted_cdf", weights=weights))
 
 
 def top1(ranked: Ranked, kind: ScoreKind) -> np.ndarray:
@@ -70,12 +75,17 @@ def top1(ranked: Ranked, kind: ScoreKind) -> np.ndarray:
 class SetScores:
     """The sample against one version of one set (or one candidate list)."""
 
-    scores: np.ndarray  # [R] top-1 scores of the rows the set claims, ascending
-    rows: int  # R
+    scores: np.ndarray  # [M] top-1 scores
+    weights: np.ndarray  # [M] probability that the image's class is one of the set's
     sample_size: int  # M
 
+    @property
+    def rows(self) -> int:
+        """Expected number of sample images of the set's classes."""
+        return round(float(self.weights.sum()))
+
     def threshold(self, acceptance: float) -> float:
-        return threshold(self.scores, acceptance)
+        return threshold(self.scores, acceptance, self.weights)
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ class OperatingPoint:
     threshold: float
     acceptance: float
     score: ScoreKind
-    rows: int  # sample rows the threshold rests on (those the set claims)
+    rows: int  # expected sample images of the set's classes the threshold rests on
     sample_size: int
 
     def rejects(self, cosine: float, softmax: float) -> bool:
@@ -127,18 +137,31 @@ def check_unknown_policy(
     calibrator.require()
 
 
-def claimed(set_best: np.ndarray, vocabulary_best: np.ndarray | None) -> np.ndarray:
-    """Rows [M] (bool) the set claims: its top-1 cosine is at least the vocabulary's best (ties: the set)."""
-    if vocabulary_best is None:
-        return np.ones(len(set_best), dtype=bool)
-    return set_best >= vocabulary_best - TIE_TOLERANCE
+def membership(
+    ranked: Ranked, vocabulary_logits: np.ndarray | None, duplicated: np.ndarray | None, scale: float
+) -> np.ndarray:
+    """P(class in the set) per sample image [M]: the softmax mass of the set's classes among (the set's
+    classes + the vocabulary classes not ``duplicated`` in it).
+
+    ``ranked``: the sample against the set (top-1 cosine and softmax probability give the set's
+    partition function, also for sets too large to score in full); ``vocabulary_logits`` [M, V]:
+    ``scale * cosine`` of the sample and the vocabulary.
+    """
+    if vocabulary_logits is None:
+        return np.ones(len(ranked.cosines), dtype=np.float64)
+    rest = vocabulary_logits if duplicated is None else vocabulary_logits[:, ~duplicated]
+    if rest.shape[1] == 0:
+        return np.ones(len(ranked.cosines), dtype=np.float64)
+    # log Z_set = s * cos_top - log p_top  (p_top = exp(s * cos_top) / Z_set)
+    log_z_set = scale * ranked.cosines[:, 0].astype(np.float64) - np.log(ranked.scores[:, 0].astype(np.float64))
+    peak = rest.max(1)
+    log_z_rest = peak + np.log(np.exp(rest - peak[:, None]).sum(1))
+    return 1.0 / (1.0 + np.exp(np.clip(log_z_rest - log_z_set, -700, 700)))
 
 
-def set_scores(ranked: Ranked, vocabulary_best: np.ndarray | None, kind: ScoreKind = SCORE) -> SetScores:
-    """The sample's ranking against a set (top-1 at least) -> the claimed rows' sorted scores."""
-    keep = claimed(ranked.cosines[:, 0].astype(np.float64), vocabulary_best)
-    scores = np.sort(top1(ranked, kind)[keep])
-    return SetScores(scores, int(keep.sum()), len(keep))
+def set_scores(ranked: Ranked, weights: np.ndarray, kind: ScoreKind = SCORE) -> SetScores:
+    """The sample's ranking against a set (top-1 at least) and each image's membership weight."""
+    return SetScores(top1(ranked, kind), weights, len(weights))
 
 
 class Calibrator:
@@ -162,10 +185,11 @@ class Calibrator:
         #: the in-domain image centroid [D] (mean of the sample's rows; not normalised), e.g. for modality-gap
         #: corrections of classes built from example images
         self.centroid = None if self.sample is None else centroid(self.sample)
-        self.vocabulary_best: np.ndarray | None = None  # [M] best vocabulary cosine per sample row
+        self.vocabulary: np.ndarray | None = None  # [V, D]
+        self.vocabulary_logits: np.ndarray | None = None  # [M, V] scale * cosine, float64
         if self.sample is not None and vocabulary is not None and len(vocabulary):
-            ranked = adhoc_rank(self.sample, normalise(np.asarray(vocabulary, dtype=np.float32)), logit_scale, 1)
-            self.vocabulary_best = ranked.cosines[:, 0].astype(np.float64)
+            self.vocabulary = normalise(np.asarray(vocabulary, dtype=np.float32))
+            self.vocabulary_logits = logit_scale * (self.sample @ self.vocabulary.T).astype(np.float64)
         self._cache: OrderedDict[Hashable, SetScores] = OrderedDict()
         self._pending: dict[Hashable, asyncio.Future[SetScores]] = {}
 
@@ -200,18 +224,28 @@ class Calibrator:
         ``search(sample)`` ranks the sample against the set's ``n_classes`` classes (top-1 suffices).
         Computed once per key, in ``pool`` unless small; concurrent requests for one key share it.
         """
-        sample = self.require()
-
-        def compute() -> SetScores:
-            return set_scores(search(sample), self.vocabulary_best, self.kind)
-
-        scores = await self._scores(key, compute, pool if self.work(n_classes) > self.inline_work else None)
+        self.require()
+        inline = self.work(n_classes) <= self.inline_work
+        scores = await self._scores(key, lambda: self.scores_for(search), None if inline else pool)
         if scores.rows < MIN_ROWS:
             raise NoCalibrationSample(
-                f"only {scores.rows} of the {scores.sample_size} calibration images belong to this set's classes "
+                f"only about {scores.rows} of the {scores.sample_size} calibration images are of this set's classes "
                 f"(at least {MIN_ROWS} are needed to calibrate); send a raw unknown_threshold instead"
             )
         return OperatingPoint(scores.threshold(acceptance), acceptance, self.kind, scores.rows, scores.sample_size)
+
+    def scores_for(self, search: Callable[[np.ndarray], Ranked], kind: ScoreKind | None = None) -> SetScores:
+        """The sample's top-1 scores against a set and their membership weights (blocking).
+
+        ``search(queries)`` ranks queries [Q, D] against the set (top-1 suffices).
+        """
+        sample = self.require()
+        ranked = search(sample)
+        duplicated = None
+        if self.vocabulary is not None:
+            duplicated = search(self.vocabulary).cosines[:, 0] >= DUPLICATE_COSINE  # [V] the set has them
+        weights = membership(ranked, self.vocabulary_logits, duplicated, self.logit_scale)
+        return set_scores(ranked, weights, kind or self.kind)
 
     async def for_request(
         self,

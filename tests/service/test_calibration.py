@@ -13,7 +13,6 @@ from service.calibration import (
     Calibrator,
     NoCalibrationSample,
     check_unknown_policy,
-    claimed,
     set_scores,
     threshold,
 )
@@ -23,15 +22,18 @@ from service.index import adhoc_rank, normalise
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100, 2000])
 @pytest.mark.parametrize("acceptance", [0.05, 0.5, 0.9, 0.95, 0.999, 1.0])
-def test_threshold_is_numpys_lower_quantile_and_accepts_at_least_the_rate(n: int, acceptance: float) -> None:
-    scores = np.random.default_rng(n).normal(size=n)
-    t = threshold(scores, acceptance)
-    assert t == np.quantile(scores, 1 - acceptance, method="lower")
-    assert t == np.sort(scores)[int(np.floor((1 - acceptance) * (n - 1)))]  # the order statistic, by hand
-    assert (scores >= t).mean() >= acceptance - 1e-12
-    below = np.sort(scores)[np.sort(scores) < t]
-    if len(below):  # and it is the highest threshold that does: one step up accepts too few
-        assert (scores >= below.max()).mean() >= acceptance and (scores > t).mean() < acceptance + 1 / n + 1e-12
+@pytest.mark.parametrize("weighted", [False, True])
+def test_threshold_is_numpys_quantile_and_the_highest_that_accepts_the_rate(
+    n: int, acceptance: float, weighted: bool
+) -> None:
+    rng = np.random.default_rng(n)
+    scores = rng.normal(size=n)
+    w = rng.uniform(0.0, 1.0, size=n) if weighted else np.ones(n)
+    t = threshold(scores, acceptance, w if weighted else None)
+    assert t == np.quantile(scores, 1 - acceptance, method="inverted_cdf", weights=w if weighted else None)
+    total = w.sum()
+    assert w[scores >= t].sum() >= acceptance * total - 1e-9  # accepts at least the rate
+    assert w[scores > t].sum() < acceptance * total + 1e-9  # the next score up would accept less
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.01])
@@ -48,26 +50,39 @@ def _space(seed: int = 0, m: int = 400, d: int = 16) -> tuple[np.ndarray, np.nda
     return sample, classes
 
 
-def test_a_set_counts_only_the_sample_rows_it_claims() -> None:
+def _brute_membership(sample: np.ndarray, set_vectors: np.ndarray, vocab: np.ndarray, scale: float) -> np.ndarray:
+    """By the definition: softmax over the set's classes + the vocabulary classes the set lacks."""
+    lacks = (vocab @ set_vectors.T).max(1) < 1 - 1e-5
+    union = np.vstack([set_vectors, vocab[lacks]]).astype(np.float64)
+    logits = scale * sample.astype(np.float64) @ union.T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p[:, : len(set_vectors)].sum(1) / p.sum(1)
+
+
+@pytest.mark.parametrize("scale", [10.0, 100.0])
+def test_each_image_weighs_the_probability_that_its_class_is_in_the_set(scale: float) -> None:
     sample, vocab = _space()
-    cal = Calibrator(sample, vocab, logit_scale=100.0)
-    ranked = adhoc_rank(sample, vocab[:2], 100.0, 1)  # a set with 2 of the 4 classes
-    got = set_scores(ranked, cal.vocabulary_best)
-    want_rows = (sample @ vocab.T).argmax(1) < 2  # rows whose best vocabulary class is in the set
-    assert got.rows == want_rows.sum() and got.sample_size == len(sample)
-    np.testing.assert_allclose(got.scores, np.sort((sample @ vocab[:2].T).max(1)[want_rows]), atol=1e-6)
-    full = set_scores(adhoc_rank(sample, vocab, 100.0, 1), cal.vocabulary_best)
-    assert full.rows == len(sample)  # the whole vocabulary claims every row (ties go to the set)
-    assert claimed(np.array([0.5]), None).all()  # no vocabulary: every row counts
+    cal = Calibrator(sample, vocab, logit_scale=scale)
+    novel = normalise(np.random.default_rng(7).normal(size=(1, vocab.shape[1])))
+    for set_vectors in (vocab[:2], np.vstack([vocab[:1], novel]), vocab):
+        got = cal.scores_for(lambda q, v=set_vectors: adhoc_rank(q, v, scale, 1))  # type: ignore[misc]
+        want = _brute_membership(sample, set_vectors, vocab, scale)
+        np.testing.assert_allclose(got.weights, want, atol=2e-5)  # float32 cosines x the logit scale
+        np.testing.assert_allclose(got.scores, (sample @ set_vectors.T).max(1), atol=1e-6)
+    full = cal.scores_for(lambda q: adhoc_rank(q, vocab, scale, 1))
+    assert full.rows == len(sample)  # a set with the whole vocabulary weighs every image 1
+    assert np.allclose(
+        Calibrator(sample, None, scale).scores_for(lambda q: adhoc_rank(q, vocab[:1], scale, 1)).weights, 1
+    )
 
 
 def test_softmax_scores_are_the_rankings_top1_probability() -> None:
     sample, vocab = _space(1)
     ranked = adhoc_rank(sample, vocab, 50.0, 1)
-    got = set_scores(ranked, None, "softmax")
+    got = set_scores(ranked, np.ones(len(sample)), "softmax")
     logits = 50.0 * sample @ vocab.T
     p = np.exp(logits - logits.max(1, keepdims=True))
-    np.testing.assert_allclose(got.scores, np.sort((p / p.sum(1, keepdims=True)).max(1)), atol=1e-5)
+    np.testing.assert_allclose(got.scores, (p / p.sum(1, keepdims=True)).max(1), atol=1e-5)
 
 
 def test_point_is_computed_once_per_key_and_shared_by_concurrent_requests() -> None:
@@ -76,7 +91,7 @@ def test_point_is_computed_once_per_key_and_shared_by_concurrent_requests() -> N
     calls: list[int] = []
 
     def search(s: np.ndarray, k: int) -> object:
-        calls.append(k)
+        calls.append(k) if len(s) == len(sample) else None  # the sample's searches (not the vocabulary's)
         return adhoc_rank(s, vocab[: 2 + k], 100.0, 1)
 
     async def run() -> list[float]:
@@ -91,15 +106,16 @@ def test_point_is_computed_once_per_key_and_shared_by_concurrent_requests() -> N
     t95, t50, t95b, t90, t95v2 = asyncio.run(run())
     assert calls == [0, 1]  # version 1 once (three concurrent requests, then a cached one), version 2 once
     assert t95 == t95b and t50 > t95 and t90 >= t95
-    rows = (sample @ vocab.T).argmax(1) < 2
-    assert t95 == pytest.approx(np.quantile((sample @ vocab[:2].T).max(1)[rows], 0.05, method="lower"), abs=1e-6)
+    w = _brute_membership(sample, vocab[:2], vocab, 100.0)
+    want = np.quantile((sample @ vocab[:2].T).max(1), 0.05, method="inverted_cdf", weights=w)
+    assert t95 == pytest.approx(want, abs=1e-6)
     assert t95v2 != t95
 
 
 def test_too_few_claimed_rows_and_no_sample_are_422s() -> None:
     sample, vocab = _space(3, m=4 * (MIN_ROWS - 1))
     cal = Calibrator(sample, vocab, logit_scale=100.0)
-    with pytest.raises(NoCalibrationSample, match="at least 20"):
+    with pytest.raises(NoCalibrationSample, match="at least 20"):  # about 19 images are of class 0
         asyncio.run(cal.point("k", lambda s: adhoc_rank(s, vocab[:1], 100.0, 1), 1, 0.95))
     assert asyncio.run(cal.point("k2", lambda s: adhoc_rank(s, vocab[:2], 100.0, 1), 2, 0.95)).rows >= MIN_ROWS
     none = Calibrator(None, None, 100.0)
