@@ -20,6 +20,7 @@ from service.settings import Settings
 from tests.conftest import CLASS_NAMES, TINY_CONFIG
 from tests.service.conftest import LiveServer, png_bytes
 
+pytestmark = pytest.mark.slow  # builds a calibrated bundle and starts a server (about a minute)
 N_HELD_OUT = 48
 
 
