@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,17 @@ from training.variants import FASHION_MNIST_ROOT
 
 log = logging.getLogger(__name__)
 ACCEPT = 0.95
-VARIANTS = {"Title case": str.title, "UPPER CASE": str.upper, "trailing '!'": lambda n: n + "!"}
+
+
+def _exclaimed(name: str) -> str:
+    return name + "!"
+
+
+VARIANTS: dict[str, Callable[[str], str]] = {
+    "Title case": str.title,
+    "UPPER CASE": str.upper,
+    "trailing '!'": _exclaimed,
+}
 
 
 def load_test(bundle: Bundle, data: str, per_class: int) -> tuple[Benchmark, Any]:
@@ -84,15 +95,16 @@ def open_set(
     assert cal.sample is not None
     is_known = np.isin(labels, known)
     out: dict[str, Any] = {"known": known, "n_known": int(is_known.sum()), "n_unknown": int((~is_known).sum())}
-    for kind in ("cosine", "softmax"):
-        s = scores(emb, vectors, cal.logit_scale, kind)  # type: ignore[arg-type]
-        calibrated = cal.scores_for(lambda q: adhoc_rank(q, vectors, cal.logit_scale, 1), kind)  # type: ignore[arg-type]
+    kinds: tuple[ScoreKind, ...] = ("cosine", "softmax")
+    for kind in kinds:
+        s = scores(emb, vectors, cal.logit_scale, kind)
+        calibrated = cal.scores_for(lambda q: adhoc_rank(q, vectors, cal.logit_scale, 1), kind)
         # the alternatives measured against it: every sample image weighs 1 ("all"), or only the images
         # whose top-1 among set + vocabulary is the set's ("top-1 claimed")
         assert cal.vocabulary is not None
         claimed = (cal.sample @ vectors.T).max(1) >= (cal.sample @ cal.vocabulary.T).max(1) - 1e-5
         hindsight = threshold(s[is_known], ACCEPT)  # accepts 95 % of the known test images
-        row = {"auroc": float(roc_auc_score(is_known, s)), "calibration_images": calibrated.rows}
+        row: dict[str, Any] = {"auroc": float(roc_auc_score(is_known, s)), "calibration_images": calibrated.rows}
         for name, t in (
             ("calibrated", calibrated.threshold(ACCEPT)),
             ("all_sample_images", threshold(calibrated.scores, ACCEPT)),
