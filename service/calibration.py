@@ -48,6 +48,8 @@ ScoreKind = Literal["cosine", "softmax"]
 SCORE: ScoreKind = "cosine"
 DEFAULT_ACCEPTANCE = 0.95
 MIN_ROWS = 20  # expected sample images of the set's classes a threshold must rest on (fewer: refused)
+MAX_WORK = 20_000_000_000  # multiply-adds one version's calibration may cost (a few seconds on 2 cores)
+MIN_SAMPLE = 256  # sample images searched at least, however large the set
 CACHE_ENTRIES = 64  # (set, version) and candidate-label entries kept
 DUPLICATE_COSINE = 1.0 - 1e-5  # a vocabulary class the set already has (float error apart)
 
@@ -185,6 +187,8 @@ class Calibrator:
         #: the in-domain image centroid [D] (mean of the sample's rows; not normalised), e.g. for modality-gap
         #: corrections of classes built from example images
         self.centroid = None if self.sample is None else centroid(self.sample)
+        # a fixed uniform order of the sample: huge sets search a prefix of it (rows_within)
+        self._order = np.random.default_rng(0).permutation(0 if self.sample is None else len(self.sample))
         self.vocabulary: np.ndarray | None = None  # [V, D]
         self.vocabulary_logits: np.ndarray | None = None  # [M, V] scale * cosine, float64
         if self.sample is not None and vocabulary is not None and len(vocabulary):
@@ -225,8 +229,9 @@ class Calibrator:
         Computed once per key, in ``pool`` unless small; concurrent requests for one key share it.
         """
         self.require()
+        rows = self.rows_within(n_classes)
         inline = self.work(n_classes) <= self.inline_work
-        scores = await self._scores(key, lambda: self.scores_for(search), None if inline else pool)
+        scores = await self._scores(key, lambda: self.scores_for(search, rows=rows), None if inline else pool)
         if scores.rows < MIN_ROWS:
             raise NoCalibrationSample(
                 f"only about {scores.rows} of the {scores.sample_size} calibration images are of this set's classes "
@@ -234,17 +239,33 @@ class Calibrator:
             )
         return OperatingPoint(scores.threshold(acceptance), acceptance, self.kind, scores.rows, scores.sample_size)
 
-    def scores_for(self, search: Callable[[np.ndarray], Ranked], kind: ScoreKind | None = None) -> SetScores:
+    def rows_within(self, n_classes: int) -> int:
+        """Sample images searched against a set of ``n_classes``: all of them unless that would cost more
+        than ``MAX_WORK`` multiply-adds (a huge exact set), then fewer, never below ``MIN_SAMPLE``."""
+        sample = self.require()
+        per_row = max(1, n_classes * sample.shape[1])
+        return int(min(len(sample), max(MIN_SAMPLE, MAX_WORK // per_row)))
+
+    def scores_for(
+        self, search: Callable[[np.ndarray], Ranked], kind: ScoreKind | None = None, rows: int | None = None
+    ) -> SetScores:
         """The sample's top-1 scores against a set and their membership weights (blocking).
 
-        ``search(queries)`` ranks queries [Q, D] against the set (top-1 suffices).
+        ``search(queries)`` ranks queries [Q, D] against the set (top-1 suffices). ``rows``: use a seeded
+        uniform draw of that many sample images (default: all).
         """
         sample = self.require()
+        pick = None if rows is None or rows >= len(sample) else self._order[:rows]
+        if pick is not None:
+            sample = sample[pick]
         ranked = search(sample)
         duplicated = None
         if self.vocabulary is not None:
             duplicated = search(self.vocabulary).cosines[:, 0] >= DUPLICATE_COSINE  # [V] the set has them
-        weights = membership(ranked, self.vocabulary_logits, duplicated, self.logit_scale)
+        logits = self.vocabulary_logits
+        if logits is not None and pick is not None:
+            logits = logits[pick]
+        weights = membership(ranked, logits, duplicated, self.logit_scale)
         return set_scores(ranked, weights, kind or self.kind)
 
     async def for_request(

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from service.calibration import (
+    MAX_WORK,
     MIN_ROWS,
+    MIN_SAMPLE,
     Calibrator,
     NoCalibrationSample,
     check_unknown_policy,
@@ -154,3 +156,25 @@ def test_the_centroid_is_the_samples_mean() -> None:
     sample, vocab = _space(6)
     np.testing.assert_allclose(Calibrator(sample, vocab, 100.0).centroid, sample.mean(0), atol=1e-6)  # type: ignore[arg-type]
     assert Calibrator(None, None, 100.0).centroid is None
+
+
+def test_huge_sets_search_a_bounded_uniform_part_of_the_sample() -> None:
+    sample, vocab = _space(8, m=800)
+    cal = Calibrator(sample, vocab, 100.0)
+    d = sample.shape[1]
+    assert cal.rows_within(4) == 800  # small set: every image
+    rows = cal.rows_within(MAX_WORK // (d * 300))  # 300 rows' worth of work
+    assert rows == 300
+    assert cal.rows_within(10**12) == MIN_SAMPLE  # never fewer than MIN_SAMPLE
+    seen: list[int] = []
+
+    def search(q: np.ndarray) -> object:
+        seen.append(len(q))
+        return adhoc_rank(q, vocab[:2], 100.0, 1)
+
+    part = cal.scores_for(search, rows=300)  # type: ignore[arg-type]
+    assert seen[0] == 300 and part.sample_size == 300
+    full = cal.scores_for(lambda q: adhoc_rank(q, vocab[:2], 100.0, 1))
+    picked = np.random.default_rng(0).permutation(800)[:300]  # the documented draw
+    np.testing.assert_allclose(part.scores, full.scores[picked], atol=1e-7)
+    np.testing.assert_allclose(part.weights, full.weights[picked], atol=1e-7)
