@@ -6,7 +6,7 @@ The first producer of bundles, so the service can start before any training exis
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -132,6 +132,32 @@ def add_onnx(
     return files
 
 
+def add_calibration_images(bundle: Bundle, tower: ImageTower, folder: str | Path, seed: int = 0) -> Bundle:
+    """Embed (a bounded seeded draw of) the images under ``folder`` as ``bundle``'s calibration sample."""
+    from PIL import Image
+
+    from models.calibration import attach, chunks, draw, embed_batches, image_files
+
+    files = image_files(folder)
+    picked = draw(len(files), seed=seed).tolist()
+    cfg = bundle.manifest.image_encoder.preprocess.to_config()
+    device = next(tower.parameters()).device
+
+    def batches() -> Iterator[torch.Tensor]:
+        for part in chunks(picked, 64):
+            images = []
+            for i in part:
+                with Image.open(files[i]) as im:
+                    images.append(im.convert("RGB"))
+            yield torch.from_numpy(preprocess_batch(images, cfg)).to(device)
+
+    was_training = tower.training
+    sample = embed_batches(tower.eval(), batches())
+    tower.train(was_training)
+    source = f"held-out images: {len(picked)} of {len(files)} under {Path(folder).name}"
+    return attach(bundle, sample, source, seed=seed if len(picked) < len(files) else None)
+
+
 def build_zeroshot_bundle(
     model: str,
     pretrained: str | None,
@@ -144,14 +170,19 @@ def build_zeroshot_bundle(
     int8_min_cosine: float | None = None,
     device: str = "cpu",
     progress: bool = True,
+    calibration_images: str | Path | None = None,
 ) -> Bundle:
     """Build, optionally ONNX-export, and save a zero-shot bundle; returns it loaded from ``out``.
 
     ``int8`` adds a dynamically quantised ONNX image tower next to the fp32 one (implies ``onnx``),
-    refused below ``int8_min_cosine`` (see :func:`add_onnx`).
+    refused below ``int8_min_cosine`` (see :func:`add_onnx`). ``calibration_images``: a folder of
+    held-out in-domain images; at most ``MAX_CALIBRATION`` of them (a seeded draw) are embedded and
+    stored as the bundle's calibration sample.
     """
     backbone = load_backbone(model, pretrained, device=device)
     bundle = zeroshot_bundle(backbone, class_names, templates, progress=progress)
+    if calibration_images is not None:
+        add_calibration_images(bundle, ImageTower(PromptedImageEncoder(backbone.model)), calibration_images)
     out = Path(out)
 
     def exports(stage: Path) -> dict[str, Path]:

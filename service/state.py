@@ -18,6 +18,7 @@ from models.bundle import Bundle, BundleError, bundle_space, load_bundle
 from models.card import bundle_version
 from models.towers import TextSide
 from service.admission import Admission, AdmissionCfg
+from service.calibration import bundle_calibrator
 from service.classifier import Classifier, PipelineHooks
 from service.curator import Curator
 from service.encoders import (
@@ -34,6 +35,7 @@ from service.images import EncodedImage, ImageLimits, configure_pil
 from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
 from service.migration import Migrator
+from service.quality import QualityGate
 from service.registry import Registry, check_store_matches
 from service.settings import Settings
 from service.store import open_store
@@ -161,6 +163,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         logit_scale=float(bundle.manifest.logit_scale),
         on_images=metrics.images.inc,
         model_version=bundle_version(bundle),
+        calibration=bundle_calibrator(bundle),
     )
     log.info(
         "admission: %d images in flight at most (%s; %.1f ms per image)",
@@ -168,7 +171,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         "max_images_in_flight" if settings.max_images_in_flight else f"target latency {settings.target_latency_s:g} s",
         1000 * admission.image_s,
     )
-    curator = Curator(settings, registry, text)
+    curator = Curator(settings, registry, text, QualityGate(classifier.calibration.sample, classifier.logit_scale))
     migrator = Migrator(registry, text)
     return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, migrator, metrics, probe)
 

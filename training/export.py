@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from models import __version__
 from models.backbone import Backbone
@@ -171,6 +172,22 @@ def _projector(projector: Projector | None) -> tuple[dict[str, torch.Tensor] | N
         return None, None
     state = {k: v.detach().cpu() for k, v in projector.state_dict().items()}
     return state, ProjectorSpec(in_dim=projector.cfg.in_dim, out_dim=projector.cfg.out_dim)
+
+
+def add_calibration(
+    bundle: Bundle, tower: ImageTower, images: Dataset[Any], source: str, *, seed: int = 0, batch_size: int = 100
+) -> Bundle:
+    """Embed a bounded seeded draw (models.calibration.draw) of ``images`` (pixels, label) with
+    ``tower`` (eval mode, its device) as ``bundle``'s calibration sample."""
+    from models.calibration import attach, draw, embed_batches
+
+    picked = draw(len(images), seed=seed).tolist()  # type: ignore[arg-type]
+    loader = DataLoader(Subset(images, picked), batch_size=batch_size, shuffle=False)
+    device = next(tower.parameters()).device
+    was_training = tower.training
+    sample = embed_batches(tower.eval(), (pixels.to(device) for pixels, _ in loader))
+    tower.train(was_training)
+    return attach(bundle, sample, f"{source}: {len(picked)} of {len(images)}", seed=seed)  # type: ignore[arg-type]
 
 
 def write_bundle(
