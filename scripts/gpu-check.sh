@@ -9,6 +9,7 @@
 # The check writes $OUT/gpu.json (section by section, so a run cut short keeps what it measured),
 # $OUT/gpu.log and $OUT/gpu_server.log; without $OUT, bench/results/. Without CUDA it exits 2 and
 # writes nothing. `scripts/gpu-check.sh dry-run` runs the same code on the CPU with tiny models.
+# GPU_CHECK_SCALE=0.5 halves every section's time box (default 1: about 7 minutes of checks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.whl
