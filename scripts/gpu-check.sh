@@ -48,13 +48,17 @@ case "${1:-run}" in
     prepare) prepare ;;
     run | dry-run)
         out=${OUT:-bench/results}
-        mkdir -p "$out"
         if [ "${1:-run}" = run ]; then
+            if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 2)'; then
+                echo "gpu-check: torch sees no CUDA device here: nothing measured, nothing written" >&2
+                exit 2
+            fi
             install
             extra=()
         else
             extra=(--cpu-dry-run)
         fi
+        mkdir -p "$out"
         # Our wheels first; the repository itself after them; what the machine has stays visible.
         export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
         "$PYTHON" -c 'import torch; print("gpu-check:", torch.__version__, "CUDA", torch.version.cuda, "available:", torch.cuda.is_available())'

@@ -9,6 +9,10 @@ result never poses as a GPU result, and that the report renders it.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +20,10 @@ import pytest
 from bench.__main__ import main
 from bench.gpu import DRY_PLAN, section
 
-pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu-check.sh"
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_runs_every_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["gpu", "--cpu-dry-run", "--out", str(tmp_path)]) == 0
     assert not (tmp_path / "gpu.json").exists(), "a CPU run must never write the GPU result file"
@@ -52,3 +57,16 @@ def test_cpu_dry_run_runs_every_section(tmp_path: Path, capsys: pytest.CaptureFi
     rendered = "\n".join(section(doc))
     assert "DRY RUN ON CPU" in rendered and "student fp16" in rendered
     assert "Not measured yet" in "\n".join(section(None))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_script_refuses_without_cuda_and_writes_nothing(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the check would run for real")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "no CUDA device" in done.stderr and not out.exists()
