@@ -369,7 +369,8 @@ def faiss_section(plan: Plan) -> Callable[[Clock, dict[str, Any]], None]:
             faiss = None
         out["faiss"] = getattr(faiss, "__version__", "?") if faiss is not None else NOT_HERE
         gpu = faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-        out["faiss_gpu"] = "present (not timed by this check)" if gpu else NOT_HERE
+        out["faiss_gpu"] = "measured" if gpu else NOT_HERE
+        resources = faiss.StandardGpuResources() if gpu else None
         if faiss is not None:
             out["faiss_threads"] = faiss.omp_get_max_threads()
         d = embed_dim(plan.teacher)  # class vectors live in the teacher's space
@@ -384,14 +385,15 @@ def faiss_section(plan: Plan) -> Callable[[Clock, dict[str, Any]], None]:
             if faiss is not None:
                 index = faiss.IndexFlatIP(d)
                 index.add(x)
-            out[f"n{n}"] = row = {"d": d, **search_timings(x, index, rng)}
+            on_gpu = faiss.index_cpu_to_gpu(resources, 0, index) if resources is not None else None
+            out[f"n{n}"] = row = {"d": d, **search_timings(x, index, rng, on_gpu)}
             log.info("search n=%d: %s", n, {k: round(v["median_ms"], 2) for k, v in row.items() if k != "d"})
 
     return run
 
 
-def search_timings(x: np.ndarray, index: Any, rng: np.random.Generator) -> dict[str, Any]:
-    """Top-5 of 1 / 16 / 64 queries over vectors ``x`` [n, d]: numpy exact, and the FAISS index if any."""
+def search_timings(x: np.ndarray, index: Any, rng: np.random.Generator, on_gpu: Any = None) -> dict[str, Any]:
+    """Top-5 of 1 / 16 / 64 queries over vectors ``x`` [n, d]: numpy exact, and the FAISS index (CPU, GPU) if any."""
     row: dict[str, Any] = {}
     for b in (1, 16, 64):
         q = np.ascontiguousarray(x[rng.integers(0, len(x), b)])  # [b, d]
@@ -402,6 +404,10 @@ def search_timings(x: np.ndarray, index: Any, rng: np.random.Generator) -> dict[
         row[f"numpy_b{b}"] = time_calls(numpy_top5, False, 10, 2.0, warmup=1)
         if index is not None:
             row[f"faiss_flat_b{b}"] = time_calls(partial(index.search, q, 5), False, 10, 2.0, warmup=1)
+        if on_gpu is not None:  # FAISS GPU builds only; its answer must be the CPU index's
+            row[f"faiss_gpu_flat_b{b}"] = time_calls(partial(on_gpu.search, q, 5), False, 10, 2.0, warmup=1)
+            same = on_gpu.search(q, 5)[1] == index.search(q, 5)[1]  # [b, 5]
+            row[f"faiss_gpu_flat_b{b}"]["top5_identical_vs_cpu"] = float(same.all(axis=1).mean())
     return row
 
 
@@ -455,6 +461,12 @@ def summary(doc: dict[str, Any]) -> list[str]:
         compiled = towers.get(name, {}).get("compiled_fp16", {})
         if "images_per_s" in compiled:
             lines.append(f"  {name} fp16 torch.compile b{compiled['batch']}: {compiled['images_per_s']:,.0f} img/s")
+    ratio = towers.get("summary", {}).get("student_over_teacher_fp16")
+    if ratio is not None:
+        lines.append(f"  student / teacher fp16 images/s: {ratio:.2f}x")
+    gate = doc.get("service", {}).get("readyz", {})
+    if isinstance(gate, dict) and "precision" in gate:
+        lines.append(f"  service precision gate: {gate['precision']}")
     for lv in doc.get("service", {}).get("levels", []):
         if "images_per_s" in lv:
             ratio = lv.get("ratio_vs_bare_best")
