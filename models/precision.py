@@ -203,12 +203,19 @@ def embed(tower: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray, dev
 
 
 def gate_torch(
-    bundle: Bundle, tower: nn.Module, precision: str, device: str | torch.device
+    bundle: Bundle,
+    tower: nn.Module,
+    precision: str,
+    device: str | torch.device,
+    probes: tuple[np.ndarray, str] | None = None,
 ) -> tuple[nn.Module, GateResult]:
-    """The tower to serve for ``precision``: its reduced copy if it passes the floor, else ``tower`` (fp32)."""
+    """The tower to serve for ``precision``: its reduced copy if it passes the floor, else ``tower`` (fp32).
+
+    ``probes``: the images and their description (default: :func:`probe_pixels` of the bundle).
+    """
     if precision == "fp32":
         return tower, GateResult("fp32", "fp32")
-    pixels, probes = probe_pixels(bundle)
+    pixels, source = probes or probe_pixels(bundle)
     candidate = reduced(tower, precision)
-    result = judge(bundle, precision, embed(tower, pixels, device), embed(candidate, pixels, device), probes)
+    result = judge(bundle, precision, embed(tower, pixels, device), embed(candidate, pixels, device), source)
     return (tower if result.refused else candidate), result

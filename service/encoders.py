@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.bundle import Bundle, OnnxSpec
-from models.precision import GateResult, gate_torch, judge, probe_pixels
+from models.bundle import Bundle, BundleError, OnnxSpec
+from models.precision import GateResult, gate_torch, judge
+from models.precision import probe_pixels as bundle_probes
 from service.errors import StartupError
 from service.images import ImageLimits, ImagePreprocessor
 
@@ -69,6 +70,14 @@ def check_precision(backend: str, precision: str) -> None:
             f"precision {precision!r} is not offered by the {backend} backend (it runs {', '.join(offered)}); "
             f"use --backend {other} or another --precision"
         )
+
+
+def probe_pixels(bundle: Bundle) -> tuple[np.ndarray, str]:
+    """The bundle's probe images, or a start-up error naming what is wrong with them."""
+    try:
+        return bundle_probes(bundle)
+    except (BundleError, OSError, KeyError) as e:
+        raise StartupError(f"bundle {bundle.root}: its probe images cannot be read ({e}); re-export the bundle") from e
 
 
 def log_gate(gate: GateResult) -> None:
@@ -187,7 +196,8 @@ class TorchImageEncoder:
         check_precision("torch", precision)
         self.preprocess = preprocess
         self.device = device
-        self.tower, self.gate = gate_torch(bundle, tower, precision, device)  # the fp32 tower goes unless refused
+        probes = probe_pixels(bundle) if precision != "fp32" else None
+        self.tower, self.gate = gate_torch(bundle, tower, precision, device, probes)  # fp32 goes unless refused
         log_gate(self.gate)
         self.precision = self.gate.serving
         self.provider = f"torch:{device}"

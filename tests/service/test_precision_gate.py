@@ -136,3 +136,18 @@ def test_a_precision_the_backend_cannot_run_is_a_startup_error(make_settings: An
             TestClient(create_app(make_settings(backend=backend, precision=wanted))),
         ):
             pass
+
+
+def test_unreadable_probe_images_are_a_startup_error(make_settings: Any, tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    from models.precision import add_probes
+
+    bundle = load_bundle(tiny_bundle_dir)
+    wrong = np.zeros((2, 3, 8, 8), dtype=np.float32)  # not the bundle's input size
+    path = save_bundle(bundle, tmp_path / "b", exports=lambda stage: add_probes(bundle, stage, wrong))
+    with (
+        pytest.raises(StartupError, match="probe images cannot be read.*probe pixels have shape"),
+        TestClient(create_app(make_settings(bundle=path, backend="torch", precision="fp16"))),
+    ):
+        pass
+    with TestClient(create_app(make_settings(bundle=path, state_dir=tmp_path / "s2"))) as client:  # fp32: no gate
+        assert _ready(client)["precision"].startswith("fp32 (reference precision")
