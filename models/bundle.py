@@ -5,6 +5,7 @@ A bundle is a folder::
     manifest.json                  schema version, backbones, encoders, label sets, file hashes
     class_vectors.safetensors      one [N, D] float32 tensor per label set (rows in class order)
     prompts.safetensors            learned prompt rows: "image" [J, n, w], "text" [J, n, w]
+    probes.safetensors             preprocessed probe images "pixels" [B, 3, H, W] (optional; models/precision.py)
     projector.safetensors          PromptKD projector state (optional)
     backbones/<key>.safetensors    embedded backbone weights (optional; required for random init)
     image_encoder.onnx[.data]      exported image tower (optional)
@@ -38,6 +39,7 @@ from models.staging import staged_dir
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CLASS_VECTORS = "class_vectors.safetensors"
+PROBES = "probes.safetensors"
 PROMPTS = "prompts.safetensors"
 PROJECTOR = "projector.safetensors"
 CALIBRATION = "calibration.safetensors"
@@ -121,6 +123,24 @@ class OnnxSpec(_Model):
     parity: dict[str, float] = Field(default_factory=dict)  # extra checks (top-1 agreement, ...)
 
 
+class ParityFloor(_Model):
+    """The least parity with the fp32 tower a reduced-precision image tower must show to be served.
+
+    Measured on the bundle's probe images (models/precision.py); schema 1, additive.
+    """
+
+    cosine_min: float = 0.99  # smallest per-image cosine (reduced vs fp32 embedding)
+    top1_agreement: float | None = None  # per shipped label set: fraction of probes keeping fp32's arg-max class
+
+
+class ProbeSpec(_Model):
+    """Stored probe images: what every reduced-precision tower is scored on against fp32."""
+
+    file: str = PROBES  # one tensor "pixels" [n_images, 3, H, W] float32, preprocessed as the manifest says
+    n_images: int = Field(ge=1)
+    source: str  # where the images came from, e.g. "sample photos + mirror images"
+
+
 class ImageEncoderSpec(_Model):
     backbone: str  # key into Manifest.backbones
     preprocess: PreprocessSpec
@@ -128,6 +148,8 @@ class ImageEncoderSpec(_Model):
     projector: ProjectorSpec | None = None
     output_dim: int
     onnx: list[OnnxSpec] = Field(default_factory=list)
+    probes: ProbeSpec | None = None  # optional: without it the gate scores the shipped sample photos
+    parity_floors: dict[str, ParityFloor] = Field(default_factory=dict)  # fp16/bf16/int8 -> floor; absent: defaults
 
 
 class TextEncoderSpec(_Model):

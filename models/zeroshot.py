@@ -20,12 +20,14 @@ from models.bundle import (
     ImageEncoderSpec,
     LabelSetSpec,
     Manifest,
+    ParityFloor,
     PreprocessSpec,
     TextEncoderSpec,
     save_bundle,
 )
 from models.class_vectors import encode_class_names, validate_templates
 from models.listfiles import read_string_list
+from models.precision import PROBE_SOURCE, add_probes, set_floor
 from models.preprocess import preprocess_batch
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
 from models.samples import sample_photos
@@ -107,24 +109,28 @@ def add_onnx(
     With ``int8`` a dynamically quantised copy is added after the fp32 graph (``onnx[1]``), its
     int8-vs-fp32 parity (cosine, top-1 agreement over the bundle's first label set) measured on the
     sample photos and their mirror images and stored in its ``OnnxSpec.parity``; the int8 graph is
-    refused below ``int8_min_cosine`` (default: the exporter's 0.99).
+    refused below ``int8_min_cosine`` (default: the exporter's 0.99), which becomes the bundle's int8
+    floor for the service's precision gate. The check images are stored as the bundle's probe images
+    (models/precision.py).
     """
     from models.onnx_export import DEFAULT_MIN_COSINE, INT8_NAME, export_image_tower, quantize_image_tower
 
+    source = PROBE_SOURCE if sample is None else "the exporter's sample images + mirror images"
     if sample is None:
         cfg = bundle.manifest.image_encoder.preprocess.to_config()
         sample = torch.from_numpy(preprocess_batch(sample_photos(), cfg))
     spec = export_image_tower(tower, out, sample)
     specs = [spec]
+    parity_pixels = torch.cat([sample, sample.flip(-1)])  # [2B, 3, H, W]: photos + mirror images
     if int8:
         first_set = bundle.manifest.label_sets[0].name if bundle.manifest.label_sets else None
         vectors = bundle.class_vectors.get(first_set) if first_set else None
-        parity_pixels = torch.cat([sample, sample.flip(-1)])  # [2B, 3, H, W]: photos + mirror images
         floor = DEFAULT_MIN_COSINE if int8_min_cosine is None else int8_min_cosine
         specs.append(quantize_image_tower(out / spec.file, out / INT8_NAME, parity_pixels, vectors, min_cosine=floor))
+        set_floor(bundle, "int8", ParityFloor(cosine_min=floor))
     enc = bundle.manifest.image_encoder.model_copy(update={"onnx": specs})
     bundle.manifest = bundle.manifest.model_copy(update={"image_encoder": enc})
-    files: dict[str, Path] = {}
+    files: dict[str, Path] = add_probes(bundle, out, parity_pixels, source)
     for s in specs:
         files[s.file] = out / s.file
         if s.data_file:
@@ -186,9 +192,11 @@ def build_zeroshot_bundle(
     out = Path(out)
 
     def exports(stage: Path) -> dict[str, Path]:
+        if not (onnx or int8):
+            return add_probes(bundle, stage)  # the precision gate's images (models/precision.py)
         tower = ImageTower(PromptedImageEncoder(backbone.model))
         return add_onnx(bundle, tower, stage, int8=int8, int8_min_cosine=int8_min_cosine)
 
-    save_bundle(bundle, out, exports=exports if onnx or int8 else None)
+    save_bundle(bundle, out, exports=exports)
     log.info("wrote zero-shot bundle with %d classes to %s", len(class_names), out)
     return bundle

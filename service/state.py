@@ -26,6 +26,7 @@ from service.encoders import (
     OnnxImageEncoder,
     TorchImageEncoder,
     bundle_preprocessor,
+    check_precision,
     cuda_wanted,
     onnx_graph,
 )
@@ -82,7 +83,9 @@ def resolve_backend(settings: Settings, bundle: Bundle) -> str:
     """``onnx`` or ``torch``: ``auto`` takes ONNX Runtime when the bundle has an ONNX graph (int8 is ONNX-only)."""
     if settings.backend != "auto":
         return settings.backend
-    if bundle.manifest.image_encoder.onnx or settings.onnx_precision == "int8":
+    if settings.image_precision in ("fp16", "bf16"):  # torch-only precisions
+        return "torch"
+    if bundle.manifest.image_encoder.onnx or settings.image_precision == "int8":
         return "onnx"
     return "torch"
 
@@ -91,8 +94,10 @@ def preflight(settings: Settings) -> Bundle:
     """The start-up checks that need no model (bundle, image-encoder backend, device, state dir,
     label-set database of this bundle), run before any server starts; raises StartupError."""
     bundle = load_checked_bundle(settings)
-    if resolve_backend(settings, bundle) == "onnx":
-        onnx_graph(bundle, settings.onnx_precision)
+    backend = resolve_backend(settings, bundle)
+    check_precision(backend, settings.image_precision)
+    if backend == "onnx":
+        onnx_graph(bundle, settings.image_precision)
     cuda_wanted(settings.device)  # --device cuda without a CUDA device
     check_state_dir(settings.state_dir)
     store = open_store(settings, bundle.manifest.embed_dim, bundle_space(bundle))
@@ -235,7 +240,7 @@ def build_encoders(
             pre,
             "cuda" if device == "cuda" else settings.device,
             settings.threads,
-            settings.onnx_precision,
+            settings.image_precision,
         )
         if m.text_encoder is None or not text:
             return encoder, None
@@ -244,9 +249,9 @@ def build_encoders(
         return encoder, build_text_side(bundle, device, backbone)
     if not text:
         tower = build_image_tower(bundle, device, load_bundle_backbone(bundle, m.image_encoder.backbone, device))
-        return TorchImageEncoder(tower, pre, device), None
+        return TorchImageEncoder(bundle, tower, pre, device, settings.image_precision), None
     tower, side = build_towers(bundle, device)
-    return TorchImageEncoder(tower, pre, device), side
+    return TorchImageEncoder(bundle, tower, pre, device, settings.image_precision), side
 
 
 def probe_image() -> Image.Image:

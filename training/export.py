@@ -39,6 +39,7 @@ from models.bundle import (
 )
 from models.class_vectors import validate_templates
 from models.heads import Projector
+from models.precision import add_probes
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
 from models.towers import ImageTower, backbone_ref, needs_embedded_weights, prompt_spec
 from models.zeroshot import add_onnx
@@ -213,6 +214,8 @@ def write_bundle(
         raise ValueError("onnx export needs the image tower")
 
     def exports(stage: Path) -> dict[str, Path]:
+        if not (onnx or int8):
+            return add_probes(bundle, stage)  # the precision gate's images (models/precision.py)
         assert tower is not None
         was_training = tower.training
         device = next(tower.parameters()).device
@@ -221,6 +224,6 @@ def write_bundle(
         finally:
             tower.to(device).train(was_training)  # the exporter moved it to CPU
 
-    save_bundle(bundle, out, exports=exports if onnx or int8 else None)
+    save_bundle(bundle, out, exports=exports)
     log.info("wrote bundle to %s", out)
     return load_bundle(out)
