@@ -29,13 +29,14 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
 
+from models.captures import SUFFIX, Kept, scan
 from service.errors import ServiceError
 from service.images import EncodedImage, decode_base64_image
 
@@ -44,7 +45,6 @@ MAX_SIDE = 512  # long side of a kept image (distillation trains at 224; room fo
 QUALITY = 90
 QUEUE = 64  # sampled images waiting to be written at most (then further samples are skipped)
 SWEEP_S = 3600.0  # retention sweep interval
-SUFFIX = ".jpg"
 
 
 @dataclass(frozen=True)
@@ -55,27 +55,6 @@ class CaptureCfg:
     max_bytes: int
     retention_days: float
     max_image_bytes: int  # an upload's byte limit (base64 fields are decoded with it)
-
-
-@dataclass(frozen=True)
-class Kept:
-    path: Path
-    sha256: str
-    size: int
-    mtime: float
-
-
-def scan(folder: Path) -> Iterator[Kept]:
-    """Every kept image under ``folder`` (files of another shape are not ours and are skipped)."""
-    for sub in sorted(folder.glob("??")):
-        for f in sorted(sub.glob("*" + SUFFIX)):
-            sha = f.name[: -len(SUFFIX)]
-            if len(sha) == 64 and sha.startswith(sub.name) and all(c in "0123456789abcdef" for c in sha):
-                try:
-                    st = f.stat()
-                except OSError:
-                    continue  # deleted meanwhile (another replica's sweep)
-                yield Kept(f, sha, st.st_size, st.st_mtime)
 
 
 def reencode(data: bytes) -> bytes:

@@ -94,8 +94,12 @@ def compare(
 
 def _images(folder: Path, names: list[str]) -> tuple[list[Path], np.ndarray]:
     """Image files under ``folder`` (sorted) and their class index from a sub-folder name (else -1)."""
+    from models.captures import capture_images, scan
     from training.data import IMAGE_EXTENSIONS
 
+    if next(scan(folder), None) is not None:  # a capture folder: its held-out slice only, unlabelled
+        paths = capture_images(folder, held_out=True)
+        return paths, np.full(len(paths), -1, dtype=np.int64)
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     index = {n: i for i, n in enumerate(names)}
     labels = [index.get(p.parent.name.replace("_", " "), -1) if p.parent != folder else -1 for p in paths]
@@ -168,7 +172,12 @@ def register(sub: Any) -> None:
     p.add_argument("--teacher", required=True, help="the teacher bundle both students were distilled from")
     p.add_argument("--serving", required=True, help="the bundle serving now")
     p.add_argument("--candidate", required=True, help="the re-distilled student")
-    p.add_argument("--images", required=True, help="held-out images (class sub-folders give accuracy)")
+    p.add_argument(
+        "--images",
+        required=True,
+        help="held-out images: a capture folder (its held-out tenth) or an image folder "
+        "(class sub-folders give accuracy)",
+    )
     p.add_argument("--out", help="also write the report here (JSON)")
     p.set_defaults(func=_shadow)
     q = sub.add_parser("promote", help="swap a candidate in through the service's hot reload (or --rollback)")
