@@ -12,26 +12,14 @@ import pytest
 from models.bundle import load_bundle
 from models.card import bundle_version
 from promptdistill.cli import main
-
-
-def _variant(bundle: Path, dest: Path) -> Path:
-    """The same space, another image-tower file set (no ONNX graph): what a re-distilled student looks like."""
-    shutil.copytree(bundle, dest)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    for spec in manifest["image_encoder"]["onnx"]:
-        for rel in (spec["file"], spec.get("data_file")):
-            if rel:
-                manifest["files"].pop(rel, None)
-    manifest["image_encoder"]["onnx"] = []
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return dest
+from tests.service.test_reload import _torch_variant
 
 
 @pytest.mark.slow
 def test_shadow_then_promote_and_roll_back_through_a_live_reload(
     tiny_bundle_dir: Path, tmp_path: Path, photos: list[Any], live: Any, capsys: Any
 ) -> None:
-    candidate = _variant(tiny_bundle_dir, tmp_path / "candidate")
+    candidate = _torch_variant(tiny_bundle_dir, tmp_path / "candidate")  # same space, other files
     images = tmp_path / "held-out"
     for i, photo in enumerate(photos[:4]):
         (images / ("cat" if i % 2 else "rocket")).mkdir(parents=True, exist_ok=True)
