@@ -32,13 +32,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from PIL import Image, ImageOps
+from typing import TYPE_CHECKING, Any
 
 from models.captures import SUFFIX, Kept, scan
-from service.errors import ServiceError
-from service.images import EncodedImage, decode_base64_image
+
+if TYPE_CHECKING:  # the CLI registers `captures` without importing PIL or numpy
+    from service.images import EncodedImage
 
 log = logging.getLogger(__name__)
 MAX_SIDE = 512  # long side of a kept image (distillation trains at 224; room for crops)
@@ -59,6 +58,8 @@ class CaptureCfg:
 
 def reencode(data: bytes) -> bytes:
     """The kept form of an image: RGB JPEG, EXIF orientation applied, long side <= MAX_SIDE, no metadata."""
+    from PIL import Image, ImageOps
+
     with Image.open(io.BytesIO(data)) as im:
         im.draft("RGB", (MAX_SIDE, MAX_SIDE))
         rgb = ImageOps.exif_transpose(im).convert("RGB")
@@ -133,6 +134,11 @@ class Capture:
                 self._keep(image)
 
     def _keep(self, image: EncodedImage | str) -> None:
+        from PIL import Image
+
+        from service.errors import ServiceError
+        from service.images import EncodedImage, decode_base64_image
+
         assert self.cfg is not None
         c = self.cfg
         try:

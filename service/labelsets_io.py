@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 FORMAT: Literal["promptdistill-labelsets"] = "promptdistill-labelsets"
@@ -169,6 +168,8 @@ def _check_vectors(item: ClassLine, n: int, sizes: dict[str, int]) -> None:
 
 def import_lines(store: Any, lines: Iterable[str]) -> dict[str, int]:
     """Write a parsed export into ``store`` in one transaction; returns counts. Sets that exist are refused."""
+    import numpy as np
+
     header, sets, classes = parse(lines)
     q = store._sql
     with store.transaction() as db:

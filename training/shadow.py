@@ -21,21 +21,23 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # the CLI registers these commands without importing torch or numpy
+    import numpy as np
 
-from models.bundle import MANIFEST, Bundle, bundle_space, load_bundle
-from models.card import bundle_version
+    from models.bundle import Bundle
+
+MANIFEST = "manifest.json"  # models.bundle.MANIFEST (not imported here: it loads torch)
 
 log = logging.getLogger(__name__)
 BATCH = 32
 
 
-@torch.no_grad()
 def embed_images(bundle: Bundle, paths: list[Path]) -> np.ndarray:
     """The bundle's image tower on these image files: [N, D] normalised embeddings (CPU, fp32)."""
+    import numpy as np
+    import torch
     from tqdm import tqdm
 
     from models.towers import build_image_tower
@@ -47,7 +49,8 @@ def embed_images(bundle: Bundle, paths: list[Path]) -> np.ndarray:
     name = bundle.root.name if bundle.root is not None else "bundle"
     for start in tqdm(range(0, len(paths), BATCH), desc=f"embedding with {name}", unit="batch"):
         x = torch.stack([transform(_rgb(p)) for p in paths[start : start + BATCH]])  # [B, 3, H, W]
-        out.append(tower(x).float().numpy())
+        with torch.no_grad():
+            out.append(tower(x).float().numpy())
     return np.concatenate(out) if out else np.zeros((0, bundle.manifest.embed_dim), np.float32)
 
 
@@ -59,6 +62,8 @@ def _rgb(path: Path) -> Any:
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     z = logits - logits.max(axis=1, keepdims=True)
     return np.asarray(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
 
@@ -72,6 +77,8 @@ def compare(
     teacher/serving/candidate: [N, D] image embeddings; vectors: [C, D] the teacher's class vectors;
     labels: [N] class indices (-1: unknown) or None.
     """
+    import numpy as np
+
     t = _log_softmax(scale * teacher @ vectors.T)  # [N, C]
     out: dict[str, Any] = {"images": len(teacher)}
     tops = {"teacher": t.argmax(1)}
@@ -94,6 +101,8 @@ def compare(
 
 def _images(folder: Path, names: list[str]) -> tuple[list[Path], np.ndarray]:
     """Image files under ``folder`` (sorted) and their class index from a sub-folder name (else -1)."""
+    import numpy as np
+
     from models.captures import capture_images, scan
     from training.data import IMAGE_EXTENSIONS
 
@@ -107,6 +116,9 @@ def _images(folder: Path, names: list[str]) -> tuple[list[Path], np.ndarray]:
 
 
 def shadow(teacher_dir: Path, serving_dir: Path, candidate_dir: Path, images: Path) -> dict[str, Any]:
+    from models.bundle import bundle_space, load_bundle
+    from models.card import bundle_version
+
     teacher, serving, candidate = (load_bundle(d) for d in (teacher_dir, serving_dir, candidate_dir))
     spaces = {bundle_space(b) for b in (serving, candidate)}
     if len(spaces) != 1:
@@ -140,6 +152,9 @@ def write_into_card(candidate_dir: Path, report: dict[str, Any]) -> None:
 
 def promotion_problem(candidate: Bundle, serving: Bundle, margin: float) -> str | None:
     """Why the candidate must not replace the serving student (None: it may)."""
+    from models.bundle import bundle_space
+    from models.card import bundle_version
+
     if bundle_space(candidate) != bundle_space(serving):
         return "the candidate is of another embedding space than the serving bundle (restart with it instead)"
     report = candidate.manifest.extra.get("shadow")
@@ -212,7 +227,7 @@ def _shadow(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from models.bundle import BundleError
+    from models.bundle import BundleError, load_bundle
 
     link = Path(args.link)
     if not link.is_symlink():
