@@ -42,6 +42,12 @@ CREATE TABLE IF NOT EXISTS classes (
     label_set TEXT NOT NULL REFERENCES label_sets(name) ON DELETE CASCADE,
     id BIGINT NOT NULL, name TEXT NOT NULL, provenance TEXT NOT NULL, vector BYTEA NOT NULL,
     created_at TEXT NOT NULL, PRIMARY KEY (label_set, id), UNIQUE (label_set, name));
+ALTER TABLE classes ADD COLUMN IF NOT EXISTS text_vector BYTEA;
+CREATE TABLE IF NOT EXISTS examples (
+    label_set TEXT NOT NULL, class_id BIGINT NOT NULL, seq INTEGER NOT NULL, digest TEXT NOT NULL,
+    media_type TEXT NOT NULL, data BYTEA NOT NULL, embedding BYTEA NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (label_set, class_id, seq), UNIQUE (label_set, class_id, digest));
+CREATE INDEX IF NOT EXISTS examples_by_digest ON examples (label_set, digest);
 """
 _DOWN = (psycopg.OperationalError, psycopg.InterfaceError)
 

@@ -25,7 +25,15 @@ CREATE TABLE IF NOT EXISTS label_sets (
 CREATE TABLE IF NOT EXISTS classes (
     label_set TEXT NOT NULL REFERENCES label_sets(name) ON DELETE CASCADE,
     id INTEGER NOT NULL, name TEXT NOT NULL, provenance TEXT NOT NULL, vector BLOB NOT NULL,
-    created_at TEXT NOT NULL, PRIMARY KEY (label_set, id), UNIQUE (label_set, name));
+    created_at TEXT NOT NULL, text_vector BLOB, PRIMARY KEY (label_set, id), UNIQUE (label_set, name));
+"""
+# After _migrate: the classes table of an older database may lack text_vector until then.
+_EXAMPLES = """
+CREATE TABLE IF NOT EXISTS examples (
+    label_set TEXT NOT NULL, class_id INTEGER NOT NULL, seq INTEGER NOT NULL, digest TEXT NOT NULL,
+    media_type TEXT NOT NULL, data BLOB NOT NULL, embedding BLOB NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (label_set, class_id, seq), UNIQUE (label_set, class_id, digest));
+CREATE INDEX IF NOT EXISTS examples_by_digest ON examples (label_set, digest);
 """
 
 
@@ -34,6 +42,10 @@ def _migrate(db: sqlite3.Connection) -> None:
     columns = {r[1] for r in db.execute("PRAGMA table_info(label_sets)")}
     if "index_kind" not in columns:  # added with per-set index kinds; NULL = the service default
         db.execute("ALTER TABLE label_sets ADD COLUMN index_kind TEXT")
+    columns = {r[1] for r in db.execute("PRAGMA table_info(classes)")}
+    if "text_vector" not in columns:  # added with classes from examples; NULL = the vector is the name's own
+        db.execute("ALTER TABLE classes ADD COLUMN text_vector BLOB")
+    db.executescript(_EXAMPLES)
 
 
 class SqliteStore(Store):
