@@ -9,17 +9,17 @@ import re
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from pydantic import BeforeValidator
 
-from service.deps import ApiKeyDep, RegistryDep, SettingsDep
+from service.deps import ApiKeyDep, RegistryDep, ServicesDep, SettingsDep
 from service.errors import InvalidInput
 from service.index import Snapshot
 from service.names import clean_name, clean_names, clean_set_name, clean_templates
 from service.registry import RUNTIME
+from service.routes import examples
 from service.schemas import (
     ChangeOut,
-    ClassesIn,
     ClassList,
     ClassOut,
     DeletedSet,
@@ -166,12 +166,21 @@ async def list_classes(
     response_model=ChangeOut,
     status_code=status.HTTP_201_CREATED,
     dependencies=[ApiKeyDep],
+    openapi_extra=examples.ADD_CLASSES_BODY,
     responses={**_ERRORS, 200: {"model": ChangeOut, "description": "if_exists='skip' and every name was there"}},
-    summary="add classes (all or none; if_exists='skip' leaves out names already there); durable before the response",
+    summary="add classes by name and/or example images (all or none; if_exists='skip' leaves out names already "
+    "there); durable before the response",
 )
 async def add_classes(
-    name: SetName, body: ClassesIn, registry: RegistryDep, settings: SettingsDep, response: Response
+    name: SetName, request: Request, services: ServicesDep, writer: examples.WriterDep, response: Response
 ) -> ChangeOut:
+    body = await examples.parse_classes_request(request, services.settings)
+    if body.examples:
+        out, added_any = await examples.add_with_examples(name, body, services, writer, request)
+        if not added_any:
+            response.status_code = status.HTTP_200_OK
+        return out
+    registry, settings = services.registry, services.settings
     names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
     templates = clean_templates(body.templates, settings.max_templates)
     registry.text.check_templates(templates)
