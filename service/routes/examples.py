@@ -77,6 +77,8 @@ async def parse_classes_request(request: Request, settings: Settings) -> Classes
 
 def _content_type(request: Request) -> str:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not ctype:  # as FastAPI reads a body without a content type: JSON
+        return "application/json"
     if ctype == "application/json" or ctype.endswith("+json") or ctype == "multipart/form-data":
         return ctype
     raise UnsupportedMediaType(
@@ -177,15 +179,19 @@ ADD_EXAMPLES_BODY = openapi_body(
     ExamplesIn,
     {"type": "object", "required": ["files"], "properties": {"files": {**_BINARY_LIST, "description": "images"}}},
 )
+#: What a request with examples can add to the add-classes route's documented answers.
+EXAMPLE_ERRORS: dict[int | str, dict[str, str]] = {
+    413: {"description": "an example over the byte or pixel limit"},
+    415: {"description": "neither JSON nor multipart"},
+    429: {"description": "the image engine is at capacity; see Retry-After"},
+}
 _ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "API key missing or wrong"},
     404: {"description": "unknown label set or class"},
     409: {"description": "the same example twice, or already stored for the class"},
-    413: {"description": "an example over the byte or pixel limit"},
-    415: {"description": "neither JSON nor multipart"},
     422: {"description": "not an image, too many examples, no examples"},
-    429: {"description": "the image engine is at capacity; see Retry-After"},
     503: {"description": "database unreachable (Retry-After)"},
+    **EXAMPLE_ERRORS,
 }
 
 

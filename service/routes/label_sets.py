@@ -167,7 +167,11 @@ async def list_classes(
     status_code=status.HTTP_201_CREATED,
     dependencies=[ApiKeyDep],
     openapi_extra=examples.ADD_CLASSES_BODY,
-    responses={**_ERRORS, 200: {"model": ChangeOut, "description": "if_exists='skip' and every name was there"}},
+    responses={
+        **_ERRORS,
+        **examples.EXAMPLE_ERRORS,
+        200: {"model": ChangeOut, "description": "if_exists='skip' and every name was there"},
+    },
     summary="add classes by name and/or example images (all or none; if_exists='skip' leaves out names already "
     "there); durable before the response",
 )
