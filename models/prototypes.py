@@ -40,22 +40,28 @@ class Gap:
     """What moves image prototypes into the text cone: ``shift`` [D] = text - image centroid."""
 
     mode: GapMode
-    shift: np.ndarray  # [D]; zeros when mode == "none"
+    text_centroid: np.ndarray  # [D] mean of the unit text class vectors
+    image_centroid: np.ndarray | None  # [D] mean of unit in-domain image embeddings; None: unknown
+
+    @property
+    def shift(self) -> np.ndarray:
+        """[D] added to an image mean to cross the gap; zeros when the image centroid is unknown."""
+        if self.image_centroid is None:
+            return np.zeros_like(self.text_centroid)
+        return self.text_centroid - self.image_centroid
 
     @classmethod
     def between(cls, text_vectors: np.ndarray, image_embeddings: np.ndarray | None) -> Gap:
         """The gap between unit text vectors [N, D] and unit in-domain image embeddings [M, D] (or None)."""
-        text_centroid = centroid(text_vectors)
-        if image_embeddings is None or len(image_embeddings) == 0:
-            return cls("none", np.zeros_like(text_centroid))
-        return cls.from_centroids(text_centroid, centroid(image_embeddings))
+        images = None if image_embeddings is None or len(image_embeddings) == 0 else centroid(image_embeddings)
+        return cls.from_centroids(centroid(text_vectors), images)
 
     @classmethod
     def from_centroids(cls, text_centroid: np.ndarray, image_centroid: np.ndarray | None) -> Gap:
         t = np.asarray(text_centroid, dtype=np.float64)
         if image_centroid is None:
-            return cls("none", np.zeros_like(t))
-        return cls("centroid", t - np.asarray(image_centroid, dtype=np.float64))
+            return cls("none", t, None)
+        return cls("centroid", t, np.asarray(image_centroid, dtype=np.float64))
 
 
 def normalise(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -71,9 +77,17 @@ def centroid(vectors: np.ndarray) -> np.ndarray:
     return normalise(v).mean(axis=0)
 
 
-def image_prototype(embeddings: np.ndarray, gap: Gap) -> np.ndarray:
-    """[D] unit class vector from one class's example embeddings [K, D], moved across the gap."""
-    return normalise(centroid(embeddings) + gap.shift).astype(np.float32)
+def image_prototype(embeddings: np.ndarray, gap: Gap, scale: float = 1.0) -> np.ndarray:
+    """[D] unit class vector from one class's example embeddings [K, D], moved across the gap.
+
+    ``scale`` multiplies the class's own offset from the image centroid,
+    ``normalise(text_centroid + scale * (mean - image_centroid))``; 1 is Liang et al.'s shift exactly.
+    Smaller values pull the prototype toward the text centroid (measured in docs/experiments.md).
+    """
+    mean = centroid(embeddings)
+    if gap.image_centroid is None:
+        return normalise(mean).astype(np.float32)
+    return normalise(gap.text_centroid + scale * (mean - gap.image_centroid)).astype(np.float32)
 
 
 def combine(text_vector: np.ndarray, prototype: np.ndarray, text_weight: float = 0.5) -> np.ndarray:

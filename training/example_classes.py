@@ -46,6 +46,7 @@ class ExampleClassesCfg(Cfg):
     test_per_class: int = Field(default=100, ge=1)
     shots: list[int] = Field(default_factory=lambda: [1, 5, 16])
     draws: int = Field(default=10, ge=1)
+    scales: list[float] = Field(default_factory=lambda: [0.75, 0.5])  # smaller class offsets, besides 1
     seed: int = 0
 
 
@@ -94,6 +95,12 @@ def run_example_classes(out: str | Path, cfg: ExampleClassesCfg) -> dict[str, An
     rng = np.random.default_rng(cfg.seed)
     sample = train_emb[rng.permutation(len(train_emb))[:SAMPLE]]  # unlabeled in-domain images
     gaps = {"gap": Gap.between(text, sample), "plain": Gap.between(text, None)}
+    # (label, gap, scale of the class offset): Liang et al.'s shift (1), two smaller offsets, the plain mean
+    modes = [
+        ("gap", gaps["gap"], 1.0),
+        *[(f"gap x{s:g}", gaps["gap"], s) for s in cfg.scales],
+        ("plain", gaps["plain"], 1.0),
+    ]
     half = len(names) // 2
     named, by_example = list(range(half)), list(range(half, len(names)))
     everyone = named + by_example
@@ -115,8 +122,8 @@ def run_example_classes(out: str | Path, cfg: ExampleClassesCfg) -> dict[str, An
         runs: dict[str, dict[str, list[float]]] = {}
         for _ in range(cfg.draws):
             picks = {c: rng.choice(np.flatnonzero(train_y == c), size=k, replace=False) for c in by_example}
-            for mode, gap in gaps.items():
-                protos = [image_prototype(train_emb[picks[c]], gap) for c in by_example]
+            for mode, gap, scale in modes:
+                protos = [image_prototype(train_emb[picks[c]], gap, scale) for c in by_example]
                 variants = {
                     mode: protos,
                     f"name+examples ({mode})": [combine(text[c], p) for c, p in zip(by_example, protos, strict=True)],

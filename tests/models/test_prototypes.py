@@ -95,3 +95,15 @@ def test_gap_corrected_prototypes_rank_fairly_against_text_vectors_where_the_pla
     named_gap, examples_gap = accuracy(plain=False)
     assert named_plain < 0.2  # the plain mean swallows the named classes' images
     assert named_gap > 0.8 and examples_gap > 0.8 and examples_plain > 0.8
+
+
+def test_scale_shrinks_the_class_offset_from_the_image_centroid() -> None:
+    rng = np.random.default_rng(5)
+    texts, calib, examples = (unit(rng.standard_normal((n, 16))) for n in (10, 40, 6))
+    gap = Gap.between(texts, calib)
+    mean = examples.mean(0)
+    want = texts.mean(0) + 0.5 * (mean - calib.mean(0))
+    np.testing.assert_allclose(image_prototype(examples, gap, 0.5), want / np.linalg.norm(want), atol=1e-6)
+    np.testing.assert_allclose(image_prototype(examples, gap, 1.0), image_prototype(examples, gap), atol=1e-7)
+    plain = Gap.between(texts, None)  # no image centroid: the scale has nothing to scale
+    np.testing.assert_allclose(image_prototype(examples, plain, 0.5), mean / np.linalg.norm(mean), atol=1e-6)
