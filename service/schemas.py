@@ -94,14 +94,22 @@ HFAnswer = list[HFLabelScore] | list[list[HFLabelScore]]
 
 
 class ClassesIn(_Body):
+    """Add classes by name, by example images, or both (POST /v1/label-sets/{name}/classes)."""
+
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"names": ["red panda", "okapi"]}, {"names": ["axolotl"], "templates": ["a photo of a {}."]}]
+            "examples": [
+                {"names": ["red panda", "okapi"]},
+                {"names": ["axolotl"], "templates": ["a photo of a {}."]},
+                {"names": ["okapi"], "examples": {"part 7-B": [_TINY_PNG], "okapi": [_TINY_PNG]}},
+            ]
         },
     )
 
-    names: list[str] = Field(description="class names to add (all or none)")
+    names: list[str] = Field(
+        default_factory=list, description="class names to add (all or none); may be empty when 'examples' are given"
+    )
     templates: list[str] | None = Field(
         default=None, description="override the bundle's templates (prompt-free text sides only)"
     )
@@ -110,28 +118,11 @@ class ClassesIn(_Body):
         description="a name the set already has: 'error' refuses the request (409); 'skip' leaves that name "
         "out and adds the rest, so a repeated request changes nothing (200 when nothing was added)",
     )
-
-
-class ClassesWithExamplesIn(ClassesIn):
-    """Add classes by name, by example images, or both (POST /v1/label-sets/{name}/classes)."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"names": ["red panda"], "examples": {"part 7-B": [_TINY_PNG]}},
-                {"names": ["okapi"], "examples": {"okapi": [_TINY_PNG]}},
-            ]
-        },
-    )
-
-    names: list[str] = Field(
-        default_factory=list, description="classes whose name is encoded as text (may be empty with examples)"
-    )
     examples: dict[str, list[str]] | None = Field(
         default=None,
         description="class name -> example images (base64 or data: URIs). A name that is also in 'names' gets "
-        "both (its text vector and the examples' prototype, combined); a name only here is an example-only class",
+        "both (its text vector and the examples' prototype, combined); a name only here is an example-only "
+        "class. Adding classes only (creating a set takes names)",
     )
 
 

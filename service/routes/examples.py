@@ -20,7 +20,7 @@ from service.errors import ImageTooLarge, InvalidInput, UnsupportedMediaType
 from service.examples import Added, ExampleLimits, ExampleWriter, bundle_gap, image_sample
 from service.images import EncodedImage
 from service.names import clean_names, clean_templates
-from service.schemas import ChangeOut, ClassesWithExamplesIn, ClassOut, ExamplesIn
+from service.schemas import ChangeOut, ClassesIn, ClassOut, ExamplesIn
 from service.settings import Settings
 from service.state import Services
 
@@ -65,12 +65,12 @@ WriterDep = Annotated[ExampleWriter, Depends(get_writer)]
 
 
 async def parse_classes_request(request: Request, settings: Settings) -> ClassesRequest:
-    """JSON (:class:`ClassesWithExamplesIn`) or multipart (``names``, ``name`` + ``files``)."""
+    """JSON (:class:`ClassesIn`) or multipart (``names``, ``name`` + ``files``)."""
     ctype = _content_type(request)
     if ctype == "multipart/form-data":
         async with request.form(max_files=LIMITS.per_class, max_fields=1000, max_part_size=1024 * 1024) as form:
             return await _from_form(form, settings)
-    body = _json(ClassesWithExamplesIn, await request.body())
+    body = _json(ClassesIn, await request.body())
     examples: dict[str, list[EncodedImage | str]] = {k: list(v) for k, v in (body.examples or {}).items()}
     return ClassesRequest(body.names, examples, body.templates, body.if_exists)
 
@@ -163,7 +163,7 @@ def openapi_body(json_model: type[BaseModel], multipart: dict[str, Any]) -> dict
 
 _BINARY_LIST = {"type": "array", "items": {"type": "string", "format": "binary"}}
 ADD_CLASSES_BODY = openapi_body(
-    ClassesWithExamplesIn,
+    ClassesIn,
     {
         "type": "object",
         "properties": {

@@ -121,6 +121,8 @@ async def create_label_set(
     body: LabelSetIn, registry: RegistryDep, settings: SettingsDep, response: Response
 ) -> ClassList:
     name = clean_set_name(body.name)
+    if body.examples:
+        raise InvalidInput("examples: create the set by names, then add example classes with POST .../classes")
     names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
     templates = clean_templates(body.templates, settings.max_templates)
     registry.text.check_templates(templates)

@@ -236,3 +236,11 @@ def test_client_and_cli_add_examples(live: Any, tmp_path: Path, photos: list[Any
             assert err.value.status == 409
             made = client.add_classes([], examples={"thing": [imgs[0]]}, label_set="default", if_exists="skip")
             assert made["classes"][0]["provenance"] == "examples"
+
+
+def test_creating_a_set_takes_names_only(shared_server: Any, photos: list[Any]) -> None:
+    image = b64(variants(photos, 1)[0])
+    with shared_server.client() as http:
+        resp = http.post("/v1/label-sets", json={"name": "ex5", "names": ["a"], "examples": {"b": [image]}})
+        assert resp.status_code == 422 and "examples" in resp.json()["detail"]
+        assert http.get("/v1/label-sets/ex5/classes").status_code == 404
