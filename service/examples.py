@@ -10,8 +10,7 @@ transaction, so a refusal anywhere leaves the set as it was):
    (:meth:`service.classifier.Classifier.embed_images`), one class at a time;
 4. each example re-encoded for keeping (RGB, long side capped, PNG if small enough else JPEG), so
    that another model can re-embed it later;
-5. the names' text vectors (``encode_names``: the curator's text engine; by default the registry's
-   text encoder in a thread);
+5. the names' text vectors (``encode_names``: the text engine's urgent queue, as the curator's);
 6. class vectors in the served space (:mod:`models.prototypes`: gap-corrected prototype, combined
    with the text vector when the class also has a name);
 7. one commit with the classes and their examples (:meth:`service.registry.Registry.add_vectors` /
@@ -104,21 +103,18 @@ class ExampleWriter:
         classifier: Classifier,
         registry: Registry,
         gap: Gap,
+        encode_names: EncodeNames,
         limits: ExampleLimits | None = None,
-        encode_names: EncodeNames | None = None,
     ) -> None:
         self.classifier = classifier
         self.registry = registry
         self.gap = gap
         self.limits = limits or ExampleLimits()
-        self._encode_names = encode_names or self._text_in_thread
+        self._encode_names = encode_names
 
     @property
     def preprocess(self) -> ImagePreprocessor:
         return self.classifier.preprocess
-
-    async def _text_in_thread(self, names: list[str], templates: list[str] | None) -> np.ndarray:
-        return await asyncio.to_thread(self.registry.text.encode, names, templates)
 
     # ----------------------------------------------------------------- parsing
     def new_classes(
@@ -179,7 +175,7 @@ class ExampleWriter:
         is_disconnected: Disconnected | None = None,
     ) -> Added:
         """Add named, example-only and named+example classes in one commit (all or none)."""
-        existing = await asyncio.to_thread(self._existing, set_name, [c.name for c in classes])
+        existing = await asyncio.to_thread(self.registry.existing, set_name, [c.name for c in classes])
         if existing and not skip_existing:
             raise DuplicateClass(f"label set {set_name!r} already has {sorted(existing)[:10]}")
         skipped = [c.name for c in classes if c.name in existing]
@@ -231,13 +227,6 @@ class ExampleWriter:
         replace = self.registry.replace_class
         change = await asyncio.to_thread(replace, set_name, class_id, vector, provenance, text, kept)
         return Added(change, [provenance], [len(emb)], self.gap.mode, replaced=class_id)
-
-    def _existing(self, set_name: str, names: list[str]) -> set[str]:
-        store = self.registry.store
-        with store.read() as db:
-            if store.version(set_name) is None:
-                raise UnknownLabelSet(f"label set {set_name!r} does not exist; GET /v1/label-sets lists them")
-            return store.existing_names(db, set_name, names)
 
     def _class_state(self, set_name: str, class_id: int) -> tuple[ClassRow, list[str], np.ndarray]:
         store = self.registry.store

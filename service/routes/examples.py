@@ -10,11 +10,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, BeforeValidator, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
+from service.curator import NO_DEADLINE
 from service.deps import ApiKeyDep, ServicesDep
 from service.errors import ImageTooLarge, InvalidInput, UnsupportedMediaType
 from service.examples import Added, ExampleLimits, ExampleWriter, bundle_gap, image_sample
@@ -56,7 +58,12 @@ async def get_writer(request: Request, services: ServicesDep) -> ExampleWriter:
     if writer is None or writer.registry is not services.registry:
         vectors = [v.float().numpy() for v in services.bundle.class_vectors.values()]
         gap = bundle_gap(vectors, image_sample(services.bundle))
-        writer = ExampleWriter(services.classifier, services.registry, gap, LIMITS)
+        text = services.text
+
+        async def encode_names(names: list[str], templates: list[str] | None) -> np.ndarray:
+            return await text.encode(names, templates, urgent=True, timeout_s=NO_DEADLINE)  # as the curator's
+
+        writer = ExampleWriter(services.classifier, services.registry, gap, encode_names, LIMITS)
         request.app.state.example_writer = writer
     return writer
 
@@ -133,7 +140,7 @@ async def add_with_examples(
     templates = None
     if any(c.named for c in classes):
         templates = clean_templates(req.templates, s.max_templates)
-        services.registry.text.check_templates(templates)
+        services.text.check_templates(templates)
     added = await writer.add_classes(
         set_name, classes, templates, skip_existing=req.if_exists == "skip", is_disconnected=request.is_disconnected
     )

@@ -77,11 +77,13 @@ def test_named_example_only_and_both_in_one_request(shared_server: Any, photos: 
     gap = no_gap(server)
     example_only = image_prototype(embed(server, imgs[:2]), gap)
     np.testing.assert_allclose(vector_of(server, "ex1", by_name["part 7-B"]["id"]), example_only, atol=1e-5)
-    text = server.services.text.encode(["astronaut"])[0]
+    text = server.services.text.side.class_vectors(["astronaut"]).numpy()[0]
     both = combine(text, image_prototype(embed(server, imgs[2:3]), gap))
     np.testing.assert_allclose(vector_of(server, "ex1", by_name["astronaut"]["id"]), both, atol=1e-5)
     np.testing.assert_allclose(
-        vector_of(server, "ex1", by_name["okapi"]["id"]), server.services.text.encode(["okapi"])[0], atol=1e-5
+        vector_of(server, "ex1", by_name["okapi"]["id"]),
+        server.services.text.side.class_vectors(["okapi"]).numpy()[0],
+        atol=1e-5,
     )
     # kept: bounded re-encodings, in request order, tied to the class
     kept = server.services.registry.store.examples("ex1", by_name["part 7-B"]["id"])
@@ -144,7 +146,7 @@ def test_multipart_and_more_examples_later(shared_server: Any, photos: list[Any]
         assert resp.status_code == 201, resp.text
         cat2 = resp.json()["classes"][0]
         assert cat2["provenance"] == "runtime+examples" and cat2["examples"] == 1
-        text = server.services.text.encode(["cat"])[0]
+        text = server.services.text.side.class_vectors(["cat"]).numpy()[0]
         want = combine(text, image_prototype(embed(server, imgs[4:5]), no_gap(server)))
         np.testing.assert_allclose(vector_of(server, "ex2", cat2["id"]), want, atol=1e-5)
         again = http.post(f"/v1/label-sets/ex2/classes/{cat2['id']}/examples", files=files)
