@@ -265,7 +265,9 @@ def keep(
     ``keep_bytes``, else JPEG at the highest quality that fits."""
     from PIL import Image
 
-    picture = preprocess.decode(image, index).convert("RGB")  # the classify decode limits
+    # the classify decode limits; JPEGs decoded at a DCT scale that still leaves keep_side pixels
+    keeper = ImagePreprocessor(preprocess.cfg, preprocess.limits, limits.keep_side / max(preprocess.cfg.size))
+    picture = keeper.decode(image, index).convert("RGB")
     picture.thumbnail((limits.keep_side, limits.keep_side), Image.Resampling.LANCZOS)
     tries: list[tuple[str, dict[str, Any]]] = [("PNG", {"optimize": True})]
     tries += [("JPEG", {"quality": q}) for q in (92, 85, 75, 60, 45)]

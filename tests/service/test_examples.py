@@ -94,6 +94,12 @@ def test_named_example_only_and_both_in_one_request(shared_server: Any, photos: 
     with server.client() as http:
         answer = http.post("/v1/classify", json={"images": [b64(imgs[0])], "label_set": "ex1", "top_k": 5}).json()
     assert answer["results"][0]["label"] == "part 7-B"
+    big = jpeg_bytes(photos[2].resize((1200, 900)))  # kept at the long-side cap, whatever the model's input size
+    with server.client() as http:
+        resp = http.post("/v1/label-sets/ex1/classes", json={"examples": {"large": [b64(big)]}})
+    assert resp.status_code == 201, resp.text
+    (large,) = server.services.registry.store.examples("ex1", resp.json()["classes"][0]["id"])
+    assert Image.open(io.BytesIO(large.data)).size == (512, 384) and len(large.data) <= 256 * 1024
 
 
 def test_with_an_image_sample_the_prototype_crosses_the_gap(live: Any, photos: list[Any]) -> None:
