@@ -37,6 +37,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services = await asyncio.to_thread(build_services, settings, app.state.metrics)
     services.engine.start()
     services.text.engine.start()
+    services.migrator.start()
     app.state.services = services
     log.info(
         "serving bundle %s with %s (%s); state in %s",
@@ -48,6 +49,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await services.migrator.stop()
         log.info("draining the engines (%d images, %d names queued)", services.engine.depth, services.text.engine.depth)
         await asyncio.gather(
             services.engine.stop(settings.graceful_shutdown_s), services.text.engine.stop(settings.graceful_shutdown_s)

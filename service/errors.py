@@ -117,6 +117,16 @@ class StoreUnavailable(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class Encoding(ServiceError):
+    """A label set's classes have no vectors in the served space yet (a new bundle's space, or classes
+    another replica added): answered once they are encoded (503 + Retry-After)."""
+
+    status, code = 503, "encoding_vectors"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 class DeadlineExceeded(ServiceError):
     status, code = 504, "deadline_exceeded"
 

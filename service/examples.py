@@ -41,6 +41,7 @@ from service.errors import (
     ImageTooLarge,
     InvalidInput,
     ServiceError,
+    StoreUnavailable,
     UnknownLabelSet,
 )
 from service.images import EncodedImage, ImagePreprocessor, decode_base64_image
@@ -214,14 +215,24 @@ class ExampleWriter:
         if len(images) > self.limits.per_request:
             raise InvalidInput(f"examples: {len(images)} images, at most {self.limits.per_request} per request")
         row, stored_digests, stored = await asyncio.to_thread(self._class_state, set_name, class_id)
+        example_only = row.provenance == EXAMPLES
+        text = None if example_only else row.text_vector if row.text_vector is not None else row.vector
+        if not example_only and text is None:
+            raise StoreUnavailable(
+                f"class {class_id} of {set_name!r} has no vector for this model yet (it is being encoded); retry later",
+                retry_after_s=self.classifier.settings.retry_after_s,
+            )
         decoded = self.decode(row.name, images)
         self._check_count(row.name, len(decoded), len(stored_digests))
         _no_repeats(row.name, [_digest(im) for im in decoded], stored_digests)
         deadline = asyncio.get_running_loop().time() + self.classifier.settings.request_timeout_s
+        if len(stored) < len(stored_digests):  # kept examples embedded by another model: embed them again
+            kept_before = await asyncio.to_thread(self.registry.store.examples, set_name, class_id)
+            stored = await self._embed_only(
+                row.name, [EncodedImage(e.data) for e in kept_before], deadline, is_disconnected
+            )
         kept = await self._embed_and_keep(row.name, decoded, deadline, is_disconnected)
         emb = np.concatenate([stored, np.stack([k.embedding for k in kept])])  # [K, D]
-        example_only = row.provenance == EXAMPLES
-        text = None if example_only else row.text_vector if row.text_vector is not None else row.vector
         provenance = row.provenance if example_only or row.provenance.endswith(SUFFIX) else row.provenance + SUFFIX
         vector = class_vector(text, emb, self.gap, self.limits.text_weight)
         replace = self.registry.replace_class
@@ -242,6 +253,16 @@ class ExampleWriter:
         """Embeddings through the image engine (classify's admission and limits), then the kept copies."""
         if not images:
             return []
+        emb = await self._embed_only(name, images, deadline, is_disconnected)  # [K, D]
+        kept = await asyncio.to_thread(
+            lambda: [keep(im, self.preprocess, self.limits, k) for k, im in enumerate(images)]
+        )
+        return [ExampleRow(_digest(im), mime, data, e) for im, (mime, data), e in zip(images, kept, emb, strict=True)]
+
+    async def _embed_only(
+        self, name: str, images: list[EncodedImage], deadline: float, is_disconnected: Disconnected | None
+    ) -> np.ndarray:
+        """[K, D] through the image engine, in chunks of one classify request's images."""
         chunk = self.classifier.settings.max_images_per_request
         parts = []
         for start in range(0, len(images), chunk):
@@ -251,11 +272,7 @@ class ExampleWriter:
                 )
             except (BadImage, ImageTooLarge, InvalidInput) as e:
                 raise _named(e, name, start) from e
-        emb = np.concatenate(parts)  # [K, D]
-        kept = await asyncio.to_thread(
-            lambda: [keep(im, self.preprocess, self.limits, k) for k, im in enumerate(images)]
-        )
-        return [ExampleRow(_digest(im), mime, data, e) for im, (mime, data), e in zip(images, kept, emb, strict=True)]
+        return np.concatenate(parts)
 
 
 def keep(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.bundle import Bundle, BundleError, load_bundle
+from models.bundle import Bundle, BundleError, bundle_space, load_bundle
 from models.towers import TextSide
 from service.admission import Admission, AdmissionCfg
 from service.classifier import Classifier, PipelineHooks
@@ -31,6 +31,7 @@ from service.errors import StartupError
 from service.images import EncodedImage, ImageLimits, configure_pil
 from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
+from service.migration import Migrator
 from service.registry import Registry, check_store_matches
 from service.settings import Settings
 from service.store import open_store
@@ -49,6 +50,7 @@ class Services:
     engine: Engine[np.ndarray]
     classifier: Classifier
     curator: Curator
+    migrator: Migrator
     metrics: Metrics
     probe: np.ndarray  # [1, 3, H, W] a fixed synthetic image for readiness checks
 
@@ -87,7 +89,7 @@ def preflight(settings: Settings) -> Bundle:
         onnx_graph(bundle, settings.onnx_precision)
     cuda_wanted(settings.device)  # --device cuda without a CUDA device
     check_state_dir(settings.state_dir)
-    store = open_store(settings, bundle.manifest.embed_dim)
+    store = open_store(settings, bundle.manifest.embed_dim, bundle_space(bundle))
     try:
         check_store_matches(store, bundle)
     finally:
@@ -124,7 +126,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         hooks=metrics,
         on_call=metrics.text_call,
     )
-    store = open_store(settings, bundle.manifest.embed_dim)
+    store = open_store(settings, bundle.manifest.embed_dim, bundle_space(bundle))
     use_gpu = settings.faiss_gpu and device == "cuda"
     # FAISS threads are applied by the searching thread itself (OpenMP's setting is per thread).
     search = SearchCfg(settings.index_kind, settings.ivf_nprobe, use_gpu=use_gpu)
@@ -166,7 +168,8 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         1000 * admission.image_s,
     )
     curator = Curator(settings, registry, text)
-    return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, metrics, probe)
+    migrator = Migrator(registry, text)
+    return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, migrator, metrics, probe)
 
 
 def _admission_cfg(settings: Settings) -> AdmissionCfg:

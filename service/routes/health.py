@@ -49,6 +49,9 @@ async def readyz(request: Request) -> Response:
         checks["database"] = "ok"
         problems = await asyncio.to_thread(services.registry.check)
         checks["index"] = "; ".join(problems) if problems else "ok"
+        migrating = services.migrator.status()
+        if migrating:
+            checks["vectors"] = migrating  # a set with a complete snapshot keeps serving meanwhile
         ok = ok and not problems
     except StoreUnavailable as e:
         # A shared database is down: every replica still classifies from its snapshots. Stay ready

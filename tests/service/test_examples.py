@@ -252,3 +252,20 @@ def test_creating_a_set_takes_names_only(shared_server: Any, photos: list[Any]) 
         resp = http.post("/v1/label-sets", json={"name": "ex5", "names": ["a"], "examples": {"b": [image]}})
         assert resp.status_code == 422 and "examples" in resp.json()["detail"]
         assert http.get("/v1/label-sets/ex5/classes").status_code == 404
+
+
+def test_examples_embedded_by_another_model_are_embedded_again(shared_server: Any, photos: list[Any]) -> None:
+    server = shared_server
+    imgs = variants(photos, 3, seed=11)
+    store = server.services.registry.store
+    with server.client() as http:
+        http.post("/v1/label-sets", json={"name": "ex6", "names": ["cat"]})
+        made = http.post("/v1/label-sets/ex6/classes", json={"examples": {"w": [b64(imgs[0]), b64(imgs[1])]}})
+        cid = made.json()["classes"][0]["id"]
+        with store.transaction() as db:  # as if another model (space) had embedded the kept examples
+            db.execute("UPDATE examples SET space = 'another model', embedding = ? WHERE label_set = 'ex6'",
+                       (np.zeros(store.embed_dim, np.float32).tobytes(),))  # fmt: skip
+        more = http.post(f"/v1/label-sets/ex6/classes/{cid}/examples", json={"examples": [b64(imgs[2])]})
+        assert more.status_code == 201, more.text
+    want = image_prototype(embed(server, imgs), no_gap(server))  # the kept PNGs are the uploads' pixels
+    np.testing.assert_allclose(vector_of(server, "ex6", more.json()["classes"][0]["id"]), want, atol=1e-5)

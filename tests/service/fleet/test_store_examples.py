@@ -101,7 +101,8 @@ def test_a_failed_write_leaves_no_class_and_no_example(make_store: Callable[...,
     assert store.example_counts("s") == {}
 
 
-# The schema as release c1db7be (before examples) wrote it: a database made then must open unchanged.
+# The schema as release c1db7be (before examples and spaces) wrote it: a database made then must open
+# with everything kept.
 OLD_SQLITE = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE label_sets (
@@ -141,7 +142,7 @@ def test_a_database_written_before_examples_opens_with_everything_kept(
         )
         old.commit()
         old.close()
-        open_store: Callable[[], Store] = lambda: SqliteStore(tmp_path, EMBED_DIM)  # noqa: E731
+        open_store: Callable[[], Store] = lambda: SqliteStore(tmp_path, EMBED_DIM, "test")  # noqa: E731
     else:
         import psycopg
 
@@ -157,24 +158,31 @@ def test_a_database_written_before_examples_opens_with_everything_kept(
                     "INSERT INTO classes VALUES ('pets', %s, %s, 'runtime', %s, '2026-12-01T00:00:00+00:00')",
                     (i, n, v[i].tobytes()),
                 )
-        open_store = lambda: PostgresStore(url, EMBED_DIM)  # noqa: E731
+        open_store = lambda: PostgresStore(url, EMBED_DIM, "test")  # noqa: E731
     _check_migrated(open_store, v)
 
 
 def _check_migrated(open_store: Callable[[], Store], v: np.ndarray) -> None:
     store = open_store()
     try:
-        rows = store.load("pets")
-        assert (rows.version, rows.names, rows.provenance) == (3, ["cat", "dog"], ["runtime", "runtime"])
-        np.testing.assert_array_equal(rows.vectors, v)
+        with store.read() as db:
+            assert store.class_ids(db, "pets") == {"cat": 0, "dog": 1}
+        assert sum(store.spaces().values()) == 2  # the old vectors, kept (tagged as the old bundle's)
+        assert store.version("pets") == 3 and store.example_counts("pets") == {}
         with store.transaction() as db:
             assert store.class_row(db, "pets", 1).text_vector is None
             version, new_id = store.replace_class(db, "pets", 1, v[0], "runtime+examples", v[1], [example(1)])
         assert version == 4 and new_id == 2
+        rows = store.load("pets")
+        assert rows.ids.tolist() == [2] and rows.names == ["dog"] and rows.missing == (0,)
+        np.testing.assert_array_equal(rows.vectors[0], v[0])
     finally:
         store.close()
     again = open_store()  # a second start migrates nothing twice
     try:
-        assert again.load("pets").names == ["cat", "dog"] and len(again.examples("pets", 2)) == 1
+        with again.read() as db:
+            assert again.class_ids(db, "pets") == {"cat": 0, "dog": 2}
+            np.testing.assert_array_equal(again.class_row(db, "pets", 2).text_vector, v[1])
+        assert len(again.examples("pets", 2)) == 1
     finally:
         again.close()
