@@ -127,6 +127,18 @@ class Encoding(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class ReloadRefused(ServiceError):
+    """A reload cannot happen now (another one runs) or cannot swap this bundle in; the served model stays."""
+
+    status, code = 409, "reload_refused"
+
+
+class BadBundle(ServiceError):
+    """The configured bundle path does not hold a bundle this service can serve; the served model stays."""
+
+    status, code = 422, "bad_bundle"
+
+
 class DeadlineExceeded(ServiceError):
     status, code = 504, "deadline_exceeded"
 

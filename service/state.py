@@ -7,13 +7,15 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from models.bundle import Bundle, BundleError, bundle_space, load_bundle
+from models.card import bundle_version
 from models.towers import TextSide
 from service.admission import Admission, AdmissionCfg
 from service.classifier import Classifier, PipelineHooks
@@ -53,6 +55,8 @@ class Services:
     migrator: Migrator
     metrics: Metrics
     probe: np.ndarray  # [1, 3, H, W] a fixed synthetic image for readiness checks
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    history: list[dict[str, str]] = field(default_factory=list)  # reloads: when, bundle, outcome
 
     @property
     def logit_scale(self) -> float:
@@ -116,7 +120,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     check_state_dir(settings.state_dir)
     configure_pil(settings.max_image_pixels)
     device = "cuda" if cuda_wanted(settings.device) else "cpu"
-    encoder, text_side = _encoders(bundle, settings, device)
+    encoder, text_side = build_encoders(bundle, settings, device)
     spec = bundle.manifest.text_encoder
     text = TextTower(
         text_side,
@@ -144,13 +148,9 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         store.close()
         raise
     metrics.info.labels(encoder.backend, encoder.provider).set(1)
-    probe = encoder.preprocess.from_pil(_probe_image())[None]  # [1, 3, H, W]
+    probe = encoder.preprocess.from_pil(probe_image())[None]  # [1, 3, H, W]
     admission = Admission(_admission_cfg(settings), *_service_times(encoder, probe))
-    engine: Engine[np.ndarray] = Engine(
-        encoder.encode,
-        EngineCfg(settings.max_batch_size, settings.max_wait_ms, retry_after_s=settings.retry_after_s),
-        PipelineHooks(metrics, admission),
-    )
+    engine = image_engine(settings, encoder, PipelineHooks(metrics, admission))
     classifier = Classifier(
         settings,
         registry=registry,
@@ -160,6 +160,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         admission=admission,
         logit_scale=float(bundle.manifest.logit_scale),
         on_images=metrics.images.inc,
+        model_version=bundle_version(bundle),
     )
     log.info(
         "admission: %d images in flight at most (%s; %.1f ms per image)",
@@ -170,6 +171,12 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     curator = Curator(settings, registry, text)
     migrator = Migrator(registry, text)
     return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, migrator, metrics, probe)
+
+
+def image_engine(settings: Settings, encoder: ImageEncoder, hooks: PipelineHooks) -> Engine[np.ndarray]:
+    """The image tower's batching engine (not started)."""
+    cfg = EngineCfg(settings.max_batch_size, settings.max_wait_ms, retry_after_s=settings.retry_after_s)
+    return Engine(encoder.encode, cfg, hooks)
 
 
 def _admission_cfg(settings: Settings) -> AdmissionCfg:
@@ -190,16 +197,19 @@ def _service_times(encoder: ImageEncoder, probe: np.ndarray) -> tuple[float, flo
     encoder.encode(probe)
     encode_s = time.perf_counter() - start
     buf = io.BytesIO()
-    _probe_image().resize((640, 480)).save(buf, "JPEG", quality=90)  # a typical upload
+    probe_image().resize((640, 480)).save(buf, "JPEG", quality=90)  # a typical upload
     start = time.perf_counter()
     encoder.preprocess(EncodedImage(buf.getvalue()))
     return encode_s, time.perf_counter() - start
 
 
-def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEncoder, TextSide | None]:
+def build_encoders(
+    bundle: Bundle, settings: Settings, device: str, *, text: bool = True
+) -> tuple[ImageEncoder, TextSide | None]:
+    """The bundle's image encoder (ONNX Runtime or torch) and, with ``text``, its text side."""
     import torch
 
-    from models.towers import build_text_side, build_towers, load_bundle_backbone
+    from models.towers import build_image_tower, build_text_side, build_towers, load_bundle_backbone
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -224,16 +234,19 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
             settings.threads,
             settings.onnx_precision,
         )
-        if m.text_encoder is None:
+        if m.text_encoder is None or not text:
             return encoder, None
         backbone = load_bundle_backbone(bundle, m.text_encoder.backbone, device)
         backbone.model.visual = torch.nn.Identity()  # ONNX runs the image side; keep only the text tower
         return encoder, build_text_side(bundle, device, backbone)
+    if not text:
+        tower = build_image_tower(bundle, device, load_bundle_backbone(bundle, m.image_encoder.backbone, device))
+        return TorchImageEncoder(tower, pre, device), None
     tower, side = build_towers(bundle, device)
     return TorchImageEncoder(tower, pre, device), side
 
 
-def _probe_image() -> Image.Image:
+def probe_image() -> Image.Image:
     """A deterministic colour gradient (no file needed)."""
     y, x = np.mgrid[0:96, 0:96]
     rgb = np.stack([x * 2.5, y * 2.5, (x + y) * 1.3], axis=-1).clip(0, 255).astype(np.uint8)

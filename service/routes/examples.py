@@ -53,18 +53,19 @@ class ClassesRequest:
 
 
 async def get_writer(request: Request, services: ServicesDep) -> ExampleWriter:
-    """One writer per app (its gap is computed once from the bundle)."""
-    writer: ExampleWriter | None = getattr(request.app.state, "example_writer", None)
-    if writer is None or writer.registry is not services.registry:
-        vectors = [v.float().numpy() for v in services.bundle.class_vectors.values()]
-        gap = bundle_gap(vectors, image_sample(services.bundle))
-        text = services.text
+    """One writer per served bundle (its gap is computed once from the bundle; a reload makes a new one)."""
+    held: tuple[object, object, ExampleWriter] | None = getattr(request.app.state, "example_writer", None)
+    if held is not None and held[0] is services.bundle and held[1] is services.registry:
+        return held[2]
+    vectors = [v.float().numpy() for v in services.bundle.class_vectors.values()]
+    gap = bundle_gap(vectors, image_sample(services.bundle))
+    text = services.text
 
-        async def encode_names(names: list[str], templates: list[str] | None) -> np.ndarray:
-            return await text.encode(names, templates, urgent=True, timeout_s=NO_DEADLINE)  # as the curator's
+    async def encode_names(names: list[str], templates: list[str] | None) -> np.ndarray:
+        return await text.encode(names, templates, urgent=True, timeout_s=NO_DEADLINE)  # as the curator's
 
-        writer = ExampleWriter(services.classifier, services.registry, gap, encode_names, LIMITS)
-        request.app.state.example_writer = writer
+    writer = ExampleWriter(services.classifier, services.registry, gap, encode_names, LIMITS)
+    request.app.state.example_writer = (services.bundle, services.registry, writer)
     return writer
 
 

@@ -30,6 +30,7 @@ MUTATING = [
     ("DELETE", "/v1/label-sets/default/classes/0", {}),
     ("DELETE", "/v1/label-sets/default/classes", {"params": {"name": "dog"}}),
     ("DELETE", "/v1/label-sets/pets", {}),
+    ("POST", "/v1/admin/reload", {}),
 ]
 
 
@@ -45,6 +46,7 @@ def test_every_mutating_route_needs_the_key_and_health_stays_open(live: Any) -> 
             ("DELETE", "/v1/label-sets/{name}/classes/{class_id}"),
             ("DELETE", "/v1/label-sets/{name}/classes"),
             ("DELETE", "/v1/label-sets/{name}"),
+            ("POST", "/v1/admin/reload"),
         }
         for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
             for method, url, kwargs in MUTATING:
@@ -57,7 +59,7 @@ def test_every_mutating_route_needs_the_key_and_health_stays_open(live: Any) -> 
         assert {"cat", "dog"} <= {c["name"] for c in classes}, "a refused request changed something"
         ok = {"X-API-Key": KEY}
         codes = [http.request(m, u, headers=ok, **kw).status_code for m, u, kw in MUTATING]
-        assert codes == [201, 201, 201, 200, 200, 200]
+        assert codes == [201, 201, 201, 200, 200, 200, 200]
 
 
 def test_serve_refuses_public_bind_without_key(tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
