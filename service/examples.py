@@ -46,6 +46,7 @@ from service.errors import (
 )
 from service.images import EncodedImage, ImagePreprocessor, decode_base64_image
 from service.names import clean_name
+from service.quality import ClassCheck, QualityGate
 from service.registry import RUNTIME, Change, Registry
 from service.stores.base import ClassRow, ExampleRow
 
@@ -83,6 +84,7 @@ class Added:
     examples: list[int]  # examples stored per class (after this change)
     gap: GapMode  # how prototypes crossed the modality gap
     replaced: int | None = None  # add_examples: the id the class had before
+    quality: list[ClassCheck] = field(default_factory=list)  # add_classes: the quality check of the new classes
 
 
 def image_sample(bundle: object) -> np.ndarray | None:
@@ -106,7 +108,9 @@ class ExampleWriter:
         gap: Gap,
         encode_names: EncodeNames,
         limits: ExampleLimits | None = None,
+        gate: QualityGate | None = None,
     ) -> None:
+        self.gate = gate  # the curator's quality check of new classes (service/quality.py); None: none
         self.classifier = classifier
         self.registry = registry
         self.gap = gap
@@ -173,9 +177,11 @@ class ExampleWriter:
         templates: list[str] | None,
         *,
         skip_existing: bool = False,
+        if_similar: str = "warn",
         is_disconnected: Disconnected | None = None,
     ) -> Added:
-        """Add named, example-only and named+example classes in one commit (all or none)."""
+        """Add named, example-only and named+example classes in one commit (all or none), after the
+        quality check every added class gets (``if_similar="error"``: a flagged class refuses the request)."""
         existing = await asyncio.to_thread(self.registry.existing, set_name, [c.name for c in classes])
         if existing and not skip_existing:
             raise DuplicateClass(f"label set {set_name!r} already has {sorted(existing)[:10]}")
@@ -197,10 +203,14 @@ class ExampleWriter:
             provenance.append(EXAMPLES if text is None else RUNTIME + SUFFIX if rows else RUNTIME)
             text_vectors.append(text if rows else None)
         names = [c.name for c in classes]
+        checks = []
+        if self.gate is not None:
+            current = await asyncio.to_thread(self.registry.get, set_name)
+            checks = await self.gate.check(current, names, np.stack(vectors), if_similar)
         add = self.registry.add_vectors
         change = await asyncio.to_thread(add, set_name, names, np.stack(vectors), provenance, text_vectors, kept)
         change.skipped.extend(skipped)
-        return Added(change, provenance, [len(k) for k in kept], self.gap.mode)
+        return Added(change, provenance, [len(k) for k in kept], self.gap.mode, quality=checks)
 
     async def add_examples(
         self,

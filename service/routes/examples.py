@@ -22,13 +22,14 @@ from service.errors import ImageTooLarge, InvalidInput, UnsupportedMediaType
 from service.examples import Added, ExampleLimits, ExampleWriter, bundle_gap, image_sample
 from service.images import EncodedImage
 from service.names import clean_names, clean_templates
+from service.routes.quality import quality_out
 from service.schemas import ChangeOut, ClassesIn, ClassOut, ExamplesIn
 from service.settings import Settings
 from service.state import Services
 
 router = APIRouter(prefix="/v1/label-sets", tags=["label sets"])
 LIMITS = ExampleLimits()
-_FORM_FIELDS = {"names", "name", "files", "templates", "if_exists"}
+_FORM_FIELDS = {"names", "name", "files", "templates", "if_exists", "if_similar"}
 
 
 def _digits(value: object) -> object:
@@ -50,6 +51,7 @@ class ClassesRequest:
     examples: dict[str, list[EncodedImage | str]] = field(default_factory=dict)
     templates: list[str] | None = None
     if_exists: str = "error"
+    if_similar: str = "warn"
 
 
 async def get_writer(request: Request, services: ServicesDep) -> ExampleWriter:
@@ -64,7 +66,7 @@ async def get_writer(request: Request, services: ServicesDep) -> ExampleWriter:
     async def encode_names(names: list[str], templates: list[str] | None) -> np.ndarray:
         return await text.encode(names, templates, urgent=True, timeout_s=NO_DEADLINE)  # as the curator's
 
-    writer = ExampleWriter(services.classifier, services.registry, gap, encode_names, LIMITS)
+    writer = ExampleWriter(services.classifier, services.registry, gap, encode_names, LIMITS, services.curator.gate)
     request.app.state.example_writer = (services.bundle, services.registry, writer)
     return writer
 
@@ -80,7 +82,7 @@ async def parse_classes_request(request: Request, settings: Settings) -> Classes
             return await _from_form(form, settings)
     body = _json(ClassesIn, await request.body())
     examples: dict[str, list[EncodedImage | str]] = {k: list(v) for k, v in (body.examples or {}).items()}
-    return ClassesRequest(body.names, examples, body.templates, body.if_exists)
+    return ClassesRequest(body.names, examples, body.templates, body.if_exists, body.if_similar)
 
 
 def _content_type(request: Request) -> str:
@@ -127,8 +129,11 @@ async def _from_form(form: FormData, settings: Settings) -> ClassesRequest:
     if_exists = str(form.get("if_exists") or "error")
     if if_exists not in ("error", "skip"):
         raise InvalidInput("if_exists: 'error' or 'skip'")
+    if_similar = str(form.get("if_similar") or "warn")
+    if if_similar not in ("warn", "error"):
+        raise InvalidInput("if_similar: 'warn' or 'error'")
     templates = [str(t) for t in form.getlist("templates")] or None
-    return ClassesRequest(names, examples, templates, if_exists)
+    return ClassesRequest(names, examples, templates, if_exists, if_similar)
 
 
 async def add_with_examples(
@@ -143,7 +148,12 @@ async def add_with_examples(
         templates = clean_templates(req.templates, s.max_templates)
         services.text.check_templates(templates)
     added = await writer.add_classes(
-        set_name, classes, templates, skip_existing=req.if_exists == "skip", is_disconnected=request.is_disconnected
+        set_name,
+        classes,
+        templates,
+        skip_existing=req.if_exists == "skip",
+        if_similar=req.if_similar,
+        is_disconnected=request.is_disconnected,
     )
     return change_out(set_name, added), bool(added.change.ids)
 
@@ -154,7 +164,10 @@ def change_out(set_name: str, added: Added) -> ChangeOut:
         ClassOut(id=i, name=n, provenance=p, examples=k, replaces=added.replaced)
         for i, n, p, k in zip(c.ids, c.names, added.provenance, added.examples, strict=True)
     ]
-    return ChangeOut(label_set=set_name, version=c.version, classes=classes, skipped=c.skipped, gap=added.gap)
+    quality = quality_out(added.quality)
+    return ChangeOut(
+        label_set=set_name, version=c.version, classes=classes, skipped=c.skipped, gap=added.gap, quality=quality
+    )
 
 
 def openapi_body(json_model: type[BaseModel], multipart: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +193,7 @@ ADD_CLASSES_BODY = openapi_body(
             "files": {**_BINARY_LIST, "description": "example images of 'name'"},
             "templates": {"type": "array", "items": {"type": "string"}},
             "if_exists": {"type": "string", "enum": ["error", "skip"], "default": "error"},
+            "if_similar": {"type": "string", "enum": ["warn", "error"], "default": "warn"},
         },
     },
 )

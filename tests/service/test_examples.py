@@ -269,3 +269,20 @@ def test_examples_embedded_by_another_model_are_embedded_again(shared_server: An
         assert more.status_code == 201, more.text
     want = image_prototype(embed(server, imgs), no_gap(server))  # the kept PNGs are the uploads' pixels
     np.testing.assert_allclose(vector_of(server, "ex6", more.json()["classes"][0]["id"]), want, atol=1e-5)
+
+
+def test_example_classes_get_the_quality_check(shared_server: Any, photos: list[Any]) -> None:
+    server = shared_server
+    imgs = [b64(b) for b in variants(photos, 2, seed=13)]
+    with server.client() as http:
+        http.post("/v1/label-sets", json={"name": "ex7", "names": ["cat"]})
+        assert http.post("/v1/label-sets/ex7/classes", json={"examples": {"a": imgs}}).status_code == 201
+        before = state(server, "ex7")
+        same = {"examples": {"b": imgs}, "if_similar": "error"}  # the same examples under another name
+        refused = http.post("/v1/label-sets/ex7/classes", json=same)
+        assert refused.status_code == 409, refused.text
+        assert state(server, "ex7") == before
+        warned = http.post("/v1/label-sets/ex7/classes", json={"examples": {"b": imgs}})
+        assert warned.status_code == 201, warned.text
+    (check,) = warned.json()["quality"]
+    assert check["name"] == "b" and check["flagged"] and check["nearest"][0]["name"] == "a"
