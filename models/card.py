@@ -19,7 +19,7 @@ _EVALUATION = ("metrics", "agreement", "parity", "shadow")
 def bundle_version(bundle: Bundle) -> str:
     """A short, stable name of this exact bundle: its folder and a digest of every file's sha256."""
     digest = hashlib.sha256(json.dumps(bundle.manifest.files, sort_keys=True).encode()).hexdigest()[:12]
-    name = bundle.root.name if bundle.root is not None else "in-memory"
+    name = bundle.root.resolve().name if bundle.root is not None else "in-memory"  # a symlink: its target
     return f"{name}@{digest}"
 
 
