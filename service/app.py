@@ -18,7 +18,7 @@ from service.metrics import Metrics
 from service.middleware import AllowedMethods, BodyLimit, RequestMetrics, StoreIdentity
 from service.openapi import build_openapi, operation_id
 from service.reload import Reloader
-from service.routes import classify, embeddings, health, label_sets, model, quality
+from service.routes import classify, embeddings, examples, health, label_sets, model, quality
 from service.settings import Settings, get_settings
 from service.state import build_services
 
@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AllowedMethods, routes=app.router.routes)  # the list routers are added to below
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(StoreIdentity)  # outermost: error answers carry it too
-    for module in (health, label_sets, quality, classify, embeddings, model):
+    for module in (health, label_sets, examples, quality, classify, embeddings, model):
         app.include_router(module.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

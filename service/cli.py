@@ -59,8 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     classes = sub.add_parser("classes", help="list, add or remove classes of a running server's label set")
     csub = classes.add_subparsers(dest="classes_cmd", required=True)
-    add = csub.add_parser("add", help="add class names (encoded by the server's text side)")
-    add.add_argument("names", nargs="+")
+    add = csub.add_parser("add", help="add classes by name (the server's text side) and/or by example images")
+    add.add_argument("names", nargs="*", help="class names (a name that is also a folder of --examples gets both)")
+    add.add_argument(
+        "--examples",
+        metavar="DIR",
+        help="one sub-folder per class, named as the class, holding its example images (.jpg, .png, ...); "
+        "a folder not among NAMES is an example-only class",
+    )
     add.add_argument(
         "--if-exists", choices=["error", "skip"], default="error", help="a name already there: fail (409) or skip it"
     )
@@ -193,9 +199,30 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def example_folders(root: str) -> dict[str, list[str]]:
+    """``DIR/<class>/<image>`` -> {class: [image paths]} (sorted; hidden files and non-images left out)."""
+    from pathlib import Path
+
+    suffixes = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+    base = Path(root)
+    if not base.is_dir():
+        raise ValueError(f"--examples {root}: not a folder")
+    out = {}
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(str(f) for f in folder.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
+        if files:
+            out[folder.name] = files
+    if not out:
+        raise ValueError(f"--examples {root}: no sub-folder with images (expected DIR/<class name>/<image files>)")
+    return out
+
+
 def _classes_add(args: argparse.Namespace) -> int:
+    examples = example_folders(args.examples) if args.examples else None
+    if not args.names and not examples:
+        raise ValueError("give class names, --examples DIR, or both")
     with _client(args) as client:
-        out = client.add_classes(args.names, label_set=args.label_set, if_exists=args.if_exists)
+        out = client.add_classes(args.names, label_set=args.label_set, if_exists=args.if_exists, examples=examples)
     sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     return 0
 

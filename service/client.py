@@ -17,7 +17,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -184,6 +184,12 @@ def default_versions_file() -> Path:
     return Path(state) / "promptdistill" / "versions.json"
 
 
+def _b64(image: bytes | str | Path) -> str:
+    """An image for JSON: the bytes given, or the file at that path, base64-encoded."""
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    return base64.b64encode(data).decode("ascii")
+
+
 class Client:
     """``Client("http://127.0.0.1:8000", api_key=...)``; every method returns the decoded JSON.
 
@@ -343,12 +349,24 @@ class Client:
         label_set: str = "default",
         templates: Sequence[str] | None = None,
         if_exists: str = "error",
+        examples: Mapping[str, Sequence[bytes | str | Path]] | None = None,
     ) -> Any:
-        """``if_exists="skip"``: names already in the set are left out (listed in ``skipped``) instead of a 409."""
+        """``if_exists="skip"``: names already in the set are left out (listed in ``skipped``) instead of a 409.
+
+        ``examples``: class name -> example images (bytes, or paths of image files); a name only there
+        is an example-only class, a name in both gets its text vector and its examples combined.
+        """
         body: dict[str, Any] = {"names": list(names), "if_exists": if_exists}
         if templates is not None:
             body["templates"] = list(templates)
+        if examples:
+            body["examples"] = {name: [_b64(im) for im in images] for name, images in examples.items()}
         return self._call("POST", f"/v1/label-sets/{label_set}/classes", json=body)
+
+    def add_examples(self, class_id: int, images: Sequence[bytes | str | Path], label_set: str = "default") -> Any:
+        """More example images for a class; the answer names its new id (``classes[0].id``)."""
+        body = {"examples": [_b64(im) for im in images]}
+        return self._call("POST", f"/v1/label-sets/{label_set}/classes/{class_id}/examples", json=body)
 
     def remove_class(self, label_set: str = "default", *, class_id: int | None = None, name: str | None = None) -> Any:
         if (class_id is None) == (name is None):

@@ -59,6 +59,12 @@ class DuplicateClass(ServiceError):
     status, code = 409, "duplicate_class"
 
 
+class DuplicateExample(ServiceError):
+    """The same example image twice in one class (in the request, or already stored)."""
+
+    status, code = 409, "duplicate_example"
+
+
 class LabelSetExists(ServiceError):
     status, code = 409, "label_set_exists"
 

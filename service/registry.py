@@ -38,7 +38,7 @@ from service.errors import (
     UnknownLabelSet,
 )
 from service.index import IndexKind, SearchCfg, Snapshot
-from service.stores.base import LEGACY, SetDelta, SetRows, Store
+from service.stores.base import LEGACY, ExampleRow, SetDelta, SetRows, Store
 
 log = logging.getLogger(__name__)
 RUNTIME = "runtime"
@@ -428,6 +428,43 @@ class Registry:
                 rows = self.store.load(name)
             snap = self._install(self._build(rows))
         return Change(snap, version, ids, list(names), skipped=skipped)
+
+    def add_vectors(
+        self,
+        name: str,
+        names: Sequence[str],
+        vectors: np.ndarray,
+        provenance: Sequence[str],
+        text_vectors: Sequence[np.ndarray | None],
+        examples: Sequence[Sequence[ExampleRow]],
+    ) -> Change:
+        """Add classes whose vectors are already computed, with their examples, in one transaction."""
+        with self._write_lock:
+            with self.store.transaction() as db:
+                version, ids = self.store.add_classes(
+                    db, name, names, vectors, provenance, text_vectors=text_vectors, examples=examples
+                )
+            snap = self.refresh(name)
+        return Change(snap, version, ids, list(names))
+
+    def replace_class(
+        self,
+        name: str,
+        class_id: int,
+        vector: np.ndarray,
+        provenance: str,
+        text_vector: np.ndarray | None,
+        examples: Sequence[ExampleRow],
+    ) -> Change:
+        """A class's new vector with more examples: one transaction; the class gets a new id."""
+        with self._write_lock:
+            with self.store.transaction() as db:
+                version, new_id = self.store.replace_class(
+                    db, name, class_id, vector, provenance, text_vector, examples
+                )
+                row_name = self.store.class_row(db, name, new_id).name
+            snap = self.refresh(name)
+        return Change(snap, version, [new_id], [row_name])
 
     def remove(self, name: str, class_id: int | None = None, class_name: str | None = None) -> Change:
         with self._write_lock:

@@ -126,14 +126,22 @@ HFAnswer = list[HFLabelScore] | list[list[HFLabelScore]]
 
 
 class ClassesIn(_Body):
+    """Add classes by name, by example images, or both (POST /v1/label-sets/{name}/classes)."""
+
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"names": ["red panda", "okapi"]}, {"names": ["axolotl"], "templates": ["a photo of a {}."]}]
+            "examples": [
+                {"names": ["red panda", "okapi"]},
+                {"names": ["axolotl"], "templates": ["a photo of a {}."]},
+                {"names": ["okapi"], "examples": {"part 7-B": [_TINY_PNG], "okapi": [_TINY_PNG]}},
+            ]
         },
     )
 
-    names: list[str] = Field(description="class names to add (all or none)")
+    names: list[str] = Field(
+        default_factory=list, description="class names to add (all or none); may be empty when 'examples' are given"
+    )
     templates: list[str] | None = Field(
         default=None, description="override the bundle's templates (prompt-free text sides only)"
     )
@@ -147,6 +155,20 @@ class ClassesIn(_Body):
         description="a new class flagged as a likely duplicate or confusion (see 'quality' in the answer): "
         "'warn' adds it and says so; 'error' refuses the request (409 with the pairs), nothing stored",
     )
+    examples: dict[str, list[str]] | None = Field(
+        default=None,
+        description="class name -> example images (base64 or data: URIs). A name that is also in 'names' gets "
+        "both (its text vector and the examples' prototype, combined); a name only here is an example-only "
+        "class. Adding classes only (creating a set takes names)",
+    )
+
+
+class ExamplesIn(_Body):
+    """More examples for an existing class (POST /v1/label-sets/{name}/classes/{id}/examples)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"examples": [_TINY_PNG]}]})
+
+    examples: list[str] = Field(description="example images: base64 or data: URIs (URLs are refused)")
 
 
 class LabelSetIn(ClassesIn):
@@ -207,7 +229,15 @@ class LabelSetReport(BaseModel):
 class ClassOut(BaseModel):
     id: int
     name: str
-    provenance: str
+    provenance: str = Field(
+        description="how the class was made: bundle / zeroshot / promptkd:... (shipped), runtime (a name), "
+        "examples (example images only), <origin>+examples (a name and example images)"
+    )
+    examples: int | None = Field(default=None, description="example images stored for the class (writes only)")
+    replaces: int | None = Field(
+        default=None,
+        description="the id this class had before examples were added (a class's vector never changes under its id)",
+    )
 
 
 class LabelSetSummary(BaseModel):
@@ -239,6 +269,12 @@ class ChangeOut(BaseModel):
     version: int
     classes: list[ClassOut] = Field(description="the classes added or removed")
     skipped: list[str] = Field(default_factory=list, description="names already in the set (if_exists='skip')")
+    gap: Literal["centroid", "none"] | None = Field(
+        default=None,
+        description="classes from examples: how their prototype crossed the image-text modality gap; centroid: "
+        "shifted by the bundle's text centroid minus its in-domain image centroid (Liang et al. 2022); none: the "
+        "bundle has no in-domain image sample, so the plain mean of the examples",
+    )
     quality: list[ClassQuality] = Field(
         default_factory=list, description="per new class: its nearest classes, likely duplicates flagged"
     )

@@ -65,6 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     fm.add_argument("--prompt-epochs", type=int, default=20, help="PromptSRC / CoOp / MoPD epochs")
     fm.add_argument("--distill-epochs", type=int, default=10)
     fm.set_defaults(func=_fashion)
+    ec = esub.add_parser(
+        "example-classes", help="classes from 1/5/16 example images vs by name, gap-corrected vs plain mean"
+    )
+    ec.add_argument("--bundle", required=True, help="a trained student bundle (e.g. the demo's DIR/bundle)")
+    ec.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits", help="the bundle's data")
+    ec.add_argument("--out", required=True, help="output folder (summary.json, table.md)")
+    ec.add_argument("--draws", type=int, default=10, help="random draws of the examples per count")
+    ec.set_defaults(func=_example_classes)
 
     demo = sub.add_parser("demo", help="offline end-to-end PromptKD run on scikit-learn digits (~1 min on CPU)")
     demo.add_argument("--out", required=True, help="output folder (the bundle goes to OUT/bundle)")
@@ -223,6 +231,14 @@ def _fashion(args: argparse.Namespace) -> int:
     summary = run_fashion(args.out, cfg)
     sys.stdout.write(format_table(summary["table"], len(cfg.seeds)))
     sys.stdout.write(f"wall time: {summary['seconds']['total']:.0f} s\n")
+    return 0
+
+
+def _example_classes(args: argparse.Namespace) -> int:
+    from training.example_classes import ExampleClassesCfg, format_table, run_example_classes
+
+    cfg = ExampleClassesCfg(bundle=args.bundle, dataset=args.dataset, draws=args.draws)
+    sys.stdout.write(format_table(run_example_classes(args.out, cfg)))
     return 0
 
 

@@ -8,18 +8,18 @@ import re
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from pydantic import BeforeValidator
 
-from service.deps import ApiKeyDep, CuratorDep, RegistryDep
+from service.deps import ApiKeyDep, CuratorDep, RegistryDep, ServicesDep
 from service.errors import InvalidInput
 from service.index import Snapshot
 from service.names import clean_name
 from service.registry import RUNTIME
+from service.routes import examples
 from service.routes.quality import quality_out
 from service.schemas import (
     ChangeOut,
-    ClassesIn,
     ClassList,
     ClassOut,
     DeletedSet,
@@ -118,6 +118,8 @@ async def list_label_sets(registry: RegistryDep, min_version: MinVersion = None)
     summary="create a label set from class names (encoded through the bundle's text side)",
 )
 async def create_label_set(body: LabelSetIn, curator: CuratorDep, response: Response) -> ClassList:
+    if body.examples:
+        raise InvalidInput("examples: create the set by names, then add example classes with POST .../classes")
     skip = body.if_exists == "skip"
     change = await curator.create(
         body.name, body.names, body.templates, skip_existing=skip, index=body.index, if_similar=body.if_similar
@@ -162,10 +164,29 @@ async def list_classes(
     response_model=ChangeOut,
     status_code=status.HTTP_201_CREATED,
     dependencies=[ApiKeyDep],
-    responses={**_ERRORS, 200: {"model": ChangeOut, "description": "if_exists='skip' and every name was there"}},
-    summary="add classes (all or none; if_exists='skip' leaves out names already there); durable before the response",
+    openapi_extra=examples.ADD_CLASSES_BODY,
+    responses={
+        **_ERRORS,
+        **examples.EXAMPLE_ERRORS,
+        200: {"model": ChangeOut, "description": "if_exists='skip' and every name was there"},
+    },
+    summary="add classes by name and/or example images (all or none; if_exists='skip' leaves out names already "
+    "there); durable before the response",
 )
-async def add_classes(name: SetName, body: ClassesIn, curator: CuratorDep, response: Response) -> ChangeOut:
+async def add_classes(
+    name: SetName,
+    request: Request,
+    services: ServicesDep,
+    curator: CuratorDep,
+    writer: examples.WriterDep,
+    response: Response,
+) -> ChangeOut:
+    body = await examples.parse_classes_request(request, services.settings)
+    if body.examples:
+        out, added_any = await examples.add_with_examples(name, body, services, writer, request)
+        if not added_any:
+            response.status_code = status.HTTP_200_OK
+        return out
     skip = body.if_exists == "skip"
     change = await curator.add(name, body.names, body.templates, skip_existing=skip, if_similar=body.if_similar)
     added = [ClassOut(id=i, name=n, provenance=RUNTIME) for i, n in zip(change.ids, change.names, strict=True)]

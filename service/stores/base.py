@@ -12,6 +12,14 @@ writers commit in clock order and a version never goes backwards (even across a 
 re-create). The caller answers the client only after the transaction committed. FAISS indexes are
 derived from these rows.
 
+A class row never changes under its id (replicas cache rows by id and read only the ids they lack):
+a change to a class's vector (examples added) replaces the row by a new id with the same name, in the
+same transaction, and its examples move with it. Examples (the re-encoded images a class was made
+from, kept so that another model can re-embed them) live in their own table, keyed by
+(set, class id, seq), each with its embedding and the space of that embedding; ``text_vectors`` holds,
+per space, the name's own vector of a class that mixes a name and examples. All are added, moved and
+deleted in the transaction that changes their class.
+
 SQL here is written with ``?`` placeholders; :meth:`Store._sql` adapts it to the driver.
 """
 
@@ -56,6 +64,27 @@ class SetDelta:
     version: int
     current_ids: np.ndarray
     added: SetRows
+
+
+@dataclass(frozen=True)
+class ExampleRow:
+    """One example image of a class as stored."""
+
+    digest: str  # sha256 (hex) of the bytes as the client sent them: duplicates are refused by it
+    media_type: str  # of ``data``: image/png or image/jpeg
+    data: bytes  # the re-encoded image (bounded size) that another model can re-embed
+    embedding: np.ndarray  # [D] float32: the served image tower's embedding of the upload (store's space)
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    """One class as stored; ``text_vector`` [D] is the name's own vector when examples were mixed in."""
+
+    id: int
+    name: str
+    provenance: str
+    vector: np.ndarray | None  # [D] in the store's space; None: not encoded in it yet
+    text_vector: np.ndarray | None
 
 
 def now() -> str:
@@ -247,16 +276,30 @@ class Store(abc.ABC):
         db.execute(self._sql(q), (name, now(), index_kind))
 
     def add_classes(
-        self, db: Tx, name: str, names: Sequence[str], vectors: np.ndarray, provenance: str | Sequence[str]
+        self,
+        db: Tx,
+        name: str,
+        names: Sequence[str],
+        vectors: np.ndarray,
+        provenance: str | Sequence[str],
+        *,
+        text_vectors: Sequence[np.ndarray | None] | None = None,
+        examples: Sequence[Sequence[ExampleRow]] | None = None,
     ) -> tuple[int, list[int]]:
-        """Append classes; returns (version, new ids). Duplicates -> 409."""
+        """Append classes (with their ``examples``, one list per name); returns (version, new ids).
+
+        ``text_vectors``: per name, the name's own vector where ``vectors`` mixes in examples.
+        Duplicates -> 409.
+        """
         self._require(db, name)
         existing = self.existing_names(db, name, names)
         if existing:
             raise DuplicateClass(f"label set {name!r} already has {sorted(existing)[:10]}")
         version = self._tick(db)
         db.execute(self._sql("UPDATE label_sets SET version = ? WHERE name = ?"), (version, name))
-        ids = self._insert(db, name, names, vectors, provenance, None)
+        ids = self._insert(db, name, names, vectors, provenance, None, text_vectors)
+        for class_id, rows in zip(ids, examples or [], strict=False):
+            self._insert_examples(db, name, class_id, rows, 0)
         self.notify(db, name, version)
         return version, ids
 
@@ -281,6 +324,8 @@ class Store(abc.ABC):
             raise UnknownClass(f"label set {name!r} has no class with {what}")
         db.execute(self._sql("DELETE FROM vectors WHERE label_set = ? AND class_id = ?"), (name, row[0]))
         db.execute(self._sql("DELETE FROM classes WHERE label_set = ? AND id = ?"), (name, row[0]))
+        db.execute(self._sql("DELETE FROM examples WHERE label_set = ? AND class_id = ?"), (name, row[0]))
+        db.execute(self._sql("DELETE FROM text_vectors WHERE label_set = ? AND class_id = ?"), (name, row[0]))
         version = self._tick(db)
         db.execute(self._sql("UPDATE label_sets SET version = ? WHERE name = ?"), (version, name))
         self.notify(db, name, version)
@@ -291,6 +336,8 @@ class Store(abc.ABC):
         self._require(db, name)
         db.execute(self._sql("DELETE FROM vectors WHERE label_set = ?"), (name,))
         db.execute(self._sql("DELETE FROM classes WHERE label_set = ?"), (name,))
+        db.execute(self._sql("DELETE FROM examples WHERE label_set = ?"), (name,))
+        db.execute(self._sql("DELETE FROM text_vectors WHERE label_set = ?"), (name,))
         db.execute(self._sql("DELETE FROM label_sets WHERE name = ?"), (name,))
         version = self._tick(db)
         self.notify(db, name, version)
@@ -379,8 +426,10 @@ class Store(abc.ABC):
         vectors: np.ndarray,
         provenance: str | Sequence[str],
         ids: Sequence[int] | None,
+        text_vectors: Sequence[np.ndarray | None] | None = None,
     ) -> list[int]:
         prov = [provenance] * len(names) if isinstance(provenance, str) else list(provenance)
+        texts = list(text_vectors) if text_vectors is not None else [None] * len(names)
         vecs = np.ascontiguousarray(vectors, dtype="<f4")  # [N, D]
         if vecs.shape != (len(names), self.embed_dim):
             raise ValueError(f"vectors have shape {vecs.shape}, expected ({len(names)}, {self.embed_dim})")
@@ -390,6 +439,10 @@ class Store(abc.ABC):
         rows = [(name, i, n, prov[k], stamp) for k, (i, n) in enumerate(zip(new_ids, names, strict=True))]
         self._insert_classes(db, rows)
         self._insert_vectors(db, [(name, i, self.space, self._blob(vecs[k])) for k, i in enumerate(new_ids)])
+        texts_rows = [
+            (name, i, self.space, self._text_blob(t)) for i, t in zip(new_ids, texts, strict=True) if t is not None
+        ]
+        self._insert_vectors(db, texts_rows, "text_vectors")
         top = max([next_id - 1, *new_ids]) + 1
         db.execute(self._sql("UPDATE label_sets SET next_id = ? WHERE name = ?"), (top, name))
         return new_ids
@@ -399,10 +452,97 @@ class Store(abc.ABC):
         with _cursor(db) as cur:
             cur.executemany(self._sql(sql), rows)
 
-    def _insert_vectors(self, db: Tx, rows: list[tuple[Any, ...]]) -> None:
-        sql = "INSERT INTO vectors (label_set, class_id, space, vector) VALUES (?, ?, ?, ?)"
+    def _insert_vectors(self, db: Tx, rows: list[tuple[Any, ...]], table: str = "vectors") -> None:
+        sql = f"INSERT INTO {table} (label_set, class_id, space, vector) VALUES (?, ?, ?, ?)"
         with _cursor(db) as cur:
             cur.executemany(self._sql(sql), rows)
+
+    def _text_blob(self, vec: np.ndarray | None) -> Any:
+        return None if vec is None else self._blob(np.ascontiguousarray(vec, dtype="<f4").reshape(self.embed_dim))
+
+    # ----------------------------------------------------------------- examples
+    def replace_class(
+        self,
+        db: Tx,
+        name: str,
+        class_id: int,
+        vector: np.ndarray,
+        provenance: str,
+        text_vector: np.ndarray | None,
+        examples: Sequence[ExampleRow],
+    ) -> tuple[int, int]:
+        """Give a class a new vector (examples added): a new id, same name, its examples moved to it
+        plus ``examples``; returns (version, new id). Unknown class -> 404."""
+        old = self.class_row(db, name, class_id)
+        for table in ("vectors", "text_vectors"):  # every space's: the new row is of this space only
+            db.execute(self._sql(f"DELETE FROM {table} WHERE label_set = ? AND class_id = ?"), (name, class_id))
+        db.execute(self._sql("DELETE FROM classes WHERE label_set = ? AND id = ?"), (name, class_id))
+        version = self._tick(db)
+        db.execute(self._sql("UPDATE label_sets SET version = ? WHERE name = ?"), (version, name))
+        (new_id,) = self._insert(db, name, [old.name], vector[None], provenance, None, [text_vector])
+        q = "UPDATE examples SET class_id = ? WHERE label_set = ? AND class_id = ?"
+        db.execute(self._sql(q), (new_id, name, class_id))
+        row = db.execute(
+            self._sql("SELECT COALESCE(MAX(seq), -1) FROM examples WHERE label_set = ? AND class_id = ?"),
+            (name, new_id),
+        ).fetchone()
+        self._insert_examples(db, name, new_id, examples, int(row[0]) + 1)
+        self.notify(db, name, version)
+        return version, new_id
+
+    def class_row(self, db: Tx, name: str, class_id: int) -> ClassRow:
+        """One class with its vector and its name's own vector in this space (None where there is none)."""
+        q = "SELECT id, name, provenance FROM classes WHERE label_set = ? AND id = ?"
+        row = db.execute(self._sql(q), (name, class_id)).fetchone()
+        if row is None:
+            raise UnknownClass(f"label set {name!r} has no class with id {class_id}")
+        found = []
+        for table in ("vectors", "text_vectors"):
+            q = f"SELECT vector FROM {table} WHERE label_set = ? AND class_id = ? AND space = ?"
+            v = db.execute(self._sql(q), (name, class_id, self.space)).fetchone()
+            found.append(None if v is None else np.frombuffer(bytes(v[0]), dtype="<f4").copy())
+        return ClassRow(int(row[0]), str(row[1]), str(row[2]), found[0], found[1])
+
+    def example_digests(self, db: Tx, name: str, class_id: int) -> list[str]:
+        q = "SELECT digest FROM examples WHERE label_set = ? AND class_id = ? ORDER BY seq"
+        return [str(r[0]) for r in db.execute(self._sql(q), (name, class_id)).fetchall()]
+
+    def example_embeddings(self, db: Tx, name: str, class_id: int) -> np.ndarray:
+        """[K, D] the embeddings in this space of a class's examples, in the order they were added
+        (examples embedded in another space are left out: they need re-embedding)."""
+        q = "SELECT embedding FROM examples WHERE label_set = ? AND class_id = ? AND space = ? ORDER BY seq"
+        rows = db.execute(self._sql(q), (name, class_id, self.space)).fetchall()
+        out = np.zeros((len(rows), self.embed_dim), dtype=np.float32)
+        for i, r in enumerate(rows):
+            out[i] = np.frombuffer(bytes(r[0]), dtype="<f4")
+        return out
+
+    def examples(self, name: str, class_id: int) -> list[ExampleRow]:
+        """A class's examples (images and embeddings) in the order they were added (one read)."""
+        q = "SELECT digest, media_type, data, embedding FROM examples WHERE label_set = ? AND class_id = ? ORDER BY seq"
+        with self.read() as db:
+            rows = db.execute(self._sql(q), (name, class_id)).fetchall()
+        return [ExampleRow(str(r[0]), str(r[1]), bytes(r[2]), np.frombuffer(bytes(r[3]), dtype="<f4")) for r in rows]
+
+    def example_counts(self, name: str) -> dict[int, int]:
+        """Class id -> number of stored examples (classes without examples are absent)."""
+        q = "SELECT class_id, COUNT(*) FROM examples WHERE label_set = ? GROUP BY class_id"
+        with self.read() as db:
+            return {int(r[0]): int(r[1]) for r in db.execute(self._sql(q), (name,)).fetchall()}
+
+    def _insert_examples(self, db: Tx, name: str, class_id: int, examples: Sequence[ExampleRow], seq: int) -> None:
+        sql = (
+            "INSERT INTO examples (label_set, class_id, seq, digest, media_type, data, space, embedding, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        stamp = now()
+        rows = [
+            (name, class_id, seq + k, e.digest, e.media_type, e.data, self.space, self._text_blob(e.embedding), stamp)
+            for k, e in enumerate(examples)
+        ]
+        if rows:
+            with _cursor(db) as cur:
+                cur.executemany(self._sql(sql), rows)
 
 
 class _cursor:

@@ -46,6 +46,14 @@ CREATE TABLE IF NOT EXISTS vectors (
     label_set TEXT NOT NULL, class_id BIGINT NOT NULL, space TEXT NOT NULL, vector BYTEA NOT NULL,
     PRIMARY KEY (label_set, class_id, space),
     FOREIGN KEY (label_set, class_id) REFERENCES classes(label_set, id) ON DELETE CASCADE);
+CREATE TABLE IF NOT EXISTS text_vectors (
+    label_set TEXT NOT NULL, class_id BIGINT NOT NULL, space TEXT NOT NULL, vector BYTEA NOT NULL,
+    PRIMARY KEY (label_set, class_id, space));
+CREATE TABLE IF NOT EXISTS examples (
+    label_set TEXT NOT NULL, class_id BIGINT NOT NULL, seq INTEGER NOT NULL, digest TEXT NOT NULL,
+    media_type TEXT NOT NULL, data BYTEA NOT NULL, space TEXT NOT NULL, embedding BYTEA NOT NULL,
+    created_at TEXT NOT NULL, PRIMARY KEY (label_set, class_id, seq), UNIQUE (label_set, class_id, digest));
+CREATE INDEX IF NOT EXISTS examples_by_digest ON examples (label_set, digest);
 """
 # A database made before spaces: its one-vector-per-class column moves to `vectors`, tagged with the
 # old bundle fingerprint (the registry re-tags them with that bundle's space when it serves it). One

@@ -33,6 +33,14 @@ CREATE TABLE IF NOT EXISTS classes (
     label_set TEXT NOT NULL REFERENCES label_sets(name) ON DELETE CASCADE,
     id INTEGER NOT NULL, name TEXT NOT NULL, provenance TEXT NOT NULL,
     created_at TEXT NOT NULL, PRIMARY KEY (label_set, id), UNIQUE (label_set, name));
+CREATE TABLE IF NOT EXISTS text_vectors (
+    label_set TEXT NOT NULL, class_id INTEGER NOT NULL, space TEXT NOT NULL, vector BLOB NOT NULL,
+    PRIMARY KEY (label_set, class_id, space));
+CREATE TABLE IF NOT EXISTS examples (
+    label_set TEXT NOT NULL, class_id INTEGER NOT NULL, seq INTEGER NOT NULL, digest TEXT NOT NULL,
+    media_type TEXT NOT NULL, data BLOB NOT NULL, space TEXT NOT NULL, embedding BLOB NOT NULL,
+    created_at TEXT NOT NULL, PRIMARY KEY (label_set, class_id, seq), UNIQUE (label_set, class_id, digest));
+CREATE INDEX IF NOT EXISTS examples_by_digest ON examples (label_set, digest);
 """
     + _VECTORS
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -13,16 +14,19 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from promptdistill.cli import main
 from service import Settings, create_app
 from service.errors import StartupError
-from tests.service.conftest import ROOT
+from tests.service.conftest import ROOT, png_bytes
 
 KEY = "s3cret-key"
+_EXAMPLE = "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (32, 32), "orange"))).decode()
 MUTATING = [
     ("POST", "/v1/label-sets", {"json": {"name": "pets", "names": ["cat"]}}),
     ("POST", "/v1/label-sets/default/classes", {"json": {"names": ["emu"]}}),
+    ("POST", "/v1/label-sets/default/classes/2/examples", {"json": {"examples": [_EXAMPLE]}}),
     ("DELETE", "/v1/label-sets/default/classes/0", {}),
     ("DELETE", "/v1/label-sets/default/classes", {"params": {"name": "dog"}}),
     ("DELETE", "/v1/label-sets/pets", {}),
@@ -38,6 +42,7 @@ def test_every_mutating_route_needs_the_key_and_health_stays_open(live: Any) -> 
         assert declared - {("POST", "/v1/classify"), ("POST", "/v1/embeddings")} == {  # reads, not mutations
             ("POST", "/v1/label-sets"),
             ("POST", "/v1/label-sets/{name}/classes"),
+            ("POST", "/v1/label-sets/{name}/classes/{class_id}/examples"),
             ("DELETE", "/v1/label-sets/{name}/classes/{class_id}"),
             ("DELETE", "/v1/label-sets/{name}/classes"),
             ("DELETE", "/v1/label-sets/{name}"),
@@ -54,7 +59,7 @@ def test_every_mutating_route_needs_the_key_and_health_stays_open(live: Any) -> 
         assert {"cat", "dog"} <= {c["name"] for c in classes}, "a refused request changed something"
         ok = {"X-API-Key": KEY}
         codes = [http.request(m, u, headers=ok, **kw).status_code for m, u, kw in MUTATING]
-        assert codes == [201, 201, 200, 200, 200, 200]
+        assert codes == [201, 201, 201, 200, 200, 200, 200]
 
 
 def test_serve_refuses_public_bind_without_key(tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
