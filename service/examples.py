@@ -87,6 +87,23 @@ class Added:
     quality: list[ClassCheck] = field(default_factory=list)  # add_classes: the quality check of the new classes
 
 
+async def rebuilt_vector(
+    classifier: Classifier, registry: Registry, gap: Gap, set_name: str, class_id: int, text: np.ndarray | None
+) -> np.ndarray:
+    """[D] a class's vector in the served space from its kept examples (re-embedded by the served image
+    tower), combined with ``text`` (its name's vector there) when it has a name: the migration's rebuild."""
+    kept = await asyncio.to_thread(registry.store.examples, set_name, class_id)
+    if not kept:
+        raise InvalidInput(f"class {class_id} of {set_name!r} is made of examples but none is kept")
+    chunk = classifier.settings.max_images_per_request
+    parts = []
+    for start in range(0, len(kept), chunk):
+        deadline = asyncio.get_running_loop().time() + classifier.settings.request_timeout_s
+        images = [EncodedImage(e.data) for e in kept[start : start + chunk]]
+        parts.append(await classifier.embed_images(images, deadline))
+    return class_vector(text, np.concatenate(parts), gap, ExampleLimits().text_weight)
+
+
 def image_sample(bundle: object) -> np.ndarray | None:
     """The bundle's calibration sample [M, D] (in-domain image embeddings), or None without one."""
     sample = getattr(bundle, "calibration", None)  # an optional bundle file (issue 22's calibration sample)

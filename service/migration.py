@@ -10,7 +10,9 @@ text work, behind nothing else) and commits each batch's vectors at once, so a r
 complete snapshot. Progress goes to the log and to ``/readyz``.
 
 Runtime classes are re-encoded with the new bundle's text side and its templates (a class added
-with custom templates gets the bundle's in the new space).
+with custom templates gets the bundle's in the new space). Classes made from example images are
+rebuilt from their kept examples, re-embedded by the new image tower (``rebuild``: service/examples.py),
+combined with their name's new text vector when they have one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 BATCH = 64  # names encoded and committed together: a kill -9 redoes at most this many
 RETRY_S = 1.0  # after a failed batch (database down, engine draining), try again this much later
 NO_DEADLINE = float("inf")
+EXAMPLES = "examples"  # provenance of a class made from examples alone (service/examples.py); "...+examples": both
+# (set, class id, the name's new text vector or None) -> the class vector rebuilt from its kept examples
+Rebuild = Callable[[str, int, np.ndarray | None], Awaitable[np.ndarray]]
 
 
 @dataclass
@@ -42,9 +48,10 @@ class Progress:
 class Migrator:
     """One background task per process; woken by the registry whenever a set lacks vectors."""
 
-    def __init__(self, registry: Registry, text: TextTower) -> None:
+    def __init__(self, registry: Registry, text: TextTower, rebuild: Rebuild | None = None) -> None:
         self.registry = registry
         self.text = text
+        self.rebuild = rebuild
         self.progress = Progress()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -94,7 +101,9 @@ class Migrator:
 
     async def _encode_set(self, name: str) -> None:
         store = self.registry.store
-        if not self.text.available:
+        if not self.text.available and any(
+            p != EXAMPLES for p in (await asyncio.to_thread(store.missing, name, BATCH))[2]
+        ):
             self.progress.problem = (
                 f"label set {name!r} has classes with no vector in space {store.space}, and this bundle has no "
                 "text side to encode them"
@@ -105,20 +114,41 @@ class Migrator:
             self.progress.started = time.monotonic()
         left = self.registry.pending().get(name, 0)
         while True:
-            ids, names = await asyncio.to_thread(store.missing, name, BATCH)
+            ids, names, provenance = await asyncio.to_thread(store.missing, name, BATCH)
             if not ids:
                 break
-            vectors = await self.text.encode(names, None, urgent=True, timeout_s=NO_DEADLINE)  # [B, D]
-            stored = await asyncio.to_thread(self._commit, name, ids, vectors)
+            vectors, texts = await self._vectors(name, ids, names, provenance)
+            stored = await asyncio.to_thread(self._commit, name, ids, vectors, texts)
             self.progress.done += stored
             left = max(0, left - len(ids))
             self._log(name, left)
         await asyncio.to_thread(self.registry.refresh, name)  # the complete snapshot, installed
 
-    def _commit(self, name: str, ids: list[int], vectors: np.ndarray) -> int:
+    async def _vectors(
+        self, name: str, ids: list[int], names: list[str], provenance: list[str]
+    ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """[B, D] vectors of one batch: names through the text engine, example classes from their examples."""
+        named = [k for k, p in enumerate(provenance) if p != EXAMPLES]
+        text = np.zeros((0, 0), np.float32)
+        if named:
+            text = await self.text.encode([names[k] for k in named], None, urgent=True, timeout_s=NO_DEADLINE)
+        text_of = {k: text[j] for j, k in enumerate(named)}  # row in this batch -> [D]
+        out, texts = [], {}
+        for k, (class_id, prov) in enumerate(zip(ids, provenance, strict=True)):
+            if prov != EXAMPLES and not prov.endswith("+" + EXAMPLES):
+                out.append(text_of[k])
+                continue
+            if self.rebuild is None:
+                raise OSError(f"class {names[k]!r} of {name!r} is made of examples, and nothing here re-embeds them")
+            out.append(await self.rebuild(name, class_id, text_of.get(k)))
+            if k in text_of:
+                texts[class_id] = text_of[k]
+        return np.stack(out), texts
+
+    def _commit(self, name: str, ids: list[int], vectors: np.ndarray, texts: dict[int, np.ndarray]) -> int:
         store = self.registry.store
         with store.transaction() as db:
-            return store.put_vectors(db, name, ids, vectors)
+            return store.put_vectors(db, name, ids, vectors, texts)
 
     def _log(self, name: str, left: int) -> None:
         elapsed = max(time.monotonic() - self.progress.started, 1e-6)

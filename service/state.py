@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -36,7 +37,7 @@ from service.errors import StartupError
 from service.images import EncodedImage, ImageLimits, configure_pil
 from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
-from service.migration import Migrator
+from service.migration import Migrator, Rebuild
 from service.quality import QualityGate
 from service.registry import Registry, check_store_matches
 from service.settings import Settings
@@ -179,8 +180,16 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         1000 * admission.image_s,
     )
     curator = Curator(settings, registry, text, QualityGate(classifier.calibration.sample, classifier.logit_scale))
-    migrator = Migrator(registry, text)
+    migrator = Migrator(registry, text, _example_rebuild(bundle, classifier, registry))
     return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, migrator, metrics, probe)
+
+
+def _example_rebuild(bundle: Bundle, classifier: Classifier, registry: Registry) -> Rebuild:
+    """How the migrator rebuilds a class made of examples in this bundle's space (service/examples.py)."""
+    from service.examples import bundle_gap, image_sample, rebuilt_vector
+
+    gap = bundle_gap([v.float().numpy() for v in bundle.class_vectors.values()], image_sample(bundle))
+    return functools.partial(rebuilt_vector, classifier, registry, gap)
 
 
 def capture_cfg(settings: Settings) -> CaptureCfg | None:

@@ -225,15 +225,15 @@ class Store(abc.ABC):
             missing=tuple(int(r[0]) for r in rows if r[3] is None),
         )
 
-    def missing(self, name: str, limit: int) -> tuple[list[int], list[str]]:
-        """Up to ``limit`` classes of ``name`` (ids, names; ascending id) with no vector in this space."""
+    def missing(self, name: str, limit: int) -> tuple[list[int], list[str], list[str]]:
+        """Up to ``limit`` classes of ``name`` (ids, names, provenance; ascending id) with no vector in this space."""
         q = (
-            "SELECT c.id, c.name FROM classes c WHERE c.label_set = ? AND NOT EXISTS (SELECT 1 FROM vectors v "
-            "WHERE v.label_set = c.label_set AND v.class_id = c.id AND v.space = ?) ORDER BY c.id LIMIT ?"
+            "SELECT c.id, c.name, c.provenance FROM classes c WHERE c.label_set = ? AND NOT EXISTS (SELECT 1 FROM "
+            "vectors v WHERE v.label_set = c.label_set AND v.class_id = c.id AND v.space = ?) ORDER BY c.id LIMIT ?"
         )
         with self.read() as db:
             rows = db.execute(self._sql(q), (name, self.space, limit)).fetchall()
-        return [int(r[0]) for r in rows], [str(r[1]) for r in rows]
+        return [int(r[0]) for r in rows], [str(r[1]) for r in rows], [str(r[2]) for r in rows]
 
     def missing_counts(self) -> dict[str, int]:
         """Per label set, how many classes have no vector in this space (sets with none are left out)."""
@@ -343,9 +343,12 @@ class Store(abc.ABC):
         self.notify(db, name, version)
         return version
 
-    def put_vectors(self, db: Tx, name: str, ids: Sequence[int], vectors: np.ndarray) -> int:
+    def put_vectors(
+        self, db: Tx, name: str, ids: Sequence[int], vectors: np.ndarray, text: dict[int, np.ndarray] | None = None
+    ) -> int:
         """Store this space's vectors [N, D] of existing classes (those removed meanwhile and those that
         have one already are left alone); the set's version stays (its classes did not change).
+        ``text``: class id -> the name's own vector, for classes made of a name and examples.
         Returns how many were stored."""
         vecs = np.ascontiguousarray(vectors, dtype="<f4")
         if vecs.shape != (len(ids), self.embed_dim):
@@ -358,6 +361,9 @@ class Store(abc.ABC):
             if int(i) in alive and int(i) not in have
         ]
         self._insert_vectors(db, rows)
+        stored = {r[1] for r in rows}
+        texts = [(name, i, self.space, self._text_blob(v)) for i, v in (text or {}).items() if i in stored]
+        self._insert_vectors(db, texts, table="text_vectors")
         version = db.execute(self._sql("SELECT version FROM label_sets WHERE name = ?"), (name,)).fetchone()
         if rows and version is not None:
             self.notify(db, name, int(version[0]))  # replicas of this space may be waiting for them

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from PIL import Image
 from models.prototypes import Gap, centroid, class_vector, combine, image_prototype
 from promptdistill.cli import main
 from service.client import Client, ServiceClientError
+from service.examples import ExampleLimits
 from service.images import EncodedImage
 from tests.service.conftest import jpeg_bytes, png_bytes
 
@@ -286,3 +289,36 @@ def test_example_classes_get_the_quality_check(shared_server: Any, photos: list[
         assert warned.status_code == 201, warned.text
     (check,) = warned.json()["quality"]
     assert check["name"] == "b" and check["flagged"] and check["nearest"][0]["name"] == "a"
+
+
+def test_a_new_space_rebuilds_example_classes_from_their_kept_examples(
+    live: Any, tiny_bundle_dir: Path, tmp_path: Path, photos: list[Any]
+) -> None:
+    """A bundle of another space re-embeds the kept examples with its own image tower (never the name
+    of an example-only class), and mixes in the name's vector of its own text side where there is one."""
+    imgs = variants(photos, 3)
+    other = tmp_path / "other-space"
+    shutil.copytree(tiny_bundle_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["text_encoder"]["templates"] = ["a {}."]  # another text side: another space
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    state = tmp_path / "state"
+    with live(state_dir=state) as server, server.client() as http:
+        body = {"examples": {"part 7-B": [b64(imgs[0]), b64(imgs[1])], "comet": [b64(imgs[2])]},
+                "names": ["comet"]}  # fmt: skip
+        assert http.post("/v1/label-sets/default/classes", json=body).status_code == 201
+    with live(state_dir=state, bundle=other) as server, server.client() as http:
+        deadline = time.monotonic() + 60
+        while http.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, http.get("/readyz").text
+            time.sleep(0.05)
+        snap = server.services.registry.get("default")
+        ids = dict(zip(snap.names, (int(i) for i in snap.ids), strict=True))
+        store, gap = server.services.registry.store, no_gap(server)
+        kept = {n: embed(server, [e.data for e in store.examples("default", ids[n])]) for n in ("part 7-B", "comet")}
+        text = server.services.text.side.class_vectors(["comet", "part 7-B"]).numpy()
+        got = vector_of(server, "default", ids["part 7-B"])
+        np.testing.assert_allclose(got, image_prototype(kept["part 7-B"], gap), atol=1e-5)
+        assert float(got @ text[1]) < 0.999  # not the name's vector
+        want = class_vector(text[0], kept["comet"], gap, ExampleLimits().text_weight)
+        np.testing.assert_allclose(vector_of(server, "default", ids["comet"]), want, atol=1e-5)
