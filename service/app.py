@@ -11,11 +11,13 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from models import __version__
+from service import tracing
 from service.errors import install_error_handlers
+from service.grpc_server import GrpcServer
 from service.metrics import Metrics
 from service.middleware import AllowedMethods, BodyLimit, RequestMetrics, StoreIdentity
 from service.openapi import build_openapi, operation_id
-from service.routes import classify, embeddings, health, label_sets
+from service.routes import classify, embeddings, health, label_sets, v2
 from service.settings import Settings, get_settings
 from service.state import build_services
 
@@ -34,9 +36,13 @@ DESCRIPTION = """Image classification with prompt-distilled CLIP bundles.
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    tracing.configure()
     services = await asyncio.to_thread(build_services, settings, app.state.metrics)
     services.engine.start()
     app.state.services = services
+    grpc = GrpcServer(services, settings.host, settings.grpc_port) if settings.grpc_port is not None else None
+    if grpc is not None:
+        await grpc.start()
     log.info(
         "serving bundle %s with %s (%s); state in %s",
         settings.bundle,
@@ -47,9 +53,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if grpc is not None:
+            await grpc.stop(settings.graceful_shutdown_s)
         log.info("draining the engine (%d images queued)", services.engine.depth)
         await services.engine.stop(settings.graceful_shutdown_s)
         services.close()
+        tracing.shutdown()
         log.info("shut down cleanly")
 
 
@@ -69,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "label sets", "description": "named, versioned, durable class lists"},
             {"name": "embeddings", "description": "image or text embeddings (OpenAI / Infinity shape)"},
             {"name": "health", "description": "liveness, readiness, metrics (never behind the key)"},
+            {"name": "open inference protocol", "description": "KServe / Triton v2 REST: BYTES images in, top-k out"},
         ],
     )
     app.state.settings = settings
@@ -77,8 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(AllowedMethods, routes=app.router.routes)  # the list routers are added to below
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
-    app.add_middleware(StoreIdentity)  # outermost: error answers carry it too
-    for module in (health, label_sets, classify, embeddings):
+    app.add_middleware(StoreIdentity)  # error answers carry it too
+    app.add_middleware(tracing.RequestTracing)  # outermost: a request's span covers everything
+    for module in (health, label_sets, classify, embeddings, v2):
         app.include_router(module.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

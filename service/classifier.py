@@ -33,6 +33,7 @@ from service.registry import Registry
 from service.schemas import ClassifyResponse, ImageResult, Prediction
 from service.settings import Settings
 from service.text import TextEncoder
+from service.tracing import in_span
 
 UNKNOWN = "unknown"
 # Searches up to this many multiply-adds (e.g. one image x 512 dims x 2,048 classes) run on the event
@@ -124,14 +125,18 @@ class Classifier:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         plan = await self._check(job)
-        vectors = await self._candidate_vectors(plan) if plan.names is not None else None
+        vectors = await in_span("text_encode", self._candidate_vectors(plan)) if plan.names is not None else None
         emb = await self.embed_images(job.images, deadline, is_disconnected)  # [B, D]
         if plan.snapshot is not None:
             snap = plan.snapshot
-            ranked = await self._search(emb.size * len(snap), snap.search, emb, job.top_k, self.logit_scale)
+            ranked = await in_span(
+                "search", self._search(emb.size * len(snap), snap.search, emb, job.top_k, self.logit_scale)
+            )
             return self._response(snap.name, snap.version, ranked, snap.label, job)
         assert vectors is not None and plan.names is not None
-        ranked = await self._search(emb.size * len(vectors), adhoc_rank, emb, vectors, self.logit_scale, job.top_k)
+        ranked = await in_span(
+            "search", self._search(emb.size * len(vectors), adhoc_rank, emb, vectors, self.logit_scale, job.top_k)
+        )
         names = plan.names
         return self._response(None, None, ranked, lambda i: names[i], job)
 
@@ -149,7 +154,9 @@ class Classifier:
         loop = asyncio.get_running_loop()
         with self.admission.admit(len(images)):
             futures = [loop.run_in_executor(self._decode_pool, self._prepare, im, i) for i, im in enumerate(images)]
-            done = await asyncio.gather(*futures, return_exceptions=True)  # all finished: slots stay honest
+            done = await in_span(
+                "decode", asyncio.gather(*futures, return_exceptions=True), images=len(images)
+            )  # all finished: slots stay honest
             errors = [d for d in done if isinstance(d, BaseException)]
             if errors:
                 raise errors[0]

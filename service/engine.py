@@ -26,11 +26,13 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from service.errors import ClientGone, DeadlineExceeded, Overloaded
+from service.tracing import batch_span, current
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05  # how often a waiting request checks whether its client is still there
@@ -51,6 +53,7 @@ class _Item:
     future: asyncio.Future[np.ndarray]
     enqueued: float
     deadline: float
+    trace: Any = field(default_factory=current)  # the request's trace context (None: tracing off)
 
 
 class EngineHooks:
@@ -249,7 +252,8 @@ class Engine:
         encode = self.encode if wide or self.encode_lane is None else self.encode_lane
         start = loop.time()
         try:
-            out = await loop.run_in_executor(self._executor, encode, pixels)
+            with batch_span("encode", [it.trace for it in batch], batch_size=len(batch)):
+                out = await loop.run_in_executor(self._executor, encode, pixels)
         except Exception as e:
             log.exception("image encoder failed on a batch of %d", len(batch))
             for it in batch:
