@@ -166,7 +166,7 @@ class _TraceIds(logging.Filter):
         ctx = trace.get_current_span().get_span_context()
         if ctx.is_valid:
             trace_id = f"{ctx.trace_id:032x}"
-            record.trace_id = trace_id  # type: ignore[attr-defined]  # (also marks the record as done)
+            record.trace_id = trace_id  # (also marks the record as done)
             record.msg = f"{record.msg} trace_id={trace_id} span_id={ctx.span_id:016x}"
         return True
 
