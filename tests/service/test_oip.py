@@ -162,16 +162,22 @@ def test_rest_bad_input_in_oip_form(server: LiveServer, jpegs: list[bytes]) -> N
     c = server.client()
     b64 = base64.b64encode(jpegs[0]).decode()
     raw = join_bytes(jpegs[:1])
+
+    def image(shape: list[int], data: list[Any], datatype: str = "BYTES", name: str = "IMAGE") -> dict[str, Any]:
+        return {"json": {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}}
+
+    no_k = image([1], [b64])
+    no_k["json"]["outputs"] = [{"name": "SCORES"}]
     cases: list[tuple[str, dict[str, Any], int, str]] = [
-        ("wrong datatype", {"json": {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "FP32", "data": [1.0]}]}}, 400, "BYTES"),
-        ("wrong shape", {"json": {"inputs": [{"name": "IMAGE", "shape": [1, 2], "datatype": "BYTES", "data": [b64, b64]}]}}, 400, "shape"),
-        ("count vs shape", {"json": {"inputs": [{"name": "IMAGE", "shape": [2], "datatype": "BYTES", "data": [b64]}]}}, 400, "declares 2"),
-        ("wrong input name", {"json": {"inputs": [{"name": "PIXELS", "shape": [1], "datatype": "BYTES", "data": [b64]}]}}, 400, "IMAGE"),
-        ("not an image", {"json": {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": ["aGVsbG8="]}]}}, 400, "image 0"),
-        ("url refused", {"json": {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": ["https://x.org/a.jpg"]}]}}, 400, "URL"),
+        ("wrong datatype", image([1], [1.0], "FP32"), 400, "BYTES"),
+        ("wrong shape", image([1, 2], [b64, b64]), 400, "shape"),
+        ("count vs shape", image([2], [b64]), 400, "declares 2"),
+        ("wrong input name", image([1], [b64], name="PIXELS"), 400, "IMAGE"),
+        ("not an image", image([1], ["aGVsbG8="]), 400, "image 0"),
+        ("url refused", image([1], ["https://x.org/a.jpg"]), 400, "URL"),
         ("not json", {"content": b"{nope", "headers": {"Content-Type": "application/json"}}, 400, "invalid request"),
-        ("no classification", {"json": {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": [b64]}], "outputs": [{"name": "SCORES"}]}}, 400, "classification"),
-    ]  # fmt: skip
+        ("no classification", no_k, 400, "classification"),
+    ]
     for what, kwargs, status, words in cases:
         r = c.post("/v2/models/default/infer", **kwargs)
         assert r.status_code == status and words in r.json()["error"], (what, r.status_code, r.text)
