@@ -38,7 +38,7 @@ from service.oip import (
 from service.oip_proto import grpc_predict_v2_pb2 as pb
 from service.oip_proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.state import Services
-from service.tracing import span
+from service.tracing import server_span
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -110,7 +110,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return bool(context.cancelled())
 
         async def call() -> pb.ModelInferResponse:
-            with span("grpc ModelInfer", model=request.model_name):
+            carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            with server_span("grpc ModelInfer", carrier, model=request.model_name):
                 inputs = _inputs(request)
                 outputs = [_output(o) for o in request.outputs]
                 result = await self.models.infer(request.model_name, inputs, outputs, gone)

@@ -77,6 +77,8 @@ class InferenceRequest(_Strict):
     )
 
     id: str | None = None
+    model_name: str | None = Field(default=None, description="if given, the path's model (kserve sends it)")
+    model_version: str | None = Field(default=None, description="ignored: a model answers from its current version")
     parameters: dict[str, Scalar] | None = Field(default=None, description="binary_data_output: all outputs binary")
     inputs: list[InputIn]
     outputs: list[OutputIn] | None = None
@@ -246,6 +248,8 @@ async def model_infer(model: str, request: Request) -> Response:
     models = _models(request)
     header, tail = _split_body(await request.body(), request.headers.get(HEADER_LENGTH))
     req = _parse_header(header)
+    if req.model_name is not None and req.model_name != model:
+        raise InvalidInput(f"model_name {req.model_name!r} in the body differs from the path's model {model!r}")
     inputs = _inputs(req, tail)
     binary_all = (req.parameters or {}).get("binary_data_output") is True
     outputs = [_output(o, binary_all) for o in req.outputs or []]
