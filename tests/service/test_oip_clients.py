@@ -46,8 +46,9 @@ def served(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield url, grpc_port
 
 
-def test_every_oip_client_matches_v1_classify(
-    clients_python: Path, served: tuple[str, int], photos: list[Any], tmp_path: Path
+@pytest.mark.parametrize("client", ["triton_http", "triton_grpc", "kserve_rest", "kserve_grpc"])
+def test_oip_client_matches_v1_classify(
+    client: str, clients_python: Path, served: tuple[str, int], photos: list[Any], tmp_path: Path
 ) -> None:
     url, grpc_port = served
     jpegs = [jpeg_bytes(p) for p in photos[:2]]
@@ -56,32 +57,31 @@ def test_every_oip_client_matches_v1_classify(
         files.append(tmp_path / f"{i}.jpg")
         files[-1].write_bytes(data)
     host = url.removeprefix("http://")
-    cmd = [str(clients_python), str(SCRIPT), host, f"127.0.0.1:{grpc_port}", str(K), *map(str, files)]
+    cmd = [str(clients_python), str(SCRIPT), client, host, f"127.0.0.1:{grpc_port}", str(K), *map(str, files)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-5000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    got = json.loads(run.stdout.strip().splitlines()[-1])
 
     body = {"images": [base64.b64encode(j).decode() for j in jpegs], "top_k": K}
     want = httpx2.post(url + "/v1/classify", json=body, timeout=60).json()["results"]
     emb = httpx2.post(url + "/v1/embeddings", json={"input": body["images"], "modality": "image"}, timeout=60).json()
     want_emb = np.array([d["embedding"] for d in emb["data"]])
-    for name, got in report.items():
-        assert got["live"] is True and got["ready"] is True and got["model_ready"] is True, name
-        assert len(got["classes"]) == len(jpegs), name
-        for row, result in zip(got["classes"], want, strict=True):
-            parsed = [s.split(":", 2) for s in row]
-            assert [(int(i), label) for _, i, label in parsed] == [
-                (p["class_id"], p["label"]) for p in result["predictions"]
-            ], name
-            for (score, _, _), p in zip(parsed, result["predictions"], strict=True):
-                assert abs(float(score) - p["score"]) <= 1e-5, (name, score, p["score"])
-        assert "unknown model" in got["unknown_model"] and (
-            got["unknown_model"].startswith(("404", "NOT_FOUND", "StatusCode.NOT_FOUND"))
-        ), (name, got["unknown_model"])
-        if "embedding" in got:
-            assert np.allclose(np.array(got["embedding"]), want_emb, atol=1e-5), name
-        if "metadata" in got:
-            meta = got["metadata"]
-            assert meta["name"] == "default" and meta["inputs"][0]["name"] == "IMAGE", (name, meta)
-            assert meta["inputs"][0]["datatype"] == "BYTES" and meta["outputs"][0]["name"] == "SCORES", (name, meta)
-            assert "classification" in got["server"]["extensions"], name
+    assert got["live"] is True and got["ready"] is True and got["model_ready"] is True, client
+    assert len(got["classes"]) == len(jpegs), client
+    for row, result in zip(got["classes"], want, strict=True):
+        parsed = [s.split(":", 2) for s in row]
+        assert [(int(i), label) for _, i, label in parsed] == [
+            (p["class_id"], p["label"]) for p in result["predictions"]
+        ], client
+        for (score, _, _), p in zip(parsed, result["predictions"], strict=True):
+            assert abs(float(score) - p["score"]) <= 1e-5, (client, score, p["score"])
+    assert "unknown model" in got["unknown_model"] and (
+        got["unknown_model"].startswith(("404", "NOT_FOUND", "StatusCode.NOT_FOUND"))
+    ), (client, got["unknown_model"])
+    if "embedding" in got:
+        assert np.allclose(np.array(got["embedding"]), want_emb, atol=1e-5), client
+    if "metadata" in got:
+        meta = got["metadata"]
+        assert meta["name"] == "default" and meta["inputs"][0]["name"] == "IMAGE", (client, meta)
+        assert meta["inputs"][0]["datatype"] == "BYTES" and meta["outputs"][0]["name"] == "SCORES", (client, meta)
+        assert "classification" in got["server"]["extensions"], client

@@ -1,8 +1,10 @@
 """Runs inside the client virtualenv (tritonclient[http,grpc], kserve), never imported by the suite.
 
-Usage: python oip_clients.py HTTP_HOST:PORT GRPC_HOST:PORT K IMAGE...
+Usage: python oip_clients.py CLIENT HTTP_HOST:PORT GRPC_HOST:PORT K IMAGE...
+(CLIENT: triton_http, triton_grpc, kserve_rest or kserve_grpc; one per process, because tritonclient and
+kserve each register the protocol's ``inference.*`` messages in protobuf's one descriptor pool.)
 
-Prints one JSON object: per client, what it says about server and model readiness, the model's
+Prints one JSON object: what it says about server and model readiness, the model's
 metadata (where the client has a call for it), the classification answer for the images (the
 "score:index:label" strings, best first) and the error it raises for an unknown model. The clients
 are used as their documentation shows, unmodified.
@@ -77,13 +79,14 @@ def triton_grpc(url: str, images: list[bytes], k: int) -> dict[str, Any]:
     }
 
 
-def _kserve_request(images: list[bytes], k: int) -> Any:
-    from kserve import InferInput, InferRequest, RequestedOutput
+def _kserve_request(images: list[bytes], k: int, model: str = "default") -> Any:
+    from kserve import InferInput, InferRequest
+    from kserve.protocol.infer_type import RequestedOutput
 
     image = InferInput("IMAGE", [len(images)], "BYTES")
     image.set_data_from_numpy(np.array(images, dtype=np.object_), binary_data=True)
     output = RequestedOutput("SCORES", parameters={"classification": k, "binary_data": True})
-    return InferRequest(model_name="default", infer_inputs=[image], request_outputs=[output])
+    return InferRequest(model_name=model, infer_inputs=[image], request_outputs=[output])
 
 
 async def kserve_rest(url: str, images: list[bytes], k: int) -> dict[str, Any]:
@@ -94,7 +97,7 @@ async def kserve_rest(url: str, images: list[bytes], k: int) -> dict[str, Any]:
     base = f"http://{url}"
     result = await client.infer(base, _kserve_request(images, k), model_name="default")
     try:
-        await client.infer(base, _kserve_request(images, k), model_name="no-such-model")
+        await client.infer(base, _kserve_request(images, k, "no-such-model"), model_name="no-such-model")
         unknown = "no error"
     except httpx.HTTPStatusError as e:
         unknown = f"{e.response.status_code} {e.response.json().get('error')}"
@@ -113,12 +116,10 @@ async def kserve_grpc(url: str, images: list[bytes], k: int) -> dict[str, Any]:
     import grpc
     from kserve import InferenceGRPCClient
 
-    client = InferenceGRPCClient(url, retries=1)
+    client = InferenceGRPCClient(url)
     result = await client.infer(_kserve_request(images, k))
-    request = _kserve_request(images, k)
-    request.model_name = "no-such-model"
     try:
-        await client.infer(request)
+        await client.infer(_kserve_request(images, k, "no-such-model"))
         unknown = "no error"
     except grpc.RpcError as e:
         unknown = f"{e.code().name} {e.details()}"
@@ -134,14 +135,16 @@ async def kserve_grpc(url: str, images: list[bytes], k: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    http_url, grpc_url, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    images = [Path(p).read_bytes() for p in sys.argv[4:]]
-    report = {
-        "triton_http": triton_http(http_url, images, k),
-        "triton_grpc": triton_grpc(grpc_url, images, k),
-        "kserve_rest": asyncio.run(kserve_rest(http_url, images, k)),
-        "kserve_grpc": asyncio.run(kserve_grpc(grpc_url, images, k)),
-    }
+    client, http_url, grpc_url, k = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    images = [Path(p).read_bytes() for p in sys.argv[5:]]
+    if client == "triton_http":
+        report = triton_http(http_url, images, k)
+    elif client == "triton_grpc":
+        report = triton_grpc(grpc_url, images, k)
+    elif client == "kserve_rest":
+        report = asyncio.run(kserve_rest(http_url, images, k))
+    else:
+        report = asyncio.run(kserve_grpc(grpc_url, images, k))
     sys.stdout.write(json.dumps(report) + "\n")
 
 
