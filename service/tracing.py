@@ -156,19 +156,33 @@ class RequestTracing:
 
 
 class _TraceIds(logging.Filter):
-    """Appends the current trace and span ids to log lines written inside a span."""
+    """Notes the current trace and span ids on records logged inside a span (at logging time: the
+    handler may format later)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _tracer is None or getattr(record, "trace_id", None):
+        if _tracer is None or hasattr(record, "trace_id"):
             return True
         from opentelemetry import trace
 
         ctx = trace.get_current_span().get_span_context()
         if ctx.is_valid:
-            trace_id = f"{ctx.trace_id:032x}"
-            record.trace_id = trace_id  # (also marks the record as done)
-            record.msg = f"{record.msg} trace_id={trace_id} span_id={ctx.span_id:016x}"
+            record.trace_id = f"{ctx.trace_id:032x}"
+            record.span_id = f"{ctx.span_id:016x}"
         return True
+
+
+class _WithTraceIds(logging.Formatter):
+    """A handler's own formatter, then `` trace_id=... span_id=...`` for records that carry them
+    (uvicorn's access formatter builds its line from the record's args, so the message cannot carry them)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.inner.format(record)
+        trace_id = getattr(record, "trace_id", None)
+        return f"{line} trace_id={trace_id} span_id={getattr(record, 'span_id', '')}" if trace_id else line
 
 
 def _install_log_filter() -> None:
@@ -177,3 +191,4 @@ def _install_log_filter() -> None:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, _TraceIds) for f in handler.filters):
                 handler.addFilter(ids)
+                handler.setFormatter(_WithTraceIds(handler.formatter))
