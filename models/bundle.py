@@ -17,6 +17,7 @@ problem. Reading needs only ``models/``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -158,6 +159,9 @@ class Manifest(_Model):
     label_sets: list[LabelSetSpec]
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
     extra: dict[str, Any] = Field(default_factory=dict)  # method-specific facts (metrics, configs)
+    # The embedding space its class vectors live in (see bundle_space); set by exporters whose class
+    # vectors come from another bundle (a PromptKD student: its teacher's). None: derived.
+    space: str | None = None
 
 
 @dataclass
@@ -181,6 +185,31 @@ class Bundle:
             if ls.name == name:
                 return ls
         raise KeyError(name)
+
+
+def bundle_space(bundle: Bundle) -> str:
+    """The identity of what makes a class vector comparable with this bundle's image embeddings.
+
+    Two bundles of one space share class vectors: a re-distilled student, or an int8 / fp16 variant
+    of a tower, serves the same vectors. It is the manifest's ``space`` when the exporter set it (a
+    PromptKD student names its teacher's), else derived from what encodes a new name: the text side
+    (its backbone's architecture and weights, its learned text prompts, its templates) and the
+    embedding size; never the image tower. A bundle without a text side is its own class vectors.
+    """
+    m = bundle.manifest
+    if m.space:
+        return m.space
+    h = hashlib.sha256(f"embed_dim={m.embed_dim}".encode())
+    if m.text_encoder is None:
+        h.update(f"class_vectors={m.files.get(CLASS_VECTORS, '')}".encode())
+        return "vectors-" + h.hexdigest()[:16]
+    ref = m.backbones[m.text_encoder.backbone]
+    weights = ref.weights_sha256 or (m.files.get(ref.weights_file, "") if ref.weights_file else "") or ref.pretrained
+    h.update(json.dumps([m.text_encoder.model_dump(), ref.open_clip_config, weights], sort_keys=True).encode())
+    text = bundle.prompts.get("text")
+    if text is not None:
+        h.update(text.detach().float().contiguous().cpu().numpy().tobytes())
+    return "text-" + h.hexdigest()[:16]
 
 
 def save_bundle(

@@ -55,6 +55,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from models.bundle import load_bundle
+    from models.card import model_card
 
     b = load_bundle(args.bundle_dir)
     m = b.manifest
@@ -69,6 +70,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "label_sets": {ls.name: len(ls.classes) for ls in m.label_sets},
         "onnx": [o.file for o in m.image_encoder.onnx],
         "text_side": m.text_encoder is not None,
+        "card": model_card(b),
     }
     print(json.dumps(summary, indent=2))  # noqa: T201 - this command's output is the summary
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,12 +14,13 @@ from fastapi_offline import FastAPIOffline
 
 from models import __version__
 from service import tracing
-from service.errors import install_error_handlers
+from service.errors import ServiceError, install_error_handlers
 from service.grpc_server import GrpcServer
 from service.metrics import Metrics
 from service.middleware import AllowedMethods, BodyLimit, RequestMetrics, StoreIdentity
 from service.openapi import build_openapi, operation_id
-from service.routes import classify, embeddings, health, label_sets, v2
+from service.reload import Reloader
+from service.routes import classify, embeddings, health, label_sets, model, v2
 from service.settings import Settings, get_settings
 from service.state import build_services
 
@@ -39,7 +42,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     tracing.configure()
     services = await asyncio.to_thread(build_services, settings, app.state.metrics)
     services.engine.start()
+    services.text.engine.start()
+    services.migrator.start()
     app.state.services = services
+    app.state.reloader = reloader = Reloader(services)
+    hangup = _on_sighup(reloader) if settings.workers == 1 else None  # --workers N: gunicorn's arbiter owns SIGHUP
     grpc = GrpcServer(services, settings.host, settings.grpc_port) if settings.grpc_port is not None else None
     if grpc is not None:
         await grpc.start()
@@ -55,11 +62,38 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if grpc is not None:
             await grpc.stop(settings.graceful_shutdown_s)
-        log.info("draining the engine (%d images queued)", services.engine.depth)
-        await services.engine.stop(settings.graceful_shutdown_s)
+        if hangup is not None:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await services.migrator.stop()
+        log.info("draining the engines (%d images, %d names queued)", services.engine.depth, services.text.engine.depth)
+        await asyncio.gather(
+            services.engine.stop(settings.graceful_shutdown_s), services.text.engine.stop(settings.graceful_shutdown_s)
+        )
         services.close()
         tracing.shutdown()
         log.info("shut down cleanly")
+
+
+def _on_sighup(reloader: Reloader) -> bool | None:
+    """``kill -HUP``: re-read --bundle and swap it in (refusals are logged; the old bundle keeps serving)."""
+
+    async def reload() -> None:
+        with contextlib.suppress(ServiceError):  # the reloader has logged why and kept the old bundle
+            await reloader.reload("SIGHUP")
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: _keep(asyncio.ensure_future(reload())))
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no signals here
+        return None
+    return True
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+def _keep(task: asyncio.Future[None]) -> None:
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -77,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "classify", "description": "images in, top-k classes out"},
             {"name": "label sets", "description": "named, versioned, durable class lists"},
             {"name": "embeddings", "description": "image or text embeddings (OpenAI / Infinity shape)"},
+            {"name": "model", "description": "the served bundle's card; hot swap of its image tower"},
             {"name": "health", "description": "liveness, readiness, metrics (never behind the key)"},
             {"name": "open inference protocol", "description": "KServe / Triton v2 REST: BYTES images in, top-k out"},
         ],
@@ -89,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(StoreIdentity)  # error answers carry it too
     app.add_middleware(tracing.RequestTracing)  # outermost: a request's span covers everything
-    for module in (health, label_sets, classify, embeddings, v2):
+    for module in (health, label_sets, classify, embeddings, model, v2):
         app.include_router(module.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

@@ -1,10 +1,11 @@
 """The one classify pipeline every request walks, in this order:
 
 1. cheap checks (top_k, image count, candidate labels clean, template allowed, label set exists);
-2. candidate labels only: the text lane (bounded text work per request, its own queue, low priority);
+2. candidate labels only: their vectors from the text tower's engine (bounded text work per request;
+   the engine's deadline, client-gone drop and 429 like images; label-set writes go first);
 3. admission: the request's images are admitted or refused (429 + Retry-After) before decoding;
 4. decode + preprocess in a bounded pool (the image encoder's own preprocessor);
-5. the batching engine (the encoder thread);
+5. the image tower's batching engine (the encoder thread);
 6. search in a worker thread (only a small one, up to ``INLINE_SEARCH_WORK``, on the event loop);
 7. the response.
 
@@ -15,8 +16,11 @@ Every refusal is a domain exception from :mod:`service.errors`; routes only pars
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +29,14 @@ import numpy as np
 
 from service.admission import Admission
 from service.engine import Engine, EngineHooks
-from service.errors import EmptyLabelSet, InvalidInput, Overloaded
+from service.errors import EmptyLabelSet, InvalidInput
 from service.images import EncodedImage, ImagePreprocessor, decode_base64_image
 from service.index import Ranked, Snapshot, adhoc_rank
 from service.names import clean_names, clean_templates
 from service.registry import Registry
 from service.schemas import ClassifyResponse, ImageResult, Prediction
 from service.settings import Settings
-from service.text import TextEncoder
+from service.text import TextTower
 from service.tracing import in_span
 
 UNKNOWN = "unknown"
@@ -40,6 +44,7 @@ UNKNOWN = "unknown"
 # loop: ~0.1 ms, less than handing them to a thread and back. Bigger ones (large label sets, batches,
 # IVF) go to the search pool and never block other requests.
 INLINE_SEARCH_WORK = 1 << 20
+RETIRE_POLL_S = 0.01  # how often a retired image engine checks whether its last request has finished
 Disconnected = Callable[[], Awaitable[bool]]
 
 
@@ -67,78 +72,101 @@ class _Plan:
 
 
 class PipelineHooks(EngineHooks):
-    """Engine observations go to the metrics and to admission's service-time estimate."""
+    """Image-engine observations go to the metrics and to admission's service-time estimate."""
 
     def __init__(self, metrics: EngineHooks, admission: Admission) -> None:
         self.metrics = metrics
         self.admission = admission
 
-    def batch(self, size: int, seconds: float, lanes: int) -> None:
-        self.metrics.batch(size, seconds, lanes)
-        self.admission.observe_encode(seconds / lanes, size)  # at full load every lane is busy
+    def batch(self, tower: str, size: int, seconds: float) -> None:
+        self.metrics.batch(tower, size, seconds)
+        self.admission.observe_encode(seconds, size)
 
-    def depth(self, depth: int) -> None:
-        self.metrics.depth(depth)
+    def depth(self, tower: str, depth: int) -> None:
+        self.metrics.depth(tower, depth)
 
-    def dropped(self, reason: str, n: int) -> None:
-        self.metrics.dropped(reason, n)
+    def dropped(self, tower: str, reason: str, n: int) -> None:
+        self.metrics.dropped(tower, reason, n)
 
-    def rejected(self, reason: str) -> None:
-        self.metrics.rejected(reason)
+    def rejected(self, tower: str, reason: str) -> None:
+        self.metrics.rejected(tower, reason)
 
 
 class Classifier:
-    """Orchestrates one classify request; owns the decode, text and search worker pools."""
+    """Orchestrates one classify request; owns the decode and search worker pools."""
 
     def __init__(
         self,
         settings: Settings,
         *,
         registry: Registry,
-        text: TextEncoder,
-        engine: Engine,
+        text: TextTower,
+        engine: Engine[np.ndarray],
         preprocess: ImagePreprocessor,
         admission: Admission,
         logit_scale: float,
         on_images: Callable[[int], None] | None = None,
+        model_version: str = "",
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.text = text
         self.engine = engine
         self.preprocess = preprocess
+        self.model_version = model_version  # the bundle whose image tower serves (models.card.bundle_version)
+        self._users: collections.Counter[int] = collections.Counter()  # requests per image engine (by id)
         self.admission = admission
         self.logit_scale = logit_scale
         self._on_images = on_images or (lambda n: None)
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
-        self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="text-open")  # anonymous text work: one lane
         # searches set their own FAISS / BLAS threads (service/index.py); a pool apart from the default
         # executor, so label-set writes and store reads never queue searches behind them
         self._search_pool = ThreadPoolExecutor(2, thread_name_prefix="search")
-        self._text_queued = 0  # prompts waiting in or running on the text lane
 
     def close(self) -> None:
-        for pool in (self._decode_pool, self._text_pool, self._search_pool):
+        for pool in (self._decode_pool, self._search_pool):
             pool.shutdown(wait=True, cancel_futures=True)
 
     async def classify(self, job: ClassifyJob, is_disconnected: Disconnected | None = None) -> ClassifyResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
-        plan = await self._check(job)
-        vectors = await in_span("text_encode", self._candidate_vectors(plan)) if plan.names is not None else None
-        emb = await self.embed_images(job.images, deadline, is_disconnected)  # [B, D]
+        tower, model = (self.engine, self.preprocess), self.model_version  # one image tower per request
+        with self._using(tower[0]):
+            plan = await self._check(job)
+            text = self._candidate_vectors(plan, deadline, is_disconnected) if plan.names is not None else None
+            vectors = await in_span("text_encode", text) if text is not None else None
+            emb = await self.embed_images(job.images, deadline, is_disconnected, tower)  # [B, D]
         if plan.snapshot is not None:
             snap = plan.snapshot
             ranked = await in_span(
                 "search", self._search(emb.size * len(snap), snap.search, emb, job.top_k, self.logit_scale)
             )
-            return self._response(snap.name, snap.version, ranked, snap.label, job)
+            return self._response(snap.name, snap.version, ranked, snap.label, job, model)
         assert vectors is not None and plan.names is not None
         ranked = await in_span(
             "search", self._search(emb.size * len(vectors), adhoc_rank, emb, vectors, self.logit_scale, job.top_k)
         )
         names = plan.names
-        return self._response(None, None, ranked, lambda i: names[i], job)
+        return self._response(None, None, ranked, lambda i: names[i], job, model)
+
+    @contextlib.contextmanager
+    def _using(self, engine: Engine[np.ndarray]) -> Iterator[None]:
+        """Count the requests that took ``engine``: a retired one stops only when none is left."""
+        self._users[id(engine)] += 1
+        try:
+            yield
+        finally:
+            self._users[id(engine)] -= 1
+            if not self._users[id(engine)]:
+                del self._users[id(engine)]
+
+    async def retire(self, engine: Engine[np.ndarray], timeout_s: float) -> None:
+        """After a swap (service/reload.py): wait until no request holds ``engine``, then drain and stop it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._users.get(id(engine)) and loop.time() < deadline:
+            await asyncio.sleep(RETIRE_POLL_S)
+        await engine.stop(max(deadline - loop.time(), 1.0))
 
     async def _search(self, work: int, rank: Callable[..., Ranked], *args: Any) -> Ranked:
         """A search of ``work`` multiply-adds (images x dim x classes): on the event loop when small (a
@@ -148,20 +176,29 @@ class Classifier:
         return await asyncio.get_running_loop().run_in_executor(self._search_pool, rank, *args)
 
     async def embed_images(
-        self, images: Sequence[EncodedImage | str], deadline: float, is_disconnected: Disconnected | None = None
+        self,
+        images: Sequence[EncodedImage | str],
+        deadline: float,
+        is_disconnected: Disconnected | None = None,
+        tower: tuple[Engine[np.ndarray], ImagePreprocessor] | None = None,
     ) -> np.ndarray:
-        """Admission, then decode + preprocess in the pool, then the engine: [B, D] embeddings."""
+        """Admission, then decode + preprocess in the pool, then the engine: [B, D] embeddings.
+
+        The image tower (preprocessor + engine) is taken once, here: a reload (service/reload.py) that
+        swaps it meanwhile never mixes one tower's preprocessing with the other's encoder.
+        """
         loop = asyncio.get_running_loop()
-        with self.admission.admit(len(images)):
-            futures = [loop.run_in_executor(self._decode_pool, self._prepare, im, i) for i, im in enumerate(images)]
-            done = await in_span(
-                "decode", asyncio.gather(*futures, return_exceptions=True), images=len(images)
-            )  # all finished: slots stay honest
+        engine, preprocess = tower or (self.engine, self.preprocess)
+        with self._using(engine), self.admission.admit(len(images)):
+            prepare = functools.partial(self._prepare, preprocess)
+            futures = [loop.run_in_executor(self._decode_pool, prepare, im, i) for i, im in enumerate(images)]
+            gathered = asyncio.gather(*futures, return_exceptions=True)
+            done = await in_span("decode", gathered, images=len(images))  # all finished: slots stay honest
             errors = [d for d in done if isinstance(d, BaseException)]
             if errors:
                 raise errors[0]
             pixels = np.stack([d for d in done if isinstance(d, np.ndarray)])  # [B, 3, H, W]
-            return await self.engine.embed(pixels, timeout_s=deadline - loop.time(), is_disconnected=is_disconnected)
+            return await engine.embed(pixels, timeout_s=deadline - loop.time(), is_disconnected=is_disconnected)
 
     async def embed_image_inputs(
         self, images: Sequence[str], is_disconnected: Disconnected | None = None
@@ -171,21 +208,24 @@ class Classifier:
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         return await self.embed_images(list(images), deadline, is_disconnected)
 
-    async def embed_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
-        """/v1/embeddings texts: the class vectors these names would get, [N, D], on the bounded
-        open-vocabulary text lane (same limits as candidate_labels); also the prompts it cost."""
+    async def embed_texts(
+        self, texts: Sequence[str], is_disconnected: Disconnected | None = None
+    ) -> tuple[np.ndarray, int]:
+        """/v1/embeddings texts: the class vectors these names would get, [N, D], as anonymous text work
+        (same limits as candidate_labels); also the prompts it cost."""
         unique = list(dict.fromkeys(texts))  # repeated texts are fine here (unlike class names)
         plan = self._text_plan(unique, None)
         assert plan.names is not None
-        vectors = await self._candidate_vectors(plan)  # [U, D], in the order of `unique`
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        vectors = await self._candidate_vectors(plan, deadline, is_disconnected)  # [U, D], in the order of `unique`
         rows = [unique.index(t) for t in texts]
         return vectors[rows], self.text.prompts(len(plan.names), plan.templates)
 
-    def _prepare(self, image: EncodedImage | str, index: int) -> np.ndarray:
+    def _prepare(self, preprocess: ImagePreprocessor, image: EncodedImage | str, index: int) -> np.ndarray:
         start = time.perf_counter()
         if isinstance(image, str):
             image = decode_base64_image(image, index, self.settings.max_image_bytes)
-        pixels = self.preprocess(image, index)  # [3, H, W]
+        pixels = preprocess(image, index)  # [3, H, W]
         self.admission.observe_decode(time.perf_counter() - start)
         return pixels
 
@@ -225,26 +265,24 @@ class Classifier:
             raise EmptyLabelSet(f"label set {job.label_set!r} has no classes; add some first")
         return _Plan(snap, None, None)
 
-    async def _candidate_vectors(self, plan: _Plan) -> np.ndarray:
-        """Candidate-label vectors [C, D] from the anonymous text lane (refused when its queue is full)."""
+    async def _candidate_vectors(
+        self, plan: _Plan, deadline: float, is_disconnected: Disconnected | None
+    ) -> np.ndarray:
+        """Candidate-label vectors [C, D]: anonymous work on the text engine (429 when its queue is full)."""
         assert plan.names is not None
-        prompts = self.text.prompts(len(plan.names), plan.templates)
-        limit = self.settings.max_candidate_prompts * self.settings.text_queue_requests
-        if self._text_queued and self._text_queued + prompts > limit:
-            raise Overloaded(
-                f"the open-vocabulary text queue is full ({self._text_queued} prompts waiting); retry later, "
-                "or classify against a label set",
-                retry_after_s=self.settings.retry_after_s,
-            )
-        self._text_queued += prompts
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._text_pool, self.text.encode_cached, plan.names, plan.templates)
-        finally:
-            self._text_queued -= prompts
+        timeout_s = deadline - asyncio.get_running_loop().time()
+        return await self.text.encode_cached(
+            plan.names, plan.templates, timeout_s=timeout_s, is_disconnected=is_disconnected
+        )
 
     def _response(
-        self, label_set: str | None, version: int | None, ranked: Ranked, label: Callable[[int], str], job: ClassifyJob
+        self,
+        label_set: str | None,
+        version: int | None,
+        ranked: Ranked,
+        label: Callable[[int], str],
+        job: ClassifyJob,
+        model: str,
     ) -> ClassifyResponse:
         results = []
         for b in range(ranked.ids.shape[0]):
@@ -257,4 +295,4 @@ class Classifier:
                 ImageResult(index=b, label=UNKNOWN if unknown else preds[0].label, unknown=unknown, predictions=preds)
             )
         self._on_images(len(results))
-        return ClassifyResponse(label_set=label_set, version=version, results=results)
+        return ClassifyResponse(label_set=label_set, version=version, model=model, results=results)

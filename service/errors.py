@@ -111,6 +111,28 @@ class StoreUnavailable(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class Encoding(ServiceError):
+    """A label set's classes have no vectors in the served space yet (a new bundle's space, or classes
+    another replica added): answered once they are encoded (503 + Retry-After)."""
+
+    status, code = 503, "encoding_vectors"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class ReloadRefused(ServiceError):
+    """A reload cannot happen now (another one runs) or cannot swap this bundle in; the served model stays."""
+
+    status, code = 409, "reload_refused"
+
+
+class BadBundle(ServiceError):
+    """The configured bundle path does not hold a bundle this service can serve; the served model stays."""
+
+    status, code = 422, "bad_bundle"
+
+
 class DeadlineExceeded(ServiceError):
     status, code = 504, "deadline_exceeded"
 

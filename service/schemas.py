@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,6 +78,7 @@ class ImageResult(BaseModel):
 class ClassifyResponse(BaseModel):
     label_set: str | None = Field(description="the set answered from; null for candidate_labels requests")
     version: int | None = Field(description="the set's version this answer was computed from")
+    model: str = Field("", description="the bundle whose image tower answered (folder@digest; GET /v1/model)")
     results: list[ImageResult]
 
 
@@ -287,3 +288,20 @@ class EmbeddingsResponse(BaseModel):
     data: list[Embedding]
     model: str
     usage: EmbeddingsUsage
+
+
+class ModelInfo(BaseModel):
+    """``GET /v1/model``: the served bundle's card, what is loaded now, and the reload history."""
+
+    card: dict[str, Any] = Field(description="the bundle's own record: method, training, evaluation, space")
+    loaded: dict[str, str] = Field(description="since when, which version, backend and provider, served space")
+    reloads: list[dict[str, str]] = Field(description="the last reloads: when, trigger, outcome, detail")
+
+
+class ReloadOut(BaseModel):
+    at: str
+    trigger: str
+    outcome: str
+    detail: str
+    bundle: str
+    version: str = Field(description="the bundle now serving (folder@digest)")

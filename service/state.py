@@ -7,16 +7,19 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from models.bundle import Bundle, BundleError, load_bundle
+from models.bundle import Bundle, BundleError, bundle_space, load_bundle
+from models.card import bundle_version
 from models.towers import TextSide
 from service.admission import Admission, AdmissionCfg
 from service.classifier import Classifier, PipelineHooks
+from service.curator import Curator
 from service.encoders import (
     ImageEncoder,
     OnnxImageEncoder,
@@ -30,10 +33,11 @@ from service.errors import StartupError
 from service.images import EncodedImage, ImageLimits, configure_pil
 from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
+from service.migration import Migrator
 from service.registry import Registry, check_store_matches
 from service.settings import Settings
 from service.store import open_store
-from service.text import TextEncoder
+from service.text import TextTower
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +47,16 @@ class Services:
     settings: Settings
     bundle: Bundle
     encoder: ImageEncoder
-    text: TextEncoder
+    text: TextTower
     registry: Registry
-    engine: Engine
+    engine: Engine[np.ndarray]
     classifier: Classifier
+    curator: Curator
+    migrator: Migrator
     metrics: Metrics
     probe: np.ndarray  # [1, 3, H, W] a fixed synthetic image for readiness checks
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    history: list[dict[str, str]] = field(default_factory=list)  # reloads: when, bundle, outcome
 
     @property
     def logit_scale(self) -> float:
@@ -85,7 +93,7 @@ def preflight(settings: Settings) -> Bundle:
         onnx_graph(bundle, settings.onnx_precision)
     cuda_wanted(settings.device)  # --device cuda without a CUDA device
     check_state_dir(settings.state_dir)
-    store = open_store(settings, bundle.manifest.embed_dim)
+    store = open_store(settings, bundle.manifest.embed_dim, bundle_space(bundle))
     try:
         check_store_matches(store, bundle)
     finally:
@@ -112,23 +120,23 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     check_state_dir(settings.state_dir)
     configure_pil(settings.max_image_pixels)
     device = "cuda" if cuda_wanted(settings.device) else "cpu"
-    encoder, text_side = _encoders(bundle, settings, device)
+    encoder, text_side = build_encoders(bundle, settings, device)
     spec = bundle.manifest.text_encoder
-    text = TextEncoder(
+    text = TextTower(
         text_side,
         learned_prompts=bool(spec and spec.prompts.n_tokens > 0),
-        cache_size=settings.text_cache_size,
+        max_candidate_prompts=settings.max_candidate_prompts,
+        retry_after_s=settings.retry_after_s,
+        hooks=metrics,
         on_call=metrics.text_call,
-        chunk_prompts=settings.text_chunk_prompts,
     )
-    store = open_store(settings, bundle.manifest.embed_dim)
+    store = open_store(settings, bundle.manifest.embed_dim, bundle_space(bundle))
     use_gpu = settings.faiss_gpu and device == "cuda"
     # FAISS threads are applied by the searching thread itself (OpenMP's setting is per thread).
-    search = SearchCfg(settings.index_kind, settings.ivf_nprobe, settings.faiss_threads, use_gpu)
-    limit_blas_threads(settings.faiss_threads)
+    search = SearchCfg(settings.index_kind, settings.ivf_nprobe, use_gpu=use_gpu)
+    limit_blas_threads(search.faiss_threads)
     registry = Registry(
         store,
-        text,
         use_gpu=use_gpu,
         on_version=metrics.version,
         min_version_wait_s=settings.min_version_wait_s,
@@ -140,14 +148,9 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         store.close()
         raise
     metrics.info.labels(encoder.backend, encoder.provider).set(1)
-    probe = encoder.preprocess.from_pil(_probe_image())[None]  # [1, 3, H, W]
-    admission = Admission(_admission_cfg(settings, encoder.lanes), *_service_times(encoder, probe))
-    engine = Engine(
-        encoder.encode,
-        EngineCfg(settings.max_batch_size, settings.max_wait_ms, lanes=encoder.lanes),
-        PipelineHooks(metrics, admission),
-        encoder.encode_lane,
-    )
+    probe = encoder.preprocess.from_pil(probe_image())[None]  # [1, 3, H, W]
+    admission = Admission(_admission_cfg(settings), *_service_times(encoder, probe))
+    engine = image_engine(settings, encoder, PipelineHooks(metrics, admission))
     classifier = Classifier(
         settings,
         registry=registry,
@@ -157,22 +160,31 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         admission=admission,
         logit_scale=float(bundle.manifest.logit_scale),
         on_images=metrics.images.inc,
+        model_version=bundle_version(bundle),
     )
     log.info(
         "admission: %d images in flight at most (%s; %.1f ms per image)",
         admission.capacity,
-        "queue_size" if settings.queue_size else f"target latency {settings.target_latency_s:g} s",
+        "max_images_in_flight" if settings.max_images_in_flight else f"target latency {settings.target_latency_s:g} s",
         1000 * admission.image_s,
     )
-    return Services(settings, bundle, encoder, text, registry, engine, classifier, metrics, probe)
+    curator = Curator(settings, registry, text)
+    migrator = Migrator(registry, text)
+    return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, migrator, metrics, probe)
 
 
-def _admission_cfg(settings: Settings, lanes: int) -> AdmissionCfg:
+def image_engine(settings: Settings, encoder: ImageEncoder, hooks: PipelineHooks) -> Engine[np.ndarray]:
+    """The image tower's batching engine (not started)."""
+    cfg = EngineCfg(settings.max_batch_size, settings.max_wait_ms, retry_after_s=settings.retry_after_s)
+    return Engine(encoder.encode, cfg, hooks)
+
+
+def _admission_cfg(settings: Settings) -> AdmissionCfg:
     return AdmissionCfg(
-        capacity=settings.queue_size,
+        capacity=settings.max_images_in_flight,
         target_latency_s=settings.target_latency_s,
         deadline_s=settings.request_timeout_s,
-        min_capacity=settings.decode_workers + lanes,
+        min_capacity=settings.decode_workers + 1,
         decode_workers=settings.decode_workers,
         retry_after_s=settings.retry_after_s,
     )
@@ -185,16 +197,19 @@ def _service_times(encoder: ImageEncoder, probe: np.ndarray) -> tuple[float, flo
     encoder.encode(probe)
     encode_s = time.perf_counter() - start
     buf = io.BytesIO()
-    _probe_image().resize((640, 480)).save(buf, "JPEG", quality=90)  # a typical upload
+    probe_image().resize((640, 480)).save(buf, "JPEG", quality=90)  # a typical upload
     start = time.perf_counter()
     encoder.preprocess(EncodedImage(buf.getvalue()))
     return encode_s, time.perf_counter() - start
 
 
-def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEncoder, TextSide | None]:
+def build_encoders(
+    bundle: Bundle, settings: Settings, device: str, *, text: bool = True
+) -> tuple[ImageEncoder, TextSide | None]:
+    """The bundle's image encoder (ONNX Runtime or torch) and, with ``text``, its text side."""
     import torch
 
-    from models.towers import build_text_side, build_towers, load_bundle_backbone
+    from models.towers import build_image_tower, build_text_side, build_towers, load_bundle_backbone
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -206,7 +221,7 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
         settings.max_aspect_ratio,
         settings.max_decoded_mib * 1024 * 1024,
     )
-    pre = bundle_preprocessor(bundle, limits, settings.jpeg_draft_factor)
+    pre = bundle_preprocessor(bundle, limits)
     backend = resolve_backend(settings, bundle)
     if settings.backend == "auto":
         has = "has an ONNX image encoder" if m.image_encoder.onnx else "has no ONNX image encoder (export with --onnx)"
@@ -218,25 +233,20 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
             "cuda" if device == "cuda" else settings.device,
             settings.threads,
             settings.onnx_precision,
-            encoder_lanes(settings),
         )
-        if m.text_encoder is None:
+        if m.text_encoder is None or not text:
             return encoder, None
         backbone = load_bundle_backbone(bundle, m.text_encoder.backbone, device)
         backbone.model.visual = torch.nn.Identity()  # ONNX runs the image side; keep only the text tower
         return encoder, build_text_side(bundle, device, backbone)
+    if not text:
+        tower = build_image_tower(bundle, device, load_bundle_backbone(bundle, m.image_encoder.backbone, device))
+        return TorchImageEncoder(tower, pre, device), None
     tower, side = build_towers(bundle, device)
     return TorchImageEncoder(tower, pre, device), side
 
 
-def encoder_lanes(settings: Settings) -> int:
-    """Side-by-side single-thread encoder runs: the setting, else one per thread the encoder may use."""
-    if settings.encoder_lanes is not None:
-        return settings.encoder_lanes
-    return settings.threads or len(os.sched_getaffinity(0))
-
-
-def _probe_image() -> Image.Image:
+def probe_image() -> Image.Image:
     """A deterministic colour gradient (no file needed)."""
     y, x = np.mgrid[0:96, 0:96]
     rgb = np.stack([x * 2.5, y * 2.5, (x + y) * 1.3], axis=-1).clip(0, 255).astype(np.uint8)

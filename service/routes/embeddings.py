@@ -51,7 +51,8 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request, services:
         vectors[images] = await services.classifier.embed_image_inputs(values, request.is_disconnected)
         used += len(images)
     if texts:
-        encoded, prompts = await services.classifier.embed_texts([items[i].value for i in texts])
+        values = [items[i].value for i in texts]
+        encoded, prompts = await services.classifier.embed_texts(values, request.is_disconnected)
         vectors[texts] = encoded
         used += prompts
     data = [Embedding(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)]
