@@ -32,6 +32,7 @@ import numpy as np
 from service.classifier import ClassifyJob, Disconnected
 from service.errors import InvalidInput, ServiceError, Unauthorized, UnknownLabelSet
 from service.images import EncodedImage
+from service.index import Snapshot
 from service.state import Services
 
 SERVER_NAME = "promptdistill"
@@ -187,7 +188,7 @@ class Models:
             return self.ready
         return self.ready and len(await self._snapshot(model)) > 0
 
-    async def _snapshot(self, model: str):  # type: ignore[no-untyped-def]
+    async def _snapshot(self, model: str) -> Snapshot:
         try:
             return await asyncio.to_thread(self.services.registry.get, model)
         except UnknownLabelSet as e:
