@@ -213,6 +213,7 @@ def test_rest_bad_input_in_oip_form(server: LiveServer, jpegs: list[bytes]) -> N
         assert r.status_code == 404 and "unknown model" in r.json()["error"], r.text
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_rest_key_when_required(live: Any, jpegs: list[bytes]) -> None:
     b64 = base64.b64encode(jpegs[0]).decode()
     body = {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": [b64]}]}
@@ -291,6 +292,7 @@ def test_grpc_errors(server: LiveServer, stub: Any, jpegs: list[bytes]) -> None:
     assert stub.ServerReady(pb.ServerReadyRequest()).ready  # and the server carries on
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_grpc_key_when_required(live: Any, jpegs: list[bytes]) -> None:
     port = free_port()
     with live(api_key=KEY, oip_require_api_key=True, grpc_port=port), grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -305,6 +307,7 @@ def test_grpc_key_when_required(live: Any, jpegs: list[bytes]) -> None:
         assert len(split_bytes(answer.raw_output_contents[0], "answer")) == 1
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_grpc_port_refused_with_several_workers(tiny_bundle_dir: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "promptdistill", "serve", "--bundle", str(tiny_bundle_dir), "--state-dir",
            str(tmp_path), "--workers", "2", "--grpc-port", str(free_port())]  # fmt: skip
