@@ -20,7 +20,7 @@ from service.metrics import Metrics
 from service.middleware import AllowedMethods, BodyLimit, RequestMetrics, StoreIdentity
 from service.openapi import build_openapi, operation_id
 from service.reload import Reloader
-from service.routes import classify, embeddings, health, label_sets, model, v2
+from service.routes import classify, embeddings, health, label_sets, model, quality, v2
 from service.settings import Settings, get_settings
 from service.state import build_services
 
@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(StoreIdentity)  # error answers carry it too
     app.add_middleware(tracing.RequestTracing)  # outermost: a request's span covers everything
-    for module in (health, label_sets, classify, embeddings, model, v2):
+    for module in (health, label_sets, quality, classify, embeddings, model, v2):
         app.include_router(module.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from service.admission import Admission
+from service.calibration import Calibrator, OperatingPoint, check_unknown_policy
 from service.engine import Engine, EngineHooks
 from service.errors import EmptyLabelSet, InvalidInput
 from service.images import EncodedImage, ImagePreprocessor, decode_base64_image
@@ -60,6 +61,8 @@ class ClassifyJob:
     unknown_threshold: float | None = None
     min_version: int | None = None  # answer from the label set at least this new
     hf_single: bool | None = None  # Hugging Face request shape: answer in it (True: one image, flat list)
+    unknown: str | None = None  # "calibrated": threshold from the bundle's calibration sample
+    acceptance: float | None = None  # with unknown="calibrated" (default 0.95)
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Classifier:
         logit_scale: float,
         on_images: Callable[[int], None] | None = None,
         model_version: str = "",
+        calibration: Calibrator | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -118,6 +122,7 @@ class Classifier:
         self.admission = admission
         self.logit_scale = logit_scale
         self._on_images = on_images or (lambda n: None)
+        self.calibration = calibration or Calibrator(None, None, logit_scale)
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         # searches set their own FAISS / BLAS threads (service/index.py); a pool apart from the default
         # executor, so label-set writes and store reads never queue searches behind them
@@ -135,19 +140,25 @@ class Classifier:
             plan = await self._check(job)
             text = self._candidate_vectors(plan, deadline, is_disconnected) if plan.names is not None else None
             vectors = await in_span("text_encode", text) if text is not None else None
+            point = await self._operating_point(job, plan, vectors) if job.unknown == "calibrated" else None
             emb = await self.embed_images(job.images, deadline, is_disconnected, tower)  # [B, D]
         if plan.snapshot is not None:
             snap = plan.snapshot
             ranked = await in_span(
                 "search", self._search(emb.size * len(snap), snap.search, emb, job.top_k, self.logit_scale)
             )
-            return self._response(snap.name, snap.version, ranked, snap.label, job, model)
+            return self._response(snap.name, snap.version, ranked, snap.label, job, model, point)
         assert vectors is not None and plan.names is not None
         ranked = await in_span(
             "search", self._search(emb.size * len(vectors), adhoc_rank, emb, vectors, self.logit_scale, job.top_k)
         )
         names = plan.names
-        return self._response(None, None, ranked, lambda i: names[i], job, model)
+        return self._response(None, None, ranked, lambda i: names[i], job, model, point)
+
+    async def _operating_point(self, job: ClassifyJob, plan: _Plan, vectors: np.ndarray | None) -> OperatingPoint:
+        """The calibrated threshold of this set version (or these candidate labels) at the asked acceptance."""
+        labels = (plan.names, plan.templates, vectors) if vectors is not None and plan.names is not None else None
+        return await self.calibration.for_request(job.acceptance, plan.snapshot, labels, self._search_pool)
 
     @contextlib.contextmanager
     def _using(self, engine: Engine[np.ndarray]) -> Iterator[None]:
@@ -255,6 +266,7 @@ class Classifier:
         if not job.images:
             raise InvalidInput("no images: send 'images' (JSON), 'inputs' (Hugging Face shape) or multipart 'files'")
         self._check_image_count(len(job.images))
+        check_unknown_policy(job.unknown, job.acceptance, job.unknown_threshold, self.calibration)
         if job.candidate_labels is not None:
             return self._text_plan(job.candidate_labels, job.hypothesis_template)
         if job.hypothesis_template is not None:
@@ -283,6 +295,7 @@ class Classifier:
         label: Callable[[int], str],
         job: ClassifyJob,
         model: str,
+        point: OperatingPoint | None = None,
     ) -> ClassifyResponse:
         results = []
         for b in range(ranked.ids.shape[0]):
@@ -291,8 +304,12 @@ class Classifier:
                 for i, s, c in zip(ranked.ids[b], ranked.scores[b], ranked.cosines[b], strict=True)
             ]
             unknown = job.unknown_threshold is not None and preds[0].cosine < job.unknown_threshold
+            unknown = unknown or (point is not None and point.rejects(preds[0].cosine, preds[0].score))
             results.append(
                 ImageResult(index=b, label=UNKNOWN if unknown else preds[0].label, unknown=unknown, predictions=preds)
             )
         self._on_images(len(results))
-        return ClassifyResponse(label_set=label_set, version=version, model=model, results=results)
+        operating = point.describe(version) if point is not None else None
+        return ClassifyResponse(
+            label_set=label_set, version=version, model=model, results=results, operating_point=operating
+        )

@@ -53,6 +53,7 @@ class Change:
     ids: list[int]
     names: list[str]
     skipped: list[str] = field(default_factory=list)  # names already there (skip_existing)
+    quality: list[Any] = field(default_factory=list)  # service.quality.ClassCheck per new class (the curator's)
 
 
 STORE_ID = "store_id"  # meta key of the database identity

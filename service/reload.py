@@ -20,6 +20,7 @@ import numpy as np
 
 from models.bundle import Bundle, bundle_space
 from models.card import bundle_version
+from service.calibration import bundle_calibrator
 from service.classifier import PipelineHooks
 from service.errors import BadBundle, ReloadRefused, StartupError
 from service.state import Services, build_encoders, image_engine, load_checked_bundle, probe_image
@@ -60,6 +61,7 @@ class Reloader:
         norm = float(np.linalg.norm(emb[0])) if emb.shape == (1, bundle.manifest.embed_dim) else -1.0
         if abs(norm - 1.0) > 1e-3:
             raise BadBundle(f"bundle {s.settings.bundle}: its image tower answered the probe badly (norm {norm:.4f})")
+        calibrator = await asyncio.to_thread(bundle_calibrator, bundle)
         old = s.engine
         engine = image_engine(s.settings, encoder, PipelineHooks(s.metrics, s.classifier.admission))
         engine.start()
@@ -67,6 +69,7 @@ class Reloader:
         s.bundle, s.encoder, s.engine, s.probe = bundle, encoder, engine, probe
         s.classifier.engine, s.classifier.preprocess = engine, encoder.preprocess
         s.classifier.model_version = bundle_version(bundle)
+        s.classifier.calibration = calibrator  # the sample is the new tower's own image embeddings
         s.loaded_at = _now()
         entry = self._record(trigger, "swapped", f"image tower {encoder.backend} ({encoder.provider})")
         log.info("reload (%s): bundle %s now serves; draining the old image tower", trigger, s.settings.bundle)

@@ -129,6 +129,18 @@ class Settings(BaseSettings):
         default=None, description="set by `serve --workers N`: where each worker marks itself ready (for /readyz)"
     )
     log_level: str = "info"
+    # --- precision gate (models/precision.py, service/encoders.py)
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
+        default=None,
+        description="image tower precision: fp16/bf16 run on the torch backend, int8 is ONNX's quantised graph. A "
+        "reduced precision is scored against fp32 on the bundle's probe images at start-up and served only above "
+        "the bundle's floor (else fp32, logged; /readyz says which). None: onnx_precision",
+    )
+
+    @property
+    def image_precision(self) -> str:
+        """The precision asked for: ``precision``, else ``onnx_precision`` (which it supersedes)."""
+        return self.precision or self.onnx_precision
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -18,6 +18,7 @@ from models.bundle import Bundle, BundleError, bundle_space, load_bundle
 from models.card import bundle_version
 from models.towers import TextSide
 from service.admission import Admission, AdmissionCfg
+from service.calibration import bundle_calibrator
 from service.classifier import Classifier, PipelineHooks
 from service.curator import Curator
 from service.encoders import (
@@ -25,6 +26,7 @@ from service.encoders import (
     OnnxImageEncoder,
     TorchImageEncoder,
     bundle_preprocessor,
+    check_precision,
     cuda_wanted,
     onnx_graph,
 )
@@ -34,6 +36,7 @@ from service.images import EncodedImage, ImageLimits, configure_pil
 from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
 from service.migration import Migrator
+from service.quality import QualityGate
 from service.registry import Registry, check_store_matches
 from service.settings import Settings
 from service.store import open_store
@@ -80,7 +83,9 @@ def resolve_backend(settings: Settings, bundle: Bundle) -> str:
     """``onnx`` or ``torch``: ``auto`` takes ONNX Runtime when the bundle has an ONNX graph (int8 is ONNX-only)."""
     if settings.backend != "auto":
         return settings.backend
-    if bundle.manifest.image_encoder.onnx or settings.onnx_precision == "int8":
+    if settings.image_precision in ("fp16", "bf16"):  # torch-only precisions
+        return "torch"
+    if bundle.manifest.image_encoder.onnx or settings.image_precision == "int8":
         return "onnx"
     return "torch"
 
@@ -89,8 +94,10 @@ def preflight(settings: Settings) -> Bundle:
     """The start-up checks that need no model (bundle, image-encoder backend, device, state dir,
     label-set database of this bundle), run before any server starts; raises StartupError."""
     bundle = load_checked_bundle(settings)
-    if resolve_backend(settings, bundle) == "onnx":
-        onnx_graph(bundle, settings.onnx_precision)
+    backend = resolve_backend(settings, bundle)
+    check_precision(backend, settings.image_precision)
+    if backend == "onnx":
+        onnx_graph(bundle, settings.image_precision)
     cuda_wanted(settings.device)  # --device cuda without a CUDA device
     check_state_dir(settings.state_dir)
     store = open_store(settings, bundle.manifest.embed_dim, bundle_space(bundle))
@@ -161,6 +168,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         logit_scale=float(bundle.manifest.logit_scale),
         on_images=metrics.images.inc,
         model_version=bundle_version(bundle),
+        calibration=bundle_calibrator(bundle),
     )
     log.info(
         "admission: %d images in flight at most (%s; %.1f ms per image)",
@@ -168,7 +176,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         "max_images_in_flight" if settings.max_images_in_flight else f"target latency {settings.target_latency_s:g} s",
         1000 * admission.image_s,
     )
-    curator = Curator(settings, registry, text)
+    curator = Curator(settings, registry, text, QualityGate(classifier.calibration.sample, classifier.logit_scale))
     migrator = Migrator(registry, text)
     return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, migrator, metrics, probe)
 
@@ -232,7 +240,7 @@ def build_encoders(
             pre,
             "cuda" if device == "cuda" else settings.device,
             settings.threads,
-            settings.onnx_precision,
+            settings.image_precision,
         )
         if m.text_encoder is None or not text:
             return encoder, None
@@ -241,9 +249,9 @@ def build_encoders(
         return encoder, build_text_side(bundle, device, backbone)
     if not text:
         tower = build_image_tower(bundle, device, load_bundle_backbone(bundle, m.image_encoder.backbone, device))
-        return TorchImageEncoder(tower, pre, device), None
+        return TorchImageEncoder(bundle, tower, pre, device, settings.image_precision), None
     tower, side = build_towers(bundle, device)
-    return TorchImageEncoder(tower, pre, device), side
+    return TorchImageEncoder(bundle, tower, pre, device, settings.image_precision), side
 
 
 def probe_image() -> Image.Image:

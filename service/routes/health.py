@@ -37,7 +37,7 @@ async def readyz(request: Request) -> Response:
     services = getattr(request.app.state, "services", None)
     if services is None:
         return JSONResponse(Health(status="unready", checks={"startup": "still loading"}).model_dump(), 503)
-    checks: dict[str, str] = {"bundle": bundle_identity(services.bundle)}
+    checks: dict[str, str] = {"bundle": bundle_identity(services.bundle), "precision": services.encoder.gate.summary()}
     ok = True
     workers = services.settings.workers
     if workers > 1 and services.settings.worker_dir is not None:  # serve --workers N: are all N serving?

@@ -94,6 +94,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def set_meta(self, db: Tx, key: str, value: str) -> None: ...
 
+    @abc.abstractmethod
+    def advance_clock(self, db: Tx, at_least: int) -> None:
+        """Move the clock to ``at_least`` if it is behind (an import brings versions of its own)."""
+
     def lock_all(self, db: Tx) -> None:
         """Serialise with every other writer (start-up seeding). SQLite's BEGIN IMMEDIATE already does."""
         return None

@@ -203,6 +203,9 @@ class PostgresStore(Store):
         assert row is not None
         return int(row[0])
 
+    def advance_clock(self, db: psycopg.Connection[Any], at_least: int) -> None:
+        db.execute("UPDATE clock SET value = GREATEST(value, %s) WHERE id = 1", (at_least,))
+
     def set_meta(self, db: psycopg.Connection[Any], key: str, value: str) -> None:
         db.execute(
             "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",

@@ -141,5 +141,10 @@ class SqliteStore(Store):
         db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)", (str(clock),))
         return clock
 
+    def advance_clock(self, db: sqlite3.Connection, at_least: int) -> None:
+        row = db.execute("SELECT value FROM meta WHERE key = 'clock'").fetchone()
+        if (int(row[0]) if row else 0) < at_least:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)", (str(at_least),))
+
     def set_meta(self, db: sqlite3.Connection, key: str, value: str) -> None:
         db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
