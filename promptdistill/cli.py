@@ -16,7 +16,7 @@ import sys
 from models.runtime_check import check_flavour
 
 # Each package contributes its subcommands through ``register(subparsers)``.
-COMMAND_MODULES = ("models.cli", "service.cli", "service.labelsets_io", "training.cli")
+COMMAND_MODULES = ("models.cli", "service.cli", "service.labelsets_io", "service.capture", "training.cli")
 QUIET_LOGGERS = ("httpx2", "httpcore2", "httpx", "httpcore")
 
 

@@ -44,6 +44,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services.engine.start()
     services.text.engine.start()
     services.migrator.start()
+    await asyncio.to_thread(services.classifier.capture.start)  # scans the folder: off the loop
     app.state.services = services
     app.state.reloader = reloader = Reloader(services)
     hangup = _on_sighup(reloader) if settings.workers == 1 else None  # --workers N: gunicorn's arbiter owns SIGHUP
@@ -65,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if hangup is not None:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await services.migrator.stop()
+        await asyncio.to_thread(services.classifier.capture.stop)
         log.info("draining the engines (%d images, %d names queued)", services.engine.depth, services.text.engine.depth)
         await asyncio.gather(
             services.engine.stop(settings.graceful_shutdown_s), services.text.engine.stop(settings.graceful_shutdown_s)

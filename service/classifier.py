@@ -29,6 +29,7 @@ import numpy as np
 
 from service.admission import Admission
 from service.calibration import Calibrator, OperatingPoint, check_unknown_policy
+from service.capture import Capture
 from service.engine import Engine, EngineHooks
 from service.errors import EmptyLabelSet, InvalidInput
 from service.images import EncodedImage, ImagePreprocessor, decode_base64_image
@@ -63,6 +64,7 @@ class ClassifyJob:
     hf_single: bool | None = None  # Hugging Face request shape: answer in it (True: one image, flat list)
     unknown: str | None = None  # "calibrated": threshold from the bundle's calibration sample
     acceptance: float | None = None  # with unknown="calibrated" (default 0.95)
+    capture: bool = True  # False: none of these images is kept for re-distillation (service/capture.py)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class Classifier:
         on_images: Callable[[int], None] | None = None,
         model_version: str = "",
         calibration: Calibrator | None = None,
+        capture: Capture | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -123,6 +126,7 @@ class Classifier:
         self.logit_scale = logit_scale
         self._on_images = on_images or (lambda n: None)
         self.calibration = calibration or Calibrator(None, None, logit_scale)
+        self.capture = capture or Capture(None)
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         # searches set their own FAISS / BLAS threads (service/index.py); a pool apart from the default
         # executor, so label-set writes and store reads never queue searches behind them
@@ -142,6 +146,8 @@ class Classifier:
             vectors = await in_span("text_encode", text) if text is not None else None
             point = await self._operating_point(job, plan, vectors) if job.unknown == "calibrated" else None
             emb = await self.embed_images(job.images, deadline, is_disconnected, tower)  # [B, D]
+        if job.capture:
+            self.capture.offer(job.images)  # a sample, kept off the request path (service/capture.py)
         if plan.snapshot is not None:
             snap = plan.snapshot
             ranked = await in_span(

@@ -71,6 +71,11 @@ class ClassifyRequest(_Body):
         strict=True,
         description="with unknown='calibrated': the share of in-domain images to accept (default 0.95)",
     )
+    capture: bool = Field(
+        default=True,
+        strict=True,
+        description="false: none of this request's images is kept for re-distillation (when the server captures)",
+    )
 
 
 class OperatingPoint(BaseModel):

@@ -19,6 +19,7 @@ from models.card import bundle_version
 from models.towers import TextSide
 from service.admission import Admission, AdmissionCfg
 from service.calibration import bundle_calibrator
+from service.capture import Capture, CaptureCfg
 from service.classifier import Classifier, PipelineHooks
 from service.curator import Curator
 from service.encoders import (
@@ -169,6 +170,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         on_images=metrics.images.inc,
         model_version=bundle_version(bundle),
         calibration=bundle_calibrator(bundle),
+        capture=Capture(capture_cfg(settings)),
     )
     log.info(
         "admission: %d images in flight at most (%s; %.1f ms per image)",
@@ -179,6 +181,19 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     curator = Curator(settings, registry, text, QualityGate(classifier.calibration.sample, classifier.logit_scale))
     migrator = Migrator(registry, text)
     return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, migrator, metrics, probe)
+
+
+def capture_cfg(settings: Settings) -> CaptureCfg | None:
+    if settings.capture_dir is None:
+        return None
+    return CaptureCfg(
+        settings.capture_dir,
+        settings.capture_rate,
+        settings.capture_max_images,
+        settings.capture_max_bytes,
+        settings.capture_retention_days,
+        settings.max_image_bytes,
+    )
 
 
 def image_engine(settings: Settings, encoder: ImageEncoder, hooks: PipelineHooks) -> Engine[np.ndarray]:

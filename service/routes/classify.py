@@ -22,7 +22,7 @@ _FORM_INT = re.compile(r"[0-9]{1,12}")
 _FORM_FLOAT = re.compile(r"-?[0-9]{1,12}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?")
 _FORM_FIELDS = {
     "files", "label_set", "top_k", "candidate_labels", "hypothesis_template", "unknown_threshold", "min_version",
-    "unknown", "acceptance",
+    "unknown", "acceptance", "capture",
 }  # fmt: skip
 
 _MULTIPART_SCHEMA = {
@@ -42,6 +42,7 @@ _MULTIPART_SCHEMA = {
         "min_version": {"type": "integer", "minimum": 1},
         "unknown": {"type": "string", "enum": ["calibrated"]},
         "acceptance": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "capture": {"type": "boolean", "default": True},
     },
 }
 OPENAPI_BODY: dict[str, Any] = {
@@ -118,7 +119,7 @@ def _from_json(body: bytes) -> ClassifyJob:
         template = template or params.hypothesis_template
         top_k = params.top_k or top_k
     job = ClassifyJob(images, req.label_set, top_k, labels, template, req.unknown_threshold, req.min_version)
-    job.unknown, job.acceptance = req.unknown, req.acceptance
+    job.unknown, job.acceptance, job.capture = req.unknown, req.acceptance, req.capture
     if req.inputs is not None:  # asked in the Hugging Face shape: answered in it
         job.hf_single = isinstance(req.inputs, str)
     return job
@@ -157,7 +158,17 @@ async def _job_from_form(form: FormData, settings: Settings) -> ClassifyJob:
         min_version=_form_number(form.get("min_version"), "min_version", int, None),
         unknown=str(form.get("unknown")) if form.get("unknown") is not None else None,
         acceptance=_form_number(form.get("acceptance"), "acceptance", float, None),
+        capture=_form_bool(form.get("capture"), "capture"),
     )
+
+
+def _form_bool(raw: object, field: str) -> bool:
+    if raw is None or raw == "":
+        return True
+    value = str(raw).strip().lower()
+    if value not in ("true", "false"):
+        raise InvalidInput(f"{field}: must be true or false")
+    return value == "true"
 
 
 def _form_number(raw: object, field: str, kind: type, default: Any) -> Any:

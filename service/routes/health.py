@@ -70,6 +70,7 @@ async def readyz(request: Request) -> Response:
         ok = ok and good
     except ServiceError as e:
         checks["inference"], ok = f"failed: {e.message}", False
+    checks["capture"] = services.classifier.capture.status()  # informational: capture never fails readiness
     status = "ready" if ok else "unready"
     return JSONResponse(Health(status=status, checks=checks).model_dump(), 200 if ok else 503)
 
@@ -87,6 +88,10 @@ async def metrics(services: ServicesDep) -> Response:
     m, admission = services.metrics, services.classifier.admission
     m.queue_depth.labels("image").set(services.engine.depth)
     m.queue_depth.labels("text").set(services.text.engine.depth)
+    capture = services.classifier.capture
+    m.capture_active.set(1 if capture.active else 0)
+    m.capture_images.set(capture.kept)
+    m.capture_errors.set(capture.errors)
     m.admission_capacity.set(admission.capacity)
     m.admission_in_flight.set(admission.in_flight)
     m.admission_image_seconds.set(admission.image_s)
