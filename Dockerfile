@@ -62,7 +62,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PROMPTDISTILL_HOST=0.0.0.0 \
     PROMPTDISTILL_PORT=8000 \
     HF_HOME=/data/cache/huggingface
-EXPOSE 8000
+EXPOSE 8000 8001
 # Readiness, not liveness: /readyz checks bundle, index, database and a probe inference.
 # start-period covers loading a large bundle (and the ONNX session) on a slow machine.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

@@ -7,6 +7,7 @@ DEMO    ?= outputs/demo
 BUNDLE  ?= $(DEMO)/bundle
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
+GRPC_PORT ?= 8001
 STAMP    = $(VENV)/.installed-$(FLAVOUR)
 
 export HF_HUB_OFFLINE ?= 1
@@ -44,7 +45,7 @@ demo: install
 # Serve $(BUNDLE); offline and without a bundle, build the demo bundle first.
 serve: install
 	@test -f $(BUNDLE)/manifest.json || $(BIN)/promptdistill demo --out $(DEMO)
-	$(BIN)/promptdistill serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT) --state-dir $(DEMO)/state
+	$(BIN)/promptdistill serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT) --state-dir $(DEMO)/state
 
 bench: install
 	$(BIN)/python -m bench all

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from service.errors import Overloaded
+from service.tracing import span
 
 EWMA_WEIGHT = 0.1  # per observation: ~10 batches to follow a change in load or image mix
 
@@ -91,6 +92,14 @@ class Admission:
         An idle server always admits one request, however large, so that a request bigger than the
         capacity is slow rather than refused forever.
         """
+        with span("admission", images=n, in_flight=self.in_flight):
+            self._take(n)
+        try:
+            yield
+        finally:
+            self.in_flight -= n
+
+    def _take(self, n: int) -> None:
         capacity = self.capacity
         if self.in_flight and self.in_flight + n > capacity:
             self.refused += 1
@@ -101,7 +110,3 @@ class Admission:
                 retry_after_s=max(self.cfg.retry_after_s, wait),
             )
         self.in_flight += n
-        try:
-            yield
-        finally:
-            self.in_flight -= n

@@ -13,12 +13,14 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from models import __version__
+from service import tracing
 from service.errors import ServiceError, install_error_handlers
+from service.grpc_server import GrpcServer
 from service.metrics import Metrics
 from service.middleware import AllowedMethods, BodyLimit, RequestMetrics, StoreIdentity
 from service.openapi import build_openapi, operation_id
 from service.reload import Reloader
-from service.routes import classify, embeddings, examples, health, label_sets, model, quality
+from service.routes import classify, embeddings, examples, health, label_sets, model, quality, v2
 from service.settings import Settings, get_settings
 from service.state import build_services
 
@@ -37,6 +39,7 @@ DESCRIPTION = """Image classification with prompt-distilled CLIP bundles.
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    tracing.configure()
     services = await asyncio.to_thread(build_services, settings, app.state.metrics)
     services.engine.start()
     services.text.engine.start()
@@ -45,6 +48,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.services = services
     app.state.reloader = reloader = Reloader(services)
     hangup = _on_sighup(reloader) if settings.workers == 1 else None  # --workers N: gunicorn's arbiter owns SIGHUP
+    grpc = GrpcServer(services, settings.host, settings.grpc_port) if settings.grpc_port is not None else None
+    if grpc is not None:
+        await grpc.start()
     log.info(
         "serving bundle %s with %s (%s); state in %s",
         settings.bundle,
@@ -55,6 +61,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if grpc is not None:
+            await grpc.stop(settings.graceful_shutdown_s)
         if hangup is not None:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await services.migrator.stop()
@@ -64,6 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             services.engine.stop(settings.graceful_shutdown_s), services.text.engine.stop(settings.graceful_shutdown_s)
         )
         services.close()
+        tracing.shutdown()
         log.info("shut down cleanly")
 
 
@@ -106,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "embeddings", "description": "image or text embeddings (OpenAI / Infinity shape)"},
             {"name": "model", "description": "the served bundle's card; hot swap of its image tower"},
             {"name": "health", "description": "liveness, readiness, metrics (never behind the key)"},
+            {"name": "open inference protocol", "description": "KServe / Triton v2 REST: BYTES images in, top-k out"},
         ],
     )
     app.state.settings = settings
@@ -114,8 +124,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(AllowedMethods, routes=app.router.routes)  # the list routers are added to below
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
-    app.add_middleware(StoreIdentity)  # outermost: error answers carry it too
-    for module in (health, label_sets, examples, quality, classify, embeddings, model):
+    app.add_middleware(StoreIdentity)  # error answers carry it too
+    app.add_middleware(tracing.RequestTracing)  # outermost: a request's span covers everything
+    for module in (health, label_sets, examples, quality, classify, embeddings, model, v2):
         app.include_router(module.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

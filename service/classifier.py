@@ -39,6 +39,7 @@ from service.registry import Registry
 from service.schemas import ClassifyResponse, ImageResult, Prediction
 from service.settings import Settings
 from service.text import TextTower
+from service.tracing import in_span
 
 UNKNOWN = "unknown"
 # Searches up to this many multiply-adds (e.g. one image x 512 dims x 2,048 classes) run on the event
@@ -141,17 +142,22 @@ class Classifier:
         tower, model = (self.engine, self.preprocess), self.model_version  # one image tower per request
         with self._using(tower[0]):
             plan = await self._check(job)
-            vectors = await self._candidate_vectors(plan, deadline, is_disconnected) if plan.names is not None else None
+            text = self._candidate_vectors(plan, deadline, is_disconnected) if plan.names is not None else None
+            vectors = await in_span("text_encode", text) if text is not None else None
             point = await self._operating_point(job, plan, vectors) if job.unknown == "calibrated" else None
             emb = await self.embed_images(job.images, deadline, is_disconnected, tower)  # [B, D]
         if job.capture:
             self.capture.offer(job.images)  # a sample, kept off the request path (service/capture.py)
         if plan.snapshot is not None:
             snap = plan.snapshot
-            ranked = await self._search(emb.size * len(snap), snap.search, emb, job.top_k, self.logit_scale)
+            ranked = await in_span(
+                "search", self._search(emb.size * len(snap), snap.search, emb, job.top_k, self.logit_scale)
+            )
             return self._response(snap.name, snap.version, ranked, snap.label, job, model, point)
         assert vectors is not None and plan.names is not None
-        ranked = await self._search(emb.size * len(vectors), adhoc_rank, emb, vectors, self.logit_scale, job.top_k)
+        ranked = await in_span(
+            "search", self._search(emb.size * len(vectors), adhoc_rank, emb, vectors, self.logit_scale, job.top_k)
+        )
         names = plan.names
         return self._response(None, None, ranked, lambda i: names[i], job, model, point)
 
@@ -203,7 +209,8 @@ class Classifier:
         with self._using(engine), self.admission.admit(len(images)):
             prepare = functools.partial(self._prepare, preprocess)
             futures = [loop.run_in_executor(self._decode_pool, prepare, im, i) for i, im in enumerate(images)]
-            done = await asyncio.gather(*futures, return_exceptions=True)  # all finished: slots stay honest
+            gathered = asyncio.gather(*futures, return_exceptions=True)
+            done = await in_span("decode", gathered, images=len(images))  # all finished: slots stay honest
             errors = [d for d in done if isinstance(d, BaseException)]
             if errors:
                 raise errors[0]

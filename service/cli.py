@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--body-timeout", dest="body_timeout_s", type=float, help="seconds for a body (408)")
     serve.add_argument("--max-connections", type=int, help="open connections per process; beyond: 503")
     serve.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, help="restart a silent worker after")
+    serve.add_argument(
+        "--grpc-port", type=int, help="also serve the Open Inference Protocol v2 over gRPC on this port (workers 1)"
+    )
     serve.set_defaults(func=_serve)
 
     cls = sub.add_parser("classify", help="classify image files with a running server")
@@ -121,6 +124,7 @@ _SERVE_FIELDS = (
     "body_timeout_s",
     "max_connections",
     "worker_timeout_s",
+    "grpc_port",
 )
 
 

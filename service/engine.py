@@ -26,12 +26,13 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from service.errors import ClientGone, DeadlineExceeded, Overloaded
+from service.tracing import batch_span, current
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05  # how often a waiting request checks whether its client is still there
@@ -56,6 +57,7 @@ class _Entry(Generic[Item]):
     future: asyncio.Future[np.ndarray]
     enqueued: float
     deadline: float
+    trace: Any = field(default_factory=current)  # the request's trace context (None: tracing off)
 
 
 class EngineHooks:
@@ -249,7 +251,8 @@ class Engine(Generic[Item]):
         payload = self.collate([e.item for e in batch])
         start = loop.time()
         try:
-            out = await loop.run_in_executor(self._executor, self.encode, payload)
+            with batch_span("encode", [e.trace for e in batch], tower=self.cfg.tower, batch_size=len(batch)):
+                out = await loop.run_in_executor(self._executor, self.encode, payload)
         except Exception as e:
             log.exception("%s encoder failed on a batch of %d", self.cfg.tower, len(batch))
             for entry in batch:

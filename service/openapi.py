@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
 from service.errors import PROBLEM_JSON
+from service.routes.v2 import InferenceRequest
 from service.schemas import ClassesIn, ClassifyRequest, ExamplesIn, Problem, ValidationProblem
 
 _REF = "#/components/schemas/{model}"
@@ -47,7 +48,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         title=app.title, version=app.version, description=app.description, routes=app.routes, tags=app.openapi_tags
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ClassifyRequest, ClassesIn, ExamplesIn, Problem, ValidationProblem):
+    for model in (ClassifyRequest, InferenceRequest, ClassesIn, ExamplesIn, Problem, ValidationProblem):
         body = model.model_json_schema(ref_template=_REF, by_alias=True)
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body

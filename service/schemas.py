@@ -325,22 +325,62 @@ class ValidationProblem(Problem):
     )
 
 
+class ImageURL(_Body):
+    url: str = Field(description="a data: URI (data:image/png;base64,...); URLs are refused, never fetched")
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    """vLLM's chat-style embedding input: each text or image_url part is one input."""
+
+    role: str = Field(default="user", max_length=64, description="accepted for compatibility (user, system, ...)")
+    content: str | list[ImagePart | TextPart] = Field(description="a text, or a list of text / image_url parts")
+
+
 class EmbeddingsRequest(_Body):
-    """OpenAI / Infinity embeddings request; images as base64 or data: URIs (URLs are refused)."""
+    """OpenAI-style embeddings request in any of three conventions (one decoder: service/embedding_inputs.py):
+
+    * NV-CLIP / NeMo Retriever: ``input`` holds texts and ``data:image/...`` URIs, the modality inferred per item;
+    * Infinity: ``input`` plus ``modality`` ("image": every item is an image, base64 or a data: URI);
+    * vLLM: ``messages`` with ``image_url`` / ``text`` content parts (one embedding per part, in order).
+    """
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "examples": [
                 {"input": [_TINY_PNG], "model": "default", "modality": "image"},
+                {"input": ["a photo of a cat", _TINY_PNG], "model": "default"},
+                {
+                    "model": "default",
+                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _TINY_PNG}}]}],
+                },
                 {"input": ["a photo of a cat"], "model": "default", "modality": "text", "encoding_format": "float"},
             ]
         },
     )
 
-    input: str | list[str] = Field(description="one input or a list: texts, or base64 / data: URI images")
+    input: str | list[str] | None = Field(
+        default=None, description="texts and/or images (base64 / data: URIs); exactly one of input and messages"
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None, description="vLLM chat style: text and image_url parts, one embedding each"
+    )
     model: str = Field(default="default", max_length=256, description="accepted for compatibility; one model is served")
-    modality: Literal["image", "text"] = Field(default="text", description="what the inputs are (Infinity's field)")
+    modality: Literal["image", "text"] | None = Field(
+        default=None,
+        description="what every input is (Infinity's field); omitted: inferred per input, data:image/ URIs are "
+        "images and everything else text (NV-CLIP's convention)",
+    )
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="float: a list of numbers; base64: little-endian float32 bytes, base64-encoded"
     )

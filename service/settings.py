@@ -173,6 +173,31 @@ class Settings(BaseSettings):
             "--allow-insecure-bind (PROMPTDISTILL_ALLOW_INSECURE_BIND=1) if a proxy in front does authentication"
         )
 
+    # --- other protocols (issue 25): Open Inference Protocol v2 over gRPC, its API key (tracing: OTEL_* variables)
+    grpc_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="serve the Open Inference Protocol v2 over gRPC on this port too (Triton's convention: 8001), "
+        "on the same host; off when unset. One process only (workers = 1)",
+    )
+    oip_require_api_key: bool = Field(
+        default=False,
+        description="require the API key on the Open Inference Protocol routes (REST X-API-Key, gRPC x-api-key "
+        "metadata) although they only read; off: open like /v1/classify",
+    )
+
+    @model_validator(mode="after")
+    def _check_grpc(self) -> Settings:
+        if self.grpc_port is not None and self.workers > 1:
+            raise ValueError(
+                "grpc_port needs workers = 1: worker processes would each try to bind the one gRPC port "
+                "(run more replicas, or serve gRPC from a single-worker server)"
+            )
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError("grpc_port must differ from the HTTP port")
+        return self
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":

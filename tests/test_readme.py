@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.reliability.conftest import ServerProcess, start_server, stop_server
+from tests.service.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -142,7 +143,9 @@ def check(example: Example, proc: subprocess.CompletedProcess[str]) -> list[str]
 def demo_server(demo_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """``promptdistill serve`` on the demo bundle, as ``make serve`` runs it (default backend: auto)."""
     out, _ = demo_run
-    server = start_server(out / "bundle", tmp_path_factory.mktemp("readme-server"))
+    grpc_port = free_port()  # the README's gRPC example talks to it as $G
+    env = {"PROMPTDISTILL_GRPC_PORT": str(grpc_port)}
+    server = start_server(out / "bundle", tmp_path_factory.mktemp("readme-server"), env=env)
     try:
         yield server
     finally:
@@ -168,7 +171,8 @@ def test_readme_serving_examples_answer_as_documented(demo_server: ServerProcess
     shim.chmod(0o755)
     path = os.pathsep.join([str(shim.parent), str(Path(sys.executable).parent), os.environ["PATH"]])
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTDISTILL_")}
-    env.update({"B": demo_server.url, "PATH": path, "PYTHONPATH": str(ROOT)})
+    grpc_address = f"127.0.0.1:{demo_server.env['PROMPTDISTILL_GRPC_PORT']}"
+    env.update({"B": demo_server.url, "G": grpc_address, "PATH": path, "PYTHONPATH": str(ROOT)})
     work = tmp_path / "work"  # the examples' files (cat.jpg) live here
     work.mkdir()
     for run in (1, 2):  # the second run proves the examples can be re-run

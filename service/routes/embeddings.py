@@ -1,9 +1,11 @@
-"""``POST /v1/embeddings``: the OpenAI / Infinity embeddings shape over the bundle's two towers.
+"""``POST /v1/embeddings``: the OpenAI embeddings shape over the bundle's two towers, in three conventions.
 
 Images go through the very path classify uses (admission, decode pool, engine), so an image's
 embedding is exactly the vector classify searches the label sets with; texts go through the
 bundle's text side on the open-vocabulary text lane, so a text's embedding is the class vector a
 class of that name would get. Images arrive as base64 or data: URIs only; URLs are refused.
+Which inputs are images is decided by one decoder (:mod:`service.embedding_inputs`): Infinity's
+``modality``, NV-CLIP's data: URIs in ``input``, or vLLM's chat-style ``messages``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from service.deps import ServicesDep
+from service.embedding_inputs import decode_inputs
 from service.errors import InvalidInput
 from service.schemas import Embedding, EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage
 
@@ -23,7 +26,7 @@ router = APIRouter(prefix="/v1", tags=["embeddings"])
 @router.post(
     "/embeddings",
     response_model=EmbeddingsResponse,
-    summary="embed images or texts (OpenAI / Infinity shape; modality 'image' or 'text')",
+    summary="embed images or texts (OpenAI shape: Infinity's modality, NV-CLIP data: URIs, vLLM messages)",
     responses={
         409: {"description": "texts on a bundle without a text side"},
         413: {"description": "body, image bytes or pixels over the limit"},
@@ -33,16 +36,25 @@ router = APIRouter(prefix="/v1", tags=["embeddings"])
     },
 )
 async def create_embeddings(body: EmbeddingsRequest, request: Request, services: ServicesDep) -> EmbeddingsResponse:
-    inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     dim = services.bundle.manifest.embed_dim
     if body.dimensions is not None and body.dimensions != dim:
         raise InvalidInput(f"dimensions: this model's embeddings have {dim} dimensions; omit it or send {dim}")
-    if not inputs:
+    items = decode_inputs(body)
+    if not items:
         raise InvalidInput("input: send at least one text or image")
-    if body.modality == "image":
-        vectors, used = await services.classifier.embed_image_inputs(inputs, request.is_disconnected), len(inputs)
-    else:
-        vectors, used = await services.classifier.embed_texts(inputs, request.is_disconnected)
+    images = [i for i, item in enumerate(items) if item.kind == "image"]
+    texts = [i for i, item in enumerate(items) if item.kind == "text"]
+    vectors = np.zeros((len(items), dim), dtype=np.float32)  # [N, D], rows filled per modality
+    used = 0
+    if images:
+        values = [items[i].value for i in images]
+        vectors[images] = await services.classifier.embed_image_inputs(values, request.is_disconnected)
+        used += len(images)
+    if texts:
+        values = [items[i].value for i in texts]
+        encoded, prompts = await services.classifier.embed_texts(values, request.is_disconnected)
+        vectors[texts] = encoded
+        used += prompts
     data = [Embedding(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)]
     model = services.settings.bundle.name if services.settings.bundle is not None else "default"
     return EmbeddingsResponse(data=data, model=model, usage=EmbeddingsUsage(prompt_tokens=used, total_tokens=used))
