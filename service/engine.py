@@ -7,7 +7,8 @@ tower was busy, unless ``max_wait_ms`` > 0 asks the first item to wait that long
 
 Two queues: *urgent* items (label-set writes, authenticated and already bounded per request) are
 always taken before normal ones, so a write waits for at most the one batch running when it
-arrives. A batch holds items up to a *cost* (an image costs 1; a name costs one forward-pass row
+arrives; urgent requests share each batch in turns (one item of each in round), so a small write
+is not held behind a large one. A batch holds items up to a *cost* (an image costs 1; a name costs one forward-pass row
 per template); with ``target_batch_s`` the normal queue's batches are also sized to take about that
 long at the measured rate, which bounds that one batch's duration on any hardware (big batches on a
 GPU, small ones on a CPU).
@@ -88,7 +89,8 @@ class Engine(Generic[Item]):
         self.collate = collate
         self.cfg = cfg
         self.hooks = hooks or EngineHooks()
-        self._queues: tuple[deque[_Entry[Item]], deque[_Entry[Item]]] = (deque(), deque())  # urgent, normal
+        self._urgent: deque[deque[_Entry[Item]]] = deque()  # one queue per urgent request, served in turns
+        self._normal: deque[_Entry[Item]] = deque()
         self._queued_cost = 0  # normal queue only
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{cfg.tower}-encoder")
@@ -99,7 +101,7 @@ class Engine(Generic[Item]):
 
     @property
     def depth(self) -> int:
-        return sum(len(q) for q in self._queues)
+        return sum(len(q) for q in self._urgent) + len(self._normal)
 
     @property
     def running(self) -> bool:
@@ -152,10 +154,11 @@ class Engine(Generic[Item]):
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures: list[asyncio.Future[np.ndarray]] = [loop.create_future() for _ in range(len(items))]
-        queue = self._queues[0 if urgent else 1]
-        for item, f in zip(items, futures, strict=True):
-            queue.append(_Entry(item, cost, f, now, now + timeout_s))
-        if not urgent:
+        entries = [_Entry(item, cost, f, now, now + timeout_s) for item, f in zip(items, futures, strict=True)]
+        if urgent:
+            self._urgent.append(deque(entries))
+        else:
+            self._normal.extend(entries)
             self._queued_cost += total
         self.hooks.depth(self.cfg.tower, self.depth)
         self._wakeup.set()
@@ -202,7 +205,7 @@ class Engine(Generic[Item]):
         """With ``max_wait_ms``, let the first queued item wait that long for company."""
         if self.cfg.max_wait_ms <= 0:
             return
-        first = (self._queues[0] or self._queues[1])[0]
+        first = self._urgent[0][0] if self._urgent else self._normal[0]
         fill_by = first.enqueued + self.cfg.max_wait_ms / 1000.0
         while self.depth < self.cfg.max_batch_size and not self._closing:
             remaining = fill_by - loop.time()
@@ -222,16 +225,15 @@ class Engine(Generic[Item]):
         return max(1, min(self.cfg.max_batch_size, math.floor(target / rate)))
 
     def _take(self, now: float) -> list[_Entry[Item]]:
-        """The next batch: from the urgent queue if it has anything, else the normal one."""
-        urgent = bool(self._queues[0])
-        queue = self._queues[0 if urgent else 1]
+        """The next batch: from the urgent requests (in turns) if there are any, else the normal queue."""
+        urgent = bool(self._urgent)
         budget = self._budget(urgent)
         batch: list[_Entry[Item]] = []
         cost = gone = late = 0
-        while queue and (not batch or cost + queue[0].cost <= budget):
-            entry = queue.popleft()
-            if not urgent:
-                self._queued_cost -= entry.cost
+        while True:
+            entry = self._next(urgent, budget - cost if batch else None)
+            if entry is None:
+                break
             if entry.future.done():  # cancelled: client gone, deadline, or a sibling item failed
                 gone += 1
             elif now > entry.deadline:
@@ -245,6 +247,22 @@ class Engine(Generic[Item]):
         if late:
             self.hooks.dropped(self.cfg.tower, "deadline", late)
         return batch
+
+    def _next(self, urgent: bool, room: int | None) -> _Entry[Item] | None:
+        """Pop the next item that fits in ``room`` (None: anything), or None. Urgent: one per request in turn."""
+        if not urgent:
+            if not self._normal or (room is not None and self._normal[0].cost > room):
+                return None
+            entry = self._normal.popleft()
+            self._queued_cost -= entry.cost
+            return entry
+        if not self._urgent or (room is not None and self._urgent[0][0].cost > room):
+            return None
+        queue = self._urgent.popleft()
+        entry = queue.popleft()
+        if queue:
+            self._urgent.append(queue)  # its next item waits for the other requests' turns
+        return entry
 
     async def _encode(self, batch: list[_Entry[Item]]) -> None:
         loop = asyncio.get_running_loop()

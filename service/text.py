@@ -25,7 +25,7 @@ from models.towers import TextSide
 from service.engine import Engine, EngineCfg, EngineHooks
 from service.errors import InvalidInput, NoTextSide
 
-ANONYMOUS_BATCH_S = 0.1  # an anonymous batch takes about this long, so a write waits about that much
+ANONYMOUS_BATCH_S = 0.03  # an anonymous batch takes about this long, so a write waits about that much
 MAX_BATCH_PROMPTS = 256  # forward-pass rows per batch at most (what one exporter forward pass takes)
 CACHE_SIZE = 4096  # encoded candidate labels kept (LRU)
 QUEUED_REQUESTS = 4  # the anonymous queue holds this many maximal candidate-label requests (then 429)

@@ -243,6 +243,35 @@ def test_urgent_work_goes_before_queued_normal_work_and_is_never_refused_for_a_f
     assert firsts == [0.0, 2.0, 4.0, 6.0, 18.0]
 
 
+def test_urgent_requests_share_batches_in_turns_so_a_small_write_is_not_held_behind_a_large_one() -> None:
+    async def run() -> list[list[float]]:
+        gate, entered = threading.Event(), threading.Event()
+        order: list[list[float]] = []
+
+        def encode(pixels: np.ndarray) -> np.ndarray:
+            order.append([float(p[0, 0, 0]) for p in pixels])
+            entered.set()
+            gate.wait(5)
+            return _encoder()(pixels)
+
+        engine = Engine(encode, EngineCfg(max_batch_size=2))
+        engine.start()
+        busy = asyncio.ensure_future(engine.embed(_px(0), timeout_s=5))
+        await _until(entered)
+        large = asyncio.ensure_future(engine.embed(_px(1, 6), timeout_s=5, urgent=True))  # a bulk add
+        await asyncio.sleep(0)
+        small = asyncio.ensure_future(engine.embed(_px(2), timeout_s=5, urgent=True))  # a one-name add, later
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(busy, large, small)
+        await engine.stop()
+        return order
+
+    order = asyncio.run(run())
+    assert order[1] == [1.0, 2.0], f"the small write waited for the large one: {order}"
+    assert order[2:] == [[1.0, 1.0], [1.0, 1.0], [1.0]], order
+
+
 def test_items_cost_counts_against_the_batch_and_normal_batches_follow_the_time_target() -> None:
     """Text names cost one row per template: a batch holds items up to max_batch_size of cost; with
     target_batch_s, normal batches shrink to what the measured rate finishes in about that time."""
