@@ -687,7 +687,8 @@ def lanes_section(doc: dict[str, Any]) -> list[str]:
         "",
         f"The rule (issue 20): keep the lanes only if they beat both others by more than the rounds' spread "
         f"(judged at c = 4 and 16, where lanes can act; at c = 1 a lone image runs on every thread either way). "
-        f"Verdict: {keep}.",
+        f"Verdict: {keep}. The lanes were removed after this run; `bench/lanes.py`, which measured it, went with "
+        "them (`git log --diff-filter=D -- bench/lanes.py` finds it).",
         "",
     ]
     if max(doc["loadavg_after"][0], doc["loadavg_before"][0]) > 2:
