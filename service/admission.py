@@ -1,7 +1,7 @@
 """Admission before work: images in flight (decoding, queued, encoding) against a capacity.
 
 A request is admitted or refused (429 + ``Retry-After``) *before* any of its images is decoded.
-Unless a fixed ``queue_size`` is set, the capacity follows from the latency an admitted image is
+Unless a fixed ``max_images_in_flight`` is set, the capacity follows from the latency an admitted image is
 promised: ``target_latency_s`` (never more than the request deadline) divided by the measured
 service time per image. Decoding (a pool of ``decode_workers`` threads) and encoding (one batch at a
 time, or one per lane side by side: a lane batch's seconds count divided by the lanes, all of which

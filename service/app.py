@@ -36,6 +36,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     services = await asyncio.to_thread(build_services, settings, app.state.metrics)
     services.engine.start()
+    services.text.engine.start()
     app.state.services = services
     log.info(
         "serving bundle %s with %s (%s); state in %s",
@@ -47,8 +48,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        log.info("draining the engine (%d images queued)", services.engine.depth)
-        await services.engine.stop(settings.graceful_shutdown_s)
+        log.info("draining the engines (%d images, %d names queued)", services.engine.depth, services.text.engine.depth)
+        await asyncio.gather(
+            services.engine.stop(settings.graceful_shutdown_s), services.text.engine.stop(settings.graceful_shutdown_s)
+        )
         services.close()
         log.info("shut down cleanly")
 

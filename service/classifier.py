@@ -1,10 +1,11 @@
 """The one classify pipeline every request walks, in this order:
 
 1. cheap checks (top_k, image count, candidate labels clean, template allowed, label set exists);
-2. candidate labels only: the text lane (bounded text work per request, its own queue, low priority);
+2. candidate labels only: their vectors from the text tower's engine (bounded text work per request;
+   the engine's deadline, client-gone drop and 429 like images; label-set writes go first);
 3. admission: the request's images are admitted or refused (429 + Retry-After) before decoding;
 4. decode + preprocess in a bounded pool (the image encoder's own preprocessor);
-5. the batching engine (the encoder thread);
+5. the image tower's batching engine (the encoder thread);
 6. search in a worker thread (only a small one, up to ``INLINE_SEARCH_WORK``, on the event loop);
 7. the response.
 
@@ -25,14 +26,14 @@ import numpy as np
 
 from service.admission import Admission
 from service.engine import Engine, EngineHooks
-from service.errors import EmptyLabelSet, InvalidInput, Overloaded
+from service.errors import EmptyLabelSet, InvalidInput
 from service.images import EncodedImage, ImagePreprocessor, decode_base64_image
 from service.index import Ranked, Snapshot, adhoc_rank
 from service.names import clean_names, clean_templates
 from service.registry import Registry
 from service.schemas import ClassifyResponse, ImageResult, Prediction
 from service.settings import Settings
-from service.text import TextEncoder
+from service.text import TextTower
 
 UNKNOWN = "unknown"
 # Searches up to this many multiply-adds (e.g. one image x 512 dims x 2,048 classes) run on the event
@@ -66,35 +67,35 @@ class _Plan:
 
 
 class PipelineHooks(EngineHooks):
-    """Engine observations go to the metrics and to admission's service-time estimate."""
+    """Image-engine observations go to the metrics and to admission's service-time estimate."""
 
     def __init__(self, metrics: EngineHooks, admission: Admission) -> None:
         self.metrics = metrics
         self.admission = admission
 
-    def batch(self, size: int, seconds: float, lanes: int) -> None:
-        self.metrics.batch(size, seconds, lanes)
-        self.admission.observe_encode(seconds / lanes, size)  # at full load every lane is busy
+    def batch(self, tower: str, size: int, seconds: float) -> None:
+        self.metrics.batch(tower, size, seconds)
+        self.admission.observe_encode(seconds, size)
 
-    def depth(self, depth: int) -> None:
-        self.metrics.depth(depth)
+    def depth(self, tower: str, depth: int) -> None:
+        self.metrics.depth(tower, depth)
 
-    def dropped(self, reason: str, n: int) -> None:
-        self.metrics.dropped(reason, n)
+    def dropped(self, tower: str, reason: str, n: int) -> None:
+        self.metrics.dropped(tower, reason, n)
 
-    def rejected(self, reason: str) -> None:
-        self.metrics.rejected(reason)
+    def rejected(self, tower: str, reason: str) -> None:
+        self.metrics.rejected(tower, reason)
 
 
 class Classifier:
-    """Orchestrates one classify request; owns the decode, text and search worker pools."""
+    """Orchestrates one classify request; owns the decode and search worker pools."""
 
     def __init__(
         self,
         settings: Settings,
         *,
         registry: Registry,
-        text: TextEncoder,
+        text: TextTower,
         engine: Engine,
         preprocess: ImagePreprocessor,
         admission: Admission,
@@ -110,21 +111,19 @@ class Classifier:
         self.logit_scale = logit_scale
         self._on_images = on_images or (lambda n: None)
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
-        self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="text-open")  # anonymous text work: one lane
         # searches set their own FAISS / BLAS threads (service/index.py); a pool apart from the default
         # executor, so label-set writes and store reads never queue searches behind them
         self._search_pool = ThreadPoolExecutor(2, thread_name_prefix="search")
-        self._text_queued = 0  # prompts waiting in or running on the text lane
 
     def close(self) -> None:
-        for pool in (self._decode_pool, self._text_pool, self._search_pool):
+        for pool in (self._decode_pool, self._search_pool):
             pool.shutdown(wait=True, cancel_futures=True)
 
     async def classify(self, job: ClassifyJob, is_disconnected: Disconnected | None = None) -> ClassifyResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         plan = await self._check(job)
-        vectors = await self._candidate_vectors(plan) if plan.names is not None else None
+        vectors = await self._candidate_vectors(plan, deadline, is_disconnected) if plan.names is not None else None
         emb = await self.embed_images(job.images, deadline, is_disconnected)  # [B, D]
         if plan.snapshot is not None:
             snap = plan.snapshot
@@ -164,13 +163,16 @@ class Classifier:
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         return await self.embed_images(list(images), deadline, is_disconnected)
 
-    async def embed_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
-        """/v1/embeddings texts: the class vectors these names would get, [N, D], on the bounded
-        open-vocabulary text lane (same limits as candidate_labels); also the prompts it cost."""
+    async def embed_texts(
+        self, texts: Sequence[str], is_disconnected: Disconnected | None = None
+    ) -> tuple[np.ndarray, int]:
+        """/v1/embeddings texts: the class vectors these names would get, [N, D], as anonymous text work
+        (same limits as candidate_labels); also the prompts it cost."""
         unique = list(dict.fromkeys(texts))  # repeated texts are fine here (unlike class names)
         plan = self._text_plan(unique, None)
         assert plan.names is not None
-        vectors = await self._candidate_vectors(plan)  # [U, D], in the order of `unique`
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        vectors = await self._candidate_vectors(plan, deadline, is_disconnected)  # [U, D], in the order of `unique`
         rows = [unique.index(t) for t in texts]
         return vectors[rows], self.text.prompts(len(plan.names), plan.templates)
 
@@ -218,23 +220,15 @@ class Classifier:
             raise EmptyLabelSet(f"label set {job.label_set!r} has no classes; add some first")
         return _Plan(snap, None, None)
 
-    async def _candidate_vectors(self, plan: _Plan) -> np.ndarray:
-        """Candidate-label vectors [C, D] from the anonymous text lane (refused when its queue is full)."""
+    async def _candidate_vectors(
+        self, plan: _Plan, deadline: float, is_disconnected: Disconnected | None
+    ) -> np.ndarray:
+        """Candidate-label vectors [C, D]: anonymous work on the text engine (429 when its queue is full)."""
         assert plan.names is not None
-        prompts = self.text.prompts(len(plan.names), plan.templates)
-        limit = self.settings.max_candidate_prompts * self.settings.text_queue_requests
-        if self._text_queued and self._text_queued + prompts > limit:
-            raise Overloaded(
-                f"the open-vocabulary text queue is full ({self._text_queued} prompts waiting); retry later, "
-                "or classify against a label set",
-                retry_after_s=self.settings.retry_after_s,
-            )
-        self._text_queued += prompts
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._text_pool, self.text.encode_cached, plan.names, plan.templates)
-        finally:
-            self._text_queued -= prompts
+        timeout_s = deadline - asyncio.get_running_loop().time()
+        return await self.text.encode_cached(
+            plan.names, plan.templates, timeout_s=timeout_s, is_disconnected=is_disconnected
+        )
 
     def _response(
         self, label_set: str | None, version: int | None, ranked: Ranked, label: Callable[[int], str], job: ClassifyJob

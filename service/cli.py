@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--allow-insecure-bind", action="store_true", help="listen on a non-loopback host without a key")
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--max-wait-ms", type=float)
-    serve.add_argument("--queue-size", type=int)
+    serve.add_argument(
+        "--max-images-in-flight", type=int, help="admission capacity (default: from the 0.5 s latency target)"
+    )
     serve.add_argument("--header-timeout", dest="header_timeout_s", type=float, help="seconds for headers (408)")
     serve.add_argument("--body-timeout", dest="body_timeout_s", type=float, help="seconds for a body (408)")
     serve.add_argument("--max-connections", type=int, help="open connections per process; beyond: 503")
@@ -102,7 +104,7 @@ _SERVE_FIELDS = (
     "api_key",
     "max_batch_size",
     "max_wait_ms",
-    "queue_size",
+    "max_images_in_flight",
     "header_timeout_s",
     "body_timeout_s",
     "max_connections",

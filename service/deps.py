@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
+from service.curator import Curator
 from service.errors import Unauthorized
 from service.registry import Registry
 from service.settings import Settings
@@ -39,6 +40,13 @@ async def get_registry(services: ServicesDep) -> Registry:
 
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+
+async def get_curator(services: ServicesDep) -> Curator:
+    return services.curator
+
+
+CuratorDep = Annotated[Curator, Depends(get_curator)]
 
 
 # Declared as a security scheme (not a plain header) so OpenAPI carries it and Swagger UI offers

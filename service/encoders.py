@@ -3,10 +3,6 @@
 ``preprocess(image bytes) -> [3, H, W]`` (built once from the bundle's manifest) and
 ``encode(pixels [B, 3, H, W] float32) -> [B, D]`` L2-normalised embeddings. The two backends run
 the same exported :class:`models.towers.ImageTower`; a test checks they agree.
-
-On CPU the ONNX encoder can also offer ``lanes`` > 1: ``encode_lane`` runs a second session with one
-intra-op thread, which the batching engine calls from several threads at once when images queue
-(service/engine.py says why that is faster). It costs a second copy of the weights in memory.
 """
 
 from __future__ import annotations
@@ -21,19 +17,22 @@ from service.errors import StartupError
 from service.images import ImageLimits, ImagePreprocessor
 
 log = logging.getLogger(__name__)
+# JPEGs decode at the smallest DCT scale whose short side keeps this many times the network input
+# (bench/preprocess.py measures the choices; 2 keeps the resize's own anti-aliasing input).
+JPEG_DRAFT_FACTOR = 2.0
 
 
 class ImageEncoder(Protocol):
     backend: str
     provider: str
     preprocess: ImagePreprocessor
-    lanes: int  # how many ``encode_lane`` calls may run side by side (1: none; use ``encode``)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray: ...
-    def encode_lane(self, pixels: np.ndarray) -> np.ndarray: ...
 
 
-def bundle_preprocessor(bundle: Bundle, limits: ImageLimits, jpeg_draft_factor: float) -> ImagePreprocessor:
+def bundle_preprocessor(
+    bundle: Bundle, limits: ImageLimits, jpeg_draft_factor: float = JPEG_DRAFT_FACTOR
+) -> ImagePreprocessor:
     """The one place the manifest's preprocessing becomes the encoder's input pipeline."""
     return ImagePreprocessor(bundle.manifest.image_encoder.preprocess.to_config(), limits, jpeg_draft_factor)
 
@@ -79,7 +78,6 @@ class OnnxImageEncoder:
         device: str,
         threads: int | None,
         precision: str = "fp32",
-        lanes: int = 1,
     ) -> None:
         import onnxruntime as ort
 
@@ -99,32 +97,19 @@ class OnnxImageEncoder:
         graph = str(bundle.path(spec.file))
         self.session = ort.InferenceSession(graph, options, providers=providers)
         self.provider = self.session.get_providers()[0]
-        self.lanes = lanes if self.provider == "CPUExecutionProvider" else 1
-        self.lane_session = self.session
-        if self.lanes > 1:
-            single = ort.SessionOptions()
-            single.intra_op_num_threads = 1  # no thread pool: each calling thread is one lane
-            self.lane_session = ort.InferenceSession(graph, single, providers=providers)
         self.input_name, self.output_name = spec.input_name, spec.output_name
         self.precision = precision
         log.info(
-            "image encoder: ONNX Runtime %s, %s graph %s, with %s (asked for %s); %d lane(s)",
+            "image encoder: ONNX Runtime %s, %s graph %s, with %s (asked for %s)",
             ort.__version__,
             precision,
             spec.file,
             self.provider,
             providers,
-            self.lanes,
         )
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        return self._run(self.session, pixels)
-
-    def encode_lane(self, pixels: np.ndarray) -> np.ndarray:
-        return self._run(self.lane_session, pixels)
-
-    def _run(self, session: Any, pixels: np.ndarray) -> np.ndarray:
-        out = session.run([self.output_name], {self.input_name: np.ascontiguousarray(pixels, dtype=np.float32)})
+        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(pixels, dtype=np.float32)})
         return np.asarray(out[0], dtype=np.float32)  # [B, D]
 
 
@@ -132,7 +117,6 @@ class TorchImageEncoder:
     """The bundle's :class:`~models.towers.ImageTower` in torch (CUDA when available)."""
 
     backend = "torch"
-    lanes = 1
 
     def __init__(self, tower: Any, preprocess: ImagePreprocessor, device: str) -> None:
         self.preprocess = preprocess
@@ -147,5 +131,3 @@ class TorchImageEncoder:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
             return self.tower(x).float().cpu().numpy()  # [B, D]
-
-    encode_lane = encode

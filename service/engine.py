@@ -1,32 +1,33 @@
-"""The batching engine between routes and the image encoder.
+"""The batching engine between routes and a model tower; one instance per tower (image, text).
 
-Requests put their preprocessed images into one queue; a single worker task takes up to
-``max_batch_size`` images and runs the encoder on a dedicated thread. An image that finds the
-encoder idle is encoded at once: batches form only from what queued while the encoder was busy,
-unless ``max_wait_ms`` > 0 asks the first image to wait that long for company.
+Requests put their items (an image's pixels, a class name to encode) into a queue; a single worker
+task takes a batch and runs the tower's ``encode`` on a dedicated thread, one batch at a time. An
+item that finds the tower idle is encoded at once: batches form only from what queued while the
+tower was busy, unless ``max_wait_ms`` > 0 asks the first item to wait that long for company.
 
-With ``lanes`` > 1 (CPU ONNX: see service/encoders.py) an idle encoder runs what waits on ``encode``,
-which uses every thread (lowest latency), unless the backlog can fill every lane: then the engine
-runs up to ``lanes`` batches side by side on ``encode_lane``, one thread each, and keeps a lane
-running only while the backlog fills every free lane (a few images never run on one thread each
-while the other cores idle; with 2 lanes: a lone image runs wide, two or more share the lanes). On
-2 cores two single-thread runs of ViT-B/32 delivered 2-15 % more images per second than one
-two-thread run (whose threads wait on each other at every operator); end to end, from -1 % to
-+20 % more answers at 4 and 16 clients, varying from run to run. Only 2-core machines were measured. A wide
-run and lane runs never overlap, so the cores are never oversubscribed.
-Admission (service/admission.py) decides what enters before any decoding; ``queue_size`` here is
-only a backstop (429 + Retry-After). Work whose client disconnected or whose deadline passed is
-dropped before it reaches the encoder.
+Two queues: *urgent* items (label-set writes, authenticated and already bounded per request) are
+always taken before normal ones, so a write waits for at most the one batch running when it
+arrives. A batch holds items up to a *cost* (an image costs 1; a name costs one forward-pass row
+per template); with ``target_batch_s`` the normal queue's batches are also sized to take about that
+long at the measured rate, which bounds that one batch's duration on any hardware (big batches on a
+GPU, small ones on a CPU).
+
+Admission (service/admission.py) decides which images enter before any decoding; the engine's own
+bound on queued cost (``max_queued``) refuses the rest with 429 + Retry-After (urgent work is
+never refused for it). Work whose client disconnected or whose deadline passed is dropped before
+it reaches the tower; on SIGTERM the engine refuses new work (503) and drains what is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -34,72 +35,76 @@ from service.errors import ClientGone, DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05  # how often a waiting request checks whether its client is still there
+RATE_WEIGHT = 0.2  # EWMA weight of one batch in the measured seconds per unit of cost
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
 class EngineCfg:
-    max_batch_size: int = 16
+    max_batch_size: int = 16  # cost per batch at most (images; or forward-pass rows for text)
     max_wait_ms: float = 0.0
-    queue_size: int = 4096  # backstop only: admission keeps the queue far below this
+    max_queued: int = 4096  # queued cost at most for normal work (429 beyond it)
     retry_after_s: int = 1
-    lanes: int = 1  # batches encoded side by side on ``encode_lane`` (1: one batch at a time)
+    target_batch_s: float | None = None  # size normal batches to take about this long (None: max_batch_size)
+    tower: str = "image"  # the metrics' label
 
 
 @dataclass
-class _Item:
-    pixels: np.ndarray  # [3, H, W]
+class _Entry(Generic[Item]):
+    item: Item
+    cost: int
     future: asyncio.Future[np.ndarray]
     enqueued: float
     deadline: float
 
 
 class EngineHooks:
-    """Observers (metrics); the defaults do nothing."""
+    """Observers (metrics); the defaults do nothing. ``tower`` says which engine reports."""
 
-    def batch(self, size: int, seconds: float, lanes: int) -> None:
-        """A batch of ``size`` took ``seconds``; ``lanes``: how many such batches the encoder runs side by side."""
-
-    def depth(self, depth: int) -> None: ...
-    def dropped(self, reason: str, n: int) -> None: ...
-    def rejected(self, reason: str) -> None: ...
+    def batch(self, tower: str, size: int, seconds: float) -> None: ...
+    def depth(self, tower: str, depth: int) -> None: ...
+    def dropped(self, tower: str, reason: str, n: int) -> None: ...
+    def rejected(self, tower: str, reason: str) -> None: ...
 
 
-class Engine:
-    """Dynamic micro-batching over ``encode(pixels [B, 3, H, W]) -> [B, D]``."""
+def stack(items: list[Any]) -> Any:
+    """The image tower's collation: rows [3, H, W] -> one array [B, 3, H, W]."""
+    return np.stack(items)
+
+
+class Engine(Generic[Item]):
+    """Dynamic micro-batching over ``encode(collate(items)) -> [B, D]``."""
 
     def __init__(
         self,
-        encode: Callable[[np.ndarray], np.ndarray],
+        encode: Callable[[Any], np.ndarray],
         cfg: EngineCfg,
         hooks: EngineHooks | None = None,
-        encode_lane: Callable[[np.ndarray], np.ndarray] | None = None,
+        collate: Callable[[list[Item]], Any] = stack,
     ) -> None:
-        if cfg.lanes > 1 and encode_lane is None:
-            raise ValueError("lanes > 1 needs an encode_lane (a single-thread encoder safe to call concurrently)")
-        self.encode = encode
-        self.encode_lane = encode_lane
+        self.encode = encode  # an attribute: tests swap in a slow or gated model
+        self.collate = collate
         self.cfg = cfg
         self.hooks = hooks or EngineHooks()
-        self._pending: deque[_Item] = deque()
+        self._queues: tuple[deque[_Entry[Item]], deque[_Entry[Item]]] = (deque(), deque())  # urgent, normal
+        self._queued_cost = 0  # normal queue only
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=cfg.lanes, thread_name_prefix="encoder")
-        self._wide = False  # a batch is running on ``encode`` (all threads)
-        self._lanes_busy = 0  # batches running on ``encode_lane``
-        self._runs: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{cfg.tower}-encoder")
+        self._seconds_per_cost: float | None = None
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self.batches = 0
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        return sum(len(q) for q in self._queues)
 
     @property
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done() and not self._closing
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="batching-engine")
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.cfg.tower}-engine")
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new work (503), finish what is queued, then stop the worker."""
@@ -109,40 +114,48 @@ class Engine:
             try:
                 await asyncio.wait_for(asyncio.shield(self._worker), timeout_s)
             except TimeoutError:
-                log.warning("engine drain timed out with %d images queued", len(self._pending))
+                log.warning("%s engine drain timed out with %d items queued", self.cfg.tower, self.depth)
                 self._worker.cancel()
         self._executor.shutdown(wait=True)
 
     async def embed(
         self,
-        pixels: np.ndarray,
+        items: Sequence[Item] | np.ndarray,
         *,
         timeout_s: float,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
-        bypass_capacity: bool = False,
+        urgent: bool = False,
+        cost: int = 1,
     ) -> np.ndarray:
-        """pixels [B, 3, H, W] -> embeddings [B, D], batched with other requests' images."""
+        """items (e.g. pixels [B, 3, H, W]) -> embeddings [B, D], batched with other requests' items.
+
+        ``cost``: of each item (batch and queue bounds count it). ``urgent``: taken before normal work
+        and never refused for a full queue.
+        """
         if self._closing or self._worker is None:
-            self.hooks.rejected("draining")
+            self.hooks.rejected(self.cfg.tower, "draining")
             raise Overloaded(
                 "the server is shutting down; retry on another replica",
                 retry_after_s=self.cfg.retry_after_s,
                 status=503,
             )
-        n = len(pixels)
-        if not bypass_capacity and len(self._pending) + n > self.cfg.queue_size:
-            self.hooks.rejected("queue_full")
+        total = len(items) * cost
+        if not urgent and self._queued_cost and self._queued_cost + total > self.cfg.max_queued:
+            self.hooks.rejected(self.cfg.tower, "queue_full")
             raise Overloaded(
-                f"the inference queue is full ({len(self._pending)} of {self.cfg.queue_size} images waiting); "
-                "retry later",
+                f"the {self.cfg.tower} encoder's queue is full ({self._queued_cost} of {self.cfg.max_queued} "
+                "units of work waiting); retry later",
                 retry_after_s=self.cfg.retry_after_s,
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
-        futures: list[asyncio.Future[np.ndarray]] = [loop.create_future() for _ in range(n)]
-        for p, f in zip(pixels, futures, strict=True):
-            self._pending.append(_Item(p, f, now, now + timeout_s))
-        self.hooks.depth(len(self._pending))
+        futures: list[asyncio.Future[np.ndarray]] = [loop.create_future() for _ in range(len(items))]
+        queue = self._queues[0 if urgent else 1]
+        for item, f in zip(items, futures, strict=True):
+            queue.append(_Entry(item, cost, f, now, now + timeout_s))
+        if not urgent:
+            self._queued_cost += total
+        self.hooks.depth(self.cfg.tower, self.depth)
         self._wakeup.set()
         try:
             await self._wait(futures, now + timeout_s, is_disconnected)
@@ -161,103 +174,95 @@ class Engine:
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise DeadlineExceeded("the request's deadline passed before its images were encoded")
+                raise DeadlineExceeded(f"the request's deadline passed before the {self.cfg.tower} encoder reached it")
             _, pending = await asyncio.wait(futures, timeout=min(POLL_S, remaining))
             if not pending:
                 return
             if is_disconnected is not None and await is_disconnected():
-                raise ClientGone("client disconnected; its queued images were dropped")
+                raise ClientGone("client disconnected; its queued work was dropped")
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._plan()[0]:
-                if self._closing and not self._pending and not self._runs:
+            if not self.depth:
+                if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            fill_by = self._pending[0].enqueued + self.cfg.max_wait_ms / 1000.0
-            while not self._runs and self.cfg.max_wait_ms > 0 and len(self._pending) < self.cfg.max_batch_size:
-                remaining = fill_by - loop.time()
-                if remaining <= 0 or self._closing:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
-                    break
-            size, wide = self._plan()
-            batch = self._take(loop.time(), size)
-            self.hooks.depth(len(self._pending))
+            await self._fill(loop)
+            batch = self._take(loop.time())
+            self.hooks.depth(self.cfg.tower, self.depth)
             if batch:
-                self._start(batch, wide)
+                await self._encode(batch)  # one batch at a time: the tower has the machine to itself
 
-    def _plan(self) -> tuple[int, bool]:
-        """(images the next batch may take now, whether it runs wide).
+    async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
+        """With ``max_wait_ms``, let the first queued item wait that long for company."""
+        if self.cfg.max_wait_ms <= 0:
+            return
+        first = (self._queues[0] or self._queues[1])[0]
+        fill_by = first.enqueued + self.cfg.max_wait_ms / 1000.0
+        while self.depth < self.cfg.max_batch_size and not self._closing:
+            remaining = fill_by - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
 
-        Size 0: wait (nothing queued, a wide run busy, no free lane, or too few images to fill the free lanes).
-        """
-        if not self._pending or self._wide:
-            return 0, False
-        if not self._runs and (self.cfg.lanes == 1 or len(self._pending) < self.cfg.lanes):
-            return self.cfg.max_batch_size, True  # an idle encoder, too little to fill the lanes: every thread
-        free = self.cfg.lanes - self._lanes_busy
-        if free <= 0 or len(self._pending) < free:
-            return 0, False  # lanes only while the backlog fills every free one; else wait for a wide run
-        return min(self.cfg.max_batch_size, -(-len(self._pending) // free)), False  # backlog shared by free lanes
+    def _budget(self, urgent: bool) -> int:
+        """Cost the next batch may hold: the maximum, or for normal work what fits ``target_batch_s``."""
+        target, rate = self.cfg.target_batch_s, self._seconds_per_cost
+        if urgent or target is None or rate is None or rate <= 0:
+            return self.cfg.max_batch_size
+        return max(1, min(self.cfg.max_batch_size, math.floor(target / rate)))
 
-    def _start(self, batch: list[_Item], wide: bool) -> None:
-        if wide:
-            self._wide = True
-        else:
-            self._lanes_busy += 1
-        run = asyncio.get_running_loop().create_task(self._encode(batch, wide))
-        self._runs.add(run)
-
-        def done(task: asyncio.Task[None]) -> None:
-            self._runs.discard(task)
-            if wide:
-                self._wide = False
-            else:
-                self._lanes_busy -= 1
-            self._wakeup.set()
-
-        run.add_done_callback(done)
-
-    def _take(self, now: float, size: int) -> list[_Item]:
-        batch: list[_Item] = []
-        gone = late = 0
-        while self._pending and len(batch) < size:
-            item = self._pending.popleft()
-            if item.future.done():  # cancelled: client gone, deadline, or a sibling image failed
+    def _take(self, now: float) -> list[_Entry[Item]]:
+        """The next batch: from the urgent queue if it has anything, else the normal one."""
+        urgent = bool(self._queues[0])
+        queue = self._queues[0 if urgent else 1]
+        budget = self._budget(urgent)
+        batch: list[_Entry[Item]] = []
+        cost = gone = late = 0
+        while queue and (not batch or cost + queue[0].cost <= budget):
+            entry = queue.popleft()
+            if not urgent:
+                self._queued_cost -= entry.cost
+            if entry.future.done():  # cancelled: client gone, deadline, or a sibling item failed
                 gone += 1
-            elif now > item.deadline:
+            elif now > entry.deadline:
                 late += 1
-                item.future.cancel()
+                entry.future.cancel()
             else:
-                batch.append(item)
+                batch.append(entry)
+                cost += entry.cost
         if gone:
-            self.hooks.dropped("cancelled", gone)
+            self.hooks.dropped(self.cfg.tower, "cancelled", gone)
         if late:
-            self.hooks.dropped("deadline", late)
+            self.hooks.dropped(self.cfg.tower, "deadline", late)
         return batch
 
-    async def _encode(self, batch: list[_Item], wide: bool) -> None:
+    async def _encode(self, batch: list[_Entry[Item]]) -> None:
         loop = asyncio.get_running_loop()
-        pixels = np.stack([it.pixels for it in batch])  # [B, 3, H, W]
-        encode = self.encode if wide or self.encode_lane is None else self.encode_lane
+        payload = self.collate([e.item for e in batch])
         start = loop.time()
         try:
-            out = await loop.run_in_executor(self._executor, encode, pixels)
+            out = await loop.run_in_executor(self._executor, self.encode, payload)
         except Exception as e:
-            log.exception("image encoder failed on a batch of %d", len(batch))
-            for it in batch:
-                if not it.future.done():
-                    it.future.set_exception(e)
+            log.exception("%s encoder failed on a batch of %d", self.cfg.tower, len(batch))
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(e)
             return
+        seconds = loop.time() - start
+        cost = sum(e.cost for e in batch)
+        rate = seconds / max(cost, 1)
+        old = self._seconds_per_cost
+        self._seconds_per_cost = rate if old is None else old + RATE_WEIGHT * (rate - old)
         self.batches += 1
-        self.hooks.batch(len(batch), loop.time() - start, 1 if wide else self.cfg.lanes)
-        for it, row in zip(batch, out, strict=True):
-            if not it.future.done():
-                it.future.set_result(row)
+        self.hooks.batch(self.cfg.tower, len(batch), seconds)
+        for entry, row in zip(batch, out, strict=True):
+            if not entry.future.done():
+                entry.future.set_result(row)

@@ -24,21 +24,20 @@ class Metrics(EngineHooks):
         self.latency = Histogram(
             p + "request_seconds", "HTTP request latency", ["method", "route"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.batch_size = Histogram(p + "batch_size", "images per encoder call", buckets=BATCH_BUCKETS, registry=r)
+        tower = ["tower"]  # image or text: the two batching engines
+        self.batch_size = Histogram(
+            p + "batch_size", "items (images, names) per encoder call", tower, buckets=BATCH_BUCKETS, registry=r
+        )
         self.batch_seconds = Histogram(
-            p + "batch_seconds", "encoder time per batch", buckets=LATENCY_BUCKETS, registry=r
+            p + "batch_seconds", "encoder time per batch", tower, buckets=LATENCY_BUCKETS, registry=r
         )
-        self.encoder_batches = Counter(
-            p + "encoder_batches",
-            "encoder calls: all_threads (one batch at a time) or lane (side by side, one thread each)",
-            ["mode"],
-            registry=r,
-        )
-        self.queue_depth = Gauge(p + "queue_depth", "images waiting for the encoder", registry=r)
+        self.queue_depth = Gauge(p + "queue_depth", "items waiting for the encoder", tower, registry=r)
         self.dropped_total = Counter(
-            p + "dropped_images", "queued images dropped before encoding", ["reason"], registry=r
+            p + "dropped_images", "queued items dropped before encoding", [*tower, "reason"], registry=r
         )
-        self.rejected_total = Counter(p + "rejected_requests", "requests refused by the engine", ["reason"], registry=r)
+        self.rejected_total = Counter(
+            p + "rejected_requests", "requests refused by an engine", [*tower, "reason"], registry=r
+        )
         self.label_set_version = Gauge(
             p + "label_set_version", "version served per label set", ["label_set"], registry=r
         )
@@ -58,19 +57,18 @@ class Metrics(EngineHooks):
         self.info = Gauge(p + "image_encoder_info", "image encoder in use", ["backend", "provider"], registry=r)
 
     # engine hooks
-    def batch(self, size: int, seconds: float, lanes: int) -> None:
-        self.batch_size.observe(size)
-        self.batch_seconds.observe(seconds)
-        self.encoder_batches.labels("lane" if lanes > 1 else "all_threads").inc()
+    def batch(self, tower: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(tower).observe(size)
+        self.batch_seconds.labels(tower).observe(seconds)
 
-    def depth(self, depth: int) -> None:
-        self.queue_depth.set(depth)
+    def depth(self, tower: str, depth: int) -> None:
+        self.queue_depth.labels(tower).set(depth)
 
-    def dropped(self, reason: str, n: int) -> None:
-        self.dropped_total.labels(reason).inc(n)
+    def dropped(self, tower: str, reason: str, n: int) -> None:
+        self.dropped_total.labels(tower, reason).inc(n)
 
-    def rejected(self, reason: str) -> None:
-        self.rejected_total.labels(reason).inc()
+    def rejected(self, tower: str, reason: str) -> None:
+        self.rejected_total.labels(tower, reason).inc()
 
     # registry / text hooks
     def version(self, label_set: str, version: int, n_classes: int) -> None:

@@ -1,7 +1,7 @@
 """Label-set registry: the store (truth) + one immutable FAISS snapshot per set (derived).
 
-Writes: validate -> encode names through the bundle's text side -> one committed transaction ->
-build the next snapshot -> swap the reference. Reads take the current snapshot reference and
+Writes take vectors (service/curator.py encodes names first, holding no lock): one committed
+transaction -> build the next snapshot -> swap the reference. Reads take the current snapshot reference and
 finish on it.
 
 Keeping snapshots fresh depends on the store:
@@ -36,7 +36,6 @@ from service.errors import (
 )
 from service.index import IndexKind, SearchCfg, Snapshot
 from service.stores.base import SetDelta, SetRows, Store
-from service.text import TextEncoder
 
 log = logging.getLogger(__name__)
 RUNTIME = "runtime"
@@ -90,14 +89,12 @@ class Registry:
     def __init__(
         self,
         store: Store,
-        text: TextEncoder,
         use_gpu: bool = False,
         on_version: Callable[[str, int, int], None] | None = None,
         min_version_wait_s: float = 1.0,
         search: SearchCfg | None = None,
     ) -> None:
         self.store = store
-        self.text = text
         self.use_gpu = use_gpu
         self.search = search or SearchCfg(use_gpu=use_gpu)
         self.min_version_wait_s = min_version_wait_s
@@ -269,16 +266,27 @@ class Registry:
             self._changed.notify_all()
 
     # ----------------------------------------------------------------- writes
+    # The registry takes vectors and never runs an encoder (service/curator.py encodes before calling
+    # these): its lock is held only for the database commit and the snapshot swap.
+    def existing(self, name: str, names: Sequence[str]) -> set[str]:
+        """The ``names`` already in set ``name`` (UnknownLabelSet if there is no such set)."""
+        with self.store.read() as db:
+            if self.store.version(name) is None:
+                raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them")
+            return set(self.store.existing_names(db, name, names))
+
     def create(
         self,
         name: str,
         names: Sequence[str],
-        templates: Sequence[str] | None,
+        vectors: np.ndarray,
+        provenance: Sequence[str],
         *,
         skip_existing: bool = False,
         index: IndexKind | None = None,
     ) -> Change:
-        """Create a set; an existing one is a 409, or (``skip_existing``) left as it is and returned.
+        """Create a set of ``names`` with their ``vectors`` [N, D]; an existing one is a 409, or
+        (``skip_existing``) left as it is and returned.
 
         ``index`` (stored with the set) picks exact or approximate search; None: the service default.
         """
@@ -288,42 +296,42 @@ class Registry:
                     raise LabelSetExists(f"label set {name!r} already exists")
                 snap = self.get(name)
                 return Change(snap, snap.version, [], [], skipped=list(names))
-            vectors = self.text.encode(names, templates)  # [N, D]
+            vecs = np.asarray(vectors, dtype=np.float32)  # [N, D]
             with self.store.transaction() as db:
-                version = self.store.create_set(db, name, names, vectors, RUNTIME, index_kind=index)
+                version = self.store.create_set(db, name, names, vecs, list(provenance), index_kind=index)
             ids = np.arange(len(names), dtype=np.int64)  # a new set numbers its classes from 0
-            vecs = vectors.astype(np.float32)
-            rows = SetRows(name, version, ids, list(names), [RUNTIME] * len(names), vecs, index)
+            rows = SetRows(name, version, ids, list(names), list(provenance), vecs, index)
             snap = self._install(self._build(rows))
         return Change(snap, version, [int(i) for i in snap.ids], list(names))
 
     def add(
-        self, name: str, names: Sequence[str], templates: Sequence[str] | None, *, skip_existing: bool = False
+        self,
+        name: str,
+        names: Sequence[str],
+        vectors: np.ndarray,
+        provenance: Sequence[str],
+        *,
+        skip_existing: bool = False,
     ) -> Change:
-        """Add classes atomically (all or none); names already in the set -> 409 before encoding, or
-        (``skip_existing``) left out, so that repeating a request changes nothing."""
+        """Add classes with their ``vectors`` [N, D] atomically (all or none); names already in the set
+        (added meanwhile by another writer) -> 409, or (``skip_existing``) left out."""
+        vecs = np.asarray(vectors, dtype=np.float32)
         with self._write_lock:
-            with self.store.read() as db:
-                if self.store.version(name) is None:
-                    raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them")
-                existing = self.store.existing_names(db, name, names)
+            existing = self.existing(name, names)
             if existing and not skip_existing:
                 raise DuplicateClass(f"label set {name!r} already has {sorted(existing)[:10]}")
+            keep = [i for i, n in enumerate(names) if n not in existing]
             skipped = [n for n in names if n in existing]
-            names = [n for n in names if n not in existing]
-            if not names:
+            if not keep:
                 snap = self.get(name)
                 return Change(snap, snap.version, [], [], skipped=skipped)
-            vectors = self.text.encode(names, templates)  # [N, D]; outside the transaction (slow)
+            names, vecs, prov = [names[i] for i in keep], vecs[keep], [provenance[i] for i in keep]
             with self.store.transaction() as db:
                 before = self.store.lock_version(db, name)
-                version, ids = self.store.add_classes(db, name, names, vectors, RUNTIME)
+                version, ids = self.store.add_classes(db, name, names, vecs, prov)
             old = self._snapshots.get(name)
             if old is not None and old.version == before:
-                added = SetRows(
-                    name, version, np.asarray(ids, dtype=np.int64), list(names), [RUNTIME] * len(names),
-                    vectors.astype(np.float32),
-                )  # fmt: skip
+                added = SetRows(name, version, np.asarray(ids, dtype=np.int64), list(names), prov, vecs)
                 rows = _merge(old, SetDelta(version, np.concatenate([old.ids, added.ids]), added))
             else:
                 rows = self.store.load(name)

@@ -47,23 +47,8 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         default=None, ge=1, description="intra-op threads for the encoder (None: runtime default)"
     )
-    encoder_lanes: int | None = Field(
-        default=None,
-        ge=1,
-        le=256,
-        description="CPU ONNX only: while the queued images fill every free lane, encode up to this many batches "
-        "side by side, one thread each (a lone image, or a smaller backlog, still uses every thread). None: one "
-        "lane per thread (`threads`, else the CPUs this process may use); 1: off. Costs a second copy of the "
-        "encoder's weights in memory",
-    )
     onnx_precision: Literal["fp32", "int8"] = Field(
         default="fp32", description="which ONNX graph to serve: fp32, or the dynamically quantised int8 one"
-    )
-    faiss_threads: int = Field(
-        default=1,
-        ge=1,
-        description="threads of one label-set search (FAISS OpenMP, set on the searching thread, and numpy's "
-        "BLAS for the softmax denominator); 1 is fastest for the service's one-query-per-image searches",
     )
     index_kind: Literal["flat", "ivf"] = Field(
         default="flat",
@@ -80,11 +65,11 @@ class Settings(BaseSettings):
         description="how long an image that finds the encoder idle waits for company (0: encoded at once; "
         "batches still form from what queues while the encoder is busy)",
     )
-    queue_size: int | None = Field(
+    max_images_in_flight: int | None = Field(
         default=None,
         ge=1,
-        description="images in flight (decoding, queued, encoding) at most; beyond this requests get 429 before "
-        "any decoding. None: target_latency_s / the measured service time per image",
+        description="admission capacity: images in flight (decoding, queued, encoding) at most; beyond this "
+        "requests get 429 before any decoding. None: target_latency_s / the measured service time per image",
     )
     target_latency_s: float = Field(
         default=0.5,
@@ -93,13 +78,6 @@ class Settings(BaseSettings):
         "admits more (fewer clients sent away for retry_after_s, >= 1 s), at the price of slower answers",
     )
     decode_workers: int = Field(default=2, ge=1, le=64, description="threads decoding + preprocessing images")
-    jpeg_draft_factor: float = Field(
-        default=2.0,
-        ge=0,
-        le=16,
-        description="decode JPEGs at the smallest DCT scale whose short side keeps this many times the network "
-        "input size (0: full-size decode, exact)",
-    )
     request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline for queued inference")
     retry_after_s: int = Field(default=1, ge=1, description="least Retry-After sent with 429/503")
     # --- input caps
@@ -124,15 +102,6 @@ class Settings(BaseSettings):
         description="text work of one anonymous request: candidate labels x templates (each one row of a "
         "forward pass, at most the context length long); more -> 422",
     )
-    text_queue_requests: int = Field(
-        default=4, ge=1, description="maximal candidate-label requests the open-vocabulary text lane queues (429)"
-    )
-    text_chunk_prompts: int = Field(
-        default=16,
-        ge=1,
-        description="anonymous text work runs in chunks this size (class adds cut in between their transformer blocks)",
-    )
-    text_cache_size: int = Field(default=4096, ge=0, description="LRU entries of encoded candidate labels")
     # --- security and serving
     api_key: SecretStr | None = Field(default=None, description="X-API-Key required on mutating routes when set")
     allow_insecure_bind: bool = Field(default=False, description="listen on a non-loopback host without an API key")

@@ -17,6 +17,7 @@ from models.bundle import Bundle, BundleError, load_bundle
 from models.towers import TextSide
 from service.admission import Admission, AdmissionCfg
 from service.classifier import Classifier, PipelineHooks
+from service.curator import Curator
 from service.encoders import (
     ImageEncoder,
     OnnxImageEncoder,
@@ -33,7 +34,7 @@ from service.metrics import Metrics
 from service.registry import Registry, check_store_matches
 from service.settings import Settings
 from service.store import open_store
-from service.text import TextEncoder
+from service.text import TextTower
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,11 @@ class Services:
     settings: Settings
     bundle: Bundle
     encoder: ImageEncoder
-    text: TextEncoder
+    text: TextTower
     registry: Registry
-    engine: Engine
+    engine: Engine[np.ndarray]
     classifier: Classifier
+    curator: Curator
     metrics: Metrics
     probe: np.ndarray  # [1, 3, H, W] a fixed synthetic image for readiness checks
 
@@ -114,21 +116,21 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     device = "cuda" if cuda_wanted(settings.device) else "cpu"
     encoder, text_side = _encoders(bundle, settings, device)
     spec = bundle.manifest.text_encoder
-    text = TextEncoder(
+    text = TextTower(
         text_side,
         learned_prompts=bool(spec and spec.prompts.n_tokens > 0),
-        cache_size=settings.text_cache_size,
+        max_candidate_prompts=settings.max_candidate_prompts,
+        retry_after_s=settings.retry_after_s,
+        hooks=metrics,
         on_call=metrics.text_call,
-        chunk_prompts=settings.text_chunk_prompts,
     )
     store = open_store(settings, bundle.manifest.embed_dim)
     use_gpu = settings.faiss_gpu and device == "cuda"
     # FAISS threads are applied by the searching thread itself (OpenMP's setting is per thread).
-    search = SearchCfg(settings.index_kind, settings.ivf_nprobe, settings.faiss_threads, use_gpu)
-    limit_blas_threads(settings.faiss_threads)
+    search = SearchCfg(settings.index_kind, settings.ivf_nprobe, use_gpu=use_gpu)
+    limit_blas_threads(search.faiss_threads)
     registry = Registry(
         store,
-        text,
         use_gpu=use_gpu,
         on_version=metrics.version,
         min_version_wait_s=settings.min_version_wait_s,
@@ -141,12 +143,11 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         raise
     metrics.info.labels(encoder.backend, encoder.provider).set(1)
     probe = encoder.preprocess.from_pil(_probe_image())[None]  # [1, 3, H, W]
-    admission = Admission(_admission_cfg(settings, encoder.lanes), *_service_times(encoder, probe))
-    engine = Engine(
+    admission = Admission(_admission_cfg(settings), *_service_times(encoder, probe))
+    engine: Engine[np.ndarray] = Engine(
         encoder.encode,
-        EngineCfg(settings.max_batch_size, settings.max_wait_ms, lanes=encoder.lanes),
+        EngineCfg(settings.max_batch_size, settings.max_wait_ms, retry_after_s=settings.retry_after_s),
         PipelineHooks(metrics, admission),
-        encoder.encode_lane,
     )
     classifier = Classifier(
         settings,
@@ -161,18 +162,19 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     log.info(
         "admission: %d images in flight at most (%s; %.1f ms per image)",
         admission.capacity,
-        "queue_size" if settings.queue_size else f"target latency {settings.target_latency_s:g} s",
+        "max_images_in_flight" if settings.max_images_in_flight else f"target latency {settings.target_latency_s:g} s",
         1000 * admission.image_s,
     )
-    return Services(settings, bundle, encoder, text, registry, engine, classifier, metrics, probe)
+    curator = Curator(settings, registry, text)
+    return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, metrics, probe)
 
 
-def _admission_cfg(settings: Settings, lanes: int) -> AdmissionCfg:
+def _admission_cfg(settings: Settings) -> AdmissionCfg:
     return AdmissionCfg(
-        capacity=settings.queue_size,
+        capacity=settings.max_images_in_flight,
         target_latency_s=settings.target_latency_s,
         deadline_s=settings.request_timeout_s,
-        min_capacity=settings.decode_workers + lanes,
+        min_capacity=settings.decode_workers + 1,
         decode_workers=settings.decode_workers,
         retry_after_s=settings.retry_after_s,
     )
@@ -206,7 +208,7 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
         settings.max_aspect_ratio,
         settings.max_decoded_mib * 1024 * 1024,
     )
-    pre = bundle_preprocessor(bundle, limits, settings.jpeg_draft_factor)
+    pre = bundle_preprocessor(bundle, limits)
     backend = resolve_backend(settings, bundle)
     if settings.backend == "auto":
         has = "has an ONNX image encoder" if m.image_encoder.onnx else "has no ONNX image encoder (export with --onnx)"
@@ -218,7 +220,6 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
             "cuda" if device == "cuda" else settings.device,
             settings.threads,
             settings.onnx_precision,
-            encoder_lanes(settings),
         )
         if m.text_encoder is None:
             return encoder, None
@@ -227,13 +228,6 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
         return encoder, build_text_side(bundle, device, backbone)
     tower, side = build_towers(bundle, device)
     return TorchImageEncoder(tower, pre, device), side
-
-
-def encoder_lanes(settings: Settings) -> int:
-    """Side-by-side single-thread encoder runs: the setting, else one per thread the encoder may use."""
-    if settings.encoder_lanes is not None:
-        return settings.encoder_lanes
-    return settings.threads or len(os.sched_getaffinity(0))
 
 
 def _probe_image() -> Image.Image:

@@ -1,87 +1,72 @@
-"""The bundle's text side at serving time: class names -> vectors, with an LRU cache for ad-hoc labels.
+"""The bundle's text side at serving time: class names -> vectors, through the text tower's engine.
 
-Only two things run the text encoder: adding classes, and requests that bring their own candidate
-labels. ``calls`` counts encoder invocations so tests (and /metrics) can prove the query path
-never touches it.
+Only two things run the text encoder: label-set writes (creating a set, adding classes: the
+curator sends them *urgent*), and anonymous requests that bring their own candidate labels or ask
+for text embeddings. Both go through a second :class:`service.engine.Engine`, so anonymous text work
+gets what images get (the request's deadline, dropped when its client leaves, drain on SIGTERM, a
+bounded queue with 429 + Retry-After, batching across requests) and a write waits for at most the
+one anonymous batch running when it arrives (normal batches are sized to take about
+``ANONYMOUS_BATCH_S``). Recently encoded candidate labels come from an LRU cache.
 
-Fairness: the encoder runs one forward pass at a time under a :class:`PriorityLock`. Class adds
-and label-set creation (authenticated mutations) take it at high priority in one go; anonymous
-open-vocabulary work takes it at low priority one chunk of ``chunk_prompts`` prompts at a time,
-and between the transformer blocks of a chunk it steps aside for a waiting mutation, so a
-mutation waits for at most one block of one chunk however large the anonymous backlog is.
+``calls`` counts encoder invocations so tests (and /metrics) can prove the query path never
+touches it.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from models.towers import TextSide
+from service.engine import Engine, EngineCfg, EngineHooks
 from service.errors import InvalidInput, NoTextSide
 
-
-class PriorityLock:
-    """Mutual exclusion in which waiting high-priority holders always go before low-priority ones."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._held = False
-        self._high_waiting = 0
-
-    @contextmanager
-    def hold(self, high: bool) -> Iterator[None]:
-        with self._cond:
-            self._high_waiting += high
-            try:
-                while self._held or (not high and self._high_waiting):
-                    self._cond.wait()
-            finally:
-                self._high_waiting -= high
-            self._held = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._held = False
-                self._cond.notify_all()
-
-    def step_aside(self) -> None:
-        """Called by a low-priority holder at a safe point: let waiting high-priority holders go
-        first, then hold the lock again (its own work resumes where it paused)."""
-        with self._cond:
-            if not self._high_waiting:
-                return
-            self._held = False
-            self._cond.notify_all()
-            while self._held or self._high_waiting:
-                self._cond.wait()
-            self._held = True
+ANONYMOUS_BATCH_S = 0.1  # an anonymous batch takes about this long, so a write waits about that much
+MAX_BATCH_PROMPTS = 256  # forward-pass rows per batch at most (what one exporter forward pass takes)
+CACHE_SIZE = 4096  # encoded candidate labels kept (LRU)
+QUEUED_REQUESTS = 4  # the anonymous queue holds this many maximal candidate-label requests (then 429)
+Disconnected = Callable[[], Awaitable[bool]]
 
 
-class TextEncoder:
-    """Thread-safe wrapper around :class:`models.towers.TextSide` (one forward pass at a time)."""
+@dataclass(frozen=True)
+class Prompt:
+    """One class name to encode, with the templates it is encoded with (None: the bundle's)."""
+
+    name: str
+    templates: tuple[str, ...] | None
+
+
+class TextTower:
+    """Class names -> normalised class vectors [N, D], exactly as the bundle's exporter computed them."""
 
     def __init__(
         self,
         side: TextSide | None,
         learned_prompts: bool,
-        cache_size: int,
+        *,
+        max_candidate_prompts: int,
+        retry_after_s: int,
+        hooks: EngineHooks | None = None,
         on_call: Callable[[int], None] | None = None,
-        chunk_prompts: int = 16,
     ) -> None:
         self.side = side
         self.learned_prompts = learned_prompts
         self.calls = 0
-        self.chunk_prompts = chunk_prompts
         self._on_call = on_call
-        self._encoder_lock = PriorityLock()
+        cfg = EngineCfg(
+            max_batch_size=MAX_BATCH_PROMPTS,
+            max_queued=max_candidate_prompts * QUEUED_REQUESTS,
+            retry_after_s=retry_after_s,
+            target_batch_s=ANONYMOUS_BATCH_S,
+            tower="text",
+        )
+        self.engine: Engine[Prompt] = Engine(self._encode_batch, cfg, hooks, collate=list)
         self._cache_lock = threading.Lock()
         self._cache: OrderedDict[tuple[tuple[str, ...], str], np.ndarray] = OrderedDict()
-        self._cache_size = cache_size
 
     @property
     def available(self) -> bool:
@@ -97,39 +82,43 @@ class TextEncoder:
 
     def prompts(self, n_names: int, templates: Sequence[str] | None) -> int:
         """Forward-pass rows ``n_names`` names cost: one per name and template (fixed context length)."""
+        return n_names * self._per_name(templates)
+
+    def _per_name(self, templates: Sequence[str] | None) -> int:
         n_templates = len(templates) if templates else len(self.side.templates) if self.side is not None else 1
-        return n_names * max(n_templates, 1)
+        return max(n_templates, 1)
 
-    def encode(
-        self, names: Sequence[str], templates: Sequence[str] | None = None, *, priority: bool = True
+    async def encode(
+        self,
+        names: Sequence[str],
+        templates: Sequence[str] | None = None,
+        *,
+        urgent: bool,
+        timeout_s: float,
+        is_disconnected: Disconnected | None = None,
     ) -> np.ndarray:
-        """[N, D] normalised class vectors, exactly as the bundle's exporter computed them.
-
-        ``priority`` (mutations): one pass at high priority. Otherwise chunked at low priority.
-        """
+        """[N, D] class vectors through the text engine (``urgent``: a label-set write)."""
         if self.side is None:
             raise NoTextSide("this bundle has no text side, so class names cannot be encoded at runtime")
         self.check_templates(templates)
-        if priority:
-            return self._encode_locked(list(names), templates, high=True)
-        per_chunk = max(1, self.chunk_prompts // max(1, self.prompts(1, templates)))
-        parts = [
-            self._encode_locked(list(names[i : i + per_chunk]), templates, high=False)
-            for i in range(0, len(names), per_chunk)
-        ]
-        return np.concatenate(parts)
+        key = tuple(templates) if templates else None
+        return await self.engine.embed(
+            [Prompt(n, key) for n in names],
+            timeout_s=timeout_s,
+            is_disconnected=is_disconnected,
+            urgent=urgent,
+            cost=self._per_name(templates),
+        )
 
-    def _encode_locked(self, names: list[str], templates: Sequence[str] | None, high: bool) -> np.ndarray:
-        assert self.side is not None
-        with self._encoder_lock.hold(high):
-            self.calls += 1
-            if self._on_call is not None:
-                self._on_call(len(names))
-            vectors = self.side.class_vectors(names, list(templates) if templates else None)
-        return vectors.detach().cpu().numpy().astype(np.float32)  # [N, D]
-
-    def encode_cached(self, names: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-        """Open-vocabulary labels (low priority): names seen recently with the same templates come from the LRU."""
+    async def encode_cached(
+        self,
+        names: Sequence[str],
+        templates: Sequence[str] | None,
+        *,
+        timeout_s: float,
+        is_disconnected: Disconnected | None = None,
+    ) -> np.ndarray:
+        """Anonymous labels (normal priority): names seen recently with the same templates come from the LRU."""
         if self.side is None:
             raise NoTextSide("this bundle has no text side, so candidate labels cannot be encoded")
         key_t = tuple(templates) if templates else ()
@@ -142,13 +131,31 @@ class TextEncoder:
                     out[n] = hit
         missing = [n for n in names if n not in out]
         if missing:
-            fresh = self.encode(missing, templates, priority=False)
+            fresh = await self.encode(
+                missing, templates, urgent=False, timeout_s=timeout_s, is_disconnected=is_disconnected
+            )
             with self._cache_lock:
                 for n, vec in zip(missing, fresh, strict=True):
                     out[n] = vec
-                    if self._cache_size > 0:
-                        self._cache[(key_t, n)] = vec
-                        self._cache.move_to_end((key_t, n))
-                while len(self._cache) > self._cache_size:
+                    self._cache[(key_t, n)] = vec
+                    self._cache.move_to_end((key_t, n))
+                while len(self._cache) > CACHE_SIZE:
                     self._cache.popitem(last=False)
         return np.stack([out[n] for n in names])  # [N, D]
+
+    def _encode_batch(self, batch: list[Prompt]) -> np.ndarray:
+        """The engine's tower (on its thread): one forward pass per group of names sharing templates."""
+        assert self.side is not None
+        self.calls += 1
+        if self._on_call is not None:
+            self._on_call(len(batch))
+        out: list[np.ndarray | None] = [None] * len(batch)
+        groups: dict[tuple[str, ...] | None, list[int]] = {}
+        for i, p in enumerate(batch):
+            groups.setdefault(p.templates, []).append(i)
+        for templates, rows in groups.items():
+            names = [batch[i].name for i in rows]
+            vectors = self.side.class_vectors(names, list(templates) if templates else None)
+            for i, vec in zip(rows, vectors.detach().cpu().numpy().astype(np.float32), strict=True):
+                out[i] = vec
+        return np.stack(out)  # type: ignore[arg-type]  # [B, D], every row filled above

@@ -42,7 +42,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request, services:
     if body.modality == "image":
         vectors, used = await services.classifier.embed_image_inputs(inputs, request.is_disconnected), len(inputs)
     else:
-        vectors, used = await services.classifier.embed_texts(inputs)
+        vectors, used = await services.classifier.embed_texts(inputs, request.is_disconnected)
     data = [Embedding(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)]
     model = services.settings.bundle.name if services.settings.bundle is not None else "default"
     return EmbeddingsResponse(data=data, model=model, usage=EmbeddingsUsage(prompt_tokens=used, total_tokens=used))

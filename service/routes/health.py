@@ -60,7 +60,7 @@ async def readyz(request: Request) -> Response:
     except Exception as e:  # noqa: BLE001 - sqlite3.Error and friends: report, don't crash the probe
         checks["database"], ok = f"failed: {type(e).__name__}: {e}", False
     try:
-        emb = await services.engine.embed(services.probe, timeout_s=PROBE_TIMEOUT_S, bypass_capacity=True)
+        emb = await services.engine.embed(services.probe, timeout_s=PROBE_TIMEOUT_S, urgent=True)
         norm = float(np.linalg.norm(emb[0]))
         good = emb.shape == (1, services.bundle.manifest.embed_dim) and abs(norm - 1.0) < 1e-3
         checks["inference"] = f"ok ({services.encoder.provider})" if good else f"bad embedding (norm {norm:.4f})"
@@ -82,7 +82,8 @@ def bundle_identity(bundle: Bundle) -> str:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
     m, admission = services.metrics, services.classifier.admission
-    m.queue_depth.set(services.engine.depth)
+    m.queue_depth.labels("image").set(services.engine.depth)
+    m.queue_depth.labels("text").set(services.text.engine.depth)
     m.admission_capacity.set(admission.capacity)
     m.admission_in_flight.set(admission.in_flight)
     m.admission_image_seconds.set(admission.image_s)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import re
 from typing import Annotated
 
@@ -12,10 +11,10 @@ import numpy as np
 from fastapi import APIRouter, Path, Query, Response, status
 from pydantic import BeforeValidator
 
-from service.deps import ApiKeyDep, RegistryDep, SettingsDep
+from service.deps import ApiKeyDep, CuratorDep, RegistryDep
 from service.errors import InvalidInput
 from service.index import Snapshot
-from service.names import clean_name, clean_names, clean_set_name, clean_templates
+from service.names import clean_name
 from service.registry import RUNTIME
 from service.schemas import (
     ChangeOut,
@@ -117,22 +116,15 @@ async def list_label_sets(registry: RegistryDep, min_version: MinVersion = None)
     responses={**_ERRORS, 200: {"model": ClassList, "description": "if_exists='skip' and the set already exists"}},
     summary="create a label set from class names (encoded through the bundle's text side)",
 )
-async def create_label_set(
-    body: LabelSetIn, registry: RegistryDep, settings: SettingsDep, response: Response
-) -> ClassList:
-    name = clean_set_name(body.name)
-    names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
-    templates = clean_templates(body.templates, settings.max_templates)
-    registry.text.check_templates(templates)
+async def create_label_set(body: LabelSetIn, curator: CuratorDep, response: Response) -> ClassList:
     skip = body.if_exists == "skip"
-    create = functools.partial(registry.create, name, names, templates, skip_existing=skip, index=body.index)
-    change = await asyncio.to_thread(create)
+    change = await curator.create(body.name, body.names, body.templates, skip_existing=skip, index=body.index)
     assert change.snapshot is not None
     if change.skipped:
         response.status_code = status.HTTP_200_OK  # the set was already there: nothing created
     snap = change.snapshot
     return ClassList(
-        label_set=name,
+        label_set=snap.name,
         version=change.version,
         index_size=int(snap.index.ntotal),
         index=snap.kind,
@@ -169,14 +161,8 @@ async def list_classes(
     responses={**_ERRORS, 200: {"model": ChangeOut, "description": "if_exists='skip' and every name was there"}},
     summary="add classes (all or none; if_exists='skip' leaves out names already there); durable before the response",
 )
-async def add_classes(
-    name: SetName, body: ClassesIn, registry: RegistryDep, settings: SettingsDep, response: Response
-) -> ChangeOut:
-    names = clean_names(body.names, settings.max_labels_per_request, settings.max_name_length)
-    templates = clean_templates(body.templates, settings.max_templates)
-    registry.text.check_templates(templates)
-    skip = body.if_exists == "skip"
-    change = await asyncio.to_thread(functools.partial(registry.add, name, names, templates, skip_existing=skip))
+async def add_classes(name: SetName, body: ClassesIn, curator: CuratorDep, response: Response) -> ChangeOut:
+    change = await curator.add(name, body.names, body.templates, skip_existing=body.if_exists == "skip")
     added = [ClassOut(id=i, name=n, provenance=RUNTIME) for i, n in zip(change.ids, change.names, strict=True)]
     if not added:
         response.status_code = status.HTTP_200_OK  # every name was already there: nothing changed

@@ -203,7 +203,7 @@ class Store(abc.ABC):
         db.execute(self._sql(q), (name, now(), index_kind))
 
     def add_classes(
-        self, db: Tx, name: str, names: Sequence[str], vectors: np.ndarray, provenance: str
+        self, db: Tx, name: str, names: Sequence[str], vectors: np.ndarray, provenance: str | Sequence[str]
     ) -> tuple[int, list[int]]:
         """Append classes; returns (version, new ids). Duplicates -> 409."""
         self._require(db, name)

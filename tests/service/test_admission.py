@@ -36,7 +36,7 @@ def test_capacity_follows_the_latency_target_and_the_slower_stage() -> None:
     assert adm.capacity == 5  # 0.5 / 0.100
     assert Admission(_cfg(deadline_s=0.1), 0.015, 0.005).capacity == 6  # never more than fits the deadline
     assert Admission(_cfg(), 1.0, 0.1).capacity == 3  # a slow model still keeps every stage busy
-    assert Admission(_cfg(capacity=7), 1.0, 0.1).capacity == 7  # queue_size fixes it
+    assert Admission(_cfg(capacity=7), 1.0, 0.1).capacity == 7  # max_images_in_flight fixes it
     decode_bound = Admission(_cfg(), encode_s=0.002, decode_s=0.050)  # tiny model, big photos
     assert decode_bound.capacity == 20  # 0.5 s / (50 ms / 2 decode workers)
     assert Admission(_cfg(decode_workers=1), 0.002, 0.050).capacity == 10
@@ -71,10 +71,10 @@ def test_http_refusal_happens_before_decoding(live: Any, photos: list[Any]) -> N
     """With the encoder busy and capacity used up, a request gets 429 and none of its images is decoded."""
     image = base64.b64encode(png_bytes(photos[0].resize((64, 64)))).decode()
     gate = threading.Event()
-    with live(queue_size=2, max_batch_size=1, retry_after_s=3) as server:
+    with live(max_images_in_flight=2, max_batch_size=1, retry_after_s=3) as server:
         classifier = server.services.classifier
         engine = server.services.engine
-        fast, real_pre = engine.encode, classifier.preprocess  # lanes run encode_lane: gate both
+        fast, real_pre = engine.encode, classifier.preprocess  # gate both stages
         decoded: list[int] = []
         encoding: list[int] = []
 
@@ -88,7 +88,7 @@ def test_http_refusal_happens_before_decoding(live: Any, photos: list[Any]) -> N
             return fast(px)
 
         classifier.preprocess = counting_pre
-        engine.encode = engine.encode_lane = gated
+        engine.encode = gated
         pool = ThreadPoolExecutor(1)
         holder = pool.submit(httpx2.post, server.url + "/v1/classify", json={"images": [image] * 2}, timeout=60)
         deadline = time.monotonic() + 20
@@ -110,7 +110,7 @@ def test_http_refusal_happens_before_decoding(live: Any, photos: list[Any]) -> N
         assert holder.result().status_code == 200
         pool.shutdown()
         classifier.preprocess = real_pre
-        engine.encode = engine.encode_lane = fast
+        engine.encode = fast
         with server.client() as http:
             assert http.post("/v1/classify", json={"images": [image]}).status_code == 200
         assert classifier.admission.in_flight == 0

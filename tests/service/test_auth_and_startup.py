@@ -176,9 +176,9 @@ def test_startup_errors_say_what_to_fix(make_settings: Any, tiny_bundle_dir: Pat
 
 def test_learned_prompt_text_side_refuses_templates() -> None:
     from service.errors import InvalidInput
-    from service.text import TextEncoder
+    from service.text import TextTower
 
-    enc = TextEncoder(None, learned_prompts=True, cache_size=4)
+    enc = TextTower(None, learned_prompts=True, max_candidate_prompts=256, retry_after_s=1)
     enc.check_templates(None)
     with pytest.raises(InvalidInput, match="learned prompts"):
         enc.check_templates(["a photo of {}."])

@@ -73,27 +73,3 @@ def test_int8_graph_is_served_when_asked(
     fp32_only = make_settings(onnx_precision="int8", state_dir=tmp_path / "none")  # shared bundle: fp32 only
     with pytest.raises(StartupError, match="no such ONNX graph"), TestClient(create_app(fp32_only)):
         pass
-
-
-def test_lanes_answer_like_one_batch_on_every_thread(live: Any, photos: list[Any]) -> None:
-    """With encoder lanes, a multi-image request is split across single-thread runs; the cosines are
-    those of the same pixels through the all-threads session, computed here."""
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    from tests.service.test_classify import metric
-
-    pngs = [png_bytes(p) for p in photos] * 2
-    body = {"images": [base64.b64encode(b).decode() for b in pngs], "top_k": 8}
-    with live(threads=2, encoder_lanes=2) as server, server.client() as http:
-        encoder = server.services.encoder
-        assert encoder.lanes == 2
-        resp = http.post("/v1/classify", json=body)
-        assert resp.status_code == 200, resp.text
-        text = http.get("/metrics").text
-        vectors = load_file(server.services.bundle.path("class_vectors.safetensors"))["default"]  # [N, D]
-        direct = encoder.encode(np.stack([encoder.preprocess(b) for b in pngs])) @ vectors.T  # [P, N]
-    assert metric(text, "promptdistill_encoder_batches_total", {"mode": "lane"}) >= 2  # queued together: split
-    for row, result in zip(direct, resp.json()["results"], strict=True):
-        for p in result["predictions"]:
-            assert abs(p["cosine"] - row[p["class_id"]]) <= 1e-5, (p, row[p["class_id"]])

@@ -22,14 +22,12 @@ from tests.service.test_classify import metric
 class Recorder(EngineHooks):
     def __init__(self) -> None:
         self.batches: list[int] = []
-        self.lanes: list[int] = []
         self.drops: dict[str, int] = {}
 
-    def batch(self, size: int, seconds: float, lanes: int) -> None:
+    def batch(self, tower: str, size: int, seconds: float) -> None:
         self.batches.append(size)
-        self.lanes.append(lanes)
 
-    def dropped(self, reason: str, n: int) -> None:
+    def dropped(self, tower: str, reason: str, n: int) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n
 
 
@@ -60,7 +58,7 @@ def _px(value: float, n: int = 1) -> np.ndarray:
 def test_requests_are_batched_together_and_answered_correctly() -> None:
     async def run() -> tuple[list[np.ndarray], list[int]]:
         hooks = Recorder()
-        engine = Engine(_encoder(), EngineCfg(max_batch_size=8, max_wait_ms=100, queue_size=64), hooks)
+        engine = Engine(_encoder(), EngineCfg(max_batch_size=8, max_wait_ms=100, max_queued=64), hooks)
         engine.start()
         outs = await asyncio.gather(*(engine.embed(_px(i), timeout_s=5) for i in range(8)))
         await engine.stop()
@@ -74,7 +72,7 @@ def test_requests_are_batched_together_and_answered_correctly() -> None:
 def test_full_queue_refuses_with_retry_after_and_draining_gives_503() -> None:
     async def run() -> None:
         gate, entered = threading.Event(), threading.Event()
-        cfg = EngineCfg(max_batch_size=1, max_wait_ms=0, queue_size=2, retry_after_s=3)
+        cfg = EngineCfg(max_batch_size=1, max_wait_ms=0, max_queued=2, retry_after_s=3)
         engine = Engine(_encoder(gate=gate, entered=entered), cfg)
         engine.start()
         first = asyncio.ensure_future(engine.embed(_px(1), timeout_s=5))
@@ -98,7 +96,7 @@ def test_work_of_disconnected_or_late_clients_is_dropped() -> None:
     async def run() -> Recorder:
         gate, entered = threading.Event(), threading.Event()
         hooks = Recorder()
-        cfg = EngineCfg(max_batch_size=4, max_wait_ms=0, queue_size=16)
+        cfg = EngineCfg(max_batch_size=4, max_wait_ms=0, max_queued=16)
         engine = Engine(_encoder(gate=gate, entered=entered), cfg, hooks)
         engine.start()
         blocker = asyncio.ensure_future(engine.embed(_px(0), timeout_s=5))
@@ -123,10 +121,10 @@ def test_work_of_disconnected_or_late_clients_is_dropped() -> None:
 
 def test_burst_against_tiny_queue_gets_429_and_server_stays_ready(live: Any, photos: list[Any]) -> None:
     image = base64.b64encode(png_bytes(photos[0].resize((64, 64)))).decode()
-    with live(queue_size=2, max_batch_size=1, max_wait_ms=0, retry_after_s=2) as server:
+    with live(max_images_in_flight=2, max_batch_size=1, max_wait_ms=0, retry_after_s=2) as server:
         engine = server.services.engine
         fast = engine.encode
-        engine.encode = engine.encode_lane = lambda px: (time.sleep(0.1), fast(px))[1]  # a slow model: bursts queue
+        engine.encode = lambda px: (time.sleep(0.1), fast(px))[1]  # a slow model: bursts queue
 
         def one(_: int) -> httpx2.Response:
             return httpx2.post(server.url + "/v1/classify", json={"images": [image, image]}, timeout=30)
@@ -137,7 +135,7 @@ def test_burst_against_tiny_queue_gets_429_and_server_stays_ready(live: Any, pho
         refused = [r for r in results if r.status_code in (429, 503)]
         assert refused and 200 in codes and set(codes) <= {200, 429, 503}, codes
         assert all(r.headers.get("Retry-After") == "2" and r.json()["detail"] for r in refused)
-        engine.encode = engine.encode_lane = fast
+        engine.encode = fast
         with server.client() as http:
             assert http.get("/readyz").status_code == 200
             assert http.post("/v1/classify", json={"images": [image]}).status_code == 200
@@ -157,7 +155,7 @@ def test_queued_work_of_a_client_that_hung_up_never_reaches_the_encoder(live: An
             gate.wait(10)
             return fast(px)
 
-        engine.encode = engine.encode_lane = gated
+        engine.encode = gated
         holder = ThreadPoolExecutor(1).submit(
             httpx2.post, server.url + "/v1/classify", json={"images": [image]}, timeout=30
         )
@@ -210,112 +208,61 @@ def test_a_lone_request_is_encoded_at_once_and_batches_form_only_while_busy() ->
     assert asyncio.run(run()) == [1, 5]
 
 
-def test_queued_images_share_side_by_side_lanes_and_never_run_beside_a_wide_batch() -> None:
-    """A lone image runs on every thread; what queues behind it is split across lanes that run at once."""
+def test_urgent_work_goes_before_queued_normal_work_and_is_never_refused_for_a_full_queue() -> None:
+    """A write (urgent) waits only for the batch running when it arrives, however much normal work queued."""
 
-    async def run() -> tuple[list[np.ndarray], Recorder, list[tuple[int, int]]]:
-        gate, lock = threading.Event(), threading.Lock()
-        both_lanes_in = threading.Barrier(2, timeout=5)  # broken unless two lane calls overlap
-        active = {"wide": 0, "lane": 0}
-        seen: list[tuple[int, int]] = []
+    async def run() -> tuple[list[list[float]], list[float]]:
+        gate, entered = threading.Event(), threading.Event()
+        order: list[list[float]] = []
 
-        def tracked(kind: str, wait: Any) -> Any:
-            def encode(pixels: np.ndarray) -> np.ndarray:
-                with lock:
-                    active[kind] += 1
-                    seen.append((active["wide"], active["lane"]))
-                wait()
-                with lock:
-                    active[kind] -= 1
-                return _encoder()(pixels)
+        def encode(pixels: np.ndarray) -> np.ndarray:
+            order.append([float(p[0, 0, 0]) for p in pixels])
+            entered.set()
+            gate.wait(5)
+            return _encoder()(pixels)
 
-            return encode
-
-        hooks = Recorder()
-        cfg = EngineCfg(max_batch_size=8, lanes=2)
-        engine = Engine(tracked("wide", lambda: gate.wait(5)), cfg, hooks, tracked("lane", both_lanes_in.wait))
+        engine = Engine(encode, EngineCfg(max_batch_size=2, max_queued=6))
         engine.start()
-        first = asyncio.ensure_future(engine.embed(_px(1), timeout_s=5))
+        busy = asyncio.ensure_future(engine.embed(_px(0), timeout_s=5))
+        await _until(entered)
+        normal = [asyncio.ensure_future(engine.embed(_px(i, 2), timeout_s=5)) for i in (1, 2, 3)]  # queue: 6
         await asyncio.sleep(0)
-        while engine.depth:  # the lone image is in the wide run
-            await asyncio.sleep(0.001)
-        rest = [asyncio.ensure_future(engine.embed(_px(i), timeout_s=5)) for i in range(2, 8)]
-        await asyncio.sleep(0.05)  # six images queue behind the wide run
+        with pytest.raises(Overloaded):
+            await engine.embed(_px(4), timeout_s=5)  # normal work beyond max_queued: 429
+        urgent = asyncio.ensure_future(engine.embed(_px(9, 3), timeout_s=5, urgent=True))
+        await asyncio.sleep(0)
         gate.set()
-        outs = await asyncio.gather(first, *rest)
+        outs = await asyncio.gather(busy, *normal, urgent)
         await engine.stop()
-        return outs, hooks, seen
+        return order, [float(o[0, 0]) for o in outs]
 
-    outs, hooks, seen = asyncio.run(run())
-    assert [float(o[0, 0]) for o in outs] == [2.0 * i for i in range(1, 8)]
-    assert hooks.batches == [1, 3, 3] and hooks.lanes == [1, 2, 2], (hooks.batches, hooks.lanes)
-    assert all(not (wide and lane) for wide, lane in seen), f"a wide run overlapped a lane run: {seen}"
-    with pytest.raises(ValueError, match="encode_lane"):
-        Engine(_encoder(), EngineCfg(lanes=2))
+    order, firsts = asyncio.run(run())
+    assert order[0] == [0.0]
+    assert order[1:3] == [[9.0, 9.0], [9.0]], f"urgent work waited behind normal work: {order}"
+    assert order[3:] == [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], order
+    assert firsts == [0.0, 2.0, 4.0, 6.0, 18.0]
 
 
-def test_lanes_run_only_while_the_backlog_fills_every_free_lane() -> None:
-    """With 4 lanes a backlog of 2 runs wide and 9 split over the 4 lanes; with 2 lanes free, 1 image waits."""
+def test_items_cost_counts_against_the_batch_and_normal_batches_follow_the_time_target() -> None:
+    """Text names cost one row per template: a batch holds items up to max_batch_size of cost; with
+    target_batch_s, normal batches shrink to what the measured rate finishes in about that time."""
 
-    async def run() -> tuple[Recorder, list[str], list[str]]:
-        wide_gate = threading.Event()
-        lane_gates = [threading.Event() for _ in range(5)]  # the i-th lane call waits on the i-th gate
-        four_lanes_in = threading.Barrier(4, timeout=5)  # broken unless the first four lane runs overlap
-        calls: list[str] = []
-        lock = threading.Lock()
+    async def run(target: float | None) -> list[int]:
+        sizes: list[int] = []
 
-        def wide(pixels: np.ndarray) -> np.ndarray:
-            calls.append(f"wide{len(pixels)}")
-            wide_gate.wait(5)
+        def encode(pixels: np.ndarray) -> np.ndarray:
+            sizes.append(len(pixels))
+            time.sleep(0.01 * len(pixels) * 4)  # 0.01 s per unit of cost, 4 units per item
             return _encoder()(pixels)
 
-        def lane(pixels: np.ndarray) -> np.ndarray:
-            with lock:
-                n = sum(c.startswith("lane") for c in calls)
-                calls.append(f"lane{len(pixels)}")
-            if n < 4:
-                four_lanes_in.wait()
-            lane_gates[n].wait(5)
-            return _encoder()(pixels)
-
-        async def until(cond: Any) -> None:
-            deadline = time.monotonic() + 10
-            while not cond():
-                assert time.monotonic() < deadline, calls
-                await asyncio.sleep(0.001)
-
-        async def queue_behind_busy_encoder(n: int) -> list[asyncio.Future[np.ndarray]]:
-            busy = len(calls)
-            first = asyncio.ensure_future(engine.embed(_px(0), timeout_s=10))
-            await until(lambda: len(calls) > busy)  # the lone image is in a wide run
-            rest = [asyncio.ensure_future(engine.embed(_px(i), timeout_s=10)) for i in range(n)]
-            await asyncio.sleep(0.05)
-            return [first, *rest]
-
-        hooks = Recorder()
-        engine = Engine(wide, EngineCfg(max_batch_size=8, lanes=4), hooks, lane)
+        engine = Engine(encode, EngineCfg(max_batch_size=16, target_batch_s=target))
         engine.start()
-        small = await queue_behind_busy_encoder(2)
-        wide_gate.set()
-        await asyncio.gather(*small)
-        wide_gate.clear()
-        big = await queue_behind_busy_encoder(9)
-        wide_gate.set()
-        await until(lambda: len(calls) == 3 + 4)  # the four lane runs hold the lanes
-        lane_gates[0].set()
-        lane_gates[1].set()
-        await until(lambda: engine._lanes_busy == 2)  # two lanes free, two still busy
-        late = asyncio.ensure_future(engine.embed(_px(9), timeout_s=10))
-        await asyncio.sleep(0.05)
-        held = list(calls)  # the late image must not take a lane of its own while the other lane idles
-        for gate in lane_gates:
-            gate.set()
-        await asyncio.gather(*big, late)
+        await engine.embed(_px(0), timeout_s=10, cost=4)  # measures the rate (the target needs one)
+        await asyncio.gather(*(engine.embed(_px(i), timeout_s=10, cost=4) for i in range(1, 9)))
         await engine.stop()
-        return hooks, held, calls
+        return sizes
 
-    hooks, held, calls = asyncio.run(run())
-    assert held[:3] == ["wide1", "wide2", "wide1"], held
-    assert sorted(held[3:]) == ["lane2", "lane2", "lane2", "lane3"], held
-    assert calls[-1] == "wide1", f"the late image ran on a lane instead of wide: {calls}"
-    assert sorted(hooks.batches) == [1, 1, 1, 2, 2, 2, 2, 3]
+    untargeted = asyncio.run(run(None))
+    assert untargeted[0] == 1 and max(untargeted) == 4, untargeted  # 16 units of cost: 4 items of 4
+    targeted = asyncio.run(run(0.05))  # 5 units at 0.01 s: one item of cost 4 per batch
+    assert targeted[0] == 1 and max(targeted) == 1, targeted

@@ -109,17 +109,17 @@ def test_auth_refusal(server: Any) -> None:
 
 def test_overload_refusal_carries_retry_after(live: Any, photos: list[Any]) -> None:
     image = base64.b64encode(png_bytes(photos[0].resize((64, 64)))).decode()
-    with live(queue_size=1, max_batch_size=1, max_wait_ms=0, retry_after_s=3) as server:
+    with live(max_images_in_flight=1, max_batch_size=1, max_wait_ms=0, retry_after_s=3) as server:
         engine = server.services.engine
         fast = engine.encode
-        engine.encode = engine.encode_lane = lambda px: (time.sleep(0.2), fast(px))[1]  # a slow model: bursts queue
+        engine.encode = lambda px: (time.sleep(0.2), fast(px))[1]  # a slow model: bursts queue
 
         def one(_: int) -> httpx2.Response:
             return httpx2.post(server.url + "/v1/classify", json={"images": [image]}, timeout=60)
 
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(one, range(16)))
-        engine.encode = engine.encode_lane = fast
+        engine.encode = fast
     refused = [r for r in results if r.status_code == 429]
     assert refused, [r.status_code for r in results]
     for r in refused:

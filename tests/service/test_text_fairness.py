@@ -3,117 +3,57 @@
 from __future__ import annotations
 
 import base64
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx2
 import numpy as np
 
-from service.text import PriorityLock
 from tests.service.conftest import png_bytes
 
 
-def test_priority_lock_serves_waiting_high_before_low() -> None:
-    lock = PriorityLock()
-    order: list[str] = []
-    release = threading.Event()
-
-    def holder() -> None:
-        with lock.hold(high=False):
-            order.append("first")
-            release.wait(5)
-
-    def take(name: str, high: bool) -> None:
-        with lock.hold(high):
-            order.append(name)
-
-    threads = [threading.Thread(target=holder)]
-    threads[0].start()
-    while not order:
-        time.sleep(0.001)
-    for i in range(3):
-        threads.append(threading.Thread(target=take, args=(f"low{i}", False)))
-        threads[-1].start()
-    time.sleep(0.05)  # the low waiters are queued first ...
-    threads.append(threading.Thread(target=take, args=("high", True)))
-    threads[-1].start()
-    time.sleep(0.05)
-    release.set()
-    for t in threads:
-        t.join(5)
-    assert order[:2] == ["first", "high"], order  # ... yet the high-priority holder goes next
-    assert sorted(order[2:]) == ["low0", "low1", "low2"]
-
-
-def test_a_low_priority_holder_steps_aside_mid_work_for_a_waiting_high_one() -> None:
-    lock = PriorityLock()
-    order: list[str] = []
-
-    def high() -> None:
-        with lock.hold(high=True):
-            order.append("high")
-
-    def low() -> None:
-        with lock.hold(high=False):
-            for i in range(4):
-                order.append(f"block{i}")
-                if i == 1:
-                    threading.Thread(target=high).start()
-                    deadline = time.monotonic() + 5
-                    while not lock._high_waiting and time.monotonic() < deadline:
-                        time.sleep(0.001)
-                lock.step_aside()  # a no-op unless a high-priority holder waits
-
-    worker = threading.Thread(target=low)
-    worker.start()
-    worker.join(10)
-    deadline = time.monotonic() + 5
-    while len(order) < 5 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert order == ["block0", "block1", "high", "block2", "block3"], order
-
-
-def test_open_vocabulary_work_is_chunked_and_a_class_add_cuts_in(live: Any) -> None:
-    """The real text side: a long anonymous encode yields to a mutation after at most one chunk."""
-    with live(text_chunk_prompts=14) as server:  # 7 templates -> 2 names per chunk
-        text = server.services.text
-        side = text.side
+def test_a_class_add_cuts_in_front_of_an_open_vocabulary_flood(live: Any, photos: list[Any]) -> None:
+    """The real text side behind the text engine: anonymous candidate labels from several clients queue;
+    a class add (urgent) is encoded after at most the anonymous batch running when it arrived (and one
+    more that may start while the add's request is parsed), and batching changes no vector."""
+    image = base64.b64encode(png_bytes(photos[0].resize((32, 32)))).decode()
+    with live() as server:
+        side = server.services.text.side
         real = side.class_vectors
-        log: list[tuple[str, int]] = []
-        started = threading.Event()
+        log: list[list[str]] = []
 
-        pauses = [0]
-        step_aside = text._encoder_lock.step_aside
-
-        def counted() -> None:
-            pauses[0] += 1
-            step_aside()
-
-        text._encoder_lock.step_aside = counted  # type: ignore[method-assign]
-
-        def spy(names: list[str], templates: Any = None, progress: bool = False, between_blocks: Any = None) -> Any:
-            log.append((names[0], len(names)))
-            started.set()
-            time.sleep(0.02)  # each chunk takes a while, so the add arrives mid-stream
-            return real(names, templates, between_blocks=between_blocks)
+        def spy(names: list[str], templates: Any = None, progress: bool = False) -> Any:
+            log.append(list(names))
+            time.sleep(0.05)  # every batch takes a while, so the flood keeps the text engine busy
+            return real(names, templates)
 
         side.class_vectors = spy  # type: ignore[method-assign]
-        names = [f"anonymous label {i}" for i in range(40)]
-        with ThreadPoolExecutor(1) as pool:
-            anonymous = pool.submit(text.encode_cached, names)
-            assert started.wait(10)
-            added = text.encode(["authenticated add"])  # priority (what registry.add uses)
-            vectors = anonymous.result(30)
+
+        def anonymous(client: int) -> int:
+            labels = [f"anonymous {client} label {i}" for i in range(30)]
+            body = {"images": [image], "candidate_labels": labels}
+            return httpx2.post(server.url + "/v1/classify", json=body, timeout=60).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            flood = [pool.submit(anonymous, c) for c in range(4)]
+            deadline = time.monotonic() + 20
+            while len(log) < 2 and time.monotonic() < deadline:  # the flood is being encoded
+                time.sleep(0.005)
+            before = len(log)
+            with server.client() as http:
+                added = http.post("/v1/label-sets/default/classes", json={"names": ["authenticated add"]})
+            codes = [f.result(60) for f in flood]
         side.class_vectors = real  # type: ignore[method-assign]
-        position = [n for n, _ in log].index("authenticated add")
-        assert position <= 2, f"the add waited behind {position} anonymous chunks: {log}"
-        assert all(k <= 2 for n, k in log if n != "authenticated add"), log
-        assert vectors.shape == (40, added.shape[1])
-        blocks = len(side.encoder.clip.transformer.resblocks)
-        assert pauses[0] == (blocks - 1) * (len(log) - 1)  # anonymous chunks offer to step aside at every block
-        reference = real(names[:3]).numpy()  # chunking changes nothing in the vectors
-        assert np.abs(vectors[:3] - reference).max() < 1e-5
+        assert added.status_code == 201, added.text
+        assert set(codes) <= {200, 429}, codes
+        position = next(k for k, names in enumerate(log) if "authenticated add" in names)
+        assert position - before <= 2, f"the add waited behind {position - before} anonymous batches: {log}"
+        anon = [n for names in log for n in names if n.startswith("anonymous")]
+        assert len(anon) >= 30 and len(log) > len(codes), "anonymous work was not split into batches"
+        vec = server.services.registry.get("default")
+        row = vec.names.index("authenticated add")
+        assert np.abs(vec.vectors[row] - real(["authenticated add"]).numpy()[0]).max() < 1e-5
 
 
 def test_text_work_per_request_is_bounded(live: Any, photos: list[Any]) -> None:

@@ -41,7 +41,7 @@ def make_registry(bundle: Bundle) -> Iterator[Callable[..., Registry]]:
     made: list[Registry] = []
 
     def make(store: Store, **kwargs: object) -> Registry:
-        registry = Registry(store, text=None, **kwargs)  # type: ignore[arg-type]  # writes go through the store
+        registry = Registry(store, **kwargs)
         registry.open(bundle)
         made.append(registry)
         return registry
