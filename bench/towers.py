@@ -4,12 +4,13 @@ Every part runs the same measurement against this checkout ("new") and against a
 commit ("old", default ``35d5d75``: ``git archive`` into a temporary folder, served from there with
 its own code on ``PYTHONPATH``), on the same bundle, through the public HTTP API only:
 
-* ``refresh``: ``serve --workers 2`` on SQLite. Set ``a`` gets a big add (5,000 names x 10 templates;
-  ``--quick``: 100 x 2) through one request; while it encodes, set ``b`` gets one class through another
-  request, and then 12 concurrent classify requests on ``b`` (fresh connections, so both workers answer
-  some; each sends ``b``'s new version as ``min_version``). Figures: the ``b`` write's latency and each
-  classify's wait over a quiet classify on ``b`` [goal: <= 100 ms], and whether the big add was still
-  encoding when the last answer came (else the round proves nothing).
+* ``refresh``: two ``serve`` processes on one SQLite database (what ``serve --workers 2`` runs, but
+  each addressed on its own port). Set ``a`` gets a big add (5,000 names x 10 templates; ``--quick``:
+  100 x 2) through the "busy" process; while it encodes, set ``b`` gets one class through the other
+  process, then 12 concurrent classify requests on ``b`` go to the busy one, each sending ``b``'s new
+  version as ``min_version`` (so it must refresh ``b``). Figures: each classify's wait over a quiet
+  classify on ``b`` [goal: <= 100 ms], whether the big add was still encoding when the last answer
+  came (else the round proves nothing); then one more class for ``b`` through the busy process itself.
 * ``disconnect``: 8 open-vocabulary requests at once (the most candidate labels allowed, fresh names)
   whose clients give up after ``GIVE_UP_S``; the text encoder's batches (``/metrics``) counted when the
   last client has gone and again once the server is idle: batches run after the disconnect [goal: 0].
@@ -81,16 +82,18 @@ def refresh_round(repo: Path, bundle: Path, work: Path, quick: bool) -> dict[str
     templates = templates[: 2 if quick else BIG_TEMPLATES]
     image = jpegs()[0]
     env = {"PROMPTDISTILL_MAX_LABELS_PER_REQUEST": str(names), "PROMPTDISTILL_REQUEST_TIMEOUT_S": "600"}
-    server = ServerProcess.serve(bundle, work / "state", "--workers", "2", env=env, repo=repo, log=work / "log")
-    with server, server.client(timeout_s=900.0) as writer:
-        writer.create_label_set("a", ["a seed"])
-        writer.create_label_set("b", ["b seed"])
-        quiet = [_classify_b(server.url, image, writer.seen)[0] for _ in range(6)]
+    # two processes on one SQLite database (what `serve --workers 2` runs), addressed one by one
+    busy = ServerProcess.serve(bundle, work / "state", env=env, repo=repo, log=work / "busy.log")
+    other = ServerProcess.serve(bundle, work / "state", env=env, repo=repo, log=work / "other.log")
+    with busy, other, busy.client(timeout_s=900.0) as setup:
+        setup.create_label_set("a", ["a seed"])
+        setup.create_label_set("b", ["b seed"])
+        quiet = [_classify_b(busy.url, image, setup.seen)[0] for _ in range(6)]
         big: dict[str, Any] = {}
 
         def big_add() -> None:
             t0 = time.perf_counter()
-            with server.client(timeout_s=1800.0, retries=0) as c:
+            with busy.client(timeout_s=1800.0, retries=0) as c:
                 try:
                     c.add_classes([f"a class {i}" for i in range(names)], "a", templates)
                     big["status"] = 201
@@ -101,33 +104,40 @@ def refresh_round(repo: Path, bundle: Path, work: Path, quick: bool) -> dict[str
         adder = threading.Thread(target=big_add)
         adder.start()
         time.sleep(2.0)  # the big add is parsed and encoding (it takes minutes; quick: seconds)
-        t0 = time.perf_counter()
-        writer.add_classes(["b class 1"], "b")
-        write_b_ms = (time.perf_counter() - t0) * 1000
+        with other.client(timeout_s=900.0) as writer:
+            t0 = time.perf_counter()
+            writer.add_classes(["b class 1"], "b")
+            write_b_ms = (time.perf_counter() - t0) * 1000
         probes: list[tuple[float, int]] = [(0.0, 0)] * PROBES
-        threads = [
-            threading.Thread(
-                target=lambda k: probes.__setitem__(k, _classify_b(server.url, image, writer.seen)), args=(k,)
-            )
-            for k in range(PROBES)
-        ]
+
+        def probe(k: int) -> None:
+            probes[k] = _classify_b(busy.url, image, writer.seen)
+
+        threads = [threading.Thread(target=probe, args=(k,)) for k in range(PROBES)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         still_encoding = adder.is_alive()
+        t0 = time.perf_counter()  # last: a small write through the busy process itself
+        with busy.client(timeout_s=1800.0) as c:
+            c.add_classes(["b class 2"], "b")
+        write_b_busy_ms = (time.perf_counter() - t0) * 1000
+        busy_still_encoding = adder.is_alive()
         adder.join()
     base = statistics.median(quiet)
     waits = [ms - base for ms, _ in probes]
     return {
         "big_add": {"names": names, "templates": len(templates), **big},
         "quiet_classify_ms": quiet,
-        "write_b_ms": write_b_ms,
+        "write_b_other_process_ms": write_b_ms,
         "classify_b_ms": [ms for ms, _ in probes],
         "classify_b_status": [s for _, s in probes],
         "wait_max_ms": max(waits),
         "wait_median_ms": statistics.median(waits),
         "big_add_still_encoding_after_probes": still_encoding,
+        "write_b_busy_process_ms": write_b_busy_ms,
+        "big_add_still_encoding_after_busy_write": busy_still_encoding,
     }
 
 
