@@ -157,11 +157,17 @@ def _classify_b(url: str, image: bytes, seen: dict[str, int]) -> tuple[float, in
 # --- disconnect: open-vocabulary work for clients that left
 
 
-def text_batches(url: str) -> float:
-    """Text-encoder batches so far: the text engine's batch count (new), else the text encoder's calls (old)."""
+def text_state(url: str) -> tuple[float, float]:
+    """(text-encoder batches so far, text items queued): the text engine's batch count and queue depth
+    (new), else the text encoder's calls and 0 (old: no text queue gauge)."""
     m = metrics(url, "promptdistill_")
-    new = m.get("batch_seconds_count{tower=text}")
-    return new if new is not None else m.get("text_encoder_calls_total", 0.0)
+    if "queue_depth{tower=image}" in m:  # the engines' metrics are labelled by tower
+        return m.get("batch_seconds_count{tower=text}", 0.0), m.get("queue_depth{tower=text}", 0.0)
+    return m.get("text_encoder_calls_total", 0.0), 0.0
+
+
+def text_batches(url: str) -> float:
+    return text_state(url)[0]
 
 
 def disconnect_round(repo: Path, bundle: Path, work: Path, quick: bool) -> dict[str, Any]:
@@ -197,15 +203,17 @@ def disconnect_round(repo: Path, bundle: Path, work: Path, quick: bool) -> dict[
     }
 
 
-def _until_idle(url: str, quiet_s: float = 3.0, limit_s: float = 600.0) -> float:
-    """Seconds until the text batch count stopped changing for ``quiet_s``."""
+def _until_idle(url: str, quiet_s: float = 10.0, limit_s: float = 900.0) -> float:
+    """Seconds until nothing is queued for the text encoder and its batch count stood still for ``quiet_s``."""
     start = last_change = time.monotonic()
-    seen = text_batches(url)
-    while time.monotonic() - last_change < quiet_s and time.monotonic() - start < limit_s:
+    seen = text_state(url)
+    while time.monotonic() - start < limit_s:
         time.sleep(0.2)
-        now = text_batches(url)
+        now = text_state(url)
         if now != seen:
             seen, last_change = now, time.monotonic()
+        elif now[1] == 0 and time.monotonic() - last_change >= quiet_s:
+            break
     return last_change - start
 
 
