@@ -709,7 +709,14 @@ def _both(parts: dict[str, Any], cell: Callable[[dict[str, Any]], str]) -> str:
 def towers_section(doc: dict[str, Any]) -> list[str]:
     """Issue 20's figures: this code against the commit before the change, same run."""
     out = [f"## One engine, two towers: {doc['new_commit']} vs {doc['old_commit']} (issue 20)", "", _conditions(doc)]
-    out += ["", f"Bundles: {doc['bundles']}. `old` is `git archive {doc['old_commit']}` served from its own code.", ""]
+    b = doc["bundles"]
+    out += [
+        "",
+        f"Bundles (random weights): refresh on {b['refresh']}, disconnect and throughput on "
+        f"{b['disconnect/throughput']}. `old` is `git archive {doc['old_commit']}` served from its own code; "
+        f"`new` is this checkout.",
+        "",
+    ]
     if "refresh" in doc:
         r = doc["refresh"]
         big = r["new"]["big_add"]
@@ -741,6 +748,9 @@ def towers_section(doc: dict[str, Any]) -> list[str]:
             + _both(r, lambda x: f"{x['write_b_busy_process_ms']:.0f} ({x['big_add_still_encoding_after_busy_write']})")
             + " | - |",
             "",
+            "The wait is over a quiet classify on b sent one at a time; the 12 at once share the CPU with the big "
+            "add's encoding, so the new column's wait includes that sharing, not only the refresh.",
+            "",
         ]
     if "disconnect" in doc:
         d = doc["disconnect"]
@@ -753,11 +763,13 @@ def towers_section(doc: dict[str, Any]) -> list[str]:
             f"{n['batches_before_disconnect']:.0f} / **{n['batches_after_disconnect']:.0f}** (goal 0: "
             f"{_verdict(n['batches_after_disconnect'] == 0)}). One such request answered in full costs "
             f"{d['old']['batches_for_one_answered_request']:.0f} (old) / {n['batches_for_one_answered_request']:.0f} "
-            "(new) batches.",
+            "(new) batches. Batches are counted when they finish: one running when the clients left counts as after.",
             "",
         ]
     if "throughput" in doc:
         t = doc["throughput"]
+        orders = "; ".join(", ".join(e["order"]) for e in t["rounds"])
+        out += [f"Classify, one JPEG per request, steady-state windows as `bench peers`; rounds ({orders}).", ""]
         out += ["| c | old img/s (median) | new img/s (median) | new / old per round | median | goal >= 0.95x |",
                 "|---|---|---|---|---|---|"]  # fmt: skip
         for i, lv in enumerate(t["systems"]["new"]):
