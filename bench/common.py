@@ -135,7 +135,7 @@ def git_commit() -> dict[str, Any] | None:
     """The checkout a run measured: HEAD, and whether the measured code had uncommitted changes."""
     try:
         head = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain", "--", *MEASURED_PATHS, "bench"))
+        dirty = bool(_git("status", "--porcelain", "--", *MEASURED_PATHS, "bench/*.py"))  # code, not results
     except (OSError, subprocess.CalledProcessError):
         return None
     return {"sha": head, "dirty": dirty}
