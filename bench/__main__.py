@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--peers-venv", type=Path, default=None, help="peers: virtualenv for Infinity (made if absent)")
     parser.add_argument("--no-install", action="store_true", help="peers: never create the virtualenv")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="gpu: the GPU check on the CPU, tiny models")
     args = parser.parse_args(argv)
     # ONNX Runtime's quantiser logs every node through the root logger: keep the root at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "peers":
             module.run(cfg, venv=args.peers_venv, install=not args.no_install)
         elif name == "gpu":
-            return int(module.run(cfg))
+            return int(module.run(cfg, dry_run=args.cpu_dry_run))
         else:
             module.run(cfg)
     return 0

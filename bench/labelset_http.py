@@ -49,7 +49,7 @@ def seed_sets(state: Path, dim: int, sets: tuple[tuple[str, int, str], ...], see
     centres = rng.standard_normal((N_CENTRES, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     state.mkdir(parents=True, exist_ok=True)
-    store = LabelSetStore(state, dim)
+    store = LabelSetStore(state, dim, "bench")
     out: dict[str, np.ndarray] = {}
     try:
         for name, n, kind in sets:

@@ -72,7 +72,7 @@ def measured_paths(benchmark: str) -> list[str]:
 def later_changes(doc: dict[str, Any]) -> list[str]:
     """Commits after the run that touch the measured code (``git log``), newest first: "sha date subject"."""
     commit = doc.get("commit")
-    fmt = ["--format=%h %cs %s", "--"]
+    fmt = ["--no-merges", "--format=%h %cs %s", "--"]
     try:
         if commit and _is_ancestor(commit["sha"]):
             out = _git("log", f"{commit['sha']}..HEAD", *fmt, *measured_paths(doc["benchmark"]))
@@ -452,25 +452,9 @@ def _peers_ceiling(doc: dict[str, Any]) -> list[str]:
 
 
 def gpu_section(doc: dict[str, Any] | None) -> list[str]:
-    out = ["## GPU: ONNX Runtime CUDA / TensorRT (I/O binding, fp16), torch cuda, FAISS GPU", ""]
-    if doc is None:
-        return [
-            *out,
-            "**Not measured**: no GPU was available to the runs behind this file, and no GPU figure is estimated "
-            "from CPU runs. On a CUDA machine: `make install FLAVOUR=gpu`, then `python -m bench gpu` (checks that "
-            "the CUDA provider really runs, times batch 1-64 with I/O binding for the fp32 and an fp16 graph, "
-            "TensorRT where the build has it, torch on cuda in fp32 and fp16 autocast, FAISS GPU exact top-k vs "
-            "CPU; writes bench/results/gpu.json), then `python -m bench report`. Without CUDA it exits with "
-            "status 2 and writes nothing.",
-            "",
-        ]
-    cols = " | ".join(f"b{b} img/s" for b in (1, 8, 16, 32, 64))
-    out += [_conditions(doc), "", f"Devices: {doc['devices']}.", "", f"| path | {cols} |", "|---|---|---|---|---|---|"]
-    for group in ("onnxruntime", "torch_cuda"):
-        for name, rec in doc[group].items():
-            cells = " | ".join(f"{rec[f'b{b}']['images_per_s']:.0f}" for b in (1, 8, 16, 32, 64))
-            out.append(f"| {group} {name} | {cells} |")
-    return [*out, "", f"FAISS GPU: `{doc['faiss_gpu']}`", ""]
+    from bench.gpu import section  # the GPU check owns its section
+
+    return section(doc)
 
 
 def preprocess_section(doc: dict[str, Any]) -> list[str]:

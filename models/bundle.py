@@ -5,9 +5,11 @@ A bundle is a folder::
     manifest.json                  schema version, backbones, encoders, label sets, file hashes
     class_vectors.safetensors      one [N, D] float32 tensor per label set (rows in class order)
     prompts.safetensors            learned prompt rows: "image" [J, n, w], "text" [J, n, w]
+    probes.safetensors             preprocessed probe images "pixels" [B, 3, H, W] (optional; models/precision.py)
     projector.safetensors          PromptKD projector state (optional)
     backbones/<key>.safetensors    embedded backbone weights (optional; required for random init)
     image_encoder.onnx[.data]      exported image tower (optional)
+    calibration.safetensors        in-domain image embeddings "sample" [M, D] (optional; models/calibration.py)
 
 ``save_bundle`` stages everything next to the destination and moves the manifest in last
 (:mod:`models.staging`), so a folder with a manifest is always complete. ``load_bundle``
@@ -17,6 +19,7 @@ problem. Reading needs only ``models/``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,8 +39,11 @@ from models.staging import staged_dir
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CLASS_VECTORS = "class_vectors.safetensors"
+PROBES = "probes.safetensors"
 PROMPTS = "prompts.safetensors"
 PROJECTOR = "projector.safetensors"
+CALIBRATION = "calibration.safetensors"
+MAX_CALIBRATION = 2000  # calibration vectors a bundle may hold (the service bounds its work by it)
 DEFAULT_LABEL_SET = "default"
 
 
@@ -117,6 +123,24 @@ class OnnxSpec(_Model):
     parity: dict[str, float] = Field(default_factory=dict)  # extra checks (top-1 agreement, ...)
 
 
+class ParityFloor(_Model):
+    """The least parity with the fp32 tower a reduced-precision image tower must show to be served.
+
+    Measured on the bundle's probe images (models/precision.py); schema 1, additive.
+    """
+
+    cosine_min: float = 0.99  # smallest per-image cosine (reduced vs fp32 embedding)
+    top1_agreement: float | None = None  # per shipped label set: fraction of probes keeping fp32's arg-max class
+
+
+class ProbeSpec(_Model):
+    """Stored probe images: what every reduced-precision tower is scored on against fp32."""
+
+    file: str = PROBES  # one tensor "pixels" [n_images, 3, H, W] float32, preprocessed as the manifest says
+    n_images: int = Field(ge=1)
+    source: str  # where the images came from, e.g. "sample photos + mirror images"
+
+
 class ImageEncoderSpec(_Model):
     backbone: str  # key into Manifest.backbones
     preprocess: PreprocessSpec
@@ -124,6 +148,8 @@ class ImageEncoderSpec(_Model):
     projector: ProjectorSpec | None = None
     output_dim: int
     onnx: list[OnnxSpec] = Field(default_factory=list)
+    probes: ProbeSpec | None = None  # optional: without it the gate scores the shipped sample photos
+    parity_floors: dict[str, ParityFloor] = Field(default_factory=dict)  # fp16/bf16/int8 -> floor; absent: defaults
 
 
 class TextEncoderSpec(_Model):
@@ -146,6 +172,21 @@ class LabelSetSpec(_Model):
     classes: list[ClassEntry]  # index order = row order of the class-vector tensor
 
 
+class CalibrationSpec(_Model):
+    """A bounded sample of in-domain image embeddings (the exporter's image tower), for calibration.
+
+    Schema note: an optional, additive field of schema 1 (bundles without it load as before; the
+    service then refuses calibrated requests with a 422). The file holds one tensor ``sample``
+    [count, embed_dim], L2-normalised rows, stored as ``dtype``.
+    """
+
+    file: str = CALIBRATION
+    count: int = Field(ge=1, le=MAX_CALIBRATION)
+    dtype: Literal["float16", "float32"] = "float16"
+    source: str  # where the images came from, e.g. "distillation: unlabeled train images"
+    seed: int | None = None  # the draw of the sample from a larger pool, if any
+
+
 class Manifest(_Model):
     schema_version: int = SCHEMA_VERSION
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -157,7 +198,11 @@ class Manifest(_Model):
     text_encoder: TextEncoderSpec | None = None  # None: no runtime class addition possible
     label_sets: list[LabelSetSpec]
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
+    calibration: CalibrationSpec | None = None  # optional (see CalibrationSpec)
     extra: dict[str, Any] = Field(default_factory=dict)  # method-specific facts (metrics, configs)
+    # The embedding space its class vectors live in (see bundle_space); set by exporters whose class
+    # vectors come from another bundle (a PromptKD student: its teacher's). None: derived.
+    space: str | None = None
 
 
 @dataclass
@@ -170,6 +215,7 @@ class Bundle:
     projector: dict[str, torch.Tensor] | None = None
     backbone_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # to embed
     root: Path | None = None
+    calibration: torch.Tensor | None = None  # [M, D] in-domain image embeddings (manifest.calibration)
 
     def path(self, relative: str) -> Path:
         if self.root is None:
@@ -181,6 +227,31 @@ class Bundle:
             if ls.name == name:
                 return ls
         raise KeyError(name)
+
+
+def bundle_space(bundle: Bundle) -> str:
+    """The identity of what makes a class vector comparable with this bundle's image embeddings.
+
+    Two bundles of one space share class vectors: a re-distilled student, or an int8 / fp16 variant
+    of a tower, serves the same vectors. It is the manifest's ``space`` when the exporter set it (a
+    PromptKD student names its teacher's), else derived from what encodes a new name: the text side
+    (its backbone's architecture and weights, its learned text prompts, its templates) and the
+    embedding size; never the image tower. A bundle without a text side is its own class vectors.
+    """
+    m = bundle.manifest
+    if m.space:
+        return m.space
+    h = hashlib.sha256(f"embed_dim={m.embed_dim}".encode())
+    if m.text_encoder is None:
+        h.update(f"class_vectors={m.files.get(CLASS_VECTORS, '')}".encode())
+        return "vectors-" + h.hexdigest()[:16]
+    ref = m.backbones[m.text_encoder.backbone]
+    weights = ref.weights_sha256 or (m.files.get(ref.weights_file, "") if ref.weights_file else "") or ref.pretrained
+    h.update(json.dumps([m.text_encoder.model_dump(), ref.open_clip_config, weights], sort_keys=True).encode())
+    text = bundle.prompts.get("text")
+    if text is not None:
+        h.update(text.detach().float().contiguous().cpu().numpy().tobytes())
+    return "text-" + h.hexdigest()[:16]
 
 
 def save_bundle(
@@ -225,6 +296,11 @@ def _write_into(bundle: Bundle, stage: Path, extra_files: dict[str, Path]) -> Ma
     if bundle.projector is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in bundle.projector.items()}, stage / PROJECTOR)
         written.append(PROJECTOR)
+    if bundle.calibration is not None and bundle.manifest.calibration is not None:
+        spec = bundle.manifest.calibration
+        dtype = torch.float16 if spec.dtype == "float16" else torch.float32
+        save_file({"sample": bundle.calibration.detach().to(dtype).contiguous().cpu()}, stage / spec.file)
+        written.append(spec.file)
     backbones = dict(bundle.manifest.backbones)
     for key, state in bundle.backbone_states.items():
         rel = f"backbones/{key}.safetensors"
@@ -303,9 +379,22 @@ def _load(root: Path, verify: bool) -> Bundle:
         prompts=load_file(root / PROMPTS) if PROMPTS in manifest.files else {},
         projector=load_file(root / PROJECTOR) if PROJECTOR in manifest.files else None,
         root=root,
+        calibration=_load_calibration(root, manifest),
     )
     _validate(bundle)
     return bundle
+
+
+def _load_calibration(root: Path, manifest: Manifest) -> torch.Tensor | None:
+    spec = manifest.calibration
+    if spec is None:
+        return None
+    if spec.file not in manifest.files:
+        raise BundleSchemaError(f"bundle {root}: manifest names calibration file {spec.file} but does not list it")
+    tensors = load_file(root / spec.file)
+    if "sample" not in tensors:
+        raise BundleSchemaError(f"bundle {root}: {spec.file} has no tensor 'sample'")
+    return tensors["sample"].float()
 
 
 def read_manifest(root: Path) -> Manifest:
@@ -359,6 +448,7 @@ def _validate(bundle: Bundle) -> None:
         raise BundleDimensionError(f"image encoder output_dim {m.image_encoder.output_dim} != embed_dim {m.embed_dim}")
     if m.text_encoder is not None and m.text_encoder.output_dim != m.embed_dim:
         raise BundleDimensionError(f"text encoder output_dim {m.text_encoder.output_dim} != embed_dim {m.embed_dim}")
+    _validate_calibration(bundle)
     proj = m.image_encoder.projector
     if proj is not None and proj.out_dim != m.embed_dim:
         raise BundleDimensionError(f"projector out_dim {proj.out_dim} != embed_dim {m.embed_dim}")
@@ -376,6 +466,18 @@ def _validate(bundle: Bundle) -> None:
             raise BundleDimensionError(
                 f"{side} prompts have shape {tuple(rows.shape)}, "
                 f"manifest says depth {spec.depth} x {spec.n_tokens} tokens"
+            )
+
+
+def _validate_calibration(bundle: Bundle) -> None:
+    spec, sample = bundle.manifest.calibration, bundle.calibration
+    if (spec is None) != (sample is None):
+        raise BundleSchemaError("manifest calibration spec and calibration sample must both be present or absent")
+    if spec is not None and sample is not None:
+        want = (spec.count, bundle.manifest.embed_dim)
+        if sample.ndim != 2 or tuple(sample.shape) != want:
+            raise BundleDimensionError(
+                f"calibration sample has shape {tuple(sample.shape)}, manifest says {list(want)}"
             )
 
 

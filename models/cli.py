@@ -28,6 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="refuse the int8 graph if a check photo's cosine to fp32 is lower (default 0.99)",
     )
+    zs.add_argument(
+        "--calibration-images",
+        default=None,
+        metavar="DIR",
+        help="held-out in-domain images (a folder); up to 2,000 are embedded into the bundle's calibration "
+        "sample, which calibrated 'unknown' answers and the class quality check need",
+    )
     zs.add_argument("--device", default="cpu")
     zs.set_defaults(func=_zeroshot)
     show = bsub.add_parser("inspect", help="validate a bundle and print its manifest summary")
@@ -48,6 +55,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         int8=args.int8,
         int8_min_cosine=args.int8_min_cosine,
         device=args.device,
+        calibration_images=args.calibration_images,
     )
     log.info("bundle ready: promptdistill serve --bundle %s", args.out)
     return 0
@@ -55,6 +63,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from models.bundle import load_bundle
+    from models.card import model_card
 
     b = load_bundle(args.bundle_dir)
     m = b.manifest
@@ -69,6 +78,8 @@ def _inspect(args: argparse.Namespace) -> int:
         "label_sets": {ls.name: len(ls.classes) for ls in m.label_sets},
         "onnx": [o.file for o in m.image_encoder.onnx],
         "text_side": m.text_encoder is not None,
+        "card": model_card(b),
+        "calibration": m.calibration.model_dump() if m.calibration else None,
     }
     print(json.dumps(summary, indent=2))  # noqa: T201 - this command's output is the summary
     return 0

@@ -144,13 +144,19 @@ def quantize_image_tower(
 
 
 def int8_parity(fp32: np.ndarray, int8: np.ndarray, class_vectors: np.ndarray | None = None) -> dict[str, float]:
-    """Cosine per image and (given class vectors [N, D]) top-1 agreement of two embedding sets [B, D]."""
-    cos = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))  # [B]
-    out = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "n_images": float(len(cos))}
+    """Cosine per image and (given class vectors [N, D]) top-1 agreement of two embedding sets [B, D].
+
+    The export-time report of the int8 graph: the precision gate's measures (models/precision.py)
+    plus the figures that explain a low agreement.
+    """
+    from models.precision import measure
+
+    parity = measure(fp32, int8, None if class_vectors is None else {"set": class_vectors})
+    out = {"cosine_mean": parity.cosine_mean, "cosine_min": parity.cosine_min, "n_images": float(parity.n_images)}
     if class_vectors is not None:
         s_fp32, s_int8 = fp32 @ class_vectors.T, int8 @ class_vectors.T  # [B, N] cosine scores
-        top_fp32, top_int8 = s_fp32.argmax(1), s_int8.argmax(1)  # [B]
-        out["top1_agreement"] = float((top_fp32 == top_int8).mean())
+        top_fp32 = s_fp32.argmax(1)  # [B]
+        out["top1_agreement"] = parity.top1_agreement["set"]
         out["top1_classes"] = float(len(set(top_fp32.tolist())))
         out["n_classes"] = float(len(class_vectors))
         if s_fp32.shape[1] > 1:

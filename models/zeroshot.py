@@ -6,7 +6,7 @@ The first producer of bundles, so the service can start before any training exis
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -20,12 +20,14 @@ from models.bundle import (
     ImageEncoderSpec,
     LabelSetSpec,
     Manifest,
+    ParityFloor,
     PreprocessSpec,
     TextEncoderSpec,
     save_bundle,
 )
 from models.class_vectors import encode_class_names, validate_templates
 from models.listfiles import read_string_list
+from models.precision import PROBE_SOURCE, add_probes, set_floor
 from models.preprocess import preprocess_batch
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
 from models.samples import sample_photos
@@ -107,29 +109,59 @@ def add_onnx(
     With ``int8`` a dynamically quantised copy is added after the fp32 graph (``onnx[1]``), its
     int8-vs-fp32 parity (cosine, top-1 agreement over the bundle's first label set) measured on the
     sample photos and their mirror images and stored in its ``OnnxSpec.parity``; the int8 graph is
-    refused below ``int8_min_cosine`` (default: the exporter's 0.99).
+    refused below ``int8_min_cosine`` (default: the exporter's 0.99), which becomes the bundle's int8
+    floor for the service's precision gate. The check images are stored as the bundle's probe images
+    (models/precision.py).
     """
     from models.onnx_export import DEFAULT_MIN_COSINE, INT8_NAME, export_image_tower, quantize_image_tower
 
+    source = PROBE_SOURCE if sample is None else "the exporter's sample images + mirror images"
     if sample is None:
         cfg = bundle.manifest.image_encoder.preprocess.to_config()
         sample = torch.from_numpy(preprocess_batch(sample_photos(), cfg))
     spec = export_image_tower(tower, out, sample)
     specs = [spec]
+    parity_pixels = torch.cat([sample, sample.flip(-1)])  # [2B, 3, H, W]: photos + mirror images
     if int8:
         first_set = bundle.manifest.label_sets[0].name if bundle.manifest.label_sets else None
         vectors = bundle.class_vectors.get(first_set) if first_set else None
-        parity_pixels = torch.cat([sample, sample.flip(-1)])  # [2B, 3, H, W]: photos + mirror images
         floor = DEFAULT_MIN_COSINE if int8_min_cosine is None else int8_min_cosine
         specs.append(quantize_image_tower(out / spec.file, out / INT8_NAME, parity_pixels, vectors, min_cosine=floor))
+        set_floor(bundle, "int8", ParityFloor(cosine_min=floor))
     enc = bundle.manifest.image_encoder.model_copy(update={"onnx": specs})
     bundle.manifest = bundle.manifest.model_copy(update={"image_encoder": enc})
-    files: dict[str, Path] = {}
+    files: dict[str, Path] = add_probes(bundle, out, parity_pixels, source)
     for s in specs:
         files[s.file] = out / s.file
         if s.data_file:
             files[s.data_file] = out / s.data_file
     return files
+
+
+def add_calibration_images(bundle: Bundle, tower: ImageTower, folder: str | Path, seed: int = 0) -> Bundle:
+    """Embed (a bounded seeded draw of) the images under ``folder`` as ``bundle``'s calibration sample."""
+    from PIL import Image
+
+    from models.calibration import attach, chunks, draw, embed_batches, image_files
+
+    files = image_files(folder)
+    picked = draw(len(files), seed=seed).tolist()
+    cfg = bundle.manifest.image_encoder.preprocess.to_config()
+    device = next(tower.parameters()).device
+
+    def batches() -> Iterator[torch.Tensor]:
+        for part in chunks(picked, 64):
+            images = []
+            for i in part:
+                with Image.open(files[i]) as im:
+                    images.append(im.convert("RGB"))
+            yield torch.from_numpy(preprocess_batch(images, cfg)).to(device)
+
+    was_training = tower.training
+    sample = embed_batches(tower.eval(), batches())
+    tower.train(was_training)
+    source = f"held-out images: {len(picked)} of {len(files)} under {Path(folder).name}"
+    return attach(bundle, sample, source, seed=seed if len(picked) < len(files) else None)
 
 
 def build_zeroshot_bundle(
@@ -144,20 +176,27 @@ def build_zeroshot_bundle(
     int8_min_cosine: float | None = None,
     device: str = "cpu",
     progress: bool = True,
+    calibration_images: str | Path | None = None,
 ) -> Bundle:
     """Build, optionally ONNX-export, and save a zero-shot bundle; returns it loaded from ``out``.
 
     ``int8`` adds a dynamically quantised ONNX image tower next to the fp32 one (implies ``onnx``),
-    refused below ``int8_min_cosine`` (see :func:`add_onnx`).
+    refused below ``int8_min_cosine`` (see :func:`add_onnx`). ``calibration_images``: a folder of
+    held-out in-domain images; at most ``MAX_CALIBRATION`` of them (a seeded draw) are embedded and
+    stored as the bundle's calibration sample.
     """
     backbone = load_backbone(model, pretrained, device=device)
     bundle = zeroshot_bundle(backbone, class_names, templates, progress=progress)
+    if calibration_images is not None:
+        add_calibration_images(bundle, ImageTower(PromptedImageEncoder(backbone.model)), calibration_images)
     out = Path(out)
 
     def exports(stage: Path) -> dict[str, Path]:
+        if not (onnx or int8):
+            return add_probes(bundle, stage)  # the precision gate's images (models/precision.py)
         tower = ImageTower(PromptedImageEncoder(backbone.model))
         return add_onnx(bundle, tower, stage, int8=int8, int8_min_cosine=int8_min_cosine)
 
-    save_bundle(bundle, out, exports=exports if onnx or int8 else None)
+    save_bundle(bundle, out, exports=exports)
     log.info("wrote zero-shot bundle with %d classes to %s", len(class_names), out)
     return bundle

@@ -16,7 +16,14 @@ import sys
 from models.runtime_check import check_flavour
 
 # Each package contributes its subcommands through ``register(subparsers)``.
-COMMAND_MODULES = ("models.cli", "service.cli", "training.cli")
+COMMAND_MODULES = (
+    "models.cli",
+    "service.cli",
+    "service.labelsets_io",
+    "service.capture",
+    "training.cli",
+    "training.shadow",
+)
 QUIET_LOGGERS = ("httpx2", "httpcore2", "httpx", "httpcore")
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,11 +13,12 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from models import __version__
-from service.errors import install_error_handlers
+from service.errors import ServiceError, install_error_handlers
 from service.metrics import Metrics
 from service.middleware import AllowedMethods, BodyLimit, RequestMetrics, StoreIdentity
 from service.openapi import build_openapi, operation_id
-from service.routes import classify, embeddings, health, label_sets
+from service.reload import Reloader
+from service.routes import classify, embeddings, health, label_sets, model, quality
 from service.settings import Settings, get_settings
 from service.state import build_services
 
@@ -37,7 +40,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services = await asyncio.to_thread(build_services, settings, app.state.metrics)
     services.engine.start()
     services.text.engine.start()
+    services.migrator.start()
+    await asyncio.to_thread(services.classifier.capture.start)  # scans the folder: off the loop
     app.state.services = services
+    app.state.reloader = reloader = Reloader(services)
+    hangup = _on_sighup(reloader) if settings.workers == 1 else None  # --workers N: gunicorn's arbiter owns SIGHUP
     log.info(
         "serving bundle %s with %s (%s); state in %s",
         settings.bundle,
@@ -48,12 +55,38 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if hangup is not None:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await services.migrator.stop()
+        await asyncio.to_thread(services.classifier.capture.stop)
         log.info("draining the engines (%d images, %d names queued)", services.engine.depth, services.text.engine.depth)
         await asyncio.gather(
             services.engine.stop(settings.graceful_shutdown_s), services.text.engine.stop(settings.graceful_shutdown_s)
         )
         services.close()
         log.info("shut down cleanly")
+
+
+def _on_sighup(reloader: Reloader) -> bool | None:
+    """``kill -HUP``: re-read --bundle and swap it in (refusals are logged; the old bundle keeps serving)."""
+
+    async def reload() -> None:
+        with contextlib.suppress(ServiceError):  # the reloader has logged why and kept the old bundle
+            await reloader.reload("SIGHUP")
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: _keep(asyncio.ensure_future(reload())))
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no signals here
+        return None
+    return True
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+def _keep(task: asyncio.Future[None]) -> None:
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -71,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "classify", "description": "images in, top-k classes out"},
             {"name": "label sets", "description": "named, versioned, durable class lists"},
             {"name": "embeddings", "description": "image or text embeddings (OpenAI / Infinity shape)"},
+            {"name": "model", "description": "the served bundle's card; hot swap of its image tower"},
             {"name": "health", "description": "liveness, readiness, metrics (never behind the key)"},
         ],
     )
@@ -81,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AllowedMethods, routes=app.router.routes)  # the list routers are added to below
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(StoreIdentity)  # outermost: error answers carry it too
-    for module in (health, label_sets, classify, embeddings):
+    for module in (health, label_sets, quality, classify, embeddings, model):
         app.include_router(module.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

@@ -16,8 +16,11 @@ Every refusal is a domain exception from :mod:`service.errors`; routes only pars
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from service.admission import Admission
+from service.calibration import Calibrator, OperatingPoint, check_unknown_policy
+from service.capture import Capture
 from service.engine import Engine, EngineHooks
 from service.errors import EmptyLabelSet, InvalidInput
 from service.images import EncodedImage, ImagePreprocessor, decode_base64_image
@@ -40,6 +45,7 @@ UNKNOWN = "unknown"
 # loop: ~0.1 ms, less than handing them to a thread and back. Bigger ones (large label sets, batches,
 # IVF) go to the search pool and never block other requests.
 INLINE_SEARCH_WORK = 1 << 20
+RETIRE_POLL_S = 0.01  # how often a retired image engine checks whether its last request has finished
 Disconnected = Callable[[], Awaitable[bool]]
 
 
@@ -55,6 +61,9 @@ class ClassifyJob:
     unknown_threshold: float | None = None
     min_version: int | None = None  # answer from the label set at least this new
     hf_single: bool | None = None  # Hugging Face request shape: answer in it (True: one image, flat list)
+    unknown: str | None = None  # "calibrated": threshold from the bundle's calibration sample
+    acceptance: float | None = None  # with unknown="calibrated" (default 0.95)
+    capture: bool = True  # False: none of these images is kept for re-distillation (service/capture.py)
 
 
 @dataclass
@@ -96,20 +105,27 @@ class Classifier:
         *,
         registry: Registry,
         text: TextTower,
-        engine: Engine,
+        engine: Engine[np.ndarray],
         preprocess: ImagePreprocessor,
         admission: Admission,
         logit_scale: float,
         on_images: Callable[[int], None] | None = None,
+        model_version: str = "",
+        calibration: Calibrator | None = None,
+        capture: Capture | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.text = text
         self.engine = engine
         self.preprocess = preprocess
+        self.model_version = model_version  # the bundle whose image tower serves (models.card.bundle_version)
+        self._users: collections.Counter[int] = collections.Counter()  # requests per image engine (by id)
         self.admission = admission
         self.logit_scale = logit_scale
         self._on_images = on_images or (lambda n: None)
+        self.calibration = calibration or Calibrator(None, None, logit_scale)
+        self.capture = capture or Capture(None)
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         # searches set their own FAISS / BLAS threads (service/index.py); a pool apart from the default
         # executor, so label-set writes and store reads never queue searches behind them
@@ -122,17 +138,46 @@ class Classifier:
     async def classify(self, job: ClassifyJob, is_disconnected: Disconnected | None = None) -> ClassifyResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
-        plan = await self._check(job)
-        vectors = await self._candidate_vectors(plan, deadline, is_disconnected) if plan.names is not None else None
-        emb = await self.embed_images(job.images, deadline, is_disconnected)  # [B, D]
+        tower, model = (self.engine, self.preprocess), self.model_version  # one image tower per request
+        with self._using(tower[0]):
+            plan = await self._check(job)
+            vectors = await self._candidate_vectors(plan, deadline, is_disconnected) if plan.names is not None else None
+            point = await self._operating_point(job, plan, vectors) if job.unknown == "calibrated" else None
+            emb = await self.embed_images(job.images, deadline, is_disconnected, tower)  # [B, D]
+        if job.capture:
+            self.capture.offer(job.images)  # a sample, kept off the request path (service/capture.py)
         if plan.snapshot is not None:
             snap = plan.snapshot
             ranked = await self._search(emb.size * len(snap), snap.search, emb, job.top_k, self.logit_scale)
-            return self._response(snap.name, snap.version, ranked, snap.label, job)
+            return self._response(snap.name, snap.version, ranked, snap.label, job, model, point)
         assert vectors is not None and plan.names is not None
         ranked = await self._search(emb.size * len(vectors), adhoc_rank, emb, vectors, self.logit_scale, job.top_k)
         names = plan.names
-        return self._response(None, None, ranked, lambda i: names[i], job)
+        return self._response(None, None, ranked, lambda i: names[i], job, model, point)
+
+    async def _operating_point(self, job: ClassifyJob, plan: _Plan, vectors: np.ndarray | None) -> OperatingPoint:
+        """The calibrated threshold of this set version (or these candidate labels) at the asked acceptance."""
+        labels = (plan.names, plan.templates, vectors) if vectors is not None and plan.names is not None else None
+        return await self.calibration.for_request(job.acceptance, plan.snapshot, labels, self._search_pool)
+
+    @contextlib.contextmanager
+    def _using(self, engine: Engine[np.ndarray]) -> Iterator[None]:
+        """Count the requests that took ``engine``: a retired one stops only when none is left."""
+        self._users[id(engine)] += 1
+        try:
+            yield
+        finally:
+            self._users[id(engine)] -= 1
+            if not self._users[id(engine)]:
+                del self._users[id(engine)]
+
+    async def retire(self, engine: Engine[np.ndarray], timeout_s: float) -> None:
+        """After a swap (service/reload.py): wait until no request holds ``engine``, then drain and stop it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._users.get(id(engine)) and loop.time() < deadline:
+            await asyncio.sleep(RETIRE_POLL_S)
+        await engine.stop(max(deadline - loop.time(), 1.0))
 
     async def _search(self, work: int, rank: Callable[..., Ranked], *args: Any) -> Ranked:
         """A search of ``work`` multiply-adds (images x dim x classes): on the event loop when small (a
@@ -142,18 +187,28 @@ class Classifier:
         return await asyncio.get_running_loop().run_in_executor(self._search_pool, rank, *args)
 
     async def embed_images(
-        self, images: Sequence[EncodedImage | str], deadline: float, is_disconnected: Disconnected | None = None
+        self,
+        images: Sequence[EncodedImage | str],
+        deadline: float,
+        is_disconnected: Disconnected | None = None,
+        tower: tuple[Engine[np.ndarray], ImagePreprocessor] | None = None,
     ) -> np.ndarray:
-        """Admission, then decode + preprocess in the pool, then the engine: [B, D] embeddings."""
+        """Admission, then decode + preprocess in the pool, then the engine: [B, D] embeddings.
+
+        The image tower (preprocessor + engine) is taken once, here: a reload (service/reload.py) that
+        swaps it meanwhile never mixes one tower's preprocessing with the other's encoder.
+        """
         loop = asyncio.get_running_loop()
-        with self.admission.admit(len(images)):
-            futures = [loop.run_in_executor(self._decode_pool, self._prepare, im, i) for i, im in enumerate(images)]
+        engine, preprocess = tower or (self.engine, self.preprocess)
+        with self._using(engine), self.admission.admit(len(images)):
+            prepare = functools.partial(self._prepare, preprocess)
+            futures = [loop.run_in_executor(self._decode_pool, prepare, im, i) for i, im in enumerate(images)]
             done = await asyncio.gather(*futures, return_exceptions=True)  # all finished: slots stay honest
             errors = [d for d in done if isinstance(d, BaseException)]
             if errors:
                 raise errors[0]
             pixels = np.stack([d for d in done if isinstance(d, np.ndarray)])  # [B, 3, H, W]
-            return await self.engine.embed(pixels, timeout_s=deadline - loop.time(), is_disconnected=is_disconnected)
+            return await engine.embed(pixels, timeout_s=deadline - loop.time(), is_disconnected=is_disconnected)
 
     async def embed_image_inputs(
         self, images: Sequence[str], is_disconnected: Disconnected | None = None
@@ -176,11 +231,11 @@ class Classifier:
         rows = [unique.index(t) for t in texts]
         return vectors[rows], self.text.prompts(len(plan.names), plan.templates)
 
-    def _prepare(self, image: EncodedImage | str, index: int) -> np.ndarray:
+    def _prepare(self, preprocess: ImagePreprocessor, image: EncodedImage | str, index: int) -> np.ndarray:
         start = time.perf_counter()
         if isinstance(image, str):
             image = decode_base64_image(image, index, self.settings.max_image_bytes)
-        pixels = self.preprocess(image, index)  # [3, H, W]
+        pixels = preprocess(image, index)  # [3, H, W]
         self.admission.observe_decode(time.perf_counter() - start)
         return pixels
 
@@ -210,6 +265,7 @@ class Classifier:
         if not job.images:
             raise InvalidInput("no images: send 'images' (JSON), 'inputs' (Hugging Face shape) or multipart 'files'")
         self._check_image_count(len(job.images))
+        check_unknown_policy(job.unknown, job.acceptance, job.unknown_threshold, self.calibration)
         if job.candidate_labels is not None:
             return self._text_plan(job.candidate_labels, job.hypothesis_template)
         if job.hypothesis_template is not None:
@@ -231,7 +287,14 @@ class Classifier:
         )
 
     def _response(
-        self, label_set: str | None, version: int | None, ranked: Ranked, label: Callable[[int], str], job: ClassifyJob
+        self,
+        label_set: str | None,
+        version: int | None,
+        ranked: Ranked,
+        label: Callable[[int], str],
+        job: ClassifyJob,
+        model: str,
+        point: OperatingPoint | None = None,
     ) -> ClassifyResponse:
         results = []
         for b in range(ranked.ids.shape[0]):
@@ -240,8 +303,12 @@ class Classifier:
                 for i, s, c in zip(ranked.ids[b], ranked.scores[b], ranked.cosines[b], strict=True)
             ]
             unknown = job.unknown_threshold is not None and preds[0].cosine < job.unknown_threshold
+            unknown = unknown or (point is not None and point.rejects(preds[0].cosine, preds[0].score))
             results.append(
                 ImageResult(index=b, label=UNKNOWN if unknown else preds[0].label, unknown=unknown, predictions=preds)
             )
         self._on_images(len(results))
-        return ClassifyResponse(label_set=label_set, version=version, results=results)
+        operating = point.describe(version) if point is not None else None
+        return ClassifyResponse(
+            label_set=label_set, version=version, model=model, results=results, operating_point=operating
+        )

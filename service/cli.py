@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--onnx-precision", choices=["fp32", "int8"], help="serve the int8 graph (bundle built --int8)")
+    serve.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16", "int8"],
+        help="image tower precision (fp16/bf16: torch; int8: ONNX), served only if it passes the bundle's parity floor",
+    )
     serve.add_argument("--state-dir", help="where the label-set database lives (PROMPTDISTILL_STATE_DIR)")
     serve.add_argument("--api-key", help="require X-API-Key on mutating routes (better: PROMPTDISTILL_API_KEY)")
     serve.add_argument("--allow-insecure-bind", action="store_true", help="listen on a non-loopback host without a key")
@@ -100,6 +105,7 @@ _SERVE_FIELDS = (
     "backend",
     "device",
     "onnx_precision",
+    "precision",
     "state_dir",
     "api_key",
     "max_batch_size",

@@ -359,3 +359,11 @@ class Client:
 
     def ready(self) -> bool:
         return self._http.get("/readyz").status_code == 200
+
+    def model(self) -> Any:
+        """The served model card, what is loaded since when, and the reload history (GET /v1/model)."""
+        return self._call("GET", "/v1/model")
+
+    def reload(self) -> Any:
+        """Swap in the bundle at the server's configured path (same embedding space; needs the key)."""
+        return self._call("POST", "/v1/admin/reload")

@@ -14,6 +14,7 @@ Routes only parse, call the curator and build their schema.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -22,6 +23,7 @@ import numpy as np
 from service.errors import DuplicateClass, LabelSetExists
 from service.index import IndexKind
 from service.names import clean_names, clean_set_name, clean_templates
+from service.quality import QualityGate
 from service.registry import RUNTIME, Change, Registry
 from service.settings import Settings
 from service.text import TextTower
@@ -32,10 +34,13 @@ NO_DEADLINE = float("inf")  # a write is bounded by its request's size limits, n
 class Curator:
     """Creates label sets and adds classes: clean -> leave out existing -> encode (urgent) -> commit."""
 
-    def __init__(self, settings: Settings, registry: Registry, text: TextTower) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, text: TextTower, gate: QualityGate | None = None
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.text = text
+        self.gate = gate  # the quality check before each commit (service/quality.py); None: none
 
     def _clean(self, names: Sequence[str], templates: Sequence[str] | None) -> tuple[list[str], list[str] | None]:
         s = self.settings
@@ -52,6 +57,7 @@ class Curator:
         *,
         skip_existing: bool = False,
         index: IndexKind | None = None,
+        if_similar: str = "warn",
     ) -> Change:
         """A new set of ``names``; an existing set is a 409, or (``skip_existing``) returned unchanged."""
         set_name = clean_set_name(set_name)
@@ -62,14 +68,21 @@ class Curator:
             snap = await asyncio.to_thread(self.registry.get, set_name)
             return Change(snap, snap.version, [], [], skipped=cleaned)
         vectors = await self._encode(cleaned, tpl)
+        checks = await self.gate.check(None, cleaned, vectors, if_similar) if self.gate else []
         commit = functools.partial(
             self.registry.create, set_name, cleaned, vectors, [RUNTIME] * len(cleaned),
             skip_existing=skip_existing, index=index,
         )  # fmt: skip
-        return await asyncio.to_thread(commit)
+        return dataclasses.replace(await asyncio.to_thread(commit), quality=checks)
 
     async def add(
-        self, set_name: str, names: Sequence[str], templates: Sequence[str] | None, *, skip_existing: bool = False
+        self,
+        set_name: str,
+        names: Sequence[str],
+        templates: Sequence[str] | None,
+        *,
+        skip_existing: bool = False,
+        if_similar: str = "warn",
     ) -> Change:
         """Add classes atomically (all or none); names already in the set -> 409 before encoding, or
         (``skip_existing``) left out, so that repeating a request changes nothing."""
@@ -82,12 +95,16 @@ class Curator:
             snap = await asyncio.to_thread(self.registry.get, set_name)
             return Change(snap, snap.version, [], [], skipped=[n for n in cleaned if n in existing])
         vectors = await self._encode(fresh, tpl)
+        current = await asyncio.to_thread(self.registry.get, set_name) if self.gate else None
+        checks = await self.gate.check(current, fresh, vectors, if_similar) if self.gate else []
         commit = functools.partial(
             self.registry.add, set_name, fresh, vectors, [RUNTIME] * len(fresh), skip_existing=skip_existing
         )
         change = await asyncio.to_thread(commit)
         skipped = [n for n in cleaned if n in existing]
-        return Change(change.snapshot, change.version, change.ids, change.names, skipped=skipped + change.skipped)
+        return Change(
+            change.snapshot, change.version, change.ids, change.names, skipped=skipped + change.skipped, quality=checks
+        )
 
     async def _encode(self, names: list[str], templates: list[str] | None) -> np.ndarray:
         """[N, D] on the text engine's urgent queue."""

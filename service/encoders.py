@@ -3,6 +3,11 @@
 ``preprocess(image bytes) -> [3, H, W]`` (built once from the bundle's manifest) and
 ``encode(pixels [B, 3, H, W] float32) -> [B, D]`` L2-normalised embeddings. The two backends run
 the same exported :class:`models.towers.ImageTower`; a test checks they agree.
+
+Each encoder serves one precision, chosen by the precision gate (models/precision.py): a reduced
+precision (ONNX int8; torch fp16 / bf16) is scored against the fp32 tower on the bundle's probe
+images at start-up, on this machine, and below the bundle's floor fp32 is served instead, with one
+loud log line; ``gate`` holds the decision and the parity measured (``/readyz`` shows it).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.bundle import Bundle, OnnxSpec
+from models.bundle import Bundle, BundleError, OnnxSpec
+from models.precision import GateResult, gate_torch, judge
+from models.precision import probe_pixels as bundle_probes
 from service.errors import StartupError
 from service.images import ImageLimits, ImagePreprocessor
 
@@ -26,6 +33,7 @@ class ImageEncoder(Protocol):
     backend: str
     provider: str
     preprocess: ImagePreprocessor
+    gate: GateResult  # the precision served and its parity with fp32 (models/precision.py)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray: ...
 
@@ -46,6 +54,37 @@ def cuda_wanted(device: str) -> bool:
     if device == "cuda" and not available:
         raise StartupError("device 'cuda' was requested but torch sees no CUDA device; use --device auto or cpu")
     return available
+
+
+ONNX_PRECISIONS = ("fp32", "int8")
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """Raise a start-up error when ``backend`` cannot run ``precision`` at all."""
+    offered = ONNX_PRECISIONS if backend == "onnx" else TORCH_PRECISIONS
+    if precision not in offered:
+        other = "torch" if backend == "onnx" else "onnx"
+        raise StartupError(
+            f"precision {precision!r} is not offered by the {backend} backend (it runs {', '.join(offered)}); "
+            f"use --backend {other} or another --precision"
+        )
+
+
+def probe_pixels(bundle: Bundle) -> tuple[np.ndarray, str]:
+    """The bundle's probe images, or a start-up error naming what is wrong with them."""
+    try:
+        return bundle_probes(bundle)
+    except (BundleError, OSError, KeyError) as e:
+        raise StartupError(f"bundle {bundle.root}: its probe images cannot be read ({e}); re-export the bundle") from e
+
+
+def log_gate(gate: GateResult) -> None:
+    """The gate's decision: one loud line when a precision was refused, one quiet line otherwise."""
+    if gate.refused:
+        log.error("PRECISION GATE REFUSED %s, SERVING FP32 INSTEAD: %s", gate.wanted.upper(), gate.summary())
+    else:
+        log.info("precision gate: serving %s", gate.summary())
 
 
 def onnx_graph(bundle: Bundle, precision: str) -> OnnxSpec:
@@ -82,7 +121,7 @@ class OnnxImageEncoder:
         import onnxruntime as ort
 
         self.preprocess = preprocess
-        spec = onnx_graph(bundle, precision)
+        check_precision("onnx", precision)
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
         if device != "cpu" and "CUDAExecutionProvider" in available:
@@ -94,6 +133,10 @@ class OnnxImageEncoder:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        self.gate = gate_onnx(bundle, precision, options, providers)
+        log_gate(self.gate)
+        precision = self.gate.serving
+        spec = onnx_graph(bundle, precision)
         graph = str(bundle.path(spec.file))
         self.session = ort.InferenceSession(graph, options, providers=providers)
         self.provider = self.session.get_providers()[0]
@@ -113,17 +156,36 @@ class OnnxImageEncoder:
         return np.asarray(out[0], dtype=np.float32)  # [B, D]
 
 
+def gate_onnx(bundle: Bundle, precision: str, options: Any, providers: list[str]) -> GateResult:
+    """Score the ``precision`` graph against the fp32 graph on the bundle's probe images, here."""
+    import onnxruntime as ort
+
+    if precision == "fp32":
+        return GateResult("fp32", "fp32")
+    pixels, probes = probe_pixels(bundle)
+    runs = []
+    for which in ("fp32", precision):
+        spec = onnx_graph(bundle, which)
+        session = ort.InferenceSession(str(bundle.path(spec.file)), options, providers=providers)
+        runs.append(np.asarray(session.run([spec.output_name], {spec.input_name: pixels})[0], dtype=np.float32))
+    return judge(bundle, precision, runs[0], runs[1], probes)
+
+
 class TorchImageEncoder:
-    """The bundle's :class:`~models.towers.ImageTower` in torch (CUDA when available)."""
+    """The bundle's :class:`~models.towers.ImageTower` in torch (CUDA when available), fp32 or gated fp16 / bf16."""
 
     backend = "torch"
 
-    def __init__(self, tower: Any, preprocess: ImagePreprocessor, device: str) -> None:
+    def __init__(self, bundle: Bundle, tower: Any, preprocess: ImagePreprocessor, device: str, precision: str) -> None:
+        check_precision("torch", precision)
         self.preprocess = preprocess
-        self.tower = tower
         self.device = device
+        probes = probe_pixels(bundle) if precision != "fp32" else None
+        self.tower, self.gate = gate_torch(bundle, tower, precision, device, probes)  # fp32 goes unless refused
+        log_gate(self.gate)
+        self.precision = self.gate.serving
         self.provider = f"torch:{device}"
-        log.info("image encoder: torch ImageTower on %s", device)
+        log.info("image encoder: torch ImageTower on %s, %s", device, self.precision)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         import torch

@@ -38,10 +38,13 @@ class ServiceError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, headers: dict[str, str] | None = None, extensions: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.extensions = extensions or {}  # extra members of the problem object (RFC 9457 section 3.2)
 
 
 class UnknownLabelSet(ServiceError):
@@ -62,6 +65,12 @@ class LabelSetExists(ServiceError):
 
 class ProtectedLabelSet(ServiceError):
     status, code = 409, "protected_label_set"
+
+
+class SimilarClasses(ServiceError):
+    """if_similar='error' and a new class is a likely duplicate or confusion (the pairs in ``pairs``)."""
+
+    status, code = 409, "similar_classes"
 
 
 class EmptyLabelSet(ServiceError):
@@ -109,6 +118,28 @@ class StoreUnavailable(ServiceError):
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class Encoding(ServiceError):
+    """A label set's classes have no vectors in the served space yet (a new bundle's space, or classes
+    another replica added): answered once they are encoded (503 + Retry-After)."""
+
+    status, code = 503, "encoding_vectors"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class ReloadRefused(ServiceError):
+    """A reload cannot happen now (another one runs) or cannot swap this bundle in; the served model stays."""
+
+    status, code = 409, "reload_refused"
+
+
+class BadBundle(ServiceError):
+    """The configured bundle path does not hold a bundle this service can serve; the served model stays."""
+
+    status, code = 422, "bad_bundle"
 
 
 class DeadlineExceeded(ServiceError):
@@ -208,7 +239,11 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers)
     if isinstance(exc, Unauthorized):
         headers.setdefault("WWW-Authenticate", "ApiKey")
-    return problem_response(exc.status, exc.message, code=exc.code, headers=headers)
+    response = problem_response(exc.status, exc.message, code=exc.code, headers=headers)
+    if exc.extensions:
+        body = problem_body(exc.status, exc.message, code=exc.code) | exc.extensions
+        response = JSONResponse(body, status_code=exc.status, headers=headers, media_type=PROBLEM_JSON)
+    return response
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:

@@ -54,6 +54,13 @@ class Metrics(EngineHooks):
         self.admission_image_seconds = Gauge(
             p + "admission_seconds_per_image", "admission's estimate of the time per image at full load", registry=r
         )
+        self.capture_active = Gauge(p + "capture_active", "1 while classified images are being captured", registry=r)
+        self.capture_images = Gauge(
+            p + "capture_images", "images in the capture folder (this process's count)", registry=r
+        )
+        self.capture_errors = Gauge(
+            p + "capture_write_errors", "capture writes that failed (capture then stops)", registry=r
+        )
         self.info = Gauge(p + "image_encoder_info", "image encoder in use", ["backend", "provider"], registry=r)
 
     # engine hooks

@@ -137,10 +137,12 @@ def _flat(routes: list[BaseRoute]) -> list[BaseRoute]:
 
 
 STORE_ID_HEADER = b"x-store-id"
+MODEL_HEADER = b"x-model-version"
 
 
 class StoreIdentity:
-    """Every answer names the label-set database it came from (``X-Store-Id``).
+    """Every answer names the label-set database it came from (``X-Store-Id``) and the bundle serving
+    now (``X-Model-Version``; a classify answer's ``model`` names the one that computed it).
 
     Versions are comparable only within one database; a client that keeps the versions it saw
     across runs (the CLI) keys them by this, so a re-created database never gets stale tokens.
@@ -157,10 +159,11 @@ class StoreIdentity:
         async def tag(message: Message) -> None:
             services = getattr(scope["app"].state, "services", None)
             if message["type"] == "http.response.start" and services is not None and services.registry.store_id:
-                message = {
-                    **message,
-                    "headers": [*message.get("headers", []), (STORE_ID_HEADER, services.registry.store_id.encode())],
-                }
+                tags = [
+                    (STORE_ID_HEADER, services.registry.store_id.encode()),
+                    (MODEL_HEADER, services.classifier.model_version.encode()),
+                ]
+                message = {**message, "headers": [*message.get("headers", []), *tags]}
             await send(message)
 
         await self.app(scope, receive, tag)

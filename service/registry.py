@@ -16,18 +16,21 @@ Keeping snapshots fresh depends on the store:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from models.bundle import CLASS_VECTORS, DEFAULT_LABEL_SET, Bundle
+from models.bundle import CLASS_VECTORS, DEFAULT_LABEL_SET, Bundle, bundle_space
 from service.errors import (
     DuplicateClass,
+    Encoding,
     InvalidInput,
     LabelSetExists,
     ProtectedLabelSet,
@@ -35,7 +38,7 @@ from service.errors import (
     UnknownLabelSet,
 )
 from service.index import IndexKind, SearchCfg, Snapshot
-from service.stores.base import SetDelta, SetRows, Store
+from service.stores.base import LEGACY, SetDelta, SetRows, Store
 
 log = logging.getLogger(__name__)
 RUNTIME = "runtime"
@@ -50,9 +53,26 @@ class Change:
     ids: list[int]
     names: list[str]
     skipped: list[str] = field(default_factory=list)  # names already there (skip_existing)
+    quality: list[Any] = field(default_factory=list)  # service.quality.ClassCheck per new class (the curator's)
 
 
 STORE_ID = "store_id"  # meta key of the database identity
+APPLIED = "applied_label_sets"  # meta key: digests of the bundle label sets already brought in
+
+
+def _label_sets_digest(bundle: Bundle) -> str:
+    """Identifies a bundle's shipped label sets (names of sets and classes), so that restarting with a
+    bundle never re-adds a class the user removed; a bundle with other label sets adds what is new."""
+    spec = [[ls.name, [c.name for c in ls.classes]] for ls in bundle.manifest.label_sets]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+def _applied(raw: str | None) -> set[str]:
+    try:
+        value = json.loads(raw) if raw else []
+    except ValueError:
+        value = []
+    return {str(v) for v in value} if isinstance(value, list) else set()
 
 
 def bundle_fingerprint(bundle: Bundle) -> str:
@@ -69,18 +89,25 @@ def bundle_fingerprint(bundle: Bundle) -> str:
 
 
 def check_store_matches(store: Store, bundle: Bundle) -> None:
-    """Refuse a label-set database seeded from another bundle (a start-up check; reads only)."""
-    stored = store.meta("bundle_fingerprint")
-    if stored is not None and stored != bundle_fingerprint(bundle):
-        raise _different_bundle(store)
-
-
-def _different_bundle(store: Store) -> StartupError:
-    return StartupError(
-        f"the label-set database {store.where} was created for a different bundle "
-        "(its class vectors live in another embedding space); use a fresh --state-dir / "
-        "PROMPTDISTILL_STATE_DIR (or database) for this bundle, or delete that database to start over"
-    )
+    """Refuse a bundle that cannot serve every stored class: one without a text side, in a space where
+    stored classes have no vectors and the bundle ships none for them (a start-up check; reads only)."""
+    if bundle.manifest.text_encoder is not None:
+        return
+    legacy = store.meta("bundle_fingerprint")
+    if legacy is not None and legacy == bundle_fingerprint(bundle):
+        return  # the database was made for this very bundle: its vectors are this space's
+    shipped = {ls.name: {c.name for c in ls.classes} for ls in bundle.manifest.label_sets}
+    lacking: list[str] = []
+    for name, n in store.missing_counts().items():
+        _, names = store.missing(name, n)
+        lacking += [f"{name}/{x}" for x in names if x not in shipped.get(name, set())]
+    if lacking:
+        raise StartupError(
+            f"the label-set database {store.where} holds {len(lacking)} classes (e.g. {lacking[:3]}) with no "
+            f"vector in this bundle's embedding space ({bundle_space(bundle)}), and the bundle has no text side "
+            "to encode them; serve a bundle with a text side, or the bundle they were made with (their vectors "
+            "are kept), or use another --state-dir"
+        )
 
 
 class Registry:
@@ -100,6 +127,9 @@ class Registry:
         self.min_version_wait_s = min_version_wait_s
         self._snapshots: dict[str, Snapshot] = {}
         self._deleted: dict[str, int] = {}  # name -> clock of its deletion, as told by the watcher
+        self._pending: dict[str, int] = {}  # name -> classes without a vector in this space (being encoded)
+        #: Called (from any thread) when a set is found with classes lacking vectors; the migrator listens.
+        self.on_missing: Callable[[str], None] = lambda name: None
         self._seen = 0  # every change up to this clock value has been applied here (notify order, syncs)
         self._write_lock = threading.RLock()  # get() may refresh a stale set while a writer holds it
         self._changed = threading.Condition()  # wakes min_version waiters after each install
@@ -110,30 +140,66 @@ class Registry:
 
     # ----------------------------------------------------------------- start-up
     def open(self, bundle: Bundle) -> None:
-        """Seed the bundle's label sets on first start; then build every snapshot from the database."""
-        fingerprint = bundle_fingerprint(bundle)
-        with self.store.transaction() as db:  # one writer at a time: several workers may start together
+        """Bring the database to this bundle, then build every snapshot from it.
+
+        A new database is seeded with the bundle's label sets. An existing one keeps every class: a
+        bundle of the same space serves the stored vectors; a bundle of a new space adds its own
+        vectors for the classes it ships (by name), and the rest are encoded after start-up
+        (service/migration.py); a bundle whose label sets this database never saw adds the classes it
+        ships that are not there yet. Several workers may start together: one writer at a time.
+        """
+        with self.store.transaction() as db:
             self.store.lock_all(db)
-            stored = self.store.meta("bundle_fingerprint")
             self.store_id = self.store.meta(STORE_ID) or ""
             if not self.store_id:  # first start of this database (or one made before identities)
                 self.store_id = uuid.uuid4().hex
                 self.store.set_meta(db, STORE_ID, self.store_id)
-            if stored is None:
-                for spec in bundle.manifest.label_sets:
-                    vectors = bundle.class_vectors[spec.name].float().numpy()  # [N, D] stored, not recomputed
-                    self.store.create_set(
-                        db, spec.name, [c.name for c in spec.classes], vectors,
-                        [c.provenance for c in spec.classes], ids=[c.id for c in spec.classes],
-                    )  # fmt: skip
-                self.store.set_meta(db, "bundle_fingerprint", fingerprint)
-                log.info("seeded label sets %s from the bundle", [s.name for s in bundle.manifest.label_sets])
-        if stored is not None and stored != fingerprint:
-            raise _different_bundle(self.store)
+            legacy = self.store.meta("bundle_fingerprint")  # a database made before spaces
+            applied = _applied(self.store.meta(APPLIED))
+            if legacy is not None and legacy == bundle_fingerprint(bundle):
+                moved = self.store.retag(db, LEGACY + legacy, self.store.space)
+                applied.add(_label_sets_digest(bundle))
+                log.info("database made before spaces: its %d vectors are this bundle's (%s)", moved, self.store.space)
+            # A database from before this record (APPLIED unset) never gets classes back that its users
+            # removed: the bundle it was seeded with is unknown, so nothing is added to existing sets then.
+            known = bool(applied) or not self.store.set_names()
+            self._apply_bundle(db, bundle, add_new=known and _label_sets_digest(bundle) not in applied)
+            applied.add(_label_sets_digest(bundle))
+            self.store.set_meta(db, APPLIED, json.dumps(sorted(applied)))
         self.sync()
         log.info("label sets ready: %s", {n: (s.version, len(s)) for n, s in self._snapshots.items()})
+        if self._pending:
+            log.info("class vectors to encode for space %s: %s", self.store.space, dict(self._pending))
         if self.store.shared:
             self.store.watch(self._on_notify, self.sync)
+
+    def _apply_bundle(self, db: Any, bundle: Bundle, add_new: bool) -> None:
+        """The bundle's vectors for stored classes of the same name that have none in this space; with
+        ``add_new``, also the bundle's label sets and classes that the database lacks."""
+        for spec in bundle.manifest.label_sets:
+            vectors = bundle.class_vectors[spec.name].float().numpy()  # [N, D] stored, not recomputed
+            names, prov = [c.name for c in spec.classes], [c.provenance for c in spec.classes]
+            stored = self.store.class_ids(db, spec.name)
+            exists = bool(stored) or self.store.version(spec.name) is not None
+            if not exists and not add_new:
+                continue  # the user deleted it: a restart does not bring it back
+            if not exists:
+                ids = [c.id for c in spec.classes]
+                self.store.create_set(db, spec.name, names, vectors, prov, ids=ids)
+                log.info("label set %r seeded from the bundle (%d classes)", spec.name, len(names))
+                continue
+            known = [k for k, n in enumerate(names) if n in stored]
+            self.store.put_vectors(db, spec.name, [stored[names[k]] for k in known], vectors[known])
+            new = [k for k, n in enumerate(names) if n not in stored]
+            if new and add_new:
+                self.store.lock_version(db, spec.name)
+                self.store.add_classes(db, spec.name, [names[k] for k in new], vectors[new], [prov[k] for k in new])
+                log.info("label set %r: %d classes of the bundle added", spec.name, len(new))
+
+    def pending(self) -> dict[str, int]:
+        """Label sets with classes whose vectors this space lacks -> how many (as last read)."""
+        with self._changed:
+            return dict(self._pending)
 
     # ----------------------------------------------------------------- reads
     def get(self, name: str, min_version: int | None = None) -> Snapshot:
@@ -148,6 +214,11 @@ class Registry:
             held = self._snapshots.get(name)
             fresh = held is not None and (min_version is None or held.version >= min_version)
             snap = held if held is not None and fresh else self._catch_up(name, min_version)
+        if min_version is not None and snap.version < min_version and name in self._pending:
+            raise Encoding(
+                f"label set {name!r} at version {min_version} has classes whose vectors this replica's embedding "
+                "space is still encoding; retry shortly"
+            )
         if min_version is not None and snap.version < min_version:
             # snap came from the database itself, which holds every version ever acknowledged: this
             # token was not issued by this database (another deployment, or a wiped one).
@@ -230,9 +301,27 @@ class Registry:
             except UnknownLabelSet:
                 self._drop(name)
                 raise UnknownLabelSet(f"label set {name!r} does not exist; GET /v1/label-sets lists them") from None
-            if old is not None and delta.version <= old.version:
+            waiting = name in self._pending  # vectors filled in since: same version, new rows
+            if old is not None and delta.version <= old.version and not waiting:
                 return old  # versions only increase: never install an older read
+            if delta.added.missing:  # never serve a set with classes left out: keep the last complete one
+                self._set_pending(name, len(delta.added.missing))
+                if old is not None:
+                    return old
+                raise Encoding(
+                    f"label set {name!r}: {len(delta.added.missing)} classes have no vector in this bundle's "
+                    "embedding space yet; they are being encoded, retry shortly"
+                )
+            self._set_pending(name, 0)
             return self._install(self._build(_merge(old, delta)))
+
+    def _set_pending(self, name: str, missing: int) -> None:
+        with self._changed:
+            if not missing:
+                self._pending.pop(name, None)
+                return
+            self._pending[name] = missing
+        self.on_missing(name)
 
     def sync(self) -> None:
         """Re-check every version against the database (start-up, listener (re)connect, poll)."""
@@ -245,19 +334,21 @@ class Registry:
                 if snap is None or snap.version < version:
                     try:
                         self.refresh(name)
-                    except UnknownLabelSet:  # deleted since versions() was read
+                    except (UnknownLabelSet, Encoding):  # deleted since versions() was read; or encoding
                         continue
             self._saw(max(versions.values(), default=0))
 
     def _on_notify(self, name: str, version: int) -> None:
         """Another replica (or this one) committed ``name`` at ``version``; notifications come in commit order."""
         snap = self._snapshots.get(name)
-        if snap is None or snap.version < version:
+        if snap is None or snap.version < version or name in self._pending:  # pending: vectors may have come
             try:
                 self.refresh(name)
             except UnknownLabelSet:
                 with self._changed:
                     self._deleted[name] = max(version, self._deleted.get(name, 0))
+            except Encoding:
+                pass  # no complete snapshot yet: the migrator encodes what this space lacks
         self._saw(version)
 
     def _saw(self, clock: int) -> None:
@@ -376,7 +467,10 @@ class Registry:
                     snap = self.refresh(name)
             except UnknownLabelSet:
                 continue  # deleted since versions() was read
-            if snap.version < version:
+            except Encoding as e:
+                problems.append(e.message)  # no complete snapshot yet: a new space's first encode
+                continue
+            if snap.version < version and name not in self._pending:
                 problems.append(f"label set {name!r}: index version {snap.version} < database {version}")
         for name, snap in self.snapshots().items():
             if int(snap.index.ntotal) != len(snap.ids) or not np.array_equal(snap.index_ids(), np.sort(snap.ids)):
@@ -400,6 +494,7 @@ class Registry:
 
     def _drop(self, name: str, version: int | None = None) -> None:
         with self._changed:
+            self._pending.pop(name, None)
             if self._snapshots.pop(name, None) is not None:
                 self._on_version(name, -1, 0)
             if version is not None:

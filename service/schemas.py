@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,6 +59,34 @@ class ClassifyRequest(_Body):
         description="answer from the label set at least this new (the last version you saw); a lagging "
         "replica waits briefly, reads the database, else 503 + Retry-After",
     )
+    unknown: Literal["calibrated"] | None = Field(
+        default=None,
+        description="'calibrated': answer 'unknown' below the threshold that accepts `acceptance` of the bundle's "
+        "in-domain calibration images for this version of the set (422 if the bundle has no calibration sample)",
+    )
+    acceptance: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        strict=True,
+        description="with unknown='calibrated': the share of in-domain images to accept (default 0.95)",
+    )
+    capture: bool = Field(
+        default=True,
+        strict=True,
+        description="false: none of this request's images is kept for re-distillation (when the server captures)",
+    )
+
+
+class OperatingPoint(BaseModel):
+    """The threshold a calibrated answer used (unknown='calibrated')."""
+
+    policy: Literal["calibrated"] = "calibrated"
+    score: Literal["cosine", "softmax"] = Field(description="the top-1 score compared with the threshold")
+    threshold: float = Field(description="top-1 scores below this are answered 'unknown'")
+    acceptance: float = Field(description="share of in-domain calibration images at or above the threshold")
+    version: int | None = Field(description="the label-set version it was derived for (null: candidate_labels)")
+    calibration_images: int = Field(description="calibration images of this set's classes it rests on")
 
 
 class Prediction(BaseModel):
@@ -70,7 +98,7 @@ class Prediction(BaseModel):
 
 class ImageResult(BaseModel):
     index: int
-    label: str = Field(description="top-1 label, or 'unknown' when below unknown_threshold")
+    label: str = Field(description="top-1 label, or 'unknown' when below unknown_threshold (or the calibrated one)")
     unknown: bool = False
     predictions: list[Prediction]
 
@@ -78,7 +106,11 @@ class ImageResult(BaseModel):
 class ClassifyResponse(BaseModel):
     label_set: str | None = Field(description="the set answered from; null for candidate_labels requests")
     version: int | None = Field(description="the set's version this answer was computed from")
+    model: str = Field("", description="the bundle whose image tower answered (folder@digest; GET /v1/model)")
     results: list[ImageResult]
+    operating_point: OperatingPoint | None = Field(
+        default=None, description="with unknown='calibrated': the threshold used and how it was derived"
+    )
 
 
 class HFLabelScore(BaseModel):
@@ -110,6 +142,11 @@ class ClassesIn(_Body):
         description="a name the set already has: 'error' refuses the request (409); 'skip' leaves that name "
         "out and adds the rest, so a repeated request changes nothing (200 when nothing was added)",
     )
+    if_similar: Literal["warn", "error"] = Field(
+        default="warn",
+        description="a new class flagged as a likely duplicate or confusion (see 'quality' in the answer): "
+        "'warn' adds it and says so; 'error' refuses the request (409 with the pairs), nothing stored",
+    )
 
 
 class LabelSetIn(ClassesIn):
@@ -127,6 +164,44 @@ class LabelSetIn(ClassesIn):
         default="error",
         description="the set already exists: 'error' refuses (409); 'skip' leaves it as it is and returns it (200)",
     )
+
+
+class SimilarClass(BaseModel):
+    """A class near a new one (service/quality.py says how ``flagged`` is decided)."""
+
+    name: str
+    class_id: int | None = Field(description="null: another class of the same request")
+    cosine: float = Field(description="cosine of the two class vectors")
+    tie_rate: float | None = Field(
+        description="share of the in-domain calibration images either class wins on which the model prefers "
+        "one by less than 2:1 (null: no calibration sample, or none of its images is theirs)"
+    )
+    support: int = Field(description="calibration images either class wins")
+    flagged: bool = Field(description="likely duplicate or confusion")
+
+
+class ClassQuality(BaseModel):
+    name: str = Field(description="the new class")
+    nearest: list[SimilarClass] = Field(description="its nearest classes, most similar first")
+    flagged: bool = Field(description="one of them is flagged")
+
+
+class ConfusablePair(BaseModel):
+    a: str
+    b: str
+    a_id: int
+    b_id: int
+    cosine: float
+    tie_rate: float | None
+    support: int
+    flagged: bool
+
+
+class LabelSetReport(BaseModel):
+    label_set: str
+    version: int
+    calibrated: bool = Field(description="tie rates come from the bundle's calibration sample")
+    pairs: list[ConfusablePair] = Field(description="most confusable first")
 
 
 class ClassOut(BaseModel):
@@ -154,6 +229,9 @@ class ClassList(BaseModel):
     next_cursor: str | None = Field(
         default=None, description="pass as ?cursor= for the next page; null on the last page"
     )
+    quality: list[ClassQuality] | None = Field(
+        default=None, description="on creation: per class, its nearest classes, likely duplicates flagged"
+    )
 
 
 class ChangeOut(BaseModel):
@@ -161,6 +239,9 @@ class ChangeOut(BaseModel):
     version: int
     classes: list[ClassOut] = Field(description="the classes added or removed")
     skipped: list[str] = Field(default_factory=list, description="names already in the set (if_exists='skip')")
+    quality: list[ClassQuality] = Field(
+        default_factory=list, description="per new class: its nearest classes, likely duplicates flagged"
+    )
 
 
 class DeletedSet(BaseModel):
@@ -247,3 +328,20 @@ class EmbeddingsResponse(BaseModel):
     data: list[Embedding]
     model: str
     usage: EmbeddingsUsage
+
+
+class ModelInfo(BaseModel):
+    """``GET /v1/model``: the served bundle's card, what is loaded now, and the reload history."""
+
+    card: dict[str, Any] = Field(description="the bundle's own record: method, training, evaluation, space")
+    loaded: dict[str, str] = Field(description="since when, which version, backend and provider, served space")
+    reloads: list[dict[str, str]] = Field(description="the last reloads: when, trigger, outcome, detail")
+
+
+class ReloadOut(BaseModel):
+    at: str
+    trigger: str
+    outcome: str
+    detail: str
+    bundle: str
+    version: str = Field(description="the bundle now serving (folder@digest)")

@@ -129,6 +129,28 @@ class Settings(BaseSettings):
         default=None, description="set by `serve --workers N`: where each worker marks itself ready (for /readyz)"
     )
     log_level: str = "info"
+    # --- precision gate (models/precision.py, service/encoders.py)
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
+        default=None,
+        description="image tower precision: fp16/bf16 run on the torch backend, int8 is ONNX's quantised graph. A "
+        "reduced precision is scored against fp32 on the bundle's probe images at start-up and served only above "
+        "the bundle's floor (else fp32, logged; /readyz says which). None: onnx_precision",
+    )
+    # --- capture of classified images for re-distillation (service/capture.py); off unless capture_dir is set
+    capture_dir: Path | None = Field(
+        default=None,
+        description="keep a sample of classified images here (re-encoded JPEGs named by content hash; a folder "
+        "replicas may share). None: capture off",
+    )
+    capture_rate: float = Field(default=0.1, ge=0.0, le=1.0, description="fraction of classified images kept")
+    capture_max_images: int = Field(default=100_000, ge=1, description="capture pauses when the folder holds this many")
+    capture_max_bytes: int = Field(default=10 * 1024 * MiB, ge=MiB, description="... or this many bytes")
+    capture_retention_days: float = Field(default=30.0, gt=0, description="kept images older than this are deleted")
+
+    @property
+    def image_precision(self) -> str:
+        """The precision asked for: ``precision``, else ``onnx_precision`` (which it supersedes)."""
+        return self.precision or self.onnx_precision
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

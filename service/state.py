@@ -7,15 +7,19 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from models.bundle import Bundle, BundleError, load_bundle
+from models.bundle import Bundle, BundleError, bundle_space, load_bundle
+from models.card import bundle_version
 from models.towers import TextSide
 from service.admission import Admission, AdmissionCfg
+from service.calibration import bundle_calibrator
+from service.capture import Capture, CaptureCfg
 from service.classifier import Classifier, PipelineHooks
 from service.curator import Curator
 from service.encoders import (
@@ -23,6 +27,7 @@ from service.encoders import (
     OnnxImageEncoder,
     TorchImageEncoder,
     bundle_preprocessor,
+    check_precision,
     cuda_wanted,
     onnx_graph,
 )
@@ -31,6 +36,8 @@ from service.errors import StartupError
 from service.images import EncodedImage, ImageLimits, configure_pil
 from service.index import SearchCfg, limit_blas_threads
 from service.metrics import Metrics
+from service.migration import Migrator
+from service.quality import QualityGate
 from service.registry import Registry, check_store_matches
 from service.settings import Settings
 from service.store import open_store
@@ -49,8 +56,11 @@ class Services:
     engine: Engine[np.ndarray]
     classifier: Classifier
     curator: Curator
+    migrator: Migrator
     metrics: Metrics
     probe: np.ndarray  # [1, 3, H, W] a fixed synthetic image for readiness checks
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    history: list[dict[str, str]] = field(default_factory=list)  # reloads: when, bundle, outcome
 
     @property
     def logit_scale(self) -> float:
@@ -74,7 +84,9 @@ def resolve_backend(settings: Settings, bundle: Bundle) -> str:
     """``onnx`` or ``torch``: ``auto`` takes ONNX Runtime when the bundle has an ONNX graph (int8 is ONNX-only)."""
     if settings.backend != "auto":
         return settings.backend
-    if bundle.manifest.image_encoder.onnx or settings.onnx_precision == "int8":
+    if settings.image_precision in ("fp16", "bf16"):  # torch-only precisions
+        return "torch"
+    if bundle.manifest.image_encoder.onnx or settings.image_precision == "int8":
         return "onnx"
     return "torch"
 
@@ -83,11 +95,13 @@ def preflight(settings: Settings) -> Bundle:
     """The start-up checks that need no model (bundle, image-encoder backend, device, state dir,
     label-set database of this bundle), run before any server starts; raises StartupError."""
     bundle = load_checked_bundle(settings)
-    if resolve_backend(settings, bundle) == "onnx":
-        onnx_graph(bundle, settings.onnx_precision)
+    backend = resolve_backend(settings, bundle)
+    check_precision(backend, settings.image_precision)
+    if backend == "onnx":
+        onnx_graph(bundle, settings.image_precision)
     cuda_wanted(settings.device)  # --device cuda without a CUDA device
     check_state_dir(settings.state_dir)
-    store = open_store(settings, bundle.manifest.embed_dim)
+    store = open_store(settings, bundle.manifest.embed_dim, bundle_space(bundle))
     try:
         check_store_matches(store, bundle)
     finally:
@@ -114,7 +128,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     check_state_dir(settings.state_dir)
     configure_pil(settings.max_image_pixels)
     device = "cuda" if cuda_wanted(settings.device) else "cpu"
-    encoder, text_side = _encoders(bundle, settings, device)
+    encoder, text_side = build_encoders(bundle, settings, device)
     spec = bundle.manifest.text_encoder
     text = TextTower(
         text_side,
@@ -124,7 +138,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         hooks=metrics,
         on_call=metrics.text_call,
     )
-    store = open_store(settings, bundle.manifest.embed_dim)
+    store = open_store(settings, bundle.manifest.embed_dim, bundle_space(bundle))
     use_gpu = settings.faiss_gpu and device == "cuda"
     # FAISS threads are applied by the searching thread itself (OpenMP's setting is per thread).
     search = SearchCfg(settings.index_kind, settings.ivf_nprobe, use_gpu=use_gpu)
@@ -142,13 +156,9 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         store.close()
         raise
     metrics.info.labels(encoder.backend, encoder.provider).set(1)
-    probe = encoder.preprocess.from_pil(_probe_image())[None]  # [1, 3, H, W]
+    probe = encoder.preprocess.from_pil(probe_image())[None]  # [1, 3, H, W]
     admission = Admission(_admission_cfg(settings), *_service_times(encoder, probe))
-    engine: Engine[np.ndarray] = Engine(
-        encoder.encode,
-        EngineCfg(settings.max_batch_size, settings.max_wait_ms, retry_after_s=settings.retry_after_s),
-        PipelineHooks(metrics, admission),
-    )
+    engine = image_engine(settings, encoder, PipelineHooks(metrics, admission))
     classifier = Classifier(
         settings,
         registry=registry,
@@ -158,6 +168,9 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         admission=admission,
         logit_scale=float(bundle.manifest.logit_scale),
         on_images=metrics.images.inc,
+        model_version=bundle_version(bundle),
+        calibration=bundle_calibrator(bundle),
+        capture=Capture(capture_cfg(settings)),
     )
     log.info(
         "admission: %d images in flight at most (%s; %.1f ms per image)",
@@ -165,8 +178,28 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         "max_images_in_flight" if settings.max_images_in_flight else f"target latency {settings.target_latency_s:g} s",
         1000 * admission.image_s,
     )
-    curator = Curator(settings, registry, text)
-    return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, metrics, probe)
+    curator = Curator(settings, registry, text, QualityGate(classifier.calibration.sample, classifier.logit_scale))
+    migrator = Migrator(registry, text)
+    return Services(settings, bundle, encoder, text, registry, engine, classifier, curator, migrator, metrics, probe)
+
+
+def capture_cfg(settings: Settings) -> CaptureCfg | None:
+    if settings.capture_dir is None:
+        return None
+    return CaptureCfg(
+        settings.capture_dir,
+        settings.capture_rate,
+        settings.capture_max_images,
+        settings.capture_max_bytes,
+        settings.capture_retention_days,
+        settings.max_image_bytes,
+    )
+
+
+def image_engine(settings: Settings, encoder: ImageEncoder, hooks: PipelineHooks) -> Engine[np.ndarray]:
+    """The image tower's batching engine (not started)."""
+    cfg = EngineCfg(settings.max_batch_size, settings.max_wait_ms, retry_after_s=settings.retry_after_s)
+    return Engine(encoder.encode, cfg, hooks)
 
 
 def _admission_cfg(settings: Settings) -> AdmissionCfg:
@@ -187,16 +220,19 @@ def _service_times(encoder: ImageEncoder, probe: np.ndarray) -> tuple[float, flo
     encoder.encode(probe)
     encode_s = time.perf_counter() - start
     buf = io.BytesIO()
-    _probe_image().resize((640, 480)).save(buf, "JPEG", quality=90)  # a typical upload
+    probe_image().resize((640, 480)).save(buf, "JPEG", quality=90)  # a typical upload
     start = time.perf_counter()
     encoder.preprocess(EncodedImage(buf.getvalue()))
     return encode_s, time.perf_counter() - start
 
 
-def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEncoder, TextSide | None]:
+def build_encoders(
+    bundle: Bundle, settings: Settings, device: str, *, text: bool = True
+) -> tuple[ImageEncoder, TextSide | None]:
+    """The bundle's image encoder (ONNX Runtime or torch) and, with ``text``, its text side."""
     import torch
 
-    from models.towers import build_text_side, build_towers, load_bundle_backbone
+    from models.towers import build_image_tower, build_text_side, build_towers, load_bundle_backbone
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -219,18 +255,21 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
             pre,
             "cuda" if device == "cuda" else settings.device,
             settings.threads,
-            settings.onnx_precision,
+            settings.image_precision,
         )
-        if m.text_encoder is None:
+        if m.text_encoder is None or not text:
             return encoder, None
         backbone = load_bundle_backbone(bundle, m.text_encoder.backbone, device)
         backbone.model.visual = torch.nn.Identity()  # ONNX runs the image side; keep only the text tower
         return encoder, build_text_side(bundle, device, backbone)
+    if not text:
+        tower = build_image_tower(bundle, device, load_bundle_backbone(bundle, m.image_encoder.backbone, device))
+        return TorchImageEncoder(bundle, tower, pre, device, settings.image_precision), None
     tower, side = build_towers(bundle, device)
-    return TorchImageEncoder(tower, pre, device), side
+    return TorchImageEncoder(bundle, tower, pre, device, settings.image_precision), side
 
 
-def _probe_image() -> Image.Image:
+def probe_image() -> Image.Image:
     """A deterministic colour gradient (no file needed)."""
     y, x = np.mgrid[0:96, 0:96]
     rgb = np.stack([x * 2.5, y * 2.5, (x + y) * 1.3], axis=-1).clip(0, 255).astype(np.uint8)

@@ -25,7 +25,15 @@ from training.benchmark import Benchmark, load_benchmark
 from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg, save_config
 from training.data import Subset, build_transform
 from training.evaluate import plot_base_novel, plot_history, predict, save_json
-from training.export import ImageParts, TextParts, assemble_bundle, image_tower, label_set, write_bundle
+from training.export import (
+    ImageParts,
+    TextParts,
+    add_calibration,
+    assemble_bundle,
+    image_tower,
+    label_set,
+    write_bundle,
+)
 from training.loop import BestState, EvalCallback, Trainer, load_trainable_state, pick_device, trainable_state
 from training.promptkd import DistillCfg, PromptKDStudent, batchmean_equivalent_weight
 from training.promptsrc import LEARNED_TEMPLATES
@@ -161,7 +169,7 @@ def run_distill(
         "teacher": _teacher_results(cfg.teacher_dir),
     }
     bundle_dir = cfg.export.bundle_dir or out / "bundle"
-    export_student(model, sbb, teacher, bundle_dir, cfg, results)
+    export_student(model, sbb, teacher, bundle_dir, cfg, results, calibration=bench.unlabeled(test_tf))
     results["bundle"] = str(bundle_dir)
     save_json(results, out / "results.json")
     _plots(results, state.history, out)
@@ -236,8 +244,10 @@ def export_student(
     out: Path,
     cfg: DistillRunConfig,
     results: dict[str, Any],
+    calibration: Any = None,
 ) -> None:
-    """The PromptKD bundle: student tower + teacher class vectors + teacher text side."""
+    """The PromptKD bundle: student tower + teacher class vectors + teacher text side (+ the calibration
+    sample: a bounded draw of ``calibration``, the unlabeled images distillation read, embedded by the student)."""
     m = teacher.n_base
     provenance = ["promptkd:base"] * m + ["promptkd:novel"] * (len(teacher.class_names) - m)
     if cfg.protocol == "cross_dataset":
@@ -266,6 +276,8 @@ def export_student(
         embed_weights=cfg.export.embed_weights,
     )
     model.eval()
+    if calibration is not None:
+        add_calibration(bundle, image_tower(image), calibration, "distillation: unlabeled images", seed=cfg.loop.seed)
     write_bundle(
         bundle,
         out,

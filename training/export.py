@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from models import __version__
 from models.backbone import Backbone
@@ -38,6 +39,7 @@ from models.bundle import (
 )
 from models.class_vectors import validate_templates
 from models.heads import Projector
+from models.precision import add_probes
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
 from models.towers import ImageTower, backbone_ref, needs_embedded_weights, prompt_spec
 from models.zeroshot import add_onnx
@@ -173,6 +175,22 @@ def _projector(projector: Projector | None) -> tuple[dict[str, torch.Tensor] | N
     return state, ProjectorSpec(in_dim=projector.cfg.in_dim, out_dim=projector.cfg.out_dim)
 
 
+def add_calibration(
+    bundle: Bundle, tower: ImageTower, images: Dataset[Any], source: str, *, seed: int = 0, batch_size: int = 100
+) -> Bundle:
+    """Embed a bounded seeded draw (models.calibration.draw) of ``images`` (pixels, label) with
+    ``tower`` (eval mode, its device) as ``bundle``'s calibration sample."""
+    from models.calibration import attach, draw, embed_batches
+
+    picked = draw(len(images), seed=seed).tolist()  # type: ignore[arg-type]
+    loader = DataLoader(Subset(images, picked), batch_size=batch_size, shuffle=False)
+    device = next(tower.parameters()).device
+    was_training = tower.training
+    sample = embed_batches(tower.eval(), (pixels.to(device) for pixels, _ in loader))
+    tower.train(was_training)
+    return attach(bundle, sample, f"{source}: {len(picked)} of {len(images)}", seed=seed)  # type: ignore[arg-type]
+
+
 def write_bundle(
     bundle: Bundle,
     out_dir: str | Path,
@@ -196,6 +214,8 @@ def write_bundle(
         raise ValueError("onnx export needs the image tower")
 
     def exports(stage: Path) -> dict[str, Path]:
+        if not (onnx or int8):
+            return add_probes(bundle, stage)  # the precision gate's images (models/precision.py)
         assert tower is not None
         was_training = tower.training
         device = next(tower.parameters()).device
@@ -204,6 +224,6 @@ def write_bundle(
         finally:
             tower.to(device).train(was_training)  # the exporter moved it to CPU
 
-    save_bundle(bundle, out, exports=exports if onnx or int8 else None)
+    save_bundle(bundle, out, exports=exports)
     log.info("wrote bundle to %s", out)
     return load_bundle(out)

@@ -21,7 +21,8 @@ router = APIRouter(prefix="/v1", tags=["classify"])
 _FORM_INT = re.compile(r"[0-9]{1,12}")
 _FORM_FLOAT = re.compile(r"-?[0-9]{1,12}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?")
 _FORM_FIELDS = {
-    "files", "label_set", "top_k", "candidate_labels", "hypothesis_template", "unknown_threshold", "min_version"
+    "files", "label_set", "top_k", "candidate_labels", "hypothesis_template", "unknown_threshold", "min_version",
+    "unknown", "acceptance", "capture",
 }  # fmt: skip
 
 _MULTIPART_SCHEMA = {
@@ -39,6 +40,9 @@ _MULTIPART_SCHEMA = {
         "hypothesis_template": {"type": "string"},
         "unknown_threshold": {"type": "number", "minimum": -1, "maximum": 1},
         "min_version": {"type": "integer", "minimum": 1},
+        "unknown": {"type": "string", "enum": ["calibrated"]},
+        "acceptance": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "capture": {"type": "boolean", "default": True},
     },
 }
 OPENAPI_BODY: dict[str, Any] = {
@@ -60,7 +64,10 @@ OPENAPI_BODY: dict[str, Any] = {
     responses={
         413: {"description": "body, image bytes or pixels over the limit"},
         415: {"description": "neither JSON nor multipart"},
-        422: {"description": "undecodable image, URL instead of image, invalid labels"},
+        422: {
+            "description": "undecodable image, URL instead of image, invalid labels; unknown='calibrated' on a bundle "
+            "without a calibration sample (code no_calibration_sample)"
+        },
         429: {"description": "at capacity (refused before any decoding); see Retry-After"},
         503: {"description": "shutting down; see Retry-After"},
     },
@@ -112,6 +119,7 @@ def _from_json(body: bytes) -> ClassifyJob:
         template = template or params.hypothesis_template
         top_k = params.top_k or top_k
     job = ClassifyJob(images, req.label_set, top_k, labels, template, req.unknown_threshold, req.min_version)
+    job.unknown, job.acceptance, job.capture = req.unknown, req.acceptance, req.capture
     if req.inputs is not None:  # asked in the Hugging Face shape: answered in it
         job.hf_single = isinstance(req.inputs, str)
     return job
@@ -148,7 +156,19 @@ async def _job_from_form(form: FormData, settings: Settings) -> ClassifyJob:
         hypothesis_template=str(template) if template is not None else None,
         unknown_threshold=_form_number(form.get("unknown_threshold"), "unknown_threshold", float, None),
         min_version=_form_number(form.get("min_version"), "min_version", int, None),
+        unknown=str(form.get("unknown")) if form.get("unknown") is not None else None,
+        acceptance=_form_number(form.get("acceptance"), "acceptance", float, None),
+        capture=_form_bool(form.get("capture"), "capture"),
     )
+
+
+def _form_bool(raw: object, field: str) -> bool:
+    if raw is None or raw == "":
+        return True
+    value = str(raw).strip().lower()
+    if value not in ("true", "false"):
+        raise InvalidInput(f"{field}: must be true or false")
+    return value == "true"
 
 
 def _form_number(raw: object, field: str, kind: type, default: Any) -> Any:

@@ -37,7 +37,7 @@ async def readyz(request: Request) -> Response:
     services = getattr(request.app.state, "services", None)
     if services is None:
         return JSONResponse(Health(status="unready", checks={"startup": "still loading"}).model_dump(), 503)
-    checks: dict[str, str] = {"bundle": bundle_identity(services.bundle)}
+    checks: dict[str, str] = {"bundle": bundle_identity(services.bundle), "precision": services.encoder.gate.summary()}
     ok = True
     workers = services.settings.workers
     if workers > 1 and services.settings.worker_dir is not None:  # serve --workers N: are all N serving?
@@ -49,6 +49,9 @@ async def readyz(request: Request) -> Response:
         checks["database"] = "ok"
         problems = await asyncio.to_thread(services.registry.check)
         checks["index"] = "; ".join(problems) if problems else "ok"
+        migrating = services.migrator.status()
+        if migrating:
+            checks["vectors"] = migrating  # a set with a complete snapshot keeps serving meanwhile
         ok = ok and not problems
     except StoreUnavailable as e:
         # A shared database is down: every replica still classifies from its snapshots. Stay ready
@@ -67,6 +70,7 @@ async def readyz(request: Request) -> Response:
         ok = ok and good
     except ServiceError as e:
         checks["inference"], ok = f"failed: {e.message}", False
+    checks["capture"] = services.classifier.capture.status()  # informational: capture never fails readiness
     status = "ready" if ok else "unready"
     return JSONResponse(Health(status=status, checks=checks).model_dump(), 200 if ok else 503)
 
@@ -84,6 +88,10 @@ async def metrics(services: ServicesDep) -> Response:
     m, admission = services.metrics, services.classifier.admission
     m.queue_depth.labels("image").set(services.engine.depth)
     m.queue_depth.labels("text").set(services.text.engine.depth)
+    capture = services.classifier.capture
+    m.capture_active.set(1 if capture.active else 0)
+    m.capture_images.set(capture.kept)
+    m.capture_errors.set(capture.errors)
     m.admission_capacity.set(admission.capacity)
     m.admission_in_flight.set(admission.in_flight)
     m.admission_image_seconds.set(admission.image_s)

@@ -16,6 +16,7 @@ from service.errors import InvalidInput
 from service.index import Snapshot
 from service.names import clean_name
 from service.registry import RUNTIME
+from service.routes.quality import quality_out
 from service.schemas import (
     ChangeOut,
     ClassesIn,
@@ -54,7 +55,7 @@ MinVersion = Annotated[
 _ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "API key missing or wrong"},
     404: {"description": "unknown label set or class"},
-    409: {"description": "duplicate name, existing set, or protected set"},
+    409: {"description": "duplicate name, existing set, protected set, or (if_similar='error') a likely duplicate"},
     422: {"description": "invalid names or templates"},
     503: {"description": "database unreachable, or min_version not reached in time (Retry-After)"},
 }
@@ -118,7 +119,9 @@ async def list_label_sets(registry: RegistryDep, min_version: MinVersion = None)
 )
 async def create_label_set(body: LabelSetIn, curator: CuratorDep, response: Response) -> ClassList:
     skip = body.if_exists == "skip"
-    change = await curator.create(body.name, body.names, body.templates, skip_existing=skip, index=body.index)
+    change = await curator.create(
+        body.name, body.names, body.templates, skip_existing=skip, index=body.index, if_similar=body.if_similar
+    )
     assert change.snapshot is not None
     if change.skipped:
         response.status_code = status.HTTP_200_OK  # the set was already there: nothing created
@@ -129,6 +132,7 @@ async def create_label_set(body: LabelSetIn, curator: CuratorDep, response: Resp
         index_size=int(snap.index.ntotal),
         index=snap.kind,
         classes=_classes(snap),
+        quality=None if change.skipped else quality_out(change.quality),
     )
 
 
@@ -162,11 +166,13 @@ async def list_classes(
     summary="add classes (all or none; if_exists='skip' leaves out names already there); durable before the response",
 )
 async def add_classes(name: SetName, body: ClassesIn, curator: CuratorDep, response: Response) -> ChangeOut:
-    change = await curator.add(name, body.names, body.templates, skip_existing=body.if_exists == "skip")
+    skip = body.if_exists == "skip"
+    change = await curator.add(name, body.names, body.templates, skip_existing=skip, if_similar=body.if_similar)
     added = [ClassOut(id=i, name=n, provenance=RUNTIME) for i, n in zip(change.ids, change.names, strict=True)]
     if not added:
         response.status_code = status.HTTP_200_OK  # every name was already there: nothing changed
-    return ChangeOut(label_set=name, version=change.version, classes=added, skipped=change.skipped)
+    quality = quality_out(change.quality)
+    return ChangeOut(label_set=name, version=change.version, classes=added, skipped=change.skipped, quality=quality)
 
 
 @router.delete(

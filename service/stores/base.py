@@ -1,10 +1,16 @@
 """The store interface and the SQL both implementations share.
 
-A store is the durable source of truth for label sets. Every change runs in one transaction that
-locks the set's row, then advances one global clock row; the set's ``version`` becomes the new
-clock value. Because the clock row stays locked until commit, writers commit in clock order and a
-version never goes backwards (even across a delete and re-create). The caller answers the client
-only after the transaction committed. FAISS indexes are derived from these rows.
+A store is the durable source of truth for label sets. Names are the truth; vectors are derived
+per embedding *space* (models.bundle.bundle_space): a class (label set, id, name, provenance) is
+stored once in ``classes``, its vector once per space in ``vectors``. A store object reads and
+writes the vectors of one space (``space``); classes that have no vector in it yet are reported as
+``missing`` (the service encodes them: service/migration.py) and never served without one.
+
+Every change runs in one transaction that locks the set's row, then advances one global clock row;
+the set's ``version`` becomes the new clock value. Because the clock row stays locked until commit,
+writers commit in clock order and a version never goes backwards (even across a delete and
+re-create). The caller answers the client only after the transaction committed. FAISS indexes are
+derived from these rows.
 
 SQL here is written with ``?`` placeholders; :meth:`Store._sql` adapts it to the driver.
 """
@@ -22,6 +28,7 @@ import numpy as np
 
 from service.errors import DuplicateClass, LabelSetExists, StartupError, UnknownClass, UnknownLabelSet
 
+LEGACY = "legacy:"  # space tag of vectors from a database made before spaces, + the bundle fingerprint
 Tx = Any  # a driver connection inside an open transaction (sqlite3.Connection / psycopg.Connection)
 
 
@@ -36,6 +43,7 @@ class SetRows:
     provenance: list[str]
     vectors: np.ndarray
     index_kind: str | None = None  # column label_sets.index_kind: "flat" | "ivf"; None: the service default
+    missing: tuple[int, ...] = ()  # ids of classes with no vector in the store's space (not in the rows above)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class Store(abc.ABC):
     """Durable, versioned label sets. Writes take a ``tx`` from :meth:`transaction`."""
 
     embed_dim: int
+    space: str  # the embedding space whose vectors this store reads and writes
     #: True when other hosts write too and tell us (LISTEN/NOTIFY): the registry then serves its
     #: snapshots without a database read per request. False (SQLite): every read checks the version.
     shared: bool = False
@@ -84,6 +93,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def set_meta(self, db: Tx, key: str, value: str) -> None: ...
+
+    @abc.abstractmethod
+    def advance_clock(self, db: Tx, at_least: int) -> None:
+        """Move the clock to ``at_least`` if it is behind (an import brings versions of its own)."""
 
     def lock_all(self, db: Tx) -> None:
         """Serialise with every other writer (start-up seeding). SQLite's BEGIN IMMEDIATE already does."""
@@ -150,19 +163,24 @@ class Store(abc.ABC):
         return SetDelta(int(row[0]), current, self._set_rows(name, int(row[0]), rows, row[1]))
 
     def _rows(self, db: Tx, name: str, want: np.ndarray, fetch_all: bool) -> list[Any]:
-        cols = "SELECT id, name, provenance, vector FROM classes WHERE label_set = ?"
+        cols = (
+            "SELECT c.id, c.name, c.provenance, v.vector FROM classes c LEFT JOIN vectors v "
+            "ON v.label_set = c.label_set AND v.class_id = c.id AND v.space = ? WHERE c.label_set = ?"
+        )
         if fetch_all:
-            return list(db.execute(self._sql(cols + " ORDER BY id"), (name,)).fetchall())
+            return list(db.execute(self._sql(cols + " ORDER BY c.id"), (self.space, name)).fetchall())
         out: list[Any] = []
         for start in range(0, len(want), 500):
             chunk = [int(i) for i in want[start : start + 500]]
             marks = ",".join("?" * len(chunk))
-            out += db.execute(self._sql(f"{cols} AND id IN ({marks}) ORDER BY id"), (name, *chunk)).fetchall()
+            q = f"{cols} AND c.id IN ({marks}) ORDER BY c.id"
+            out += db.execute(self._sql(q), (self.space, name, *chunk)).fetchall()
         return out
 
     def _set_rows(self, name: str, version: int, rows: list[Any], index_kind: str | None = None) -> SetRows:
-        vectors = np.zeros((len(rows), self.embed_dim), dtype=np.float32)  # [N, D]
-        for i, r in enumerate(rows):
+        have = [r for r in rows if r[3] is not None]
+        vectors = np.zeros((len(have), self.embed_dim), dtype=np.float32)  # [N, D]
+        for i, r in enumerate(have):
             vec = np.frombuffer(bytes(r[3]), dtype="<f4")
             if vec.shape != (self.embed_dim,):
                 raise StartupError(f"database {self.where}: class {r[1]!r} in {name!r} has a vector of size {vec.size}")
@@ -170,12 +188,38 @@ class Store(abc.ABC):
         return SetRows(
             name=name,
             version=version,
-            ids=np.asarray([r[0] for r in rows], dtype=np.int64),
-            names=[r[1] for r in rows],
-            provenance=[r[2] for r in rows],
+            ids=np.asarray([r[0] for r in have], dtype=np.int64),
+            names=[r[1] for r in have],
+            provenance=[r[2] for r in have],
             vectors=vectors,
             index_kind=index_kind,
+            missing=tuple(int(r[0]) for r in rows if r[3] is None),
         )
+
+    def missing(self, name: str, limit: int) -> tuple[list[int], list[str]]:
+        """Up to ``limit`` classes of ``name`` (ids, names; ascending id) with no vector in this space."""
+        q = (
+            "SELECT c.id, c.name FROM classes c WHERE c.label_set = ? AND NOT EXISTS (SELECT 1 FROM vectors v "
+            "WHERE v.label_set = c.label_set AND v.class_id = c.id AND v.space = ?) ORDER BY c.id LIMIT ?"
+        )
+        with self.read() as db:
+            rows = db.execute(self._sql(q), (name, self.space, limit)).fetchall()
+        return [int(r[0]) for r in rows], [str(r[1]) for r in rows]
+
+    def missing_counts(self) -> dict[str, int]:
+        """Per label set, how many classes have no vector in this space (sets with none are left out)."""
+        q = (
+            "SELECT c.label_set, COUNT(*) FROM classes c WHERE NOT EXISTS (SELECT 1 FROM vectors v "
+            "WHERE v.label_set = c.label_set AND v.class_id = c.id AND v.space = ?) GROUP BY c.label_set"
+        )
+        with self.read() as db:
+            return {str(r[0]): int(r[1]) for r in db.execute(self._sql(q), (self.space,)).fetchall()}
+
+    def spaces(self) -> dict[str, int]:
+        """Every space with stored vectors -> how many vectors it holds."""
+        with self.read() as db:
+            rows = db.execute(self._sql("SELECT space, COUNT(*) FROM vectors GROUP BY space ORDER BY space"))
+            return {str(r[0]): int(r[1]) for r in rows.fetchall()}
 
     # ----------------------------------------------------------------- writes (inside transaction())
     def create_set(
@@ -235,6 +279,7 @@ class Store(abc.ABC):
         if row is None:
             what = f"id {class_id}" if class_id is not None else f"name {class_name!r}"
             raise UnknownClass(f"label set {name!r} has no class with {what}")
+        db.execute(self._sql("DELETE FROM vectors WHERE label_set = ? AND class_id = ?"), (name, row[0]))
         db.execute(self._sql("DELETE FROM classes WHERE label_set = ? AND id = ?"), (name, row[0]))
         version = self._tick(db)
         db.execute(self._sql("UPDATE label_sets SET version = ? WHERE name = ?"), (version, name))
@@ -244,11 +289,78 @@ class Store(abc.ABC):
     def delete_set(self, db: Tx, name: str) -> int:
         """Delete a set and its classes; returns the clock value of the deletion."""
         self._require(db, name)
+        db.execute(self._sql("DELETE FROM vectors WHERE label_set = ?"), (name,))
         db.execute(self._sql("DELETE FROM classes WHERE label_set = ?"), (name,))
         db.execute(self._sql("DELETE FROM label_sets WHERE name = ?"), (name,))
         version = self._tick(db)
         self.notify(db, name, version)
         return version
+
+    def put_vectors(self, db: Tx, name: str, ids: Sequence[int], vectors: np.ndarray) -> int:
+        """Store this space's vectors [N, D] of existing classes (those removed meanwhile and those that
+        have one already are left alone); the set's version stays (its classes did not change).
+        Returns how many were stored."""
+        vecs = np.ascontiguousarray(vectors, dtype="<f4")
+        if vecs.shape != (len(ids), self.embed_dim):
+            raise ValueError(f"vectors have shape {vecs.shape}, expected ({len(ids)}, {self.embed_dim})")
+        have = set(self._vector_ids(db, name, ids))
+        alive = {int(r[0]) for r in self._class_ids(db, name, ids)}
+        rows = [
+            (name, int(i), self.space, self._blob(v))
+            for i, v in zip(ids, vecs, strict=True)
+            if int(i) in alive and int(i) not in have
+        ]
+        self._insert_vectors(db, rows)
+        version = db.execute(self._sql("SELECT version FROM label_sets WHERE name = ?"), (name,)).fetchone()
+        if rows and version is not None:
+            self.notify(db, name, int(version[0]))  # replicas of this space may be waiting for them
+        return len(rows)
+
+    def retag(self, db: Tx, old: str, new: str) -> int:
+        """Move the vectors of space ``old`` to ``new`` (where ``new`` has none for that class)."""
+        db.execute(
+            self._sql(
+                "INSERT INTO vectors (label_set, class_id, space, vector) SELECT v.label_set, v.class_id, ?, v.vector "
+                "FROM vectors v WHERE v.space = ? AND NOT EXISTS (SELECT 1 FROM vectors w WHERE "
+                "w.label_set = v.label_set AND w.class_id = v.class_id AND w.space = ?)"
+            ),
+            (new, old, new),
+        )
+        n = db.execute(self._sql("SELECT COUNT(*) FROM vectors WHERE space = ?"), (old,)).fetchone()[0]
+        db.execute(self._sql("DELETE FROM vectors WHERE space = ?"), (old,))
+        return int(n)
+
+    def class_ids(self, db: Tx, name: str) -> dict[str, int]:
+        """Class name -> id of every class of ``name`` (empty for a set that does not exist)."""
+        rows = db.execute(self._sql("SELECT name, id FROM classes WHERE label_set = ?"), (name,)).fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def drop_space(self, db: Tx, space: str) -> int:
+        """Delete every vector of ``space`` (never the store's own); returns how many."""
+        if space == self.space:
+            raise ValueError("the space this service reads cannot be removed")
+        n = db.execute(self._sql("SELECT COUNT(*) FROM vectors WHERE space = ?"), (space,)).fetchone()[0]
+        db.execute(self._sql("DELETE FROM vectors WHERE space = ?"), (space,))
+        return int(n)
+
+    def _vector_ids(self, db: Tx, name: str, ids: Sequence[int]) -> list[int]:
+        out: list[int] = []
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT class_id FROM vectors WHERE label_set = ? AND space = ? AND class_id IN ({marks})"
+            out += [int(r[0]) for r in db.execute(self._sql(q), (name, self.space, *chunk)).fetchall()]
+        return out
+
+    def _class_ids(self, db: Tx, name: str, ids: Sequence[int]) -> list[Any]:
+        out: list[Any] = []
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            out += db.execute(
+                self._sql(f"SELECT id FROM classes WHERE label_set = ? AND id IN ({marks})"), (name, *chunk)
+            ).fetchall()
+        return out
 
     def lock_version(self, db: Tx, name: str) -> int:
         """Lock the set's row and return its version (what this transaction's change builds on)."""
@@ -275,17 +387,20 @@ class Store(abc.ABC):
         (next_id,) = db.execute(self._sql("SELECT next_id FROM label_sets WHERE name = ?"), (name,)).fetchone()
         new_ids = list(ids) if ids is not None else list(range(next_id, next_id + len(names)))
         stamp = now()
-        rows = [
-            (name, i, n, prov[k], self._blob(vecs[k]), stamp)
-            for k, (i, n) in enumerate(zip(new_ids, names, strict=True))
-        ]
+        rows = [(name, i, n, prov[k], stamp) for k, (i, n) in enumerate(zip(new_ids, names, strict=True))]
         self._insert_classes(db, rows)
+        self._insert_vectors(db, [(name, i, self.space, self._blob(vecs[k])) for k, i in enumerate(new_ids)])
         top = max([next_id - 1, *new_ids]) + 1
         db.execute(self._sql("UPDATE label_sets SET next_id = ? WHERE name = ?"), (top, name))
         return new_ids
 
     def _insert_classes(self, db: Tx, rows: list[tuple[Any, ...]]) -> None:
-        sql = "INSERT INTO classes (label_set, id, name, provenance, vector, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+        sql = "INSERT INTO classes (label_set, id, name, provenance, created_at) VALUES (?, ?, ?, ?, ?)"
+        with _cursor(db) as cur:
+            cur.executemany(self._sql(sql), rows)
+
+    def _insert_vectors(self, db: Tx, rows: list[tuple[Any, ...]]) -> None:
+        sql = "INSERT INTO vectors (label_set, class_id, space, vector) VALUES (?, ?, ?, ?)"
         with _cursor(db) as cur:
             cur.executemany(self._sql(sql), rows)
 

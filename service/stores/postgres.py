@@ -25,7 +25,7 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 
 from service.errors import LabelSetExists, StartupError, StoreUnavailable
-from service.stores.base import Store
+from service.stores.base import LEGACY, Store
 
 log = logging.getLogger(__name__)
 CHANNEL = "promptdistill_label_sets"
@@ -40,8 +40,26 @@ CREATE TABLE IF NOT EXISTS label_sets (
 ALTER TABLE label_sets ADD COLUMN IF NOT EXISTS index_kind TEXT;
 CREATE TABLE IF NOT EXISTS classes (
     label_set TEXT NOT NULL REFERENCES label_sets(name) ON DELETE CASCADE,
-    id BIGINT NOT NULL, name TEXT NOT NULL, provenance TEXT NOT NULL, vector BYTEA NOT NULL,
+    id BIGINT NOT NULL, name TEXT NOT NULL, provenance TEXT NOT NULL,
     created_at TEXT NOT NULL, PRIMARY KEY (label_set, id), UNIQUE (label_set, name));
+CREATE TABLE IF NOT EXISTS vectors (
+    label_set TEXT NOT NULL, class_id BIGINT NOT NULL, space TEXT NOT NULL, vector BYTEA NOT NULL,
+    PRIMARY KEY (label_set, class_id, space),
+    FOREIGN KEY (label_set, class_id) REFERENCES classes(label_set, id) ON DELETE CASCADE);
+"""
+# A database made before spaces: its one-vector-per-class column moves to `vectors`, tagged with the
+# old bundle fingerprint (the registry re-tags them with that bundle's space when it serves it). One
+# transaction, under the schema lock; replicas of the older release must be stopped first.
+_MIGRATE_VECTORS = f"""
+DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = 'classes' AND column_name = 'vector') THEN
+    INSERT INTO vectors (label_set, class_id, space, vector)
+      SELECT label_set, id, '{LEGACY}' || COALESCE((SELECT value FROM meta WHERE key = 'bundle_fingerprint'), ''),
+             vector FROM classes ON CONFLICT DO NOTHING;
+    ALTER TABLE classes DROP COLUMN vector;
+  END IF;
+END $$;
 """
 _DOWN = (psycopg.OperationalError, psycopg.InterfaceError)
 
@@ -61,9 +79,16 @@ class PostgresStore(Store):
     shared = True
 
     def __init__(
-        self, url: str, embed_dim: int, poll_interval_s: float = 2.0, retry_after_s: int = 1, connect_timeout_s: int = 3
+        self,
+        url: str,
+        embed_dim: int,
+        space: str,
+        poll_interval_s: float = 2.0,
+        retry_after_s: int = 1,
+        connect_timeout_s: int = 3,
     ) -> None:
         self.embed_dim = embed_dim
+        self.space = space
         self.poll_interval_s = poll_interval_s
         self.retry_after_s = retry_after_s
         self._url, self._timeout = url, connect_timeout_s
@@ -77,6 +102,7 @@ class PostgresStore(Store):
             with self.transaction() as db:
                 self.lock_all(db)  # replicas starting together would race on CREATE TABLE IF NOT EXISTS
                 db.execute(_SCHEMA)
+                db.execute(_MIGRATE_VECTORS)
         except StoreUnavailable as e:
             raise StartupError(f"cannot reach the label-set database {self.where}: {e.message}") from e
 
@@ -176,6 +202,9 @@ class PostgresStore(Store):
         row = db.execute("UPDATE clock SET value = value + 1 WHERE id = 1 RETURNING value").fetchone()
         assert row is not None
         return int(row[0])
+
+    def advance_clock(self, db: psycopg.Connection[Any], at_least: int) -> None:
+        db.execute("UPDATE clock SET value = GREATEST(value, %s) WHERE id = 1", (at_least,))
 
     def set_meta(self, db: psycopg.Connection[Any], key: str, value: str) -> None:
         db.execute(

@@ -26,6 +26,7 @@ MUTATING = [
     ("DELETE", "/v1/label-sets/default/classes/0", {}),
     ("DELETE", "/v1/label-sets/default/classes", {"params": {"name": "dog"}}),
     ("DELETE", "/v1/label-sets/pets", {}),
+    ("POST", "/v1/admin/reload", {}),
 ]
 
 
@@ -40,6 +41,7 @@ def test_every_mutating_route_needs_the_key_and_health_stays_open(live: Any) -> 
             ("DELETE", "/v1/label-sets/{name}/classes/{class_id}"),
             ("DELETE", "/v1/label-sets/{name}/classes"),
             ("DELETE", "/v1/label-sets/{name}"),
+            ("POST", "/v1/admin/reload"),
         }
         for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
             for method, url, kwargs in MUTATING:
@@ -52,7 +54,7 @@ def test_every_mutating_route_needs_the_key_and_health_stays_open(live: Any) -> 
         assert {"cat", "dog"} <= {c["name"] for c in classes}, "a refused request changed something"
         ok = {"X-API-Key": KEY}
         codes = [http.request(m, u, headers=ok, **kw).status_code for m, u, kw in MUTATING]
-        assert codes == [201, 201, 200, 200, 200]
+        assert codes == [201, 201, 200, 200, 200, 200]
 
 
 def test_serve_refuses_public_bind_without_key(tiny_bundle_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
@@ -121,17 +123,18 @@ def test_serve_start_up_errors_are_one_line_and_exit_2(
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert re.search(message, err) and err.startswith("promptdistill serve: error: "), err
-    other = tmp_path / "other"  # encodes names differently: its vectors live in another space
+    other = tmp_path / "other"  # no text side: another space, and nothing to encode runtime classes with
     shutil.copytree(tiny_bundle_dir, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["text_encoder"]["templates"] = ["{}"]
+    manifest["text_encoder"] = None
     (other / "manifest.json").write_text(json.dumps(manifest))
     seeded = tmp_path / "seeded"
     _clear_promptdistill_env()
-    _start(Settings(bundle=tiny_bundle_dir, state_dir=seeded, threads=1))  # the database now belongs to it
+    with TestClient(create_app(Settings(bundle=tiny_bundle_dir, state_dir=seeded, threads=1))) as http:
+        assert http.post("/v1/label-sets/default/classes", json={"names": ["okapi"]}).status_code == 201
     assert main(["serve", "--bundle", str(other), "--state-dir", str(seeded)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "different bundle" in err, err
+    assert len(err.strip().splitlines()) == 1 and "no text side" in err and "default/okapi" in err, err
     monkeypatch.setenv("PROMPTDISTILL_MAX_WAIT_MS", "soon")  # a bad setting from the environment
     assert main(["serve", "--bundle", str(tiny_bundle_dir), *state]) == 2
     assert "max_wait_ms (PROMPTDISTILL_MAX_WAIT_MS)" in capsys.readouterr().err

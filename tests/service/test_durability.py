@@ -60,9 +60,14 @@ def _db_rows(state_dir: Path) -> tuple[int, dict[int, str], dict[int, np.ndarray
     db = sqlite3.connect(state_dir / DB_FILE)
     try:
         (version,) = db.execute("SELECT version FROM label_sets WHERE name = 'default'").fetchone()
-        rows = db.execute("SELECT id, name, vector FROM classes WHERE label_set = 'default'").fetchall()
+        rows = db.execute(
+            "SELECT c.id, c.name, v.vector FROM classes c LEFT JOIN vectors v ON v.label_set = c.label_set "
+            "AND v.class_id = c.id WHERE c.label_set = 'default'"
+        ).fetchall()
+        spaces = db.execute("SELECT COUNT(DISTINCT space) FROM vectors").fetchone()[0]
     finally:
         db.close()
+    assert spaces == 1 and all(r[2] is not None for r in rows), "a class was stored without its vector"
     return int(version), {r[0]: r[1] for r in rows}, {r[0]: np.frombuffer(r[2], dtype="<f4") for r in rows}
 
 

@@ -191,14 +191,14 @@ def test_store_migrates_an_old_database_and_keeps_the_index_kind(tmp_path: Path)
         "INSERT INTO label_sets VALUES ('legacy', 1, 0, '2026-01-01');"
     )
     old.close()
-    store = LabelSetStore(tmp_path, 4)
+    store = LabelSetStore(tmp_path, 4, "test")
     try:
         assert store.load("legacy").index_kind is None  # NULL: the service default
         with store.transaction() as db:
             store.create_set(db, "big", ["a", "b"], np.eye(2, 4, dtype=np.float32), "test", index_kind="ivf")
     finally:
         store.close()
-    again = LabelSetStore(tmp_path, 4)  # reopening migrates nothing twice
+    again = LabelSetStore(tmp_path, 4, "test")  # reopening migrates nothing twice
     try:
         assert again.load("big").index_kind == "ivf" and again.load("legacy").index_kind is None
     finally:

@@ -6,15 +6,15 @@ import base64
 import json
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
+from safetensors.numpy import load_file
 
 from service import create_app
-from service.errors import StartupError
 from service.store import DB_FILE
 from tests.service.conftest import assert_same_answer, png_bytes
 
@@ -148,17 +148,48 @@ def test_restart_rebuilds_everything_from_the_database(make_settings: Any, photo
     db.close()
 
 
-def test_state_dir_of_another_bundle_is_refused(make_settings: Any, tiny_bundle_dir: Path, tmp_path: Path) -> None:
-    settings = make_settings()
-    with TestClient(create_app(settings)):
-        pass
+def test_a_bundle_of_another_space_keeps_every_class_and_encodes_what_it_lacks(
+    make_settings: Any, tiny_bundle_dir: Path, tmp_path: Path, photos: list[Any]
+) -> None:
+    """Names are the truth, vectors per space: a bundle whose text side encodes names differently
+    (another space) takes its own vectors for the classes it ships, encodes the runtime classes
+    through its own text side in the background, and the first bundle still has its vectors after."""
+    image = base64.b64encode(png_bytes(photos[2])).decode()
+    with TestClient(create_app(make_settings())) as a:
+        assert a.post("/v1/label-sets/default/classes", json={"names": ["okapi"]}).status_code == 201
+        assert a.post("/v1/label-sets", json={"name": "zoo", "names": ["zebra", "lion"]}).status_code == 201
+        before = a.get("/v1/label-sets").json()["label_sets"]
+        first = _classify(a, image)
     other = tmp_path / "other"
     shutil.copytree(tiny_bundle_dir, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["text_encoder"]["templates"] = ["{}"]  # encodes names differently: another vector space
     (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StartupError, match="different bundle"), TestClient(create_app(make_settings(bundle=other))):
-        pass
+    with TestClient(create_app(make_settings(bundle=other))) as b:
+        deadline = time.monotonic() + 60
+        while (ready := b.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.05)
+        assert b.get("/v1/label-sets").json()["label_sets"] == before  # same sets, versions, counts
+        services = b.app.state.services  # type: ignore[attr-defined]
+        snap = services.registry.get("default")
+        reference = services.text.side.class_vectors(["okapi"]).numpy()[0]  # the new space's text side
+        assert np.abs(snap.vectors[snap.names.index("okapi")] - reference).max() < 1e-5
+        shipped = load_file(str(other / "class_vectors.safetensors"))["default"]  # the bundle's own, not re-encoded
+        for k, cls in enumerate(json.loads((other / "manifest.json").read_text())["label_sets"][0]["classes"]):
+            assert np.abs(snap.vectors[snap.names.index(cls["name"])] - shipped[k]).max() < 1e-5
+        zoo = services.registry.get("zoo")
+        assert sorted(zoo.names) == ["lion", "zebra"]
+        spaces = services.registry.store.spaces()
+        assert len(spaces) == 2 and set(spaces.values()) == {before[0]["n_classes"] + 2}, spaces
+    with TestClient(create_app(make_settings())) as a:  # back to the first bundle: its vectors are there
+        assert a.get("/readyz").status_code == 200
+        again = _classify(a, image)
+        assert again["results"][0]["label"] == first["results"][0]["label"]
+        assert (
+            abs(again["results"][0]["predictions"][0]["cosine"] - first["results"][0]["predictions"][0]["cosine"])
+            < 1e-5
+        )
 
 
 def test_two_workers_on_one_database_see_each_others_changes(make_settings: Any, photos: list[Any]) -> None:

@@ -88,3 +88,7 @@ def test_bundle_text_side_reproduces_class_vectors(mopd_run: tuple[MoPDRun, Path
     pixels = torch.randn(3, 3, 64, 64)
     tower = build_image_tower(bundle)
     assert (tower(pixels) - run.model.image_features(pixels)).abs().max().item() <= 1e-5
+    # the calibration sample: the train images, embedded by the exported image tower
+    assert bundle.calibration is not None and bundle.manifest.calibration is not None
+    assert bundle.calibration.shape == (len(run.bench.train_items), bundle.manifest.embed_dim)
+    assert bundle.manifest.calibration.source.startswith("mopd: train images")

@@ -105,6 +105,14 @@ def test_bundle_loads_and_matches_trainer_logits(runs: Path) -> None:
     onnx_emb = sess.run(["embedding"], {"pixels": pixels.numpy()})[0]
     assert np.abs(onnx_emb - tower(pixels).detach().numpy()).max() < 1e-4
 
+    # The calibration sample: the unlabeled train images distillation read, embedded by the exported student.
+    assert bundle.calibration is not None and m.calibration is not None
+    train = bench.train_items
+    assert bundle.calibration.shape == (len(train), m.embed_dim) and m.calibration.count == len(train)
+    first = torch.stack([build_transform(student_bb.preprocess, train=False)(train[i]) for i in range(8)])
+    with torch.no_grad():
+        assert torch.allclose(bundle.calibration[:8], tower(first), atol=2e-3)  # stored as float16
+
 
 def bundle_backbone(runs: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file

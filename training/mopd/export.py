@@ -14,7 +14,15 @@ from typing import Any
 
 from models.backbone import Backbone
 from models.bundle import DEFAULT_LABEL_SET, Bundle
-from training.export import ImageParts, TextParts, assemble_bundle, image_tower, label_set, write_bundle
+from training.export import (
+    ImageParts,
+    TextParts,
+    add_calibration,
+    assemble_bundle,
+    image_tower,
+    label_set,
+    write_bundle,
+)
 from training.mopd.model import STUDENT_TEMPLATES, MoPDModel
 
 BACKBONE_KEY = "clip"
@@ -58,7 +66,13 @@ def export_mopd(
     onnx: bool = False,
     method: str = "mopd",
     extra: dict[str, Any] | None = None,
+    calibration: Any = None,
 ) -> Bundle:
-    """Write the bundle (optionally with the parity-checked ONNX image tower); returns it re-loaded."""
+    """Write the bundle (optionally with the parity-checked ONNX image tower); returns it re-loaded.
+
+    ``calibration``: in-domain images (a dataset of (pixels, label)); a bounded draw is embedded as the
+    bundle's calibration sample."""
     bundle, image = mopd_bundle(model, backbone, class_names, n_base, method=method, extra=extra)
+    if calibration is not None:
+        add_calibration(bundle, image_tower(image), calibration, "mopd: train images")
     return write_bundle(bundle, out_dir, onnx=onnx, tower=image_tower(image) if onnx else None)

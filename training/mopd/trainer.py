@@ -161,7 +161,8 @@ def run_mopd(cfg: MoPDRunCfg, out_dir: str | Path | None = None, backbone: Backb
         from training.mopd.export import export_mopd
 
         facts = {k: run.results[k] for k in ("base", "novel", "hm", "seed", "top_k", "epochs", "loss_weights")}
+        images = run.bench.unlabeled(build_transform(run.backbone.preprocess, train=False))
         export_mopd(run.model, run.backbone, run.bench.class_names, run.bench.n_base, out / "bundle",
-                    onnx=cfg.export.onnx, extra={"mopd": facts, "pool": run.templates})  # fmt: skip
+                    onnx=cfg.export.onnx, extra={"mopd": facts, "pool": run.templates}, calibration=images)  # fmt: skip
         log.info("bundle ready: promptdistill serve --bundle %s", out / "bundle")
     return run

@@ -61,11 +61,11 @@ def make_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> 
 
     def make(**kwargs: object) -> Store:
         if url is None:
-            store: Store = SqliteStore(tmp_path, EMBED_DIM)
+            store: Store = SqliteStore(tmp_path, EMBED_DIM, "test")
         else:
             from service.stores.postgres import PostgresStore
 
-            store = PostgresStore(url, EMBED_DIM, **kwargs)  # type: ignore[arg-type]
+            store = PostgresStore(url, EMBED_DIM, "test", **kwargs)  # type: ignore[arg-type]
         opened.append(store)
         return store
 

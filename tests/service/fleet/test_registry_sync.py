@@ -147,8 +147,8 @@ def test_outage_serves_snapshots_refuses_writes_and_recovers(
     root = pg_root()
     try:
         with PostgresServer(root, fsync=False) as pg:
-            a = make_registry(PostgresStore(pg.url, 64, poll_interval_s=0.5))
-            b = make_registry(PostgresStore(pg.url, 64, poll_interval_s=0.5), min_version_wait_s=0.2)
+            a = make_registry(PostgresStore(pg.url, 64, "test", poll_interval_s=0.5))
+            b = make_registry(PostgresStore(pg.url, 64, "test", poll_interval_s=0.5), min_version_wait_s=0.2)
             version = b.get("default").version
             pg.stop()
             assert b.get("default").version == version  # classification keeps its snapshot

@@ -155,7 +155,7 @@ def test_a_sql_ascii_database_still_returns_text(postgres: Any) -> None:
     from service.stores.postgres import PostgresStore
 
     postgres.sql("CREATE DATABASE ascii_db ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
-    store = PostgresStore(postgres.url.rsplit("/", 1)[0] + "/ascii_db", EMBED_DIM)
+    store = PostgresStore(postgres.url.rsplit("/", 1)[0] + "/ascii_db", EMBED_DIM, "test")
     try:
         with store.transaction() as db:
             store.create_set(db, "tiere", ["katze", "hund", "k\u00e4fer"], vecs(3), "runtime")
@@ -165,3 +165,72 @@ def test_a_sql_ascii_database_still_returns_text(postgres: Any) -> None:
         assert store.version("tiere") == rows.version
     finally:
         store.close()
+
+
+# The schema of the release before spaces (35d5d75), verbatim: one vector per class, in `classes`.
+_OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS label_sets (
+    name TEXT PRIMARY KEY, version BIGINT NOT NULL, next_id BIGINT NOT NULL, created_at TEXT NOT NULL,
+    index_kind TEXT);
+CREATE TABLE IF NOT EXISTS classes (
+    label_set TEXT NOT NULL REFERENCES label_sets(name) ON DELETE CASCADE,
+    id BIGINT NOT NULL, name TEXT NOT NULL, provenance TEXT NOT NULL, vector BYTEA NOT NULL,
+    created_at TEXT NOT NULL, PRIMARY KEY (label_set, id), UNIQUE (label_set, name));
+"""
+
+
+def _write_old_release_database(backend: str, where: Any, vectors: np.ndarray) -> None:
+    """What the previous release left behind: two sets, a removed class (a gap in ids), its fingerprint."""
+    rows = [("animals", i, n, "runtime", vectors[k].astype("<f4").tobytes(), "2026-12-01T00:00:00+00:00")
+            for k, (i, n) in enumerate([(0, "cat"), (2, "dog"), (3, "k\u00e4fer")])]  # fmt: skip
+    rows.append(("tools", 0, "saw", "bundle", vectors[3].astype("<f4").tobytes(), "2026-12-01T00:00:00+00:00"))
+    sets = [("animals", 7, 4, "2026-12-01T00:00:00+00:00", None), ("tools", 2, 1, "2026-12-01T00:00:00+00:00", None)]
+    meta = [("bundle_fingerprint", "abc"), ("store_id", "f" * 32), ("clock", "7")]
+    if backend == "sqlite":
+        import sqlite3
+
+        db = sqlite3.connect(where / "labelsets.sqlite3")
+        db.executescript(_OLD_SCHEMA.replace("BYTEA", "BLOB").replace("BIGINT", "INTEGER"))
+        db.executemany("INSERT INTO meta VALUES (?, ?)", meta)
+        db.executemany("INSERT INTO label_sets VALUES (?, ?, ?, ?, ?)", sets)
+        db.executemany("INSERT INTO classes VALUES (?, ?, ?, ?, ?, ?)", rows)
+        db.commit()
+        db.close()
+        return
+    import psycopg
+
+    with psycopg.connect(where, autocommit=True) as db:
+        db.execute(_OLD_SCHEMA)
+        db.execute("CREATE TABLE clock (id SMALLINT PRIMARY KEY CHECK (id = 1), value BIGINT NOT NULL)")
+        db.execute("INSERT INTO clock VALUES (1, 7)")
+        with db.cursor() as cur:
+            cur.executemany("INSERT INTO meta VALUES (%s, %s)", meta[:2])
+            cur.executemany("INSERT INTO label_sets VALUES (%s, %s, %s, %s, %s)", sets)
+            cur.executemany("INSERT INTO classes VALUES (%s, %s, %s, %s, %s, %s)", rows)
+
+
+def test_a_database_of_the_release_before_spaces_migrates_in_place_losing_nothing(
+    backend: str, make_store: Callable[..., Store], request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    """Every set, id, name, provenance, version and vector survives; the vectors wait under the old
+    bundle's tag until a bundle claims them (the registry re-tags them for the bundle they were made with)."""
+    vectors = vecs(4, seed=3)
+    _write_old_release_database(
+        backend, tmp_path if backend == "sqlite" else request.getfixturevalue("pg_url"), vectors
+    )
+    store = make_store()
+    assert store.versions() == {"animals": 7, "tools": 2}
+    assert store.meta("store_id") == "f" * 32 and store.spaces() == {"legacy:abc": 4}
+    assert store.load("animals").missing == (0, 2, 3)  # not this space's yet: never served as if it were
+    with store.transaction() as db:
+        assert store.retag(db, "legacy:abc", "test") == 4
+    animals, tools = store.load("animals"), store.load("tools")
+    assert animals.names == ["cat", "dog", "k\u00e4fer"] and list(animals.ids) == [0, 2, 3] and not animals.missing
+    assert animals.provenance == ["runtime"] * 3 and tools.provenance == ["bundle"]
+    assert np.array_equal(animals.vectors, vectors[:3]) and np.array_equal(tools.vectors, vectors[3:])
+    with store.transaction() as db:  # writes go on from there: ids after the old next_id, versions after the clock
+        version, ids = store.add_classes(db, "animals", ["owl"], vecs(1), "runtime")
+    assert ids == [4] and version == 8
+    again = make_store()  # a second start (another worker) finds the migrated schema and changes nothing
+    assert again.load("animals").names == ["cat", "dog", "k\u00e4fer", "owl"] and again.spaces() == {"test": 5}
