@@ -1,9 +1,9 @@
-"""``python -m bench {encoders,labelsets,http_load,payoff,preprocess,server,peers,gpu,report,all} [--quick]``.
+"""``python -m bench NAME [--quick]``: one benchmark (``BENCHES``, ``EXTRA``, ``fleet``), ``report`` or ``all``.
 
-Each benchmark writes ``<name>.json`` + ``<name>.png`` into bench/results/; ``report`` renders
-BENCHMARKS.md from them; ``all`` runs the four benchmarks and then ``report``. The full run takes
-roughly 15-25 minutes on 2 CPU cores; run it on a quiet machine — every result file records the
-load average so disturbed runs can be recognised. ``--quick`` is a smoke test (tiny sizes, 1-2
+Each benchmark writes ``<name>.json`` (+ ``<name>.png``) into bench/results/, with the commit it
+ran on; ``report`` renders BENCHMARKS.md from them; ``all`` runs ``BENCHES`` and then ``report``.
+Run on a quiet machine: every result file records the load average so disturbed runs can be
+recognised. ``--quick`` is a smoke test (tiny sizes, 1-2
 iterations): its numbers mean nothing, and BENCHMARKS.md says so.
 """
 
@@ -20,7 +20,8 @@ from bench.common import RESULTS, BenchCfg
 
 QUICK_OUT = Path(tempfile.gettempdir()) / "promptdistill-bench-quick"
 BENCHES = ("encoders", "labelsets", "http_load", "payoff", "preprocess", "server", "hostile", "admission", "fairness")
-EXTRA = ("peers", "gpu")  # not in ``all``: peers installs its own virtualenv, gpu needs CUDA
+# not in ``all``: peers installs its own virtualenv, gpu needs CUDA, towers runs an older commit beside this one
+EXTRA = ("peers", "gpu", "towers")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """Real components for fleet tests and benchmarks: a throw-away PostgreSQL and `serve` replicas.
 
 ``PostgresServer`` runs Debian's PostgreSQL 15 binaries (``initdb`` into a temp dir as the
-``postgres`` user when we are root, a free loopback port, a private socket dir). ``Replica`` is
-one ``promptdistill serve`` process with its own state dir, pointed at that database.
-Both stop what they started (by process id) and bound every wait with a deadline.
+``postgres`` user when we are root, a free loopback port, a private socket dir). ``replica`` is
+one ``promptdistill serve`` process (bench/harness.py) with its own state dir, pointed at that
+database. Both stop what they started (by process id) and bound every wait with a deadline.
 """
 
 from __future__ import annotations
@@ -12,24 +12,13 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx2
+from bench.harness import ServerProcess, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 PG_BIN = Path(os.environ.get("PROMPTDISTILL_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def postgres_available() -> str | None:
@@ -100,59 +89,15 @@ class PostgresServer:
             self.stop()
 
 
-class Replica:
-    """One ``promptdistill serve`` process on a free loopback port with its own state dir."""
-
-    def __init__(self, bundle: Path, state_dir: Path, database_url: str | None, *extra: str, **env: str) -> None:
-        self.bundle, self.state_dir, self.database_url = bundle, state_dir, database_url
-        self.extra, self.env = extra, env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.stderr_path = state_dir.with_suffix(".stderr.log")
-
-    def start(self) -> Replica:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PROMPTDISTILL_THREADS": "1", "HF_HUB_OFFLINE": "1", **self.env}
-        if self.database_url:
-            env["PROMPTDISTILL_DATABASE_URL"] = self.database_url
-        cmd = [sys.executable, "-m", "promptdistill", "serve", "--bundle", str(self.bundle)]
-        cmd += ["--state-dir", str(self.state_dir), "--port", str(self.port), *self.extra]
-        with open(self.stderr_path, "ab") as err:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        return self
-
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.stderr_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"replica {self.url} exited with {self.proc.returncode}: {tail}")
-            try:
-                if httpx2.get(self.url + "/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx2.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"replica {self.url} not ready after {timeout_s}s")
-
-    def kill(self) -> None:
-        """SIGKILL (no drain): what a crashed pod looks like."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def replica(bundle: Path, state_dir: Path, database_url: str | None, *extra: str, **env: str) -> ServerProcess:
+    """One ``promptdistill serve`` process (not started) with its own state dir, on ``database_url``
+    (None: its own SQLite file)."""
+    if database_url:
+        env["PROMPTDISTILL_DATABASE_URL"] = database_url
+    return ServerProcess.serve(bundle, state_dir, *extra, env=env)
 
 
-def start_replicas(replicas: list[Replica], timeout_s: float = 180.0) -> None:
+def start_replicas(replicas: list[ServerProcess], timeout_s: float = 180.0) -> None:
     """Start all at once (they seed the database together: the advisory lock must hold), wait for each."""
     for r in replicas:
         r.start()

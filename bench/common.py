@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "models" / "configs" / "tiny-clip.json"
+MEASURED_PATHS = ("service", "models")  # the code every benchmark measures (plus its own module in bench/)
 
 # scikit-image photographs that ship in the wheel (no download); grey ones are replicated to RGB.
 _SKIMAGE_PHOTOS = (
@@ -129,6 +131,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+def git_commit() -> dict[str, Any] | None:
+    """The checkout a run measured: HEAD, and whether the measured code had uncommitted changes."""
+    try:
+        head = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--", *MEASURED_PATHS, "bench/*.py"))  # code, not results
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"sha": head, "dirty": dirty}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def real_photos(mirror: bool = True) -> list[Any]:
     """Real photographs shipped in scikit-learn / scikit-image (PIL RGB), plus their mirror images."""
     from PIL import Image, ImageOps
@@ -177,6 +193,7 @@ def write_result(name: str, payload: dict[str, Any], cfg: BenchCfg) -> Path:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": name,
+        "commit": git_commit(),
         "machine": machine(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         **payload,
@@ -193,19 +210,3 @@ def save_figure(fig: Any, name: str, cfg: BenchCfg) -> Path:
     fig.savefig(path, dpi=110)
     log.info("wrote %s", path)
     return path
-
-
-def conditions(doc: dict[str, Any]) -> str:
-    """The italic line under every BENCHMARKS.md section: machine, threads, load, package versions."""
-    m, c = doc["machine"], doc["config"]
-    pk = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
-    quick = " **QUICK SMOKE RUN: numbers are not meaningful.**" if c.get("quick") else ""
-    return (
-        f"_Run {m['time_utc']} on {m['cpu']} ({m['affinity_cpus']} usable cores, {m['mem_gib']} GiB), "
-        f"{c['threads']} threads; load average at write time {m['loadavg_1_5_15']} (1/5/15 min; above "
-        f"~0.2 the machine was shared and timings are disturbed); {pk}._{quick}"
-    )
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**not met**"

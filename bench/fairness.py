@@ -9,9 +9,6 @@ meanwhile the same single-name add is repeated. Goal: median add latency under t
 
 from __future__ import annotations
 
-import base64
-import http.client
-import io
 import json
 import logging
 import statistics
@@ -21,81 +18,74 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import TINY_CONFIG, BenchCfg, real_photos, write_result
+from bench.common import TINY_CONFIG, BenchCfg, write_result
+from bench.harness import ServerProcess
 from bench.hostile import cached_bundle
-from bench.http_load import ARCH, Server
+from bench.http_load import ARCH, jpegs
+from service.client import Client, ServiceClientError
 
 log = logging.getLogger(__name__)
 KEY = "bench-key"
 FLOOD_CLIENTS = 8
 
 
-def _post(port: int, path: str, body: dict[str, Any], key: str | None = None) -> tuple[int, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    headers = {"Content-Type": "application/json", **({"X-API-Key": key} if key else {})}
-    t0 = time.perf_counter()
-    conn.request("POST", path, body=json.dumps(body), headers=headers)
-    resp = conn.getresponse()
-    resp.read()
-    conn.close()
-    return resp.status, time.perf_counter() - t0
-
-
-def _adds(port: int, tag: str, n: int) -> list[float]:
+def _adds(client: Client, tag: str, n: int) -> list[float]:
+    """``n`` single-name adds, one after another (0.2 s apart): each one's latency in ms."""
     out = []
     for i in range(n):
-        status, dt = _post(port, "/v1/label-sets/default/classes", {"names": [f"{tag} class {i}"]}, KEY)
-        assert status == 201, status
-        out.append(dt * 1000)
+        t0 = time.perf_counter()
+        client.add_classes([f"{tag} class {i}"])
+        out.append((time.perf_counter() - t0) * 1000)
         time.sleep(0.2)
     return out
 
 
+def _flood(url: str, image: bytes, labels: int, stop: threading.Event, c: int, out: dict[str, list[Any]]) -> None:
+    """One anonymous client: open-vocabulary requests with ``labels`` fresh names each, until ``stop``."""
+    with Client(url, timeout_s=300.0, retries=0) as client:
+        i = 0
+        while not stop.is_set():
+            names = [f"open label {c}-{i}-{j}" for j in range(labels)]
+            t0 = time.perf_counter()
+            try:
+                client.classify_bytes([image], candidate_labels=names)
+                status = 200
+            except ServiceClientError as e:  # a refused or timed-out anonymous request is a data point
+                status = e.status
+            out["ms"].append((time.perf_counter() - t0) * 1000)
+            out["status"].append(status)
+            i += 1
+            if status == 429:
+                time.sleep(0.2)
+
+
 def run(cfg: BenchCfg) -> dict[str, Any]:
     arch = str(TINY_CONFIG) if cfg.quick else ARCH
-    buf = io.BytesIO()
-    real_photos(mirror=False)[0].save(buf, "JPEG", quality=90)
-    image = base64.b64encode(buf.getvalue()).decode()
+    image = jpegs()[0]
     n_adds = 3 if cfg.quick else 8
     with tempfile.TemporaryDirectory(prefix="pd-bench-fairness-") as tmp:
         bundle = cached_bundle(arch)
         templates = len(json.loads((bundle / "manifest.json").read_text())["text_encoder"]["templates"])
         labels_per_request = 256 // templates  # the default max_candidate_prompts
-        server = Server(
-            bundle, Path(tmp) / "state", cfg.threads, Path(tmp) / "server.log", {"PROMPTDISTILL_API_KEY": KEY}
-        )
-        try:
-            server.wait_ready()
-            _adds(server.port, "warm", 2)
-            quiet = _adds(server.port, "quiet", n_adds)
+        env = {"PROMPTDISTILL_API_KEY": KEY}
+        server = ServerProcess.serve(bundle, Path(tmp) / "state", env=env, threads=cfg.threads)
+        with server, server.client(api_key=KEY, timeout_s=300.0) as writer:
+            _adds(writer, "warm", 2)
+            quiet = _adds(writer, "quiet", n_adds)
             stop = threading.Event()
             flood: dict[str, list[Any]] = {"ms": [], "status": []}
-
-            def anonymous(c: int) -> None:
-                i = 0
-                while not stop.is_set():
-                    names = [f"open label {c}-{i}-{j}" for j in range(labels_per_request)]
-                    try:
-                        status, dt = _post(server.port, "/v1/classify", {"images": [image], "candidate_labels": names})
-                    except OSError:  # a timed-out anonymous request is a data point, not a crash
-                        status, dt = -1, 300.0
-                    flood["ms"].append(dt * 1000)
-                    flood["status"].append(status)
-                    i += 1
-                    if status == 429:
-                        time.sleep(0.2)
-
-            threads = [threading.Thread(target=anonymous, args=(c,)) for c in range(FLOOD_CLIENTS)]
+            threads = [
+                threading.Thread(target=_flood, args=(server.url, image, labels_per_request, stop, c, flood))
+                for c in range(FLOOD_CLIENTS)
+            ]
             for t in threads:
                 t.start()
-            time.sleep(3.0)  # the text lane is saturated
-            loaded = _adds(server.port, "flood", n_adds)
+            time.sleep(3.0)  # the text encoder is saturated
+            loaded = _adds(writer, "flood", n_adds)
             stop.set()
+            server.kill()  # the flood's queued text work need not drain
             for t in threads:
                 t.join()
-        finally:
-            server.proc.kill()  # the flood's queued text work need not drain
-            server.stop()
     payload = {
         "model": f"{Path(arch).stem} zero-shot bundle, random init, {templates} templates",
         "flood": f"{FLOOD_CLIENTS} anonymous clients, {labels_per_request} fresh candidate labels per request "

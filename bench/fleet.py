@@ -21,13 +21,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx2
 
-from bench.cluster_kit import PostgresServer, Replica, start_replicas
+from bench.cluster_kit import PostgresServer, replica, start_replicas
 from bench.common import TINY_CONFIG, BenchCfg, real_photos, write_result
+from bench.harness import Classify, ServerProcess, Window, closed_loop
 
 log = logging.getLogger(__name__)
 NAMES = ["cat", "dog", "astronaut", "coffee cup", "rocket", "flower", "temple", "coins"]
@@ -54,7 +56,11 @@ def _until(cond: Callable[[], bool], timeout_s: float, step_s: float = 0.005) ->
 
 
 class Probe:
-    """Thin HTTP helpers over one keep-alive client per replica."""
+    """Thin HTTP helpers over one keep-alive client per replica.
+
+    Raw HTTP on purpose: these probes ask each replica what it has *without* a version token, which
+    the project's client always sends for a set it has seen (it is made to read its own writes).
+    """
 
     def __init__(self, urls: list[str]) -> None:
         self.urls = urls
@@ -134,7 +140,7 @@ def listener_kill(p: Probe, pg: PostgresServer) -> dict[str, Any]:
     return {"listeners_killed": killed, "writes_after_kill": 20, "catch_up_s": catch_up, "missed_changes": missed}
 
 
-def kill9_restart(p: Probe, victim: Replica) -> dict[str, Any]:
+def kill9_restart(p: Probe, victim: ServerProcess) -> dict[str, Any]:
     victim.kill()
     latest = p.add(p.urls[0], "default", ["while-down"]).json()["version"]
     start = time.monotonic()
@@ -226,17 +232,13 @@ def converge(p: Probe) -> dict[str, Any]:
     }
 
 
-def throughput(bundle: Path, root: Path, pg_url: str, image_b64: str, seconds: float) -> dict[str, Any]:
+def throughput(bundle: Path, root: Path, pg_url: str, image: bytes, seconds: float) -> dict[str, Any]:
     """One replica at a time, SQLite and PostgreSQL alternated 3x (load drifts on a shared box)."""
     rates: dict[str, list[float]] = {"sqlite": [], "postgres": []}
     for rnd in range(3):
         for kind in ("sqlite", "postgres"):
-            r = Replica(bundle, root / f"tp-{kind}-{rnd}", pg_url if kind == "postgres" else None).start()
-            try:
-                r.wait_ready()
-                rates[kind].append(_classify_rate(r.url, image_b64, seconds))
-            finally:
-                r.stop()
+            with replica(bundle, root / f"tp-{kind}-{rnd}", pg_url if kind == "postgres" else None) as r:
+                rates[kind].append(_classify_rate(r.url, image, seconds))
     med = {k: statistics.median(v) for k, v in rates.items()}
     per_round = [round(p / s, 3) for p, s in zip(rates["postgres"], rates["sqlite"], strict=True)]
     return {
@@ -248,23 +250,10 @@ def throughput(bundle: Path, root: Path, pg_url: str, image_b64: str, seconds: f
     }
 
 
-def _classify_rate(url: str, image_b64: str, seconds: float, concurrency: int = 4) -> float:
-    done = [0] * concurrency
-    stop = time.monotonic() + seconds
-
-    def loop(k: int) -> None:
-        with httpx2.Client(base_url=url, timeout=30) as c:
-            while time.monotonic() < stop:
-                r = c.post("/v1/classify", json={"images": [image_b64], "top_k": 3})
-                done[k] += r.status_code == 200
-
-    with httpx2.Client(base_url=url, timeout=30) as c:  # warm-up
-        for _ in range(5):
-            c.post("/v1/classify", json={"images": [image_b64], "top_k": 3})
-    start = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(loop, range(concurrency)))
-    return round(sum(done) / (time.monotonic() - start), 2)
+def _classify_rate(url: str, image: bytes, seconds: float, concurrency: int = 4) -> float:
+    send = partial(Classify, url, [image], top_k=3)
+    closed_loop(send, 1, requests=5)  # warm-up
+    return round(float(closed_loop(send, concurrency, window=Window(0.0, seconds))["throughput_rps"]), 2)
 
 
 def run(cfg: BenchCfg) -> dict[str, Any]:
@@ -276,10 +265,11 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
         bundle = _bundle(tmp / "bundle")
         buf = io.BytesIO()
         real_photos()[0].convert("RGB").save(buf, "JPEG", quality=90)
-        image_b64 = base64.b64encode(buf.getvalue()).decode()
+        image = buf.getvalue()
+        image_b64 = base64.b64encode(image).decode()
         results: dict[str, Any] = {}
         with PostgresServer(tmp / "pg", fsync=True) as pg:
-            replicas = [Replica(bundle, tmp / f"r{i}", pg.url) for i in range(3)]
+            replicas = [replica(bundle, tmp / f"r{i}", pg.url) for i in range(3)]
             try:
                 t0 = time.monotonic()
                 start_replicas(replicas)
@@ -296,67 +286,9 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
             finally:
                 for r in replicas:
                     r.stop()
-            results["throughput"] = throughput(bundle, tmp, pg.url, image_b64, 3 if quick else 10)
+            results["throughput"] = throughput(bundle, tmp, pg.url, image, 3 if quick else 10)
         payload = {"model": "tiny zero-shot bundle (ONNX fp32), 3 replicas, PostgreSQL 15 fsync=on", **results}
         write_result("fleet", payload, cfg)
         return payload
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def section(doc: dict[str, Any]) -> list[str]:
-    """The BENCHMARKS.md section (``bench.report`` renders it from fleet.json)."""
-    from bench.common import conditions as _conditions
-    from bench.common import verdict as _verdict
-
-    ryw, vis, lk = doc["read_your_writes"], doc["visibility_without_token"], doc["listener_kill"]
-    k9, out, cw, tp = doc["kill9_restart"], doc["outage"], doc["concurrent_writers"], doc["throughput"]
-    catch, first = lk["catch_up_s"], out["first_write_visible_everywhere_s"]
-    rows = [
-        (f"read-your-writes violations ({ryw['writes']} writes, {ryw['removals']} removals, read on another "
-         "replica with the token)", ryw["violations"], "0", ryw["violations"] == 0),
-        ("version regressions seen by the client", ryw["version_regressions"], "0", ryw["version_regressions"] == 0),
-        (f"commit -> visible on all 3 without a token, p95 ({vis['writes']} writes; p50 {vis['p50_ms']} ms, "
-         f"max {vis['max_ms']} ms)", f"{vis['p95_ms']} ms", "<= 500 ms", vis["p95_ms"] <= 500),
-        (f"all {lk['listeners_killed']} listener connections killed, then {lk['writes_after_kill']} writes: "
-         "catch-up", "-" if catch is None else f"{catch:.2f} s", "<= 2 s", catch is not None and catch <= 2),
-        ("... changes missed", lk["missed_changes"], "0", lk["missed_changes"] == 0),
-        (f"replica SIGKILLed, written to, restarted: ready after {k9['restart_to_ready_s']} s at version",
-         f"{k9['version_at_ready']} (latest {k9['latest_version']})", "latest",
-         k9["version_at_ready"] >= k9["latest_version"]),
-        (f"PostgreSQL stopped: classify success ({out['classify_requests']} requests over 3 replicas)",
-         f"{out['classify_success_pct']} %", "100 %", out["classify_success_pct"] == 100),
-        ("... writes answered 503 / readyz 200", f"{out['writes_503']} / {out['readyz_200']}", "all",
-         _all(out["writes_503"]) and _all(out["readyz_200"])),
-        ("PostgreSQL restarted: first write visible everywhere", "-" if first is None else f"{first:.2f} s",
-         "<= 2 s", first is not None and first <= 2),
-        (f"concurrent writers on 3 replicas ({cw['writes']} writes): duplicate / decreasing versions",
-         f"{cw['duplicate_versions']} / {cw['decreasing_versions_per_writer']}", "0 / 0",
-         cw["duplicate_versions"] == cw["decreasing_versions_per_writer"] == 0),
-        ("same name created on all 3 at once: rounds with exactly one 201",
-         cw["same_name_rounds_with_exactly_one_201"], "all", _all(cw["same_name_rounds_with_exactly_one_201"])),
-        (f"replicas' final contents identical ({doc['final_sets']} sets, {doc['final_classes']} classes; "
-         "compared until equal, 10 s at most)",
-         f"{doc['final_contents_identical']} after {doc['final_contents_converged_after_s']} s", "True",
-         doc["final_contents_identical"]),
-        (f"classify throughput, one replica, PostgreSQL / SQLite (c={tp['concurrency']}; img/s "
-         f"{tp['img_per_s']}; per round {tp['pg_over_sqlite_per_round']})", f"{tp['pg_over_sqlite']}x", ">= 0.95x",
-         tp["pg_over_sqlite"] >= 0.95),
-    ]  # fmt: skip
-    lines = ["## Fleet: 3 replicas on one PostgreSQL", "", _conditions(doc), "", f"{doc['model']}.", ""]
-    lines += [
-        "Catch-up and visibility times run from the write's response to the moment every replica "
-        "answers that version (polled every 5 ms); throughput alternates one SQLite and one "
-        "PostgreSQL replica three times (load drifts on a shared machine) and compares medians. "
-        "Reproduce: `python -m bench fleet` (~8 min on 2 cores; needs Debian's `postgresql`).",
-        "",
-    ]
-    lines += ["| figure | measured | goal | |", "|---|---|---|---|"]
-    lines += [f"| {what} | {got} | {goal} | {_verdict(bool(ok))} |" for what, got, goal, ok in rows]
-    return [*lines, ""]
-
-
-def _all(fraction: str) -> bool:
-    """``"9/9"`` -> True."""
-    got, total = fraction.split("/")
-    return got == total

@@ -144,31 +144,34 @@ def text_bare(text: Any, plan: Any, clock: Any) -> dict[str, Any]:
     return out
 
 
-def text_http(port: int, plan: Any, clock: Any) -> dict[str, Any]:
+def text_http(url: str, plan: Any, clock: Any) -> dict[str, Any]:
     """Label sets of 1k / 10k names created over HTTP (1,000 names a request, the request limit)."""
-    from bench.http_load import request
+    from service.client import Client, ServiceClientError
 
     out: dict[str, Any] = {}
-    for n in plan.names:
-        names, set_name = class_names(n), f"bench-{n}"
-        done, problem = 0, None
-        t0 = time.perf_counter()
-        for start in range(0, n, 1000):
-            if clock.left() < 5:
-                problem = "stopped: time box"
-                break
-            chunk = names[start : start + 1000]
-            body = {"name": set_name, "names": chunk} if start == 0 else {"names": chunk}
-            path = "/v1/label-sets" if start == 0 else f"/v1/label-sets/{set_name}/classes"
-            status, data = request(port, "POST", path, json.dumps(body).encode())
-            if status != 201:
-                problem = f"HTTP {status}: {data[:300]!r}"
-                break
-            done += len(chunk)
-        seconds = time.perf_counter() - t0
-        out[f"http_{n}"] = {"names": done, "seconds": seconds, "names_per_s": done / seconds if done else 0.0}
-        if problem:
-            out[f"http_{n}"]["problem"] = problem
+    with Client(url, timeout_s=600.0) as client:
+        for n in plan.names:
+            names, set_name = class_names(n), f"bench-{n}"
+            done, problem = 0, None
+            t0 = time.perf_counter()
+            for start in range(0, n, 1000):
+                if clock.left() < 5:
+                    problem = "stopped: time box"
+                    break
+                chunk = names[start : start + 1000]
+                try:
+                    if start == 0:
+                        client.create_label_set(set_name, chunk)
+                    else:
+                        client.add_classes(chunk, set_name)
+                except ServiceClientError as e:
+                    problem = f"HTTP {e.status}: {e.detail[:300]}"
+                    break
+                done += len(chunk)
+            seconds = time.perf_counter() - t0
+            out[f"http_{n}"] = {"names": done, "seconds": seconds, "names_per_s": done / seconds if done else 0.0}
+            if problem:
+                out[f"http_{n}"]["problem"] = problem
     return out
 
 
@@ -181,9 +184,11 @@ def _sync(plan: Any) -> None:
 
 def service_section(plan: Any, rec: Any, cfg: BenchCfg) -> Callable[[Any, dict[str, Any]], None]:
     def run(clock: Any, out: dict[str, Any]) -> None:
+        import httpx2
+
         from bench.gpu import best
         from bench.gpu_load import load_window
-        from bench.http_load import Server, request
+        from bench.harness import ServerProcess
 
         with tempfile.TemporaryDirectory(prefix="pd-bench-gpu-") as tmp_name:
             tmp = Path(tmp_name)
@@ -203,12 +208,14 @@ def service_section(plan: Any, rec: Any, cfg: BenchCfg) -> Callable[[Any, dict[s
             }
             out["server_env"] = env
             server_log = tmp / "server.log"
-            server = Server(bundle, tmp / "state", 4 if plan.cuda else 1, server_log, env_extra=env)
+            server = ServerProcess.serve(
+                bundle, tmp / "state", env=env, threads=4 if plan.cuda else 1, log=server_log
+            ).start()
             busy = BusySampler(plan.cuda)
             try:
                 server.wait_ready(timeout_s=max(30.0, clock.left() - 30))
-                status, body = request(server.port, "GET", "/readyz")
-                out["readyz"] = json.loads(body).get("checks", {}) if status == 200 else body.decode()[:500]
+                ready = httpx2.get(server.url + "/readyz", timeout=30.0)  # the checks' body: not in the client's API
+                out["readyz"] = ready.json().get("checks", {}) if ready.status_code == 200 else ready.text[:500]
                 payloads = jpeg_payloads()
                 bare = rec.payload.get("towers", {}).get("student", {}).get("fp16", {})
                 bare_best = best(bare)[0] if isinstance(bare, dict) else float("nan")
@@ -226,7 +233,7 @@ def service_section(plan: Any, rec: Any, cfg: BenchCfg) -> Callable[[Any, dict[s
                              level["p50_ms"], level["p99_ms"], level["gpu_busy"])  # fmt: skip
                     rec.save()
                 out["gpu_busy_source"] = busy.how
-                out["text"] |= text_http(server.port, plan, clock)
+                out["text"] |= text_http(server.url, plan, clock)
             finally:
                 busy.stop()
                 out["server_exit_code"] = server.stop()

@@ -3,15 +3,12 @@
 For the tiny bundle (64 px) and a random ViT-B-32 zero-shot bundle (224 px), with the default
 settings (the aspect-ratio cap refuses it from the header) and with the cap lifted (the crop-box
 preprocessing decodes it and answers): wall time of the answer and growth of the server's peak
-RSS (VmHWM) over a warmed-up server. Before the pipeline redesign the same request cost +3.7 GB
-and 12-60 s on the tiny bundle (red-team figures in the issue).
+RSS (VmHWM) over a warmed-up server. BENCHMARKS.md gives the figures before the pipeline redesign.
 """
 
 from __future__ import annotations
 
-import base64
 import io
-import json
 import logging
 import tempfile
 import time
@@ -19,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import TINY_CONFIG, BenchCfg, write_result
-from bench.http_load import Server, _payloads, build_bundle, request
+from bench.harness import ServerProcess
+from bench.http_load import build_bundle, jpegs
+from service.client import ServiceClientError
 
 log = logging.getLogger(__name__)
 
@@ -39,32 +38,33 @@ def _hwm_mib(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def _measure(bundle: Path, tmp: Path, env: dict[str, str], body: bytes, cfg: BenchCfg) -> dict[str, Any]:
+def _measure(bundle: Path, tmp: Path, env: dict[str, str], image: bytes, cfg: BenchCfg) -> dict[str, Any]:
     tag = f"{bundle.name}-{len(env)}"  # a state dir per bundle and setting: databases belong to one bundle
-    server = Server(bundle, tmp / f"state-{tag}", cfg.threads, tmp / f"server-{tag}.log", env)
-    try:
-        server.wait_ready()
-        request(server.port, "POST", "/v1/classify", _payloads()[0])  # warm-up with a real photo
-        before = _hwm_mib(server.proc.pid)
+    with (
+        ServerProcess.serve(bundle, tmp / f"state-{tag}", env=env, threads=cfg.threads) as server,
+        server.client(retries=0, timeout_s=300.0) as client,
+    ):
+        client.classify_bytes([jpegs()[0]], top_k=5)  # warm-up with a real photo
+        before = _hwm_mib(server.pid)
         t0 = time.perf_counter()
-        status, data = request(server.port, "POST", "/v1/classify", body)
+        status, detail = 200, None
+        try:
+            client.classify_bytes([image], top_k=5)
+        except ServiceClientError as e:
+            status, detail = e.status, e.detail
         seconds = time.perf_counter() - t0
-        growth = _hwm_mib(server.proc.pid) - before
-        detail = json.loads(data).get("detail") if status != 200 else None
+        growth = _hwm_mib(server.pid) - before
         return {"status": status, "seconds": seconds, "peak_rss_growth_mib": growth, "detail": detail}
-    finally:
-        server.stop()
 
 
 def run(cfg: BenchCfg) -> dict[str, Any]:
     data = _strip()
-    body = json.dumps({"images": [base64.b64encode(data).decode()], "top_k": 5}).encode()
     results = []
     with tempfile.TemporaryDirectory(prefix="pd-bench-hostile-") as tmp:
         for arch in (str(TINY_CONFIG), "ViT-B-32"):
             bundle = cached_bundle(arch)
             for label, env in (("default", {}), ("cap lifted", {"PROMPTDISTILL_MAX_ASPECT_RATIO": "1000000000"})):
-                r = _measure(bundle, Path(tmp), env, body, cfg)
+                r = _measure(bundle, Path(tmp), env, data, cfg)
                 r.update({"bundle": Path(arch).stem, "settings": label})
                 log.info("%s", r)
                 results.append(r)

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from bench.common import TINY_CONFIG, BenchCfg
-from bench.http_load import Server, _payloads, build_bundle, request
+from bench.harness import ServerProcess
+from bench.http_load import build_bundle, jpegs
+from service.client import Client, ServiceClientError
 
 log = logging.getLogger(__name__)
 
@@ -67,31 +69,23 @@ def _p(lat: list[float], q: float) -> float:
     return float(np.percentile(lat, q)) if lat else float("nan")
 
 
-def classify_round_robin(port: int, names: list[str], payloads: list[bytes], n_each: int) -> dict[str, Any]:
+def classify_round_robin(client: Client, names: list[str], images: list[bytes], n_each: int) -> dict[str, Any]:
     """c=1: ``n_each`` requests per set, interleaved; latency per set and the top-1 id per photo."""
-    import http.client
-    import json
     import time
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     lat: dict[str, list[float]] = {n: [] for n in names}
     top1: dict[str, dict[int, int]] = {n: {} for n in names}
     errors = 0
-    bodies = {
-        n: [p.replace(b'"top_k": 5', f'"top_k": 5, "label_set": "{n}"'.encode()) for p in payloads] for n in names
-    }
     for i in range(n_each):
         for name in names:
-            body = bodies[name][i % len(payloads)]
             t0 = time.perf_counter()
-            status, data = request(port, "POST", "/v1/classify", body, conn)
-            dt = (time.perf_counter() - t0) * 1000.0
-            if status != 200:
+            try:
+                out = client.classify_bytes([images[i % len(images)]], top_k=5, label_set=name)
+            except ServiceClientError:
                 errors += 1
                 continue
-            lat[name].append(dt)
-            top1[name][i % len(payloads)] = int(json.loads(data)["results"][0]["predictions"][0]["class_id"])
-    conn.close()
+            lat[name].append((time.perf_counter() - t0) * 1000.0)
+            top1[name][i % len(images)] = int(out["results"][0]["predictions"][0]["class_id"])
     return {
         "errors": errors,
         "per_set": {
@@ -146,13 +140,15 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
         log.info("IVF quality: %s", quality)
         del vectors
         gc.collect()
-        server = Server(bundle_dir, Path(tmp) / "state", cfg.threads, Path(tmp) / "server.log")
+        server = ServerProcess.serve(bundle_dir, Path(tmp) / "state", threads=cfg.threads)
+        server.start()
         try:
             server.wait_ready(timeout_s=600.0)
-            payloads = _payloads()
+            images = jpegs()
             names = [n for n, _, _ in sets]
-            classify_round_robin(server.port, names, payloads, 2)  # warm-up
-            res = classify_round_robin(server.port, names, payloads, n_each)
+            with server.client(retries=0, timeout_s=120.0) as client:
+                classify_round_robin(client, names, images, 2)  # warm-up
+                res = classify_round_robin(client, names, images, n_each)
         finally:
             exit_code = server.stop()
     base = res["per_set"]["five"]["p50_ms"]

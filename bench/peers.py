@@ -9,17 +9,19 @@ their own virtualenv (made here, torch pinned to our CPU build; Infinity needs `
 its ``[all]`` extra and our torchvision shim, installed as a ``.pth`` start-up hook). Same JPEGs,
 concurrency 1 / 4 / 16, one server at a time; clients honour ``Retry-After`` (a refused
 request is retried after the delay, its latency counted from the first attempt), as ours does.
-Throughput is steady state: answers inside a timed window after a warm-up (bench/http_load.load).
-Also our in-process limit, before and after our server runs: decode + preprocess + ONNX encode +
-search in a loop, no HTTP; and, while our server is up, 3 pairs per round of an in-process block and
-an HTTP c=1 block of the same 24 images back to back: the c=1 ratios (throughput, p50) are the
-medians over those pairs. Ours and Infinity run 3 rounds, back to back; the table holds the
-per-level medians and the ratios are medians of the per-round ratios. If the peers cannot be
-installed, the result file says why (pip's own error) and only our figures are measured.
+Throughput is steady state: answers inside a timed window after a warm-up (bench/harness.py).
+Also our in-process limit, before and after our server runs: the service's own pipeline
+(``service.state.build_services``, ``Classifier.classify``) one image at a time, no HTTP; and,
+while our server is up, 3 pairs per round of an in-process block and an HTTP c=1 block of the same
+24 images back to back: the c=1 ratios (throughput, p50) are the medians over those pairs. Ours and
+Infinity run 3 rounds, back to back; the table holds the per-level medians and the ratios are
+medians of the per-round ratios. If the peers cannot be installed, the result file says why (pip's
+own error) and only our figures are measured.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -30,21 +32,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.common import REPO, TINY_CONFIG, BenchCfg, real_photos, save_figure, write_result
-from bench.http_load import Server, build_bundle, load, request
-from bench.http_load import _free_port as free_port
+from bench.harness import Classify, PostJson, Send, ServerProcess, Window, closed_loop, free_port, metrics
+from bench.http_load import build_bundle, jpegs
 
 log = logging.getLogger(__name__)
 
 CONCURRENCY = (1, 4, 16)
-ROUNDS = 3  # ours then Infinity, this many times: one pair of runs drifts by +-20 % on a shared VM
+ROUNDS = 3  # ours then Infinity, this many times: one pair of runs drifts on a shared machine
 PAIRS_PER_ROUND, PAIR_IMAGES, PAIR_IMAGES_QUICK = 3, 24, 4
 INFINITY = "infinity-emb[all]==0.0.78"
 PEER_PINS = (INFINITY, "aiohttp==3.14.5", "torch==2.13.0", "torchvision==0.28.0")
@@ -129,70 +130,32 @@ def export_open_clip(bundle_dir: Path, out: Path) -> None:
     (out / "labels.json").write_text(json.dumps(names))
 
 
-class PeerProcess:
-    """A peer server (a command on 127.0.0.1) that is ready when ``GET health`` answers 200."""
-
-    def __init__(self, cmd: list[str], port: int, health: str, log_path: Path, threads: int) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-        env.pop("PYTHONPATH", None)
-        self.port, self.health, self.log_path = port, health, log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=log_path.parent)
-
-    def wait_ready(self, timeout_s: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"peer exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if request(self.port, "GET", self.health)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"peer not ready after {timeout_s} s:\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(30)
-        finally:
-            self._log.close()
+def peer_process(cmd: list[str], port: int, log_path: Path, threads: int) -> ServerProcess:
+    """A peer server (a command on 127.0.0.1, its own virtualenv) that is ready when ``GET /health`` answers 200."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    return ServerProcess(cmd, port, log_path, env, health="/health", cwd=log_path.parent)
 
 
-def jpeg_b64(n: int | None = None) -> list[str]:
-    import io
-
-    out = []
-    for photo in real_photos(mirror=False)[:n]:
-        buf = io.BytesIO()
-        photo.save(buf, format="JPEG", quality=90)
-        out.append(base64.b64encode(buf.getvalue()).decode())
-    return out
-
-
-def _levels(port: int, path: str, payloads: list[bytes], cfg: BenchCfg, slow: bool = False) -> list[dict[str, Any]]:
+def _levels(make_send: Callable[[], Send], cfg: BenchCfg, slow: bool = False) -> list[dict[str, Any]]:
     """Concurrency 1 / 4 / 16 in steady-state windows (2 s warm-up, then 8 s measured; 12 s at c=16).
 
-    ``slow`` (the Hugging Face pipeline, ~1 answer per second, 13 s each at c=16, never refuses): a fixed
-    count of requests instead, since a window would need minutes to hold a few answers per client.
+    ``slow`` (the Hugging Face pipeline: it re-encodes every label on every call, and never refuses): a
+    fixed count of requests instead, since a window would need minutes to hold a few answers per client.
     """
-    load(port, 2, 4, payloads, cfg.max_seconds, path=path)  # warm-up
+    closed_loop(make_send, 2, requests=4, max_seconds=cfg.max_seconds)  # warm-up
     out = []
     for c in CONCURRENCY:
         before = [round(x, 2) for x in os.getloadavg()]
         if slow:
             n = 2 * c if cfg.quick else 2 * c + 6
-            lv = load(port, c, n, payloads, 2 * cfg.max_seconds, path=path, honour_retry_after=True)
+            lv = closed_loop(make_send, c, requests=n, max_seconds=2 * cfg.max_seconds)
         else:
-            window = (0.3, 1.0) if cfg.quick else (2.0, 12.0 if c >= 16 else 8.0)
-            lv = load(port, c, 0, payloads, 0.0, path=path, honour_retry_after=True, window=window)
+            window = Window(0.5, 2.0) if cfg.quick else Window(2.0, 12.0 if c >= 16 else 8.0)
+            lv = closed_loop(make_send, c, window=window)
         lv["loadavg_before"] = before
         if lv["ok"] == 0:
-            raise RuntimeError(f"POST {path} on port {port}: no request succeeded (status counts {lv['errors']})")
+            raise RuntimeError(f"c={c}: no request succeeded (status counts {lv['errors']})")
         out.append(lv)
         log.info(
             "  c=%d: %.2f img/s, p50 %.0f ms (%d ok, %d refusals retried)",
@@ -201,51 +164,24 @@ def _levels(port: int, path: str, payloads: list[bytes], cfg: BenchCfg, slow: bo
     return out
 
 
-LANES_OFF = {"PROMPTDISTILL_ENCODER_LANES": "1"}
-
-
 def run_ours(
-    bundle_dir: Path,
-    tmp: Path,
-    images: list[str],
-    cfg: BenchCfg,
-    in_process: InProcess | None,
-    env: dict[str, str] | None = None,
+    bundle_dir: Path, tmp: Path, images: list[bytes], cfg: BenchCfg, in_process: InProcess | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Our levels, then (server still up, idle between blocks) the paired c=1 rounds against in-process
-    (none when ``in_process`` is None). ``env``: settings other than the defaults."""
-    payloads = [json.dumps({"images": [b], "top_k": 5}).encode() for b in images]
-    server = Server(bundle_dir, tmp / "state", cfg.threads, tmp / "ours.log", env)
-    try:
-        server.wait_ready()
-        levels = _levels(server.port, "/v1/classify", payloads, cfg)
-        levels[-1]["admission_after"] = _admission_gauges(server.port)
-        pairs = [] if in_process is None else paired_c1(server.port, payloads, in_process, cfg)
+    (none when ``in_process`` is None)."""
+    with ServerProcess.serve(bundle_dir, tmp / "state", threads=cfg.threads, log=tmp / "ours.log") as server:
+        send = partial(Classify, server.url, images, top_k=5)
+        levels = _levels(send, cfg)
+        levels[-1]["admission_after"] = metrics(server.url, "promptdistill_admission_")
+        pairs = [] if in_process is None else paired_c1(send, in_process, cfg)
         return levels, pairs
-    finally:
-        server.stop()
 
 
-def _admission_gauges(port: int) -> dict[str, float]:
-    """Our server's admission state from /metrics (capacity, in flight, seconds per image)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    _, body = request(port, "GET", "/metrics")
-    prefix = "promptdistill_admission_"
-    return {
-        sample.name[len(prefix) :]: sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-        if sample.name.startswith(prefix)
-    }
-
-
-def paired_c1(port: int, payloads: list[bytes], in_process: InProcess, cfg: BenchCfg) -> list[dict[str, Any]]:
+def paired_c1(send: Callable[[], Send], in_process: InProcess, cfg: BenchCfg) -> list[dict[str, Any]]:
     """c=1 over HTTP against the in-process loop, in alternating blocks of the same images.
 
     A pair is one in-process block then one HTTP block, back to back, so both sides of its ratio see
-    the same machine; the medians over all pairs are the figures (one pair on a shared 2-core VM
-    drifts by +-10 %).
+    the same machine; the medians over all pairs are the figures (one pair drifts on a shared machine).
     """
     n_pairs, n = (1, PAIR_IMAGES_QUICK) if cfg.quick else (PAIRS_PER_ROUND, PAIR_IMAGES)
     out = []
@@ -258,7 +194,7 @@ def paired_c1(port: int, payloads: list[bytes], in_process: InProcess, cfg: Benc
             in_process.one(i)
             lat.append((time.perf_counter() - t) * 1000.0)
         ip_wall = time.perf_counter() - t0
-        lv = load(port, 1, n, payloads, 3 * cfg.max_seconds)
+        lv = closed_loop(send, 1, requests=n, max_seconds=3 * cfg.max_seconds)
         out.append({
             "in_process_images_per_s": n / ip_wall,
             "in_process_p50_ms": float(np.median(lat)),
@@ -313,92 +249,67 @@ def run_infinity(python: Path, hf_dir: Path, tmp: Path, images: list[str], cfg: 
     exe = python.parent / "infinity_emb"
     cmd = [str(exe), "v2", "--model-id", str(hf_dir), "--engine", "torch", "--device", "cpu", "--host",
            "127.0.0.1", "--port", str(port), "--served-model-name", "clip", "--no-model-warmup"]  # fmt: skip
-    body = [
-        json.dumps({"model": "clip", "input": [f"data:image/jpeg;base64,{b}"], "modality": "image"}).encode()
-        for b in images
-    ]
-    peer = PeerProcess(cmd, port, "/health", tmp / "infinity.log", cfg.threads)
-    try:
-        peer.wait_ready()
-        return _levels(port, "/embeddings", body, cfg)
-    finally:
-        peer.stop()
+    body = [{"model": "clip", "input": [f"data:image/jpeg;base64,{b}"], "modality": "image"} for b in images]
+    with peer_process(cmd, port, tmp / "infinity.log", cfg.threads) as peer:
+        return _levels(partial(PostJson, peer.url, "/embeddings", body), cfg)
 
 
 def run_hf_pipeline(python: Path, hf_dir: Path, labels: Path, tmp: Path, images: list[str], cfg: BenchCfg) -> Any:
     port = free_port()
     cmd = [str(python), str(REPO / "bench" / "peer_hf.py"), "serve", str(hf_dir), str(labels), str(port)]
-    body = [json.dumps({"inputs": b}).encode() for b in images]
-    peer = PeerProcess(cmd, port, "/health", tmp / "hf.log", cfg.threads)
-    try:
-        peer.wait_ready()
-        return _levels(port, "/classify", body, cfg, slow=True)
-    finally:
-        peer.stop()
+    body = [{"inputs": b} for b in images]
+    with peer_process(cmd, port, tmp / "hf.log", cfg.threads) as peer:
+        return _levels(partial(PostJson, peer.url, "/classify", body), cfg, slow=True)
 
 
-def _image_pipeline(bundle: Any, threads: int) -> tuple[Any, Callable[[str], Any]]:
-    """The service's own encoder and "JSON image string -> pixels [1, 3, H, W]", with its default settings."""
-    from service.encoders import OnnxImageEncoder, bundle_preprocessor
-    from service.images import ImageLimits, decode_base64_image
-    from service.settings import Settings
-    from service.state import encoder_lanes
-
-    s = Settings(threads=threads)
-    mib = 1024 * 1024
-    limits = ImageLimits(
-        s.max_image_bytes, s.max_image_pixels, s.min_image_side, s.max_aspect_ratio, s.max_decoded_mib * mib
-    )
-    pre = bundle_preprocessor(bundle, limits, s.jpeg_draft_factor)
-    encoder = OnnxImageEncoder(bundle, pre, "cpu", threads, "fp32", encoder_lanes(s))
-    return encoder, lambda b64: pre(decode_base64_image(b64, 0, s.max_image_bytes), 0)[None]
-
-
-@dataclass
 class InProcess:
-    """Our pipeline without HTTP, in this process: the encoder, "JSON image string -> pixels", a snapshot."""
+    """The service's own pipeline in this process, no HTTP: the app's lifespan builds and starts what
+    the server runs (``service.state.build_services``: admission, decode pool, batching engines,
+    label-set snapshots), then ``Classifier.classify`` answers one JSON image string at a time."""
 
-    encoder: Any
-    pixels: Callable[[str], Any]
-    search: Callable[[np.ndarray], Any]
-    images: list[str]
+    def __init__(self, bundle_dir: Path, state_dir: Path, images: list[str], threads: int) -> None:
+        from service.app import create_app
+        from service.settings import Settings
 
-    def one(self, i: int) -> None:
-        """base64 + JPEG decode, preprocess, ONNX encode, search: one image."""
-        self.search(self.encoder.encode(self.pixels(self.images[i % len(self.images)])))
+        self.images = images
+        self.loop = asyncio.new_event_loop()
+        app = create_app(Settings(bundle=bundle_dir, state_dir=state_dir, threads=threads))
+        self._lifespan = app.router.lifespan_context(app)
+        self.loop.run_until_complete(self._lifespan.__aenter__())
+        self.services = app.state.services
+        self.one(0)  # warm-up
 
+    def one(self, i: int) -> Any:
+        """base64 + JPEG decode, preprocess, encode (through the engine), search: one image."""
+        from service.classifier import ClassifyJob
 
-def in_process_pipeline(bundle_dir: Path, images: list[str], cfg: BenchCfg) -> InProcess:
-    from models.bundle import load_bundle
-    from service.index import Snapshot
-    from service.store import SetRows
+        job = ClassifyJob([self.images[i % len(self.images)]], top_k=5)
+        return self.loop.run_until_complete(self.services.classifier.classify(job))
 
-    bundle = load_bundle(bundle_dir)
-    encoder, pixels = _image_pipeline(bundle, cfg.threads)
-    spec = bundle.manifest.label_sets[0]
-    names = [c.name for c in spec.classes]
-    ids = np.asarray([c.id for c in spec.classes], dtype=np.int64)
-    snap = Snapshot.from_rows(SetRows(spec.name, 1, ids, names, names, bundle.class_vectors[spec.name].float().numpy()))
-    scale = float(bundle.manifest.logit_scale)
-    pipeline = InProcess(encoder, pixels, lambda emb: snap.search(emb, 5, scale), images)
-    pipeline.one(0)  # warm-up
-    return pipeline
+    def pixels(self, b64: str) -> np.ndarray:
+        """The service's decode + preprocess of one JSON image string: [1, 3, H, W]."""
+        from service.images import decode_base64_image
+
+        s = self.services
+        pixels: np.ndarray = s.encoder.preprocess(decode_base64_image(b64, 0, s.settings.max_image_bytes), 0)
+        return pixels[None]
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self._lifespan.__aexit__(None, None, None))
+        self.loop.close()
 
 
 def in_process_limit(pipeline: InProcess, cfg: BenchCfg) -> dict[str, Any]:
-    """Our own ceiling: base64 + JPEG decode, preprocess, ONNX encode, search, one image at a time, no HTTP.
-
-    Also where that time goes: decode + preprocess alone, the encoder alone at batch 1 and batch 8, and
-    (with lanes, as the service runs under load) batches of 8 on every lane side by side.
-    """
-    encoder, pixels, images = pipeline.encoder, pipeline.pixels, pipeline.images
+    """Our own ceiling: the service's pipeline one image at a time, no HTTP; also where that time goes:
+    decode + preprocess alone, and the encoder alone at batch 1 and batch 8."""
+    encoder, images = pipeline.services.encoder, pipeline.images
     n = 4 if cfg.quick else 48
     t0 = time.perf_counter()
     for i in range(n):
         pipeline.one(i)
     wall = time.perf_counter() - t0
     t0 = time.perf_counter()
-    batch = [pixels(b) for b in images]  # [1, 3, H, W] each
+    batch = [pipeline.pixels(b) for b in images]  # [1, 3, H, W] each
     decode_ms = (time.perf_counter() - t0) * 1000 / len(images)
     t0 = time.perf_counter()
     for x in batch:
@@ -410,14 +321,6 @@ def in_process_limit(pipeline: InProcess, cfg: BenchCfg) -> dict[str, Any]:
     for _ in range(1 if cfg.quick else 3):
         encoder.encode(eight)
     b8_ms = (time.perf_counter() - t0) * 1000 / (8 if cfg.quick else 24)
-    lanes_ms = None
-    if encoder.lanes > 1:
-        with ThreadPoolExecutor(encoder.lanes) as pool:
-            list(pool.map(encoder.encode_lane, [eight] * encoder.lanes))  # warm-up: each lane allocates
-            reps = 1 if cfg.quick else 3
-            t0 = time.perf_counter()
-            list(pool.map(encoder.encode_lane, [eight] * (encoder.lanes * reps)))
-            lanes_ms = (time.perf_counter() - t0) * 1000 / (8 * encoder.lanes * reps)
     return {
         "images": n,
         "wall_s": wall,
@@ -425,71 +328,83 @@ def in_process_limit(pipeline: InProcess, cfg: BenchCfg) -> dict[str, Any]:
         "decode_preprocess_ms": decode_ms,
         "encode_b1_ms": b1_ms,
         "encode_b8_ms_per_image": b8_ms,
-        "lanes": encoder.lanes,
-        "encode_lanes_b8_ms_per_image": lanes_ms,
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
 def run(cfg: BenchCfg, venv: Path | None = None, install: bool = True) -> dict[str, Any]:
     arch = str(TINY_CONFIG) if cfg.quick else "ViT-B-32"
-    images = jpeg_b64()
+    raw = jpegs()
+    images = [base64.b64encode(j).decode() for j in raw]
     result: dict[str, Any] = {
         "model": f"{'tiny' if cfg.quick else 'ViT-B-32'}, random init (seed 0), same weights in every system",
         "images": f"{len(images)} real photos as JPEG (quality 90), one per request",
         "threads": cfg.threads,
         "systems": {},
     }
-    rounds = 1 if cfg.quick else ROUNDS
     with tempfile.TemporaryDirectory(prefix="pd-bench-peers-") as tmp_name:
         tmp = Path(tmp_name)
         bundle_dir = build_bundle(arch, tmp / "bundle")
-        pipeline = in_process_pipeline(bundle_dir, images, cfg)
-        result["in_process"] = in_process_limit(pipeline, cfg)
-        log.info("in-process limit: %.2f img/s", result["in_process"]["images_per_s"])
-        python = None
+        pipeline = InProcess(bundle_dir, tmp / "in-process-state", images, cfg.threads)
         try:
-            python = _peer_setup(venv, install, bundle_dir, tmp, result)
-        except PeerUnavailable as e:
-            log.error("peers not measured: %s", e)
-            result["peers_unavailable"] = str(e)
-        per_round: list[dict[str, list[dict[str, Any]]]] = []
-        pairs: list[dict[str, Any]] = []
-        for r in range(rounds):
-            log.info("round %d of %d: ours", r + 1, rounds)
-            levels, round_pairs = run_ours(bundle_dir, tmp, images, cfg, pipeline)
-            pairs += round_pairs
-            entry = {"ours": levels}
-            if r == rounds - 1:  # what the encoder lanes buy, next to ours in the same round
-                log.info(
-                    "round %d of %d: ours with encoder_lanes=1 (one batch at a time on every thread)", r + 1, rounds
-                )
-                result["ours_lanes_off"], _ = run_ours(bundle_dir, tmp, images, cfg, None, LANES_OFF)
-            if python is not None:
-                log.info("round %d of %d: infinity", r + 1, rounds)
-                entry["infinity"] = run_infinity(python, tmp / "hf", tmp, images, cfg)
-            per_round.append(entry)
-        result["in_process_after"] = in_process_limit(pipeline, cfg)  # the machine's drift, bracketed
-        log.info("in-process limit again: %.2f img/s", result["in_process_after"]["images_per_s"])
-        result["rounds"] = per_round
-        for name in per_round[0]:
-            result["systems"][name] = median_levels([entry[name] for entry in per_round])
-        result["c1_paired"] = pairs_summary(pairs, PAIR_IMAGES_QUICK if cfg.quick else PAIR_IMAGES)
-        log.info(
-            "c=1 paired with in-process (median of %d pairs): throughput %.3fx, p50 %.3fx",
-            len(pairs),
-            result["c1_paired"]["throughput_ratio_median"],
-            result["c1_paired"]["p50_ratio_median"],
-        )
-        if python is not None:
-            log.info("hf pipeline (once: ~1 answer per second):")
-            result["systems"]["hf_pipeline"] = run_hf_pipeline(
-                python, tmp / "hf", tmp / "oc" / "labels.json", tmp, images, cfg
-            )
+            _measure(pipeline, bundle_dir, tmp, raw, images, cfg, venv, install, result)
+        finally:
+            pipeline.close()
     _ratios(result)
     write_result("peers", result, cfg)
     _plot(result, cfg)
     return result
+
+
+def _measure(
+    pipeline: InProcess,
+    bundle_dir: Path,
+    tmp: Path,
+    raw: list[bytes],
+    images: list[str],
+    cfg: BenchCfg,
+    venv: Path | None,
+    install: bool,
+    result: dict[str, Any],
+) -> None:
+    """In-process, then rounds of ours (and the peers, when installed), then in-process again."""
+    rounds = 1 if cfg.quick else ROUNDS
+    result["in_process"] = in_process_limit(pipeline, cfg)
+    log.info("in-process limit: %.2f img/s", result["in_process"]["images_per_s"])
+    python = None
+    try:
+        python = _peer_setup(venv, install, bundle_dir, tmp, result)
+    except PeerUnavailable as e:
+        log.error("peers not measured: %s", e)
+        result["peers_unavailable"] = str(e)
+    per_round: list[dict[str, list[dict[str, Any]]]] = []
+    pairs: list[dict[str, Any]] = []
+    for r in range(rounds):
+        log.info("round %d of %d: ours", r + 1, rounds)
+        levels, round_pairs = run_ours(bundle_dir, tmp, raw, cfg, pipeline)
+        pairs += round_pairs
+        entry = {"ours": levels}
+        if python is not None:
+            log.info("round %d of %d: infinity", r + 1, rounds)
+            entry["infinity"] = run_infinity(python, tmp / "hf", tmp, images, cfg)
+        per_round.append(entry)
+    result["in_process_after"] = in_process_limit(pipeline, cfg)  # the machine's drift, bracketed
+    log.info("in-process limit again: %.2f img/s", result["in_process_after"]["images_per_s"])
+    result["rounds"] = per_round
+    for name in per_round[0]:
+        result["systems"][name] = median_levels([entry[name] for entry in per_round])
+    result["c1_paired"] = pairs_summary(pairs, PAIR_IMAGES_QUICK if cfg.quick else PAIR_IMAGES)
+    log.info(
+        "c=1 paired with in-process (median of %d pairs): throughput %.3fx, p50 %.3fx",
+        len(pairs),
+        result["c1_paired"]["throughput_ratio_median"],
+        result["c1_paired"]["p50_ratio_median"],
+    )
+    if python is not None:
+        log.info("hf pipeline (once: it is slow):")
+        result["systems"]["hf_pipeline"] = run_hf_pipeline(
+            python, tmp / "hf", tmp / "oc" / "labels.json", tmp, images, cfg
+        )
 
 
 def _peer_setup(venv: Path | None, install: bool, bundle_dir: Path, tmp: Path, result: dict[str, Any]) -> Path:

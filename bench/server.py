@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.burner import cpu_burn
-from bench.common import REPO, TINY_CONFIG, BenchCfg, write_result
+from bench.common import TINY_CONFIG, BenchCfg, write_result
+from bench.harness import ServerProcess, free_port
 from bench.server_clients import drain_round, normal_traffic, slow_connections
 
 log = logging.getLogger(__name__)
@@ -41,56 +41,15 @@ N_SLOW = 128
 WORKERS = 3
 
 
-class Child:
-    """A server child process (``promptdistill serve`` or plain uvicorn) on a free loopback port."""
-
-    def __init__(self, args: list[str], env: dict[str, str], workdir: Path, plain: bool = False) -> None:
-        self.port = _free_port()
-        self.log_path = workdir / f"server-{self.port}.log"
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTDISTILL_")}
-        child_env.update({"PROMPTDISTILL_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **env})
-        if plain:  # uvicorn's own CLI, same app factory: what `serve` was before service/server.py
-            cmd = ["-m", "uvicorn", "service.app:create_app_from_env", "--factory", "--port", str(self.port)]
-        else:
-            cmd = ["-m", "promptdistill", "serve", "--port", str(self.port), *args]
-        with self.log_path.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=child_env, stdout=out, stderr=out)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, workers: int = 1, timeout_s: float = 300.0) -> float:
-        import httpx2
-
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log_text()[-3000:]}")
-            try:
-                r = httpx2.get(self.url + "/readyz", timeout=10)
-                if r.status_code == 200 and (workers == 1 or f"{workers}/{workers}" in r.text):
-                    return time.monotonic() - start
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"not ready after {timeout_s} s:\n{self.log_text()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=60)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def child(bundle: Path, state: Path, *args: str, env: dict[str, str], plain: bool = False) -> ServerProcess:
+    """``promptdistill serve`` (or plain uvicorn serving the same app factory) on a free loopback port, started."""
+    serve = ServerProcess.serve(bundle, state, *args, env=env)
+    if not plain:
+        return serve.start()
+    port = free_port()  # uvicorn's own CLI, same app factory: what `serve` was before service/server.py
+    cmd = [sys.executable, "-m", "uvicorn", "service.app:create_app_from_env", "--factory", "--port", str(port)]
+    env = {**serve.env, "PROMPTDISTILL_BUNDLE": str(bundle), "PROMPTDISTILL_STATE_DIR": str(state)}
+    return ServerProcess(cmd, port, state.with_name(f"{state.name}-uvicorn.log"), env).start()
 
 
 def _alive(pid: int) -> bool:
@@ -106,9 +65,9 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def bench_slow_clients(bundle: Path, work: Path) -> dict[str, Any]:
     env = {"PROMPTDISTILL_HEADER_TIMEOUT_S": str(DEADLINE_S), "PROMPTDISTILL_BODY_TIMEOUT_S": str(DEADLINE_S)}
-    server = Child(["--bundle", str(bundle), "--state-dir", str(work / "state-slow")], env, work)
+    server = child(bundle, work / "state-slow", env=env)
     try:
-        server.wait_ready()
+        server.wait_ready(300.0)
         alone = normal_traffic(server.url, seconds=5.0)
         stop, during = threading.Event(), {}
         thread = threading.Thread(target=lambda: during.update(normal_traffic(server.url, stop=stop)))
@@ -140,14 +99,13 @@ def bench_sigterm(bundle: Path, work: Path, rounds: int) -> dict[str, Any]:
         loads = []
         for r in range(rounds):
             state = work / f"state-term-{kind.split()[0]}-{r}"
-            env = {"PROMPTDISTILL_BUNDLE": str(bundle), "PROMPTDISTILL_STATE_DIR": str(state)}
-            server = Child(["--bundle", str(bundle), "--state-dir", str(state)], env, work, plain=kind != "serve")
+            server = child(bundle, state, env={}, plain=kind != "serve")
             try:
-                server.wait_ready()
+                server.wait_ready(300.0)
                 loads.append(round(os.getloadavg()[0], 2))
-                for key, n in drain_round(server.port, partial(server.proc.send_signal, signal.SIGTERM)).items():
+                for key, n in drain_round(server.port, partial(server.signal, signal.SIGTERM)).items():
                     totals[key] = totals.get(key, 0) + n
-                server.proc.wait(timeout=120)
+                server.wait(120)
             finally:
                 server.kill()
         out[kind] = {**totals, "rounds": rounds, "load_1min": loads}
@@ -160,13 +118,13 @@ def bench_workers(bundle: Path, work: Path, starts: int) -> dict[str, Any]:
         time.sleep(5)  # let the burners lift the load average before the first start (it is a 1-min mean)
         for i in range(starts):
             state = work / f"state-workers-{i}"
-            server = Child(["--bundle", str(bundle), "--state-dir", str(state), "--workers", str(WORKERS)], {}, work)
+            server = child(bundle, state, "--workers", str(WORKERS), env={})
             load = os.getloadavg()[0]
             try:
-                ready_s = server.wait_ready(workers=WORKERS)
-                text = server.log_text()
+                ready_s = server.wait_ready(300.0)  # 200 only once every worker serves
+                text = server.output(10**7)
                 pids = [int(p) for p in re.findall(r"Booting worker with pid: (\d+)", text)]
-                server.proc.kill()  # the supervisor only
+                server.kill()  # the supervisor only
                 killed = time.monotonic()
                 while any(_alive(p) for p in pids) and time.monotonic() - killed < 30:
                     time.sleep(0.01)

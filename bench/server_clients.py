@@ -1,4 +1,6 @@
-"""Raw-socket clients for bench/server.py: slow attackers, normal traffic, requests racing SIGTERM."""
+"""Clients for bench/server.py: slow attackers and requests racing SIGTERM on raw sockets (byte-level
+control the project's client cannot give: half-sent headers, kept-alive sockets written at a chosen
+moment), and normal traffic through the project's client."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx2
 from PIL import Image
 
 TRICKLE_S = 0.3  # a slow client sends one byte this often: a per-read idle timeout never fires
@@ -71,18 +74,18 @@ def slow_connections(port: int, n: int, deadline_s: float, give_up_s: float) -> 
 
 
 def normal_traffic(url: str, seconds: float | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
-    """Sequential readyz + classify requests; latency percentiles (ms) and errors."""
-    import httpx2
+    """Sequential readyz + classify requests (the project's client); latency percentiles (ms) and errors."""
+    from service.client import Client, ServiceClientError
 
-    body = {"images": [_image_b64()], "top_k": 1}
+    image = base64.b64decode(_image_b64())
     latencies, errors = [], 0
     end = time.monotonic() + (seconds or 3600)
-    with httpx2.Client(base_url=url, timeout=30) as c:
+    with Client(url, timeout_s=30.0, retries=0) as c:
         while time.monotonic() < end and not (stop and stop.is_set()):
             t = time.perf_counter()
             try:
-                ok = c.get("/readyz").status_code == 200 and c.post("/v1/classify", json=body).status_code == 200
-            except httpx2.HTTPError:
+                ok = c.ready() and bool(c.classify_bytes([image], top_k=1))
+            except (ServiceClientError, httpx2.HTTPError):
                 ok = False
             latencies.append(time.perf_counter() - t)
             errors += not ok

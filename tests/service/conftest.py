@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,16 +15,11 @@ import httpx2
 import pytest
 import uvicorn
 
+from bench.harness import ServerProcess, free_port
 from service import Settings, create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def png_bytes(image: Any) -> bytes:
@@ -144,46 +135,14 @@ def shared_server(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @contextmanager
-def subprocess_server(bundle: Path, state_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[Any]:
-    """``promptdistill serve`` in a child process; yields (Popen, url). Killed on exit if still running."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "promptdistill",
-        "serve",
-        "--bundle",
-        str(bundle),
-        "--state-dir",
-        str(state_dir),
-        "--port",
-        str(port),
-        *extra,
-    ]
-    child_env = {**os.environ, "PYTHONPATH": str(ROOT), "PROMPTDISTILL_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+def subprocess_server(
+    bundle: Path, state_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """``promptdistill serve`` in a child process (bench/harness.py), ready; killed on exit if still running."""
+    server = ServerProcess.serve(bundle, state_dir, *extra, env=env)
+    server.start()
     try:
-        wait_ready(proc, url)
-        yield proc, url
+        server.wait_ready(START_TIMEOUT_S)
+        yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        if proc.stderr:
-            proc.stderr.close()
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"server exited with {proc.returncode}: {err[-3000:]}")
-        try:
-            if httpx2.get(url + "/readyz", timeout=2.0).status_code == 200:
-                return
-        except httpx2.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"server at {url} not ready after {timeout_s}s")
+        server.kill()

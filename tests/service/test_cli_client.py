@@ -116,7 +116,9 @@ def test_sigterm_drains_in_flight_requests(tiny_bundle_dir: Path, tmp_path: Path
     # Batches wait up to 3 s to fill, so queued images are still waiting when the signal arrives;
     # the test waits for that condition (a fixed sleep proves nothing on a loaded machine).
     env = {"PROMPTDISTILL_MAX_WAIT_MS": "3000", "PROMPTDISTILL_MAX_BATCH_SIZE": "512"}
-    with subprocess_server(tiny_bundle_dir, tmp_path / "state", env=env) as (proc, url):
+    with subprocess_server(tiny_bundle_dir, tmp_path / "state", env=env) as server:
+        proc, url = server.proc, server.url
+        assert proc is not None
         threads = [threading.Thread(target=call, args=(url,)) for _ in range(6)]
         for t in threads:
             t.start()
@@ -129,7 +131,7 @@ def test_sigterm_drains_in_flight_requests(tiny_bundle_dir: Path, tmp_path: Path
         for t in threads:
             t.join(timeout=60)
         assert proc.wait(timeout=60) == 0, "a clean drain must exit 0"
-        log = proc.stderr.read().decode() if proc.stderr else ""
+        log = server.output(10**7)
     assert not [r for r in results if isinstance(r, str) and r.startswith("dropped")], results
     assert 200 in results, results
     assert any(t > term_at for t in finished), "no request was in flight at SIGTERM; the test proved nothing"

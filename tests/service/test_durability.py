@@ -112,7 +112,9 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(
     acked: dict[str, int] = {}
     survived = []
     for round_no in range(KILL_POINTS + 1):  # each start first verifies the previous round's kill
-        with subprocess_server(tiny_bundle_dir, state, env=SERVER_ENV) as (proc, url):
+        with subprocess_server(tiny_bundle_dir, state, env=SERVER_ENV) as server:
+            proc, url = server.proc, server.url
+            assert proc is not None
             names = _check_consistent(url, state, image, embedding)
             missing = set(acked) - set(names.values())
             assert not missing, f"acknowledged classes lost after SIGKILL: {sorted(missing)[:10]}"

@@ -125,7 +125,9 @@ def test_sighup_reloads_the_configured_bundle(tiny_bundle_dir: Path, tmp_path: P
     variant = _torch_variant(tiny_bundle_dir, tmp_path / "torch-variant")
     link = tmp_path / "current"
     link.symlink_to(tiny_bundle_dir)
-    with subprocess_server(link, tmp_path / "state") as (proc, url):
+    with subprocess_server(link, tmp_path / "state") as server:
+        proc, url = server.proc, server.url
+        assert proc is not None
         before = httpx2.get(url + "/v1/model", timeout=10).json()["loaded"]
         _switch(link, variant)
         proc.send_signal(signal.SIGHUP)

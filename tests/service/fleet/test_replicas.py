@@ -17,7 +17,8 @@ import httpx2
 import pytest
 from PIL import Image
 
-from bench.cluster_kit import PostgresServer, Replica, postgres_available, start_replicas
+from bench.cluster_kit import PostgresServer, postgres_available, replica, start_replicas
+from bench.harness import ServerProcess
 from promptdistill.cli import main
 from service.client import Client, ServiceClientError
 from tests.service.conftest import png_bytes
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 class Fleet:
-    def __init__(self, pg: PostgresServer, replicas: list[Replica]) -> None:
+    def __init__(self, pg: PostgresServer, replicas: list[ServerProcess]) -> None:
         self.pg, self.replicas = pg, replicas
 
     @property
@@ -52,7 +53,7 @@ def fleet(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     try:
         with PostgresServer(root, fsync=False) as pg:
             replicas = [
-                Replica(tiny_bundle_dir, states / f"r{i}", pg.url, PROMPTDISTILL_POLL_INTERVAL_S="1") for i in range(3)
+                replica(tiny_bundle_dir, states / f"r{i}", pg.url, PROMPTDISTILL_POLL_INTERVAL_S="1") for i in range(3)
             ]
             try:
                 start_replicas(replicas)  # together: seeding must happen exactly once
