@@ -105,7 +105,7 @@ def _senders(url: str, grpc_port: int, jpegs: list[bytes]) -> dict[str, Callable
     http = httpx2.Client(base_url=url, timeout=120)
     limit = 64 * 1024 * 1024
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_receive_message_length", limit)])
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
     raw = join_bytes(jpegs)
     request = pb.ModelInferRequest(model_name="default", raw_input_contents=[raw])
     request.inputs.add(name="IMAGE", datatype="BYTES", shape=[n])

@@ -88,3 +88,13 @@ def test_towers_quick_run_serves_an_older_commit_beside_this_one_and_renders(
         assert doc["lines"][who]["total"] == sum(doc["lines"][who][d] for d in ("service", "models", "bench")) > 0
     text = render(tmp_path)
     assert "One engine, two towers" in text and "Lines of Python" in text and "Text-encoder batches" in text
+
+
+def test_lifecycle_quick_run_reloads_migrates_through_kills_and_round_trips(tmp_path: Path) -> None:
+    """The harness runs end to end; the counts it reports are the lifecycle's promises (never timings)."""
+    assert main(["lifecycle", "--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "lifecycle.json").read_text())
+    assert doc["reload"]["swap_outcome"] == "swapped" and doc["reload"]["failed_requests"] == 0
+    assert doc["reload"]["readyz_not_200"] == 0
+    assert doc["migrate"]["classes_lost"] == 0 and doc["migrate"]["complete"]
+    assert doc["roundtrip"]["identical"]

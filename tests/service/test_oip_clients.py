@@ -42,8 +42,8 @@ def clients_python() -> Path:
 def served(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     grpc_port = free_port()
     state = tmp_path_factory.mktemp("oip-clients-state")
-    with subprocess_server(tiny_bundle_dir, state, "--grpc-port", str(grpc_port)) as (_, url):
-        yield url, grpc_port
+    with subprocess_server(tiny_bundle_dir, state, "--grpc-port", str(grpc_port)) as server:
+        yield server.url, grpc_port
 
 
 @pytest.mark.parametrize("client", ["triton_http", "triton_grpc", "kserve_rest", "kserve_grpc"])

@@ -1,0 +1,235 @@
+"""``python -m bench lifecycle``: issue 21's figures (a new model never strands a class).
+
+* ``reload``: 16 closed-loop clients classify through ``serve --bundle LINK``; after a steady
+  window the link is switched to a bundle of the same space (the same tower without its ONNX graph,
+  served by torch) and ``POST /v1/admin/reload`` swaps it in while the clients keep going; ``/readyz``
+  is polled every 20 ms throughout. Figures: failed requests [goal 0], p99 latency of the requests
+  that overlapped the swap vs the steady window's [<= 2x], ``/readyz`` answers other than 200 [0].
+* ``migrate``: a database holding N runtime classes (added through a first bundle) is served by a
+  bundle of another space (another text side), which encodes them all in the background: names
+  encoded per second (first start, no kill), then the same from scratch with ``kill -9`` at K random
+  points of the migration. Figures: classes lost after the last restart [0] (every name has a
+  vector in the new space and the sets are served), names encoded beyond N across the runs,
+  against one batch per kill [<= 64 per kill].
+* ``roundtrip``: ``promptdistill labelsets export --vectors`` of that database, imported into an
+  empty one: identical sets, ids, versions [yes].
+
+``BENCH_LIFECYCLE_PARTS=reload,migrate`` runs some parts. ``--quick``: tiny sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+from bench.common import REPO, TINY_CONFIG, BenchCfg, real_photos, write_result
+from bench.harness import Classify, ServerProcess, Window, closed_loop, metrics
+from bench.hostile import cached_bundle
+
+log = logging.getLogger(__name__)
+PARTS = ("reload", "migrate", "roundtrip")
+CLIENTS = 16
+
+
+def _variant(bundle: Path, dest: Path, *, other_space: bool) -> Path:
+    """The same tower without its ONNX graph (same space), or with another text side (another space)."""
+    shutil.copytree(bundle, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    if other_space:
+        manifest["text_encoder"]["templates"] = ["a {}."]
+    else:
+        for spec in manifest["image_encoder"]["onnx"]:
+            for rel in (spec["file"], spec.get("data_file")):
+                if rel:
+                    manifest["files"].pop(rel, None)
+        manifest["image_encoder"]["onnx"] = []
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def _jpegs(n: int) -> list[bytes]:
+    import io
+
+    out = []
+    for photo in real_photos()[:n]:
+        buf = io.BytesIO()
+        photo.convert("RGB").resize((320, 240)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def reload_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
+    link = tmp / "current"
+    link.symlink_to(bundle)
+    variant = _variant(bundle, tmp / "same-space", other_space=False)
+    images = _jpegs(8)
+    steady_s, swap_s = (3.0, 6.0) if cfg.quick else (10.0, 15.0)
+    ready_codes: list[int] = []
+    stop = threading.Event()
+    with ServerProcess.serve(link, tmp / "reload-state", "--api-key", "k", threads=cfg.threads) as server:
+
+        def poll() -> None:
+            with httpx2.Client(base_url=server.url, timeout=10) as http:
+                while not stop.is_set():
+                    ready_codes.append(http.get("/readyz").status_code)
+                    time.sleep(0.02)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        steady = closed_loop(lambda: Classify(server.url, images), CLIENTS, window=Window(2.0, steady_s))
+        swap: dict[str, Any] = {}
+
+        def swap_soon() -> None:
+            time.sleep(swap_s / 3)
+            tmp_link = link.with_name("current.new")
+            tmp_link.symlink_to(variant)
+            os.replace(tmp_link, link)
+            t0 = time.perf_counter()
+            with server.client(api_key="k") as client:
+                swap["answer"] = client.reload()
+            swap["seconds"] = time.perf_counter() - t0
+
+        swapper = threading.Thread(target=swap_soon)
+        swapper.start()
+        during = closed_loop(lambda: Classify(server.url, images), CLIENTS, window=Window(0.0, swap_s))
+        swapper.join()
+        stop.set()
+        poller.join()
+    failed = sum(during["errors"].values()) + sum(steady["errors"].values())
+    return {
+        "clients": CLIENTS,
+        "steady": steady,
+        "during_swap": during,
+        "swap_seconds": swap.get("seconds"),
+        "swap_outcome": swap.get("answer", {}).get("outcome"),
+        "failed_requests": failed,
+        "p99_ratio": during["p99_ms"] / steady["p99_ms"],
+        "readyz_polls": len(ready_codes),
+        "readyz_not_200": sum(1 for c in ready_codes if c != 200),
+    }
+
+
+def _names(n: int) -> list[str]:
+    return [f"runtime class {i:06d}" for i in range(n)]
+
+
+def _seed_database(bundle: Path, state: Path, n: int, threads: int) -> None:
+    """N runtime classes added through the first bundle (its space), in requests of 1,000 names."""
+    with ServerProcess.serve(bundle, state, threads=threads) as server, server.client() as client:
+        names = _names(n)
+        for start in range(0, n, 1000):
+            client.add_classes(names[start : start + 1000])
+
+
+def _names_encoded(server: ServerProcess) -> float:
+    return sum(v for k, v in metrics(server.url, "promptdistill_text_encoder_names").items() if k.startswith("_total"))
+
+
+def _vectors(state: Path) -> dict[str, int]:
+    out = subprocess.run(
+        [sys.executable, "-m", "promptdistill", "labelsets", "spaces", "--state-dir", str(state)],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    return {k: int(v) for k, v in json.loads(out.stdout).items()}
+
+
+def migrate_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
+    n = 500 if cfg.quick else 10_000
+    kills = 2 if cfg.quick else 10
+    other = _variant(bundle, tmp / "other-space", other_space=True)
+    seed = tmp / "seed-state"
+    _seed_database(bundle, seed, n, cfg.threads)
+    total = n + len(json.loads((bundle / "manifest.json").read_text())["label_sets"][0]["classes"])
+    # 1. one uninterrupted migration: names encoded per second
+    clean = tmp / "clean-state"
+    shutil.copytree(seed, clean)
+    server = ServerProcess.serve(other, clean, threads=cfg.threads).start()
+    t0 = time.perf_counter()
+    server.wait_ready(timeout_s=3600)
+    seconds = time.perf_counter() - t0
+    encoded = _names_encoded(server)
+    server.stop()
+    # 2. the same with kill -9 at random points
+    rng = random.Random(0)
+    killed = tmp / "killed-state"
+    shutil.copytree(seed, killed)
+    server = ServerProcess.serve(other, killed, threads=cfg.threads)
+    encoded_runs: list[float] = []
+    for k in range(kills):
+        server.start()
+        time.sleep(
+            rng.uniform(0.2, 1.0) * seconds / kills
+        )  # a random point of the migration (a bench: fixed waits are its method)
+        try:
+            encoded_runs.append(_names_encoded(server))
+        except httpx2.TransportError:
+            encoded_runs.append(0.0)  # not listening yet: killed during start-up, before any encoding
+        server.kill()
+        log.info("kill %d of %d: %.0f names encoded in that run", k + 1, kills, encoded_runs[-1])
+    server.start()
+    server.wait_ready(timeout_s=3600)
+    encoded_runs.append(_names_encoded(server))
+    with server.client() as client:
+        served = {c["name"] for c in client.iter_classes("default")}
+    server.stop()
+    spaces = _vectors(killed)
+    missing_names = [x for x in _names(n) if x not in served]
+    return {
+        "runtime_classes": n,
+        "bundle": bundle.name,
+        "uninterrupted": {"seconds": seconds, "names_encoded": encoded, "names_per_s": encoded / seconds},
+        "kills": kills,
+        "classes_lost": len(missing_names),
+        "vectors_per_space": spaces,
+        "names_encoded_all_runs": sum(encoded_runs),
+        "redone": sum(encoded_runs) - encoded,
+        "redone_per_kill": (sum(encoded_runs) - encoded) / kills,
+        "batch": 64,
+        "complete": len(spaces) == 2 and all(v == total for v in spaces.values()),
+    }
+
+
+def roundtrip_part(tmp: Path) -> dict[str, Any]:
+    state = tmp / "killed-state" if (tmp / "killed-state").is_dir() else tmp / "seed-state"
+    if not state.is_dir():
+        return {"skipped": "needs the migrate part's database"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out, target = tmp / "sets.jsonl", tmp / "imported"
+    cli = [sys.executable, "-m", "promptdistill", "labelsets"]
+    subprocess.run([*cli, "export", "--state-dir", str(state), "--vectors", "-o", str(out)], check=True, env=env)
+    subprocess.run([*cli, "import", str(out), "--state-dir", str(target)], check=True, env=env, capture_output=True)
+    again = tmp / "again.jsonl"
+    subprocess.run([*cli, "export", "--state-dir", str(target), "--vectors", "-o", str(again)], check=True, env=env)
+    a, b = out.read_text().splitlines()[1:], again.read_text().splitlines()[1:]
+    return {"lines": len(a), "identical": a == b}
+
+
+def run(cfg: BenchCfg) -> dict[str, Any]:
+    parts = os.environ.get("BENCH_LIFECYCLE_PARTS", ",".join(PARTS)).split(",")
+    bundle = cached_bundle(str(TINY_CONFIG))
+    result: dict[str, Any] = {"bundle": "tiny zero-shot (models/configs/tiny-clip.json)"}
+    with tempfile.TemporaryDirectory(prefix="pd-bench-lifecycle-") as name:
+        tmp = Path(name)
+        if "reload" in parts:
+            result["reload"] = reload_part(bundle, tmp, cfg)
+            log.info("reload: %s", {k: v for k, v in result["reload"].items() if k not in ("steady", "during_swap")})
+        if "migrate" in parts:
+            result["migrate"] = migrate_part(bundle, tmp, cfg)
+            log.info("migrate: %s", result["migrate"])
+        if "roundtrip" in parts:
+            result["roundtrip"] = roundtrip_part(tmp)
+            log.info("roundtrip: %s", result["roundtrip"])
+    write_result("lifecycle", result, cfg)
+    return result
