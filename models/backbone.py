@@ -37,6 +37,7 @@ from models import _compat  # noqa: F401  (must precede open_clip)
 log = logging.getLogger(__name__)
 
 NO_WEIGHTS = ("", "none", "random")
+IMAGE_TOWER_PREFIX = "visual."
 HUB_HOST = "huggingface.co"
 NETWORK_PROBE_TIMEOUT_S = 4.0
 
@@ -115,6 +116,7 @@ def load_backbone(
     cache_dir: str | None = None,
     device: str | torch.device = "cpu",
     model_config: dict[str, Any] | None = None,
+    text_only: bool = False,
 ) -> Backbone:
     """Build an open_clip CLIP model with its preprocess config and tokenizer.
 
@@ -124,6 +126,9 @@ def load_backbone(
         cache_dir: where open_clip / huggingface_hub look for and store downloaded weights.
         device: where the model is placed.
         model_config: an already-resolved config (from a bundle); takes precedence over ``name``.
+        text_only: ``pretrained`` holds the text tower alone (a bundle's text side); the image
+            tower is dropped (``model.visual`` becomes ``nn.Identity``) and only the preprocess
+            config is kept from it.
 
     Raises:
         BackboneError: unknown architecture, missing file, or weights that need a network
@@ -146,8 +151,10 @@ def load_backbone(
         arch, cfg = _resolve_architecture(name, model_config)
         weights_path = _resolve_weights(arch, pretrained, cache_dir)
         model, preprocess_cfg = _create(arch, None, cache_dir)
+        if text_only:
+            model.visual = torch.nn.Identity()  # never run; its random init is freed here
         if weights_path is not None:
-            _load_weights(model, weights_path)
+            _load_weights(model, weights_path, text_only)
             if pretrained is not None and get_pretrained_cfg(arch, pretrained):
                 preprocess_cfg = _tag_preprocess(preprocess_cfg, arch, pretrained)
         tokenizer = open_clip.get_tokenizer(arch)
@@ -306,10 +313,12 @@ def _tag_preprocess(current: dict[str, Any], arch: str, tag: str) -> dict[str, A
     return dict(merged)
 
 
-def _load_weights(model: torch.nn.Module, path: str) -> None:
+def _load_weights(model: torch.nn.Module, path: str, text_only: bool = False) -> None:
     """Load .safetensors, torch state dicts / checkpoints, or OpenAI TorchScript archives."""
     try:
-        if _is_torchscript(path):
+        if text_only:
+            _load_text_tower(model, path)
+        elif _is_torchscript(path):
             # OpenAI's .pt files are TorchScript archives whose parameter names match open_clip's.
             state = torch.jit.load(path, map_location="cpu").state_dict()
             # Scalars OpenAI stored next to the weights, and buffers our model keeps out of its
@@ -323,6 +332,23 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
             open_clip.load_checkpoint(model, path, strict=True)
     except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as e:  # open_clip asserts on shapes
         raise BackboneError(f"weights {path} do not fit this architecture: {e}") from e
+
+
+def text_tower_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the image tower (``visual.*``): what a bundle's text side needs."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(IMAGE_TOWER_PREFIX)}
+
+
+def _load_text_tower(model: torch.nn.Module, path: str) -> None:
+    """Load a text-tower-only file (:func:`text_tower_state`) into ``model`` (image tower dropped)."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    want = set(text_tower_state(model))
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:
+        raise KeyError(f"text-tower weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
 
 
 def _is_torchscript(path: str) -> bool:

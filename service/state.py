@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from models.bundle import Bundle, BundleError, load_bundle
-from models.towers import TextSide
+from models.towers import TextSide, check_backbone_weights, needed_backbones
 from service.admission import Admission, AdmissionCfg
 from service.classifier import Classifier, PipelineHooks
 from service.encoders import (
@@ -81,8 +81,13 @@ def preflight(settings: Settings) -> Bundle:
     """The start-up checks that need no model (bundle, image-encoder backend, device, state dir,
     label-set database of this bundle), run before any server starts; raises StartupError."""
     bundle = load_checked_bundle(settings)
-    if resolve_backend(settings, bundle) == "onnx":
+    onnx = resolve_backend(settings, bundle) == "onnx"
+    if onnx:
         onnx_graph(bundle, settings.onnx_precision)
+    try:
+        check_backbone_weights(bundle, needed_backbones(bundle, image_tower=not onnx))
+    except BundleError as e:
+        raise StartupError(f"cannot serve bundle {settings.bundle}: {e}") from e
     cuda_wanted(settings.device)  # --device cuda without a CUDA device
     check_state_dir(settings.state_dir)
     store = open_store(settings, bundle.manifest.embed_dim)
