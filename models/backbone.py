@@ -16,6 +16,7 @@ Weights (``pretrained``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import socket
 import threading
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -146,7 +148,8 @@ def load_backbone(
                 raise BackboneError(_offline_message(name, str(e), cache_dir)) from e
             raise
         cfg = model_config or _resolved_config(name)
-        tokenizer = open_clip.get_tokenizer(name)
+        with _quiet_open_clip():
+            tokenizer = open_clip.get_tokenizer(name)
     else:
         arch, cfg = _resolve_architecture(name, model_config)
         weights_path = _resolve_weights(arch, pretrained, cache_dir)
@@ -157,7 +160,9 @@ def load_backbone(
             _load_weights(model, weights_path, text_only)
             if pretrained is not None and get_pretrained_cfg(arch, pretrained):
                 preprocess_cfg = _tag_preprocess(preprocess_cfg, arch, pretrained)
-        tokenizer = open_clip.get_tokenizer(arch)
+        with _quiet_open_clip():
+            tokenizer = open_clip.get_tokenizer(arch)
+    log.debug("backbone %s: %s", name, f"weights {pretrained}" if pretrained else "random initialisation")
     sha = _sha256(pretrained) if pretrained and Path(pretrained).is_file() else None
     model = model.to(device).eval()
     model.requires_grad_(False)
@@ -165,9 +170,36 @@ def load_backbone(
     return Backbone(model, PreprocessConfig.from_open_clip(preprocess_cfg), tokenizer, spec)
 
 
+class _OpenClipChatter(logging.Filter):
+    """Drops open_clip's INFO narration (it logs on the root logger) and its "initialized randomly"
+    warning: we create every model without weights and load them ourselves, so that warning is
+    false for every bundle load; :func:`load_backbone` logs what it really loaded."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _OPEN_CLIP_DIR not in record.pathname:
+            return True
+        return record.levelno > logging.WARNING or (
+            record.levelno == logging.WARNING and "initialized randomly" not in record.getMessage()
+        )
+
+
+_OPEN_CLIP_DIR = os.path.dirname(open_clip.__file__)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    root, chatter = logging.getLogger(), _OpenClipChatter()
+    root.addFilter(chatter)
+    try:
+        yield
+    finally:
+        root.removeFilter(chatter)
+
+
 def _create(arch: str, pretrained: str | None, cache_dir: str | None) -> tuple[Any, dict[str, Any]]:
     try:
-        model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
+        with _quiet_open_clip():
+            model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         raise BackboneError(f"could not build backbone {arch!r}: {e}") from e
     if not isinstance(model, open_clip.CLIP):
