@@ -85,8 +85,8 @@ def agreement(model: PromptKDStudent, dataset: Any, device: torch.device, batch_
     """Share of test images (all classes) where student and teacher top-1 over all N classes agree."""
     was = model.training
     model.eval()
-    s, _ = predict(model.logits, dataset, device=device, batch_size=batch_size)
-    t, _ = predict(model.teacher_logits, dataset, device=device, batch_size=batch_size)
+    s, _ = predict(model.logits, dataset, device=device, batch_size=batch_size, desc="student on test")
+    t, _ = predict(model.teacher_logits, dataset, device=device, batch_size=batch_size, desc="teacher on test")
     model.train(was)
     return float((s.argmax(-1) == t.argmax(-1)).float().mean())
 
@@ -144,6 +144,7 @@ def run_distill(
         callbacks=[EvalCallback(base_acc, cfg.loop.eval_every), best],
     )
     model.to(device)
+    log.info("teacher vs student top-1 agreement on %d test images before distillation", len(all_test))  # type: ignore[arg-type]
     agreement_before = agreement(model, all_test, device, cfg.data.test_batch_size)
     state = trainer.fit()
     results = _protocol_results(model, best, bench, test_tf, device, cfg, state.epoch)
