@@ -196,6 +196,19 @@ def _quiet_open_clip() -> Iterator[None]:
         root.removeFilter(chatter)
 
 
+def configured_image_size(name: str) -> int | None:
+    """The input side length ``name``'s architecture config declares, read without building the
+    model; None where only the model itself can tell (``local-dir:``, ``hf-hub:``, non-square)."""
+    if parse_model_name(name)[0] is not None:
+        return None
+    try:
+        _arch, cfg = _resolve_architecture(name, None)
+    except BackboneError:
+        return None
+    size = cfg.get("vision_cfg", {}).get("image_size")
+    return size if isinstance(size, int) else None
+
+
 def _create(arch: str, pretrained: str | None, cache_dir: str | None) -> tuple[Any, dict[str, Any]]:
     try:
         with _quiet_open_clip():
