@@ -153,9 +153,10 @@ def load_backbone(
     else:
         arch, cfg = _resolve_architecture(name, model_config)
         weights_path = _resolve_weights(arch, pretrained, cache_dir)
-        model, preprocess_cfg = _create(arch, None, cache_dir)
+        stub = _stub_image_tower(cfg) if text_only else None
+        model, preprocess_cfg = _create(_register(f"{arch}-text-side", stub) if stub else arch, None, cache_dir)
         if text_only:
-            model.visual = torch.nn.Identity()  # never run; its random init is freed here
+            model.visual = torch.nn.Identity()  # never run
         if weights_path is not None:
             _load_weights(model, weights_path, text_only)
             if pretrained is not None and get_pretrained_cfg(arch, pretrained):
@@ -377,6 +378,16 @@ def _load_weights(model: torch.nn.Module, path: str, text_only: bool = False) ->
             open_clip.load_checkpoint(model, path, strict=True)
     except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as e:  # open_clip asserts on shapes
         raise BackboneError(f"weights {path} do not fit this architecture: {e}") from e
+
+
+def _stub_image_tower(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """``cfg`` with its ViT image tower cut to one narrow block, for a text side that drops the
+    image tower anyway: building a ViT-L/14 image tower first would add ~1.2 GB to the start-up
+    peak. None where the tower is not open_clip's own ViT (timm, ResNet): built as it is."""
+    vision = cfg.get("vision_cfg", {})
+    if not isinstance(vision.get("layers"), int) or vision.get("timm_model_name"):
+        return None
+    return {**cfg, "vision_cfg": {**vision, "layers": 1, "width": 64, "head_width": 64}}
 
 
 def text_tower_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
