@@ -88,3 +88,15 @@ def test_bundle_text_side_reproduces_class_vectors(mopd_run: tuple[MoPDRun, Path
     pixels = torch.randn(3, 3, 64, 64)
     tower = build_image_tower(bundle)
     assert (tower(pixels) - run.model.image_features(pixels)).abs().max().item() <= 1e-5
+
+
+def test_weights_alone_can_be_overridden() -> None:
+    from training.config import load_config
+    from training.mopd.combined import CombinedRunCfg
+
+    cfg = load_config(MoPDRunCfg, None, ["backbone.pretrained=none", "data.kind=digits"])
+    assert (cfg.backbone.name, cfg.backbone.pretrained) == ("ViT-B-16-quickgelu", "none")
+    own = load_config(MoPDRunCfg, None, ["backbone.name=ViT-B-32", "data.kind=digits"])
+    assert (own.backbone.name, own.backbone.pretrained) == ("ViT-B-32", None)  # a new name brings no tag
+    both = load_config(CombinedRunCfg, None, ["teacher.pretrained=none", "student.pretrained=none", "data.kind=digits"])
+    assert (both.teacher.name, both.student.name) == ("ViT-L-14-quickgelu", "ViT-B-16-quickgelu")

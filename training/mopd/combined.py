@@ -24,7 +24,14 @@ from models.backbone import load_backbone
 from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg, deep_merge, save_config
 from training.distill import DistillRunConfig, ExportCfg, run_distill
 from training.evaluate import plot_base_novel, save_json
-from training.mopd.config import MoPDCfg, MoPDExportCfg, MoPDRunCfg, _dataset_of
+from training.mopd.config import (
+    DEFAULT_BACKBONE,
+    MoPDCfg,
+    MoPDExportCfg,
+    MoPDRunCfg,
+    _dataset_of,
+    with_default_backbone,
+)
 from training.mopd.defaults import defaults_for
 from training.mopd.export import export_mopd
 from training.mopd.trainer import train
@@ -57,7 +64,8 @@ class CombinedRunCfg(Cfg):
             return data
         dataset = _dataset_of(data.get("mopd"))
         base = {"mopd_optim": {"lr": 0.002, "epochs": defaults_for(dataset).epochs}}
-        return deep_merge(base, data)
+        data = with_default_backbone(data, "teacher", {"name": "ViT-L-14-quickgelu", "pretrained": "openai"})
+        return deep_merge(base, with_default_backbone(data, "student", DEFAULT_BACKBONE))
 
     def mopd_run_cfg(self) -> MoPDRunCfg:
         data = self.data.model_copy(update={"batch_size": self.mopd_batch_size})
