@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 NO_WEIGHTS = ("", "none", "random")
 IMAGE_TOWER_PREFIX = "visual."
+_SCALARS = ("input_resolution", "context_length", "vocab_size")  # stored beside OpenAI's weights
 HUB_HOST = "huggingface.co"
 NETWORK_PROBE_TIMEOUT_S = 4.0
 
@@ -128,9 +129,8 @@ def load_backbone(
         cache_dir: where open_clip / huggingface_hub look for and store downloaded weights.
         device: where the model is placed.
         model_config: an already-resolved config (from a bundle); takes precedence over ``name``.
-        text_only: ``pretrained`` holds the text tower alone (a bundle's text side); the image
-            tower is dropped (``model.visual`` becomes ``nn.Identity``) and only the preprocess
-            config is kept from it.
+        text_only: build and load the text tower only (a text side): ``model.visual`` becomes
+            ``nn.Identity``; ``pretrained`` may hold the text tower alone or a full checkpoint.
 
     Raises:
         BackboneError: unknown architecture, missing file, or weights that need a network
@@ -371,7 +371,7 @@ def _load_weights(model: torch.nn.Module, path: str, text_only: bool = False) ->
             # state dict (a traced open_clip model carries attn_mask), are not weights.
             persistent = set(model.state_dict())
             transient = {n for n, _ in model.named_buffers()} - persistent
-            for key in ("input_resolution", "context_length", "vocab_size", *transient):
+            for key in (*_SCALARS, *transient):
                 state.pop(key, None)
             model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         else:
@@ -396,10 +396,19 @@ def text_tower_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_text_tower(model: torch.nn.Module, path: str) -> None:
-    """Load a text-tower-only file (:func:`text_tower_state`) into ``model`` (image tower dropped)."""
+    """Load the text tower into ``model`` (image tower dropped) from a text-tower-only file
+    (:func:`text_tower_state`) or a full checkpoint in any format :func:`_load_weights` reads,
+    whose image tower is then left unread into the model."""
+    from open_clip.factory import load_state_dict
     from safetensors.torch import load_file
 
-    state = load_file(path)
+    if path.endswith(".safetensors"):
+        state = load_file(path)
+    elif _is_torchscript(path):
+        state = {k: v.float() for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+    else:
+        state = load_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.startswith(IMAGE_TOWER_PREFIX) and k not in _SCALARS}
     want = set(text_tower_state(model))
     missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
     if missing or unexpected:

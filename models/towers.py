@@ -85,13 +85,16 @@ def has_local_weights(backbone: Backbone) -> bool:
     return pretrained is None or (":" not in backbone.spec.name and Path(pretrained).is_file())
 
 
-def load_bundle_backbone(bundle: Bundle, key: str, device: str | torch.device = "cpu") -> Backbone:
-    """Rebuild a bundle's backbone (embedded weights win over the original reference)."""
+def load_bundle_backbone(
+    bundle: Bundle, key: str, device: str | torch.device = "cpu", *, text_only: bool = False
+) -> Backbone:
+    """Rebuild a bundle's backbone (embedded weights win over the original reference); with
+    ``text_only`` its text tower alone (``model.visual`` is ``nn.Identity``)."""
     ref = bundle.manifest.backbones[key]
     weights = str(bundle.path(ref.weights_file)) if ref.weights_file else ref.pretrained
     if ref.weights_file is None and ref.pretrained is None:
         raise ValueError(f"bundle backbone {key!r} has neither embedded weights nor a weights reference")
-    text_only = ref.towers == "text"
+    text_only = text_only or ref.towers == "text"
     cfg = ref.open_clip_config or None
     return load_backbone(ref.name, weights, device=device, model_config=cfg, text_only=text_only)
 
@@ -168,8 +171,7 @@ def build_towers(bundle: Bundle, device: str | torch.device = "cpu") -> tuple[Im
         return tower, None
     if m.text_encoder.backbone == m.image_encoder.backbone:
         return tower, build_text_side(bundle, device, image_bb)
-    text_bb = load_bundle_backbone(bundle, m.text_encoder.backbone, device)
-    text_bb.model.visual = nn.Identity()  # the text side never runs the teacher's image tower
+    text_bb = load_bundle_backbone(bundle, m.text_encoder.backbone, device, text_only=True)  # never runs images
     return tower, build_text_side(bundle, device, text_bb)
 
 

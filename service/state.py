@@ -227,8 +227,8 @@ def _encoders(bundle: Bundle, settings: Settings, device: str) -> tuple[ImageEnc
         )
         if m.text_encoder is None:
             return encoder, None
-        backbone = load_bundle_backbone(bundle, m.text_encoder.backbone, device)
-        backbone.model.visual = torch.nn.Identity()  # ONNX runs the image side; keep only the text tower
+        # ONNX runs the image side: the text tower alone is built and loaded
+        backbone = load_bundle_backbone(bundle, m.text_encoder.backbone, device, text_only=True)
         return encoder, build_text_side(bundle, device, backbone)
     tower, side = build_towers(bundle, device)
     return TorchImageEncoder(tower, pre, device), side
