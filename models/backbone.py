@@ -400,10 +400,11 @@ def _load_text_tower(model: torch.nn.Module, path: str) -> None:
     (:func:`text_tower_state`) or a full checkpoint in any format :func:`_load_weights` reads,
     whose image tower is then left unread into the model."""
     from open_clip.factory import load_state_dict
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    if path.endswith(".safetensors"):
-        state = load_file(path)
+    if path.endswith(".safetensors"):  # tensor by tensor: a full file's image tower is never read
+        with safe_open(path, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(IMAGE_TOWER_PREFIX)}  # noqa: SIM118
     elif _is_torchscript(path):
         state = {k: v.float() for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
     else:
