@@ -16,6 +16,7 @@ Weights (``pretrained``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import socket
 import threading
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +39,8 @@ from models import _compat  # noqa: F401  (must precede open_clip)
 log = logging.getLogger(__name__)
 
 NO_WEIGHTS = ("", "none", "random")
+IMAGE_TOWER_PREFIX = "visual."
+_SCALARS = ("input_resolution", "context_length", "vocab_size")  # stored beside OpenAI's weights
 HUB_HOST = "huggingface.co"
 NETWORK_PROBE_TIMEOUT_S = 4.0
 
@@ -115,6 +119,7 @@ def load_backbone(
     cache_dir: str | None = None,
     device: str | torch.device = "cpu",
     model_config: dict[str, Any] | None = None,
+    text_only: bool = False,
 ) -> Backbone:
     """Build an open_clip CLIP model with its preprocess config and tokenizer.
 
@@ -124,6 +129,8 @@ def load_backbone(
         cache_dir: where open_clip / huggingface_hub look for and store downloaded weights.
         device: where the model is placed.
         model_config: an already-resolved config (from a bundle); takes precedence over ``name``.
+        text_only: build and load the text tower only (a text side): ``model.visual`` becomes
+            ``nn.Identity``; ``pretrained`` may hold the text tower alone or a full checkpoint.
 
     Raises:
         BackboneError: unknown architecture, missing file, or weights that need a network
@@ -141,16 +148,22 @@ def load_backbone(
                 raise BackboneError(_offline_message(name, str(e), cache_dir)) from e
             raise
         cfg = model_config or _resolved_config(name)
-        tokenizer = open_clip.get_tokenizer(name)
+        with _quiet_open_clip():
+            tokenizer = open_clip.get_tokenizer(name)
     else:
         arch, cfg = _resolve_architecture(name, model_config)
         weights_path = _resolve_weights(arch, pretrained, cache_dir)
-        model, preprocess_cfg = _create(arch, None, cache_dir)
+        stub = _stub_image_tower(cfg) if text_only else None
+        model, preprocess_cfg = _create(_register(f"{arch}-text-side", stub) if stub else arch, None, cache_dir)
+        if text_only:
+            model.visual = torch.nn.Identity()  # never run
         if weights_path is not None:
-            _load_weights(model, weights_path)
+            _load_weights(model, weights_path, text_only)
             if pretrained is not None and get_pretrained_cfg(arch, pretrained):
                 preprocess_cfg = _tag_preprocess(preprocess_cfg, arch, pretrained)
-        tokenizer = open_clip.get_tokenizer(arch)
+        with _quiet_open_clip():
+            tokenizer = open_clip.get_tokenizer(arch)
+    log.debug("backbone %s: %s", name, f"weights {pretrained}" if pretrained else "random initialisation")
     sha = _sha256(pretrained) if pretrained and Path(pretrained).is_file() else None
     model = model.to(device).eval()
     model.requires_grad_(False)
@@ -158,9 +171,49 @@ def load_backbone(
     return Backbone(model, PreprocessConfig.from_open_clip(preprocess_cfg), tokenizer, spec)
 
 
+class _OpenClipChatter(logging.Filter):
+    """Drops open_clip's INFO narration (it logs on the root logger) and its "initialized randomly"
+    warning: we create every model without weights and load them ourselves, so that warning is
+    false for every bundle load; :func:`load_backbone` logs what it really loaded."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _OPEN_CLIP_DIR not in record.pathname:
+            return True
+        return record.levelno > logging.WARNING or (
+            record.levelno == logging.WARNING and "initialized randomly" not in record.getMessage()
+        )
+
+
+_OPEN_CLIP_DIR = os.path.dirname(open_clip.__file__)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    root, chatter = logging.getLogger(), _OpenClipChatter()
+    root.addFilter(chatter)
+    try:
+        yield
+    finally:
+        root.removeFilter(chatter)
+
+
+def configured_image_size(name: str) -> int | None:
+    """The input side length ``name``'s architecture config declares, read without building the
+    model; None where only the model itself can tell (``local-dir:``, ``hf-hub:``, non-square)."""
+    if parse_model_name(name)[0] is not None:
+        return None
+    try:
+        _arch, cfg = _resolve_architecture(name, None)
+    except BackboneError:
+        return None
+    size = cfg.get("vision_cfg", {}).get("image_size")
+    return size if isinstance(size, int) else None
+
+
 def _create(arch: str, pretrained: str | None, cache_dir: str | None) -> tuple[Any, dict[str, Any]]:
     try:
-        model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
+        with _quiet_open_clip():
+            model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         raise BackboneError(f"could not build backbone {arch!r}: {e}") from e
     if not isinstance(model, open_clip.CLIP):
@@ -306,23 +359,62 @@ def _tag_preprocess(current: dict[str, Any], arch: str, tag: str) -> dict[str, A
     return dict(merged)
 
 
-def _load_weights(model: torch.nn.Module, path: str) -> None:
+def _load_weights(model: torch.nn.Module, path: str, text_only: bool = False) -> None:
     """Load .safetensors, torch state dicts / checkpoints, or OpenAI TorchScript archives."""
     try:
-        if _is_torchscript(path):
+        if text_only:
+            _load_text_tower(model, path)
+        elif _is_torchscript(path):
             # OpenAI's .pt files are TorchScript archives whose parameter names match open_clip's.
             state = torch.jit.load(path, map_location="cpu").state_dict()
             # Scalars OpenAI stored next to the weights, and buffers our model keeps out of its
             # state dict (a traced open_clip model carries attn_mask), are not weights.
             persistent = set(model.state_dict())
             transient = {n for n, _ in model.named_buffers()} - persistent
-            for key in ("input_resolution", "context_length", "vocab_size", *transient):
+            for key in (*_SCALARS, *transient):
                 state.pop(key, None)
             model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         else:
             open_clip.load_checkpoint(model, path, strict=True)
     except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as e:  # open_clip asserts on shapes
         raise BackboneError(f"weights {path} do not fit this architecture: {e}") from e
+
+
+def _stub_image_tower(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """``cfg`` with its ViT image tower cut to one narrow block, for a text side that drops the
+    image tower anyway: building a ViT-L/14 image tower first would add ~1.2 GB to the start-up
+    peak. None where the tower is not open_clip's own ViT (timm, ResNet): built as it is."""
+    vision = cfg.get("vision_cfg", {})
+    if not isinstance(vision.get("layers"), int) or vision.get("timm_model_name"):
+        return None
+    return {**cfg, "vision_cfg": {**vision, "layers": 1, "width": 64, "head_width": 64}}
+
+
+def text_tower_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the image tower (``visual.*``): what a bundle's text side needs."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(IMAGE_TOWER_PREFIX)}
+
+
+def _load_text_tower(model: torch.nn.Module, path: str) -> None:
+    """Load the text tower into ``model`` (image tower dropped) from a text-tower-only file
+    (:func:`text_tower_state`) or a full checkpoint in any format :func:`_load_weights` reads,
+    whose image tower is then left unread into the model."""
+    from open_clip.factory import load_state_dict
+    from safetensors import safe_open
+
+    if path.endswith(".safetensors"):  # tensor by tensor: a full file's image tower is never read
+        with safe_open(path, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(IMAGE_TOWER_PREFIX)}  # noqa: SIM118
+    elif _is_torchscript(path):
+        state = {k: v.float() for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+    else:
+        state = load_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.startswith(IMAGE_TOWER_PREFIX) and k not in _SCALARS}
+    want = set(text_tower_state(model))
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:
+        raise KeyError(f"text-tower weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
 
 
 def _is_torchscript(path: str) -> bool:

@@ -83,6 +83,9 @@ class BackboneRef(_Model):
     pretrained: str | None = None  # tag or original weights file path
     weights_file: str | None = None  # embedded weights, relative to the bundle (wins over pretrained)
     weights_sha256: str | None = None  # of the original weights file, where it was a file
+    # "text": weights_file holds the text tower only (a text side's backbone; serving never runs
+    # that backbone's image tower, so it does not travel)
+    towers: Literal["image+text", "text"] = "image+text"
 
 
 class PreprocessSpec(_Model):
@@ -429,6 +432,8 @@ def _validate(bundle: Bundle) -> None:
     for ref_key in [m.image_encoder.backbone] + ([m.text_encoder.backbone] if m.text_encoder else []):
         if ref_key not in m.backbones:
             raise BundleSchemaError(f"encoder refers to backbone {ref_key!r}, not in backbones {list(m.backbones)}")
+    if m.backbones[m.image_encoder.backbone].towers == "text":
+        raise BundleSchemaError(f"the image encoder's backbone {m.image_encoder.backbone!r} holds no image tower")
     names = [ls.name for ls in m.label_sets]
     if len(set(names)) != len(names):
         raise BundleSchemaError(f"duplicate label-set names: {names}")

@@ -6,6 +6,7 @@ addition, so a name encoded at serving time equals the row the exporter stored f
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,6 +16,13 @@ from tqdm.auto import tqdm
 from models.prompts import PromptedTextEncoder
 
 PLACEHOLDER = "{}"
+
+
+def class_name(raw: str) -> str:
+    """THE spelling of a class name, for training and serving alike: Unicode NFC, ``_`` as a space
+    (every official prompt learner does ``name.replace("_", " ")``: "apple_pie" is "apple pie"),
+    no surrounding whitespace. A name given either way is then one class, not two."""
+    return unicodedata.normalize("NFC", raw).replace("_", " ").strip()
 
 
 def format_template(template: str, name: str) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,24 @@ DEFAULT_TOLERANCE = 1e-4
 
 class OnnxParityError(RuntimeError):
     """The exported graph disagrees with torch beyond the tolerance; nothing was written."""
+
+
+# The dynamo exporter's graph passes log every rewrite at INFO (hundreds of lines for a ViT).
+EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Exporter loggers at WARNING for the duration (their INFO lines say nothing to act on)."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def export_image_tower(
@@ -52,7 +72,7 @@ def export_image_tower(
     # Staged next to the destination: a rename out of $TMPDIR fails across filesystems (EXDEV).
     with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=out_dir) as tmp:
         tmp_path = Path(tmp) / name
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), quiet_exporter():
             warnings.simplefilter("ignore")  # exporter deprecation chatter, not actionable here
             torch.onnx.export(
                 tower,

@@ -8,6 +8,7 @@ the exporter's evaluation computed, what the ONNX export contains, and what the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbone import Backbone, load_backbone
-from models.bundle import BackboneRef, Bundle, PromptSpec
+from models.bundle import BackboneRef, Bundle, BundleMissingFile, PromptSpec
 from models.class_vectors import encode_class_names
 from models.heads import Projector, ProjectorCfg
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder, TextPromptCfg, VisualPromptCfg
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".tar")
 
 
 class ImageTower(nn.Module):
@@ -75,13 +78,52 @@ def needs_embedded_weights(backbone: Backbone) -> bool:
     return backbone.spec.pretrained is None
 
 
-def load_bundle_backbone(bundle: Bundle, key: str, device: str | torch.device = "cpu") -> Backbone:
-    """Rebuild a bundle's backbone (embedded weights win over the original reference)."""
+def has_local_weights(backbone: Backbone) -> bool:
+    """Random init, or weights from a local file (another run's folder, a bundle): nothing a
+    machine elsewhere could fetch by name, unlike a public tag or an ``hf-hub:`` model."""
+    pretrained = backbone.spec.pretrained
+    return pretrained is None or (":" not in backbone.spec.name and Path(pretrained).is_file())
+
+
+def load_bundle_backbone(
+    bundle: Bundle, key: str, device: str | torch.device = "cpu", *, text_only: bool = False
+) -> Backbone:
+    """Rebuild a bundle's backbone (embedded weights win over the original reference); with
+    ``text_only`` its text tower alone (``model.visual`` is ``nn.Identity``)."""
     ref = bundle.manifest.backbones[key]
     weights = str(bundle.path(ref.weights_file)) if ref.weights_file else ref.pretrained
     if ref.weights_file is None and ref.pretrained is None:
         raise ValueError(f"bundle backbone {key!r} has neither embedded weights nor a weights reference")
-    return load_backbone(ref.name, weights, device=device, model_config=ref.open_clip_config or None)
+    text_only = text_only or ref.towers == "text"
+    cfg = ref.open_clip_config or None
+    return load_backbone(ref.name, weights, device=device, model_config=cfg, text_only=text_only)
+
+
+def check_backbone_weights(bundle: Bundle, keys: list[str]) -> None:
+    """Raise :class:`BundleMissingFile` (one line) when a backbone refers to a local weights file
+    that is not there (e.g. a path into the training run folder of another machine)."""
+    for key in keys:
+        ref = bundle.manifest.backbones[key]
+        if ref.weights_file is not None:
+            continue  # embedded: load_bundle already checked it against the manifest
+        if ref.pretrained is None:
+            raise BundleMissingFile(f"backbone {key!r} has neither embedded weights nor a weights reference")
+        looks_like_path = any(sep in ref.pretrained for sep in ("/", "\\")) or ref.pretrained.endswith(_WEIGHT_SUFFIXES)
+        if looks_like_path and ":" not in ref.name and not Path(ref.pretrained).is_file():
+            raise BundleMissingFile(
+                f"backbone {key!r} refers to the weights file {ref.pretrained}, which does not exist here; "
+                "re-export the bundle with its weights embedded (export.embed_weights=true) "
+                "or serve it where that file is"
+            )
+
+
+def needed_backbones(bundle: Bundle, image_tower: bool = True) -> list[str]:
+    """Backbone keys a server loads: the text side's, and the image encoder's unless ONNX runs it."""
+    m = bundle.manifest
+    keys = [m.image_encoder.backbone] if image_tower else []
+    if m.text_encoder is not None and m.text_encoder.backbone not in keys:
+        keys.append(m.text_encoder.backbone)
+    return keys
 
 
 def _visual_cfg(spec: PromptSpec) -> VisualPromptCfg:
@@ -129,8 +171,7 @@ def build_towers(bundle: Bundle, device: str | torch.device = "cpu") -> tuple[Im
         return tower, None
     if m.text_encoder.backbone == m.image_encoder.backbone:
         return tower, build_text_side(bundle, device, image_bb)
-    text_bb = load_bundle_backbone(bundle, m.text_encoder.backbone, device)
-    text_bb.model.visual = nn.Identity()  # the text side never runs the teacher's image tower
+    text_bb = load_bundle_backbone(bundle, m.text_encoder.backbone, device, text_only=True)  # never runs images
     return tower, build_text_side(bundle, device, text_bb)
 
 

@@ -6,7 +6,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-from models.class_vectors import validate_templates
+from models.class_vectors import class_name, validate_templates
 from service.errors import DuplicateClass, InvalidInput
 
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -17,10 +17,11 @@ _INVISIBLE = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"}
 
 
 def clean_name(raw: object, index: int, max_length: int) -> str:
-    """NFC-normalised, stripped class name; raises InvalidInput naming the problem."""
+    """The class name as training spells it (:func:`models.class_vectors.class_name`: NFC, ``_`` as
+    a space, stripped); raises InvalidInput naming the problem."""
     if not isinstance(raw, str):
         raise InvalidInput(f"name {index}: must be a string")
-    name = unicodedata.normalize("NFC", raw).strip()
+    name = class_name(raw)
     if not name.strip("".join(_INVISIBLE)).strip():
         raise InvalidInput(f"name {index}: empty (or only whitespace / invisible characters)")
     if len(name) > max_length:

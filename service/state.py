@@ -17,7 +17,7 @@ from PIL import Image
 
 from models.bundle import Bundle, BundleError, bundle_space, load_bundle
 from models.card import bundle_version
-from models.towers import TextSide
+from models.towers import TextSide, check_backbone_weights, needed_backbones
 from service.admission import Admission, AdmissionCfg
 from service.calibration import bundle_calibrator
 from service.capture import Capture, CaptureCfg
@@ -98,8 +98,13 @@ def preflight(settings: Settings) -> Bundle:
     bundle = load_checked_bundle(settings)
     backend = resolve_backend(settings, bundle)
     check_precision(backend, settings.image_precision)
-    if backend == "onnx":
+    onnx = backend == "onnx"
+    if onnx:
         onnx_graph(bundle, settings.image_precision)
+    try:
+        check_backbone_weights(bundle, needed_backbones(bundle, image_tower=not onnx))
+    except BundleError as e:
+        raise StartupError(f"cannot serve bundle {settings.bundle}: {e}") from e
     cuda_wanted(settings.device)  # --device cuda without a CUDA device
     check_state_dir(settings.state_dir)
     store = open_store(settings, bundle.manifest.embed_dim, bundle_space(bundle))
@@ -268,8 +273,8 @@ def build_encoders(
         )
         if m.text_encoder is None or not text:
             return encoder, None
-        backbone = load_bundle_backbone(bundle, m.text_encoder.backbone, device)
-        backbone.model.visual = torch.nn.Identity()  # ONNX runs the image side; keep only the text tower
+        # ONNX runs the image side: the text tower alone is built and loaded
+        backbone = load_bundle_backbone(bundle, m.text_encoder.backbone, device, text_only=True)
         return encoder, build_text_side(bundle, device, backbone)
     if not text:
         tower = build_image_tower(bundle, device, load_bundle_backbone(bundle, m.image_encoder.backbone, device))

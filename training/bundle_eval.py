@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from models.bundle import DEFAULT_LABEL_SET, Bundle, load_bundle
-from models.towers import build_towers
+from models.towers import build_image_tower, build_text_side, load_bundle_backbone
 from training.benchmark import load_benchmark
 from training.config import Cfg, DataCfg
 from training.data import build_transform
@@ -66,14 +66,21 @@ def evaluate_bundle(cfg: EvalRunConfig) -> dict[str, Any]:
             f"bundle label set {cfg.label_set!r} has classes {names[:5]}..., the dataset {bench.class_names[:5]}...; "
             "base2novel needs the dataset the bundle was trained for (protocol=all evaluates on other class sets)"
         )
-    tower, text = build_towers(bundle, device)
+    m = bundle.manifest
+    image_bb = load_bundle_backbone(bundle, m.image_encoder.backbone, device)
+    tower = build_image_tower(bundle, device, image_bb)
     if bench.source_ids is not None and len(names) == bench.source_size:
         # an ImageNet variant on an ImageNet bundle: the official index mapping, not a name lookup
         vectors = bundle.class_vectors[cfg.label_set][bench.source_ids]
         found = {n: i for n, i in zip(bench.class_names, bench.source_ids, strict=True)}
     else:
-        encode = (lambda ns: text.class_vectors(ns)) if text is not None else None
-        vectors, found = class_rows(bundle, cfg.label_set, bench.class_names, encode)
+
+        def encode(ns: list[str]) -> torch.Tensor:  # the text side is loaded only if a name is missing
+            assert m.text_encoder is not None
+            shared = image_bb if m.text_encoder.backbone == m.image_encoder.backbone else None
+            return build_text_side(bundle, device, shared).class_vectors(ns)
+
+        vectors, found = class_rows(bundle, cfg.label_set, bench.class_names, encode if m.text_encoder else None)
     result = evaluate_classifier(
         tower, vectors, bundle.manifest.logit_scale, bench, build_transform(spec, train=False), device,
         protocol=cfg.protocol, batch_size=cfg.data.test_batch_size,

@@ -18,15 +18,32 @@ log = logging.getLogger(__name__)
 # a run's protocol -> the metric `evaluate` reports (training/protocols.py)
 EVAL_PROTOCOL = {"base2novel": "base2novel", "all": "all", "cross_dataset": "all", "domain_generalization": "all"}
 SET_HELP = "override a config field, e.g. --set optim.lr=0.01 (repeatable; values parsed as YAML)"
+LOOP_FIELDS = """loop fields often set with --set:
+  loop.max_steps_per_epoch=N   stop each epoch after N optimiser steps (a quick look, a smoke test;
+                               evaluation and export still run on the capped run)
+  loop.amp=true                mixed precision where the device has it: fp16 + grad scaler on CUDA,
+                               bf16 on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on other CPUs
+                               (the choice and its reason are logged)
+  loop.progress=false          no progress bars;   loop.resume=false   start over, ignore checkpoint.pt
+  loop.device=cuda|cpu|auto    where to train;     loop.seed=N         the run's seed
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     train = sub.add_parser("train", help="train a PromptKD teacher (PromptSRC) or distill a student")
     tsub = train.add_subparsers(dest="train_cmd", required=True)
-    teacher = tsub.add_parser("teacher", help="PromptSRC teacher on the k-shot base classes")
+    fmt = argparse.RawDescriptionHelpFormatter
+    teacher = tsub.add_parser(
+        "teacher", help="PromptSRC teacher on the k-shot base classes", epilog=LOOP_FIELDS, formatter_class=fmt
+    )
     _common(teacher)
     teacher.set_defaults(func=_train_teacher)
-    distill = tsub.add_parser("distill", help="PromptKD student on unlabeled images; ends by exporting a bundle")
+    distill = tsub.add_parser(
+        "distill",
+        help="PromptKD student on unlabeled images; ends by exporting a bundle",
+        epilog=LOOP_FIELDS,
+        formatter_class=fmt,
+    )
     _common(distill)
     distill.add_argument("--onnx", action="store_true", help="also export the student image tower to ONNX")
     distill.add_argument("--int8", action="store_true", help="also a dynamically quantised int8 ONNX graph")

@@ -98,7 +98,8 @@ class OptimCfg(Cfg):
 class LoopCfg(Cfg):
     seed: int = 1
     device: str = "auto"  # "auto" = cuda when available, else cpu
-    amp: bool = False  # autocast (fp16 on CUDA with a grad scaler, bf16 on CPU); one code path
+    amp: bool = False  # mixed precision where the device has it (training/precision.py): fp16 + scaler on
+    # CUDA, bf16 on CPUs with native bf16, fp32 on other CPUs; the choice and its reason are logged
     progress: bool = True  # tqdm bars
     tensorboard: bool = True
     eval_every: int = Field(default=1, ge=1)  # epochs between evaluations

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 import models  # noqa: F401  (fixes the torchvision import before it happens)
 from models.backbone import PreprocessConfig
+from models.class_vectors import class_name
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ def _is_image(p: Path) -> bool:
 
 
 def prompt_name(name: str) -> str:
-    """A class name as it goes into a prompt: ``_`` becomes a space (every official prompt learner
-    does ``name.replace("_", " ")``, so "apple_pie" is encoded as "apple pie")."""
-    return name.replace("_", " ").strip()
+    """A class name as it goes into a prompt: :func:`models.class_vectors.class_name`, the same
+    normalisation the service applies to names it is sent ("apple_pie" is "apple pie")."""
+    return class_name(name)
 
 
 def image_folder_records(

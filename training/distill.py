@@ -18,13 +18,14 @@ from typing import Any, Literal
 
 import torch
 
-from models.backbone import Backbone, load_backbone
-from models.bundle import load_bundle
+from models.backbone import Backbone
+from models.bundle import bundle_space, load_bundle
+from models.card import bundle_version
 from models.class_vectors import encode_class_names
-from training.benchmark import Benchmark, load_benchmark
-from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg, save_config
-from training.data import Subset, build_transform
-from training.evaluate import plot_base_novel, plot_history, predict, save_json
+from training.benchmark import Benchmark
+from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg
+from training.data import Subset
+from training.evaluate import plot_base_novel, predict
 from training.export import (
     ImageParts,
     TextParts,
@@ -34,10 +35,11 @@ from training.export import (
     label_set,
     write_bundle,
 )
-from training.loop import BestState, EvalCallback, Trainer, load_trainable_state, pick_device, trainable_state
+from training.loop import BestState, EvalCallback, load_trainable_state, trainable_state
 from training.promptkd import DistillCfg, PromptKDStudent, batchmean_equivalent_weight
 from training.promptsrc import LEARNED_TEMPLATES
 from training.protocols import EvalProtocol, evaluate_classifier, headline
+from training.run import Run
 from training.teacher import Teacher, load_teacher, teacher_bundle_dir
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,8 @@ def agreement(model: PromptKDStudent, dataset: Any, device: torch.device, batch_
     """Share of test images (all classes) where student and teacher top-1 over all N classes agree."""
     was = model.training
     model.eval()
-    s, _ = predict(model.logits, dataset, device=device, batch_size=batch_size)
-    t, _ = predict(model.teacher_logits, dataset, device=device, batch_size=batch_size)
+    s, _ = predict(model.logits, dataset, device=device, batch_size=batch_size, desc="student on test")
+    t, _ = predict(model.teacher_logits, dataset, device=device, batch_size=batch_size, desc="teacher on test")
     model.train(was)
     return float((s.argmax(-1) == t.argmax(-1)).float().mean())
 
@@ -110,24 +112,16 @@ def _check_compatible(teacher: Teacher, student: Backbone, bench: Benchmark, pro
         raise ValueError(f"teacher and student must see the same view: preprocess {t} vs {s}")
 
 
-def run_distill(
-    cfg: DistillRunConfig, student: Backbone | None = None, teacher: Teacher | None = None
-) -> dict[str, Any]:
+def run_distill(cfg: DistillRunConfig, student: Backbone | None = None) -> dict[str, Any]:
     """Distill, evaluate (best-base-epoch and last-epoch protocols), export the bundle."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    device = pick_device(cfg.loop.device)
-    # in-memory teacher: MoPD -> PromptKD (training/mopd/combined.py)
-    teacher = teacher or load_teacher(cfg.teacher_dir)
-    sbb = student or load_backbone(cfg.student.name, cfg.student.pretrained)
-    bench = load_benchmark(cfg.data, image_size=sbb.preprocess.size[0])
+    run = Run.start(cfg, cfg.out_dir, student or cfg.student, cfg.data, cfg.loop)
+    bench, sbb, device = run.bench, run.backbone, run.device
+    teacher = load_teacher(cfg.teacher_dir)
     _check_compatible(teacher, sbb, bench, cfg.protocol)
     if cfg.protocol == "cross_dataset":
         teacher = retarget(teacher, bench.class_names)
-    train_tf = build_transform(sbb.preprocess, train=True, min_scale=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
-    unlabeled = bench.unlabeled(train_tf)
-    test_tf = build_transform(sbb.preprocess, train=False)
+    unlabeled = bench.unlabeled(run.transform(train=True))
+    test_tf = run.transform(train=False)
     torch.manual_seed(cfg.loop.seed)  # prompt and projector initialisation
     model = PromptKDStudent(sbb, teacher.image_encoder, teacher.class_vectors, cfg.distill, teacher.logit_scale)
 
@@ -141,17 +135,8 @@ def run_distill(
         return {metric: r["base" if watched == "base" else "accuracy"]}
 
     best = BestState(metric)
-    trainer = Trainer(
-        model,
-        unlabeled,
-        cfg.optim,
-        cfg.loop,
-        out,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        callbacks=[EvalCallback(base_acc, cfg.loop.eval_every), best],
-    )
-    model.to(device)
+    trainer = run.trainer(model, unlabeled, cfg.optim, [EvalCallback(base_acc, cfg.loop.eval_every), best])
+    log.info("teacher vs student top-1 agreement on %d test images before distillation", len(all_test))  # type: ignore[arg-type]
     agreement_before = agreement(model, all_test, device, cfg.data.test_batch_size)
     state = trainer.fit()
     results = _protocol_results(model, best, bench, test_tf, device, cfg, state.epoch)
@@ -168,11 +153,11 @@ def run_distill(
         "kd_weight_batchmean_equivalent": batchmean_equivalent_weight(cfg.distill.kd_weight, len(bench.class_names)),
         "teacher": _teacher_results(cfg.teacher_dir),
     }
-    bundle_dir = cfg.export.bundle_dir or out / "bundle"
+    bundle_dir = cfg.export.bundle_dir or run.out / "bundle"
     export_student(model, sbb, teacher, bundle_dir, cfg, results, calibration=bench.unlabeled(test_tf))
     results["bundle"] = str(bundle_dir)
-    save_json(results, out / "results.json")
-    _plots(results, state.history, out)
+    run.finish(results, state.history, "PromptKD distillation")
+    _plot_base_novel(results, run.out)
     log.info("student (last epoch): %s; bundle -> %s", headline(results["last"]), bundle_dir)
     return results
 
@@ -210,8 +195,7 @@ def _protocol_results(
     return results
 
 
-def _plots(results: dict[str, Any], history: list[dict[str, float]], out: Path) -> None:
-    plot_history(history, out / "loss.png", title="PromptKD distillation")
+def _plot_base_novel(results: dict[str, Any], out: Path) -> None:
     if "hm" not in results["last"]:  # all-class protocol: one number per run, the loss plot suffices
         return
     bars = {"student (last)": results["last"]}
@@ -275,6 +259,12 @@ def export_student(
         },
         embed_weights=cfg.export.embed_weights,
     )
+    # The class vectors and the text side are the teacher's: so is the embedding space (models.bundle.bundle_space),
+    # whatever files the student carries, and a student re-distilled from this teacher later shares it.
+    teacher_bundle = load_bundle(teacher_bundle_dir(cfg.teacher_dir), verify=False)
+    space = bundle_space(teacher_bundle)
+    extra = {**bundle.manifest.extra, "teacher": {"bundle": bundle_version(teacher_bundle), "space": space}}
+    bundle.manifest = bundle.manifest.model_copy(update={"space": space, "extra": extra})
     model.eval()
     if calibration is not None:
         add_calibration(bundle, image_tower(image), calibration, "distillation: unlabeled images", seed=cfg.loop.seed)

@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from training.precision import choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +33,23 @@ def predict(
     batch_size: int = 100,
     num_workers: int = 0,
     amp: bool = False,
+    desc: str = "predicting",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``logits_fn`` over a dataset in order; returns (logits [M, C] float32 CPU, labels [M])."""
+    """Run ``logits_fn`` over a dataset in order; returns (logits [M, C] float32 CPU, labels [M]).
+
+    A progress bar with an ETA shows on a terminal (not in logs); ``amp`` follows the training
+    loop's per-device precision (training/precision.py)."""
     device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    autocast = choose_precision(device, amp).autocast
     outs, labels = [], []
+    bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=None, leave=False)  # type: ignore[arg-type]
     for images, ys in loader:
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             outs.append(logits_fn(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(ys))
+        bar.update(len(images))
+    bar.close()
     return torch.cat(outs), torch.cat(labels)
 
 

@@ -9,7 +9,10 @@ A trainer hands over live modules; this module turns them into a self-describing
 
 Backbones are stored by reference (name + pretrained tag / file + resolved config). Random-init
 or trained-from-scratch backbones (``pretrained is None``) must travel inside the bundle;
-``embed_weights=None`` decides that automatically.
+``embed_weights=None`` decides that automatically. A text side on its own backbone (PromptKD's
+teacher text tower) travels as its text tower alone unless it is a public checkpoint (a tag):
+weights from a local file, such as the teacher bundle's, would otherwise tie the bundle to that
+file's path.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from models import __version__
-from models.backbone import Backbone
+from models.backbone import Backbone, text_tower_state
 from models.bundle import (
+    BackboneRef,
     Bundle,
     ClassEntry,
     ImageEncoderSpec,
@@ -41,7 +45,7 @@ from models.class_vectors import validate_templates
 from models.heads import Projector
 from models.precision import add_probes
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
-from models.towers import ImageTower, backbone_ref, needs_embedded_weights, prompt_spec
+from models.towers import ImageTower, backbone_ref, has_local_weights, needs_embedded_weights, prompt_spec
 from models.zeroshot import add_onnx
 
 log = logging.getLogger(__name__)
@@ -123,9 +127,10 @@ def assemble_bundle(
         prompts |= text_rows
     projector_state, projector_spec = _projector(image.projector)
     scale = logit_scale if logit_scale is not None else float(image.backbone.model.logit_scale.exp().item())
+    refs, states = _backbones(backbones, image.key, embed_weights)
     manifest = Manifest(
         producer={"promptdistill": __version__, **(producer or {})},
-        backbones={k: backbone_ref(bb) for k, bb in backbones.items()},
+        backbones=refs,
         embed_dim=embed_dim,
         logit_scale=scale,
         image_encoder=ImageEncoderSpec(
@@ -139,11 +144,6 @@ def assemble_bundle(
         label_sets=label_sets,
         extra=extra or {},
     )
-    states = {
-        k: {n: t.detach().cpu() for n, t in bb.model.state_dict().items()}
-        for k, bb in backbones.items()
-        if (embed_weights if embed_weights is not None else needs_embedded_weights(bb))
-    }
     return Bundle(
         manifest=manifest,
         class_vectors={k: v.detach().float().cpu() for k, v in class_vectors.items()},
@@ -151,6 +151,25 @@ def assemble_bundle(
         projector=projector_state,
         backbone_states=states,
     )
+
+
+def _backbones(
+    backbones: dict[str, Backbone], image_key: str, embed_weights: bool | None
+) -> tuple[dict[str, BackboneRef], dict[str, dict[str, torch.Tensor]]]:
+    """Manifest references and the weights to embed. The image side's backbone is embedded whole
+    when asked or random; a separate text side's backbone as its text tower alone, unless it
+    is a public checkpoint (serving never runs that backbone's image tower)."""
+    refs, states = {}, {}
+    for key, bb in backbones.items():
+        ref = backbone_ref(bb)
+        if key == image_key:
+            if embed_weights if embed_weights is not None else needs_embedded_weights(bb):
+                states[key] = {n: t.detach().cpu() for n, t in bb.model.state_dict().items()}
+        elif embed_weights if embed_weights is not None else has_local_weights(bb):
+            states[key] = {n: t.detach().cpu() for n, t in text_tower_state(bb.model).items()}
+            ref = ref.model_copy(update={"towers": "text"})
+        refs[key] = ref
+    return refs, states
 
 
 def _text_side(image: ImageParts, text: TextParts, embed_dim: int) -> tuple[TextEncoderSpec, dict[str, torch.Tensor]]:

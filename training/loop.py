@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from models.staging import staged_file
 from training.config import LoopCfg, OptimCfg
+from training.precision import choose_precision, log_precision
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +251,9 @@ class Trainer:
         params = method.trainable_parameters()  # type: ignore[operator]
         self.optimizer = build_optimizer(params, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg)
-        # fp16 autocast needs loss scaling on CUDA; bf16 (CPU) does not. Disabled = identity.
-        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=loop_cfg.amp and self.device.type == "cuda")
+        self.precision = choose_precision(self.device, loop_cfg.amp)
+        log_precision(self.device, self.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
         self.callbacks = [*(callbacks or []), MetricsLogger(self.out_dir, loop_cfg.tensorboard)]
         self.state = TrainState()
 
@@ -298,21 +299,20 @@ class Trainer:
         t0 = time.perf_counter()
         loader = self.loader(epoch)
         total = len(loader) if self.cfg.max_steps_per_epoch is None else min(len(loader), self.cfg.max_steps_per_epoch)
+        # The bar is fed by hand: handed the loader, some tqdm classes call iter() on it eagerly
+        # and the loop's own iteration then starts a second set of workers (tqdm#1598).
         bar = tqdm(
-            loader,
-            total=total,
-            desc=f"epoch {epoch + 1}/{self.optim_cfg.epochs}",
-            disable=not self.cfg.progress,
-            leave=False,
+            total=total, desc=f"epoch {epoch + 1}/{self.optim_cfg.epochs}", disable=not self.cfg.progress, leave=False
         )
-        for images, labels in bar:
-            if n >= total:
-                break
+        for images, labels in loader:
             out = self.step(images, labels)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
+            bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}")
+            if n >= total:
+                break
         bar.close()
         self.scheduler.step()
         metrics = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
@@ -323,7 +323,8 @@ class Trainer:
         """One optimiser step; returns the method's scalars as floats."""
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
+        autocast = self.precision.autocast
+        with torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             out = self.method(images, labels)
         loss = out["loss"]
         if not torch.isfinite(loss):

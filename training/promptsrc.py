@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from tqdm import tqdm
 
 from models.backbone import Backbone
 from models.class_vectors import encode_class_names, format_template, validate_templates
@@ -89,7 +90,8 @@ def zero_shot_text_targets(
 ) -> torch.Tensor:
     """[C, D]: normalise(mean over templates of the frozen, *unnormalised* text features)."""
     templates = validate_templates(templates)
-    feats = torch.stack([encoder.encode([format_template(t, n) for n in names]).float() for t in templates], dim=1)
+    bar = tqdm(templates, desc="zero-shot text targets", unit="template", disable=None, leave=False)  # terminal only
+    feats = torch.stack([encoder.encode([format_template(t, n) for n in names]).float() for t in bar], dim=1)
     return F.normalize(feats.mean(dim=1), dim=-1)  # [C, T, D] -> [C, D]
 
 

@@ -21,20 +21,20 @@ from typing import Any, Literal
 
 import torch
 
-from models.backbone import Backbone, load_backbone
+from models.backbone import Backbone
 from models.bundle import MANIFEST, Bundle, load_bundle
 from models.class_vectors import encode_class_names
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
 from models.towers import build_image_tower, build_text_side, load_bundle_backbone
 from models.zeroshot import named_templates
-from training.benchmark import Benchmark, load_benchmark
-from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg, save_config
-from training.data import Subset, build_transform
-from training.evaluate import plot_history, save_json
+from training.benchmark import Benchmark
+from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg
+from training.data import Subset
 from training.export import ImageParts, TextParts, assemble_bundle, label_set, write_bundle
-from training.loop import Callback, EvalCallback, Trainer, pick_device
+from training.loop import Callback, EvalCallback
 from training.promptsrc import LEARNED_TEMPLATES, GaussianPromptAggregation, PromptSRC, PromptSRCCfg
 from training.protocols import EvalProtocol, evaluate_classifier, headline
+from training.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +94,16 @@ def evaluate_teacher(
 
 def run_teacher(cfg: TeacherRunConfig, backbone: Backbone | None = None) -> dict[str, Any]:
     """Train, GPA-aggregate, evaluate and save the teacher; returns the results dict."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    bb = backbone or load_backbone(cfg.backbone.name, cfg.backbone.pretrained)
-    bench = load_benchmark(cfg.data, image_size=bb.preprocess.size[0])
-    train_tf = build_transform(bb.preprocess, train=True, min_scale=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
-    train_ds = bench.dataset("train", cfg.classes, train_tf, cfg.data.shots, cfg.loop.seed)
+    run = Run.start(cfg, cfg.out_dir, backbone or cfg.backbone, cfg.data, cfg.loop)
+    bench, bb = run.bench, run.backbone
+    train_ds = bench.dataset("train", cfg.classes, run.transform(train=True), cfg.data.shots, cfg.loop.seed)
     torch.manual_seed(cfg.loop.seed)  # prompt initialisation
     model = PromptSRC(bb, bench.names(cfg.classes), cfg.promptsrc, named_templates(cfg.promptsrc.zs_templates))
-    test_tf = build_transform(bb.preprocess, train=False)
-    device = pick_device(cfg.loop.device)
+    test_tf = run.transform(train=False)
     seen: Subset = cfg.classes
 
     def base_acc(m: Any) -> dict[str, float]:
-        r = evaluate_teacher(m, bench, test_tf, device, cfg.data.test_batch_size, (seen,), cfg.classes)
+        r = evaluate_teacher(m, bench, test_tf, run.device, cfg.data.test_batch_size, (seen,), cfg.classes)
         return {"base_acc" if seen == "base" else "acc": r["base" if seen == "base" else "accuracy"]}
 
     callbacks: list[Callback] = [
@@ -116,18 +111,8 @@ def run_teacher(cfg: TeacherRunConfig, backbone: Backbone | None = None) -> dict
     ]
     if cfg.loop.eval_every <= cfg.optim.epochs:
         callbacks.insert(0, EvalCallback(base_acc, cfg.loop.eval_every))
-    trainer = Trainer(
-        model,
-        train_ds,
-        cfg.optim,
-        cfg.loop,
-        out,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        callbacks=callbacks,
-    )
-    state = trainer.fit()
-    results = evaluate_teacher(model, bench, test_tf, device, cfg.data.test_batch_size, trained_on=cfg.classes)
+    state = run.trainer(model, train_ds, cfg.optim, callbacks).fit()
+    results = evaluate_teacher(model, bench, test_tf, run.device, cfg.data.test_batch_size, trained_on=cfg.classes)
     n_base = bench.n_base if cfg.classes == "base" else len(bench.class_names)
     results |= {
         "n_train_images": len(train_ds),  # type: ignore[arg-type]
@@ -136,12 +121,10 @@ def run_teacher(cfg: TeacherRunConfig, backbone: Backbone | None = None) -> dict
         "trained_on": cfg.classes,
         "seed": cfg.loop.seed,
     }
-    bundle = teacher_bundle(model, bb, bench.class_names, n_base, results)
-    write_bundle(bundle, out / BUNDLE_DIR)
-    results["bundle"] = str(out / BUNDLE_DIR)
-    save_json(results, out / "results.json")
-    plot_history(state.history, out / "loss.png", title="PromptSRC teacher")
-    log.info("teacher: %s -> %s", headline(results), out / BUNDLE_DIR)
+    write_bundle(teacher_bundle(model, bb, bench.class_names, n_base, results), run.out / BUNDLE_DIR)
+    results["bundle"] = str(run.out / BUNDLE_DIR)
+    run.finish(results, state.history, "PromptSRC teacher")
+    log.info("teacher: %s -> %s", headline(results), run.out / BUNDLE_DIR)
     return results
 
 

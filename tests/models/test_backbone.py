@@ -132,3 +132,20 @@ def test_hub_reference_with_offline_env_names_alternatives(monkeypatch) -> None:
     with pytest.raises(BackboneError, match="local-dir:"):
         load_backbone("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_text_only_load_of_a_full_checkpoint_encodes_like_the_full_model(tiny_config, tmp_path, fmt) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(3)
+    full = load_backbone(str(tiny_config))
+    path = tmp_path / f"w.{'safetensors' if fmt == 'safetensors' else 'pt'}"
+    state = {k: v.contiguous() for k, v in full.model.state_dict().items()}
+    if fmt == "safetensors":
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    text = load_backbone(str(tiny_config), str(path), text_only=True)
+    assert isinstance(text.model.visual, torch.nn.Identity)
+    tokens = full.tokenizer(["a photo of a bee.", "brick wall"])
+    with torch.no_grad():
+        assert torch.allclose(text.model.encode_text(tokens), full.model.encode_text(tokens), atol=1e-6)

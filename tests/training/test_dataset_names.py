@@ -85,3 +85,16 @@ def test_image_folder_rename_of_folders_with_underscores(tmp_path: Path) -> None
     names.write_text("ankle_boot ankle boot\nn01440764 tench\n")
     with pytest.raises(DataError, match="t_shirt"):
         load_benchmark(DataCfg(kind="image_folder", root=tmp_path, classnames_file=names))
+
+
+def test_service_spells_runtime_names_as_training_does(tmp_path: Path) -> None:
+    from service.errors import DuplicateClass
+    from service.names import clean_names
+
+    split = tmp_path / "split.json"
+    _photo(tmp_path / "img" / "a.jpg")
+    split.write_text(json.dumps({"train": [["a.jpg", 0, "brick_wall"]], "val": [], "test": []}))
+    trained = coop_split_records(split, tmp_path / "img")["train"][0].classname
+    assert clean_names(["brick_wall", " Brick_Wall "], 10, 100) == [trained, "Brick Wall"]
+    with pytest.raises(DuplicateClass):  # one class, however it is spelled
+        clean_names(["brick wall", "brick_wall"], 10, 100)

@@ -92,3 +92,15 @@ def test_bundle_text_side_reproduces_class_vectors(mopd_run: tuple[MoPDRun, Path
     assert bundle.calibration is not None and bundle.manifest.calibration is not None
     assert bundle.calibration.shape == (len(run.bench.train_items), bundle.manifest.embed_dim)
     assert bundle.manifest.calibration.source.startswith("mopd: train images")
+
+
+def test_weights_alone_can_be_overridden() -> None:
+    from training.config import load_config
+    from training.mopd.combined import CombinedRunCfg
+
+    cfg = load_config(MoPDRunCfg, None, ["backbone.pretrained=none", "data.kind=digits"])
+    assert (cfg.backbone.name, cfg.backbone.pretrained) == ("ViT-B-16-quickgelu", "none")
+    own = load_config(MoPDRunCfg, None, ["backbone.name=ViT-B-32", "data.kind=digits"])
+    assert (own.backbone.name, own.backbone.pretrained) == ("ViT-B-32", None)  # a new name brings no tag
+    both = load_config(CombinedRunCfg, None, ["teacher.pretrained=none", "student.pretrained=none", "data.kind=digits"])
+    assert (both.teacher.name, both.student.name) == ("ViT-L-14-quickgelu", "ViT-B-16-quickgelu")

@@ -120,7 +120,19 @@ def bundle_backbone(runs: Path) -> dict[str, torch.Tensor]:
     return load_file(runs / "student" / "bundle" / "backbones" / "student.safetensors")
 
 
-def test_evaluate_command_reproduces_last_epoch(runs: Path) -> None:
+def test_evaluate_command_reproduces_last_epoch(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.towers
+    import training.bundle_eval
+
+    loaded: list[str] = []
+    real = models.towers.load_bundle_backbone
+
+    def recording(bundle, key, device="cpu"):  # type: ignore[no-untyped-def]
+        loaded.append(key)
+        return real(bundle, key, device)
+
+    monkeypatch.setattr(models.towers, "load_bundle_backbone", recording)
+    monkeypatch.setattr(training.bundle_eval, "load_bundle_backbone", recording)
     out = runs / "eval.json"
     rc = main(
         ["evaluate", "--bundle", str(runs / "student" / "bundle"), "--set", "data.kind=digits", "--out", str(out)]
@@ -130,6 +142,7 @@ def test_evaluate_command_reproduces_last_epoch(runs: Path) -> None:
     want = json.loads((runs / "student" / "results.json").read_text())["last"]
     assert got["base"] == pytest.approx(want["base"], abs=1e-6)
     assert got["novel"] == pytest.approx(want["novel"], abs=1e-6)
+    assert loaded == ["student"]  # the bundle holds every class: its (teacher's) text side stays unloaded
     summary_file = runs / "summary.json"
     files = [str(runs / "student" / "results.json")] * 2
     assert main(["evaluate", "--summarize", *files, "--out", str(summary_file)]) == 0

@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import Any
 
+from training.cli import LOOP_FIELDS  # one text for every train command
+
 log = logging.getLogger(__name__)
 
 EXAMPLE = """examples:
@@ -42,7 +44,7 @@ def register(train_sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p = train_sub.add_parser(
         "mopd",
         help="MoPD: CoOp prompt distilled from a gated mixture of hard prompts",
-        epilog=EXAMPLE,
+        epilog=EXAMPLE + "\n" + LOOP_FIELDS,
         formatter_class=fmt,
     )
     _common(p)
@@ -50,6 +52,7 @@ def register(train_sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     c = train_sub.add_parser(
         "mopd-promptkd",
         help="experiment: MoPD-tuned teacher text prompt, then PromptKD's student (docs/mopd.md)",
+        epilog=LOOP_FIELDS,
         formatter_class=fmt,
     )
     _common(c)

@@ -24,12 +24,19 @@ from models.backbone import load_backbone
 from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg, deep_merge, save_config
 from training.distill import DistillRunConfig, ExportCfg, run_distill
 from training.evaluate import plot_base_novel, save_json
-from training.mopd.config import MoPDCfg, MoPDExportCfg, MoPDRunCfg, _dataset_of
+from training.mopd.config import (
+    DEFAULT_BACKBONE,
+    MoPDCfg,
+    MoPDExportCfg,
+    MoPDRunCfg,
+    _dataset_of,
+    with_default_backbone,
+)
 from training.mopd.defaults import defaults_for
 from training.mopd.export import export_mopd
-from training.mopd.trainer import MoPDRun, train
+from training.mopd.trainer import train
 from training.promptkd import DistillCfg
-from training.teacher import Teacher, load_teacher
+from training.teacher import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,8 @@ class CombinedRunCfg(Cfg):
             return data
         dataset = _dataset_of(data.get("mopd"))
         base = {"mopd_optim": {"lr": 0.002, "epochs": defaults_for(dataset).epochs}}
-        return deep_merge(base, data)
+        data = with_default_backbone(data, "teacher", {"name": "ViT-L-14-quickgelu", "pretrained": "openai"})
+        return deep_merge(base, with_default_backbone(data, "student", DEFAULT_BACKBONE))
 
     def mopd_run_cfg(self) -> MoPDRunCfg:
         data = self.data.model_copy(update={"batch_size": self.mopd_batch_size})
@@ -73,23 +81,11 @@ class CombinedRunCfg(Cfg):
         )  # fmt: skip
 
 
-def mopd_teacher(run: MoPDRun) -> Teacher:
-    """A PromptKD teacher whose class vectors (all names, base first) come from the MoPD prompt."""
-    names = run.bench.class_names
-    return Teacher(
-        backbone=run.backbone,
-        text_encoder=run.model.text.eval().requires_grad_(False),
-        image_encoder=run.model.image_encoder.eval(),
-        class_vectors=run.model.class_vectors(names),
-        class_names=list(names),
-        n_base=run.bench.n_base,
-        logit_scale=run.model.logit_scale,
-        info={"method": "mopd", "templates": run.templates},
-    )
-
-
 def run_combined(cfg: CombinedRunCfg) -> dict[str, Any]:
-    """Both stages; returns {"teacher_mopd": MoPD results, "student": PromptKD results}."""
+    """Both stages; returns {"teacher_mopd": MoPD results, "student": PromptKD results}.
+
+    The MoPD stage ends with its bundle (``teacher_mopd/bundle``); the student stage reads its
+    teacher from that bundle, as it reads any teacher."""
     out = Path(cfg.out_dir or "runs/mopd-promptkd")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -103,11 +99,12 @@ def run_combined(cfg: CombinedRunCfg) -> dict[str, Any]:
     bench = run.bench
     export_mopd(run.model, run.backbone, bench.class_names, bench.n_base, out / "teacher_mopd" / "bundle",
                 extra={"mopd": _slim(run.results), "pool": run.templates})  # fmt: skip
-    teacher = mopd_teacher(run)
-    student_results = run_distill(cfg.distill_run_cfg(out / "teacher_mopd", out / "student"), teacher=teacher)
-    results = {"teacher_mopd": _slim(run.results), "student": student_results}
+    mopd_results = run.results
+    del run, backbone, image_encoder  # the student stage loads the teacher from its bundle
+    student_results = run_distill(cfg.distill_run_cfg(out / "teacher_mopd", out / "student"))
+    results = {"teacher_mopd": _slim(mopd_results), "student": student_results}
     save_json(results, out / "results.json")
-    bars = {"zero-shot pool (teacher)": run.results["zeroshot_pool"], "MoPD teacher": run.results}
+    bars = {"zero-shot pool (teacher)": mopd_results["zeroshot_pool"], "MoPD teacher": mopd_results}
     bars["PromptKD student (last)"] = student_results["last"]
     plot_base_novel(bars, out / "base_novel.png", title="MoPD teacher -> PromptKD student")
     return results

@@ -50,10 +50,13 @@ class MoPDExportCfg(Cfg):
     onnx: bool = False  # also export the image tower to ONNX (parity-checked)
 
 
+DEFAULT_BACKBONE = {"name": "ViT-B-16-quickgelu", "pretrained": "openai"}  # the papers' student
+
+
 class MoPDRunCfg(Cfg):
     """``promptdistill train mopd`` config file (YAML/JSON) schema."""
 
-    backbone: BackboneCfg = BackboneCfg(name="ViT-B-16-quickgelu", pretrained="openai")
+    backbone: BackboneCfg = BackboneCfg(**DEFAULT_BACKBONE)
     data: DataCfg
     optim: OptimCfg
     loop: LoopCfg = Field(default_factory=lambda: LoopCfg.model_validate({}))
@@ -72,7 +75,16 @@ class MoPDRunCfg(Cfg):
             "data": {"shots": 16, "batch_size": 128},
             "optim": {"lr": 0.002, "epochs": defaults_for(dataset).epochs, "warmup_epochs": 1, "warmup_lr": 1e-5},
         }
-        return deep_merge(base, data)
+        return deep_merge(base, with_default_backbone(data, "backbone", DEFAULT_BACKBONE))
+
+
+def with_default_backbone(data: dict[str, Any], key: str, default: dict[str, str]) -> dict[str, Any]:
+    """``--set backbone.pretrained=none`` alone keeps the default architecture (it would otherwise
+    replace the whole default entry and fail for want of a name); a given name keeps its own weights."""
+    given = data.get(key)
+    if isinstance(given, dict) and "name" not in given:
+        return {**data, key: {**default, **given}}
+    return data
 
 
 def _dataset_of(mopd: Any) -> str:

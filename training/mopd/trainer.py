@@ -18,19 +18,20 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from models.backbone import Backbone, PreprocessConfig, load_backbone
+from models.backbone import Backbone, PreprocessConfig
 from models.class_vectors import encode_class_names
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
-from training.benchmark import Benchmark, load_benchmark
-from training.config import DataCfg, save_config
+from training.benchmark import Benchmark
+from training.config import DataCfg
 from training.data import build_transform
-from training.evaluate import plot_base_novel, plot_history, predict, save_json
-from training.loop import EvalCallback, Trainer, pick_device
+from training.evaluate import plot_base_novel, predict
+from training.loop import EvalCallback
 from training.mopd.config import MoPDRunCfg
 from training.mopd.diagnostics import GateDiagnostics, GateStats, plot_gate
 from training.mopd.model import MoPDModel, build_prompt_bank
 from training.pools import resolve_pool
 from training.protocols import evaluate_classifier
+from training.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,12 @@ def train(
     ``backbone`` overrides ``cfg.backbone`` (tests, pipelines); ``image_encoder`` replaces its plain
     frozen image tower (e.g. a stored PromptSRC teacher's prompted tower).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    bb = backbone or load_backbone(cfg.backbone.name, cfg.backbone.pretrained)
-    bench = load_benchmark(cfg.data, image_size=bb.preprocess.size[0])
-    train_ds = bench.dataset("train", "base", train_transform(bb.preprocess, cfg.data), cfg.data.shots, cfg.loop.seed)
-    test_tf = build_transform(bb.preprocess, train=False)
+    run = Run.start(cfg, out, backbone or cfg.backbone, cfg.data, cfg.loop)
+    bench, bb, device = run.bench, run.backbone, run.device
+    train_ds = bench.dataset("train", "base", run.transform(train=True), cfg.data.shots, cfg.loop.seed)
+    test_tf = run.transform(train=False)
     model, templates = build_model(cfg, bb, bench.names("base"), image_encoder)
     model.gate_stats = GateStats(model.n_prompts)
-    device = pick_device(cfg.loop.device)
     diagnostics = GateDiagnostics(model.gate_stats)
 
     def base_acc(m: Any) -> dict[str, float]:
@@ -126,10 +124,7 @@ def train(
         m.train()
         return {"base_acc": r["base"]}
 
-    callbacks = [EvalCallback(base_acc, cfg.loop.eval_every), diagnostics]
-    trainer = Trainer(model, train_ds, cfg.optim, cfg.loop, out, batch_size=cfg.data.batch_size,
-                      num_workers=cfg.data.num_workers, callbacks=callbacks)  # fmt: skip
-    state = trainer.fit()
+    state = run.trainer(model, train_ds, cfg.optim, [EvalCallback(base_acc, cfg.loop.eval_every), diagnostics]).fit()
     model.gate_stats = None
     results = evaluate(model, bench, test_tf, device, cfg.data.test_batch_size, templates)
     train_gate = diagnostics.history[-1] if diagnostics.history else None
@@ -145,8 +140,7 @@ def train(
         "epochs": cfg.optim.epochs,
         "gate": {"test_base": test_gate.summary(templates), "train_last_epoch": train_gate, "templates": templates},
     }
-    save_json(results, out / "results.json")
-    plot_history(state.history, out / "loss.png", title="MoPD")
+    run.finish(results, state.history, "MoPD")
     plot_base_novel({"zero-shot (pool)": results["zeroshot_pool"], "MoPD": results}, out / "base_novel.png")
     plot_gate(results["gate"]["test_base"], diagnostics.history, out / "gate.png", title="gate on base test images")
     log.info("MoPD: base %.2f novel %.2f HM %.2f -> %s", results["base"], results["novel"], results["hm"], out)
