@@ -137,6 +137,18 @@ def _names_encoded(server: ServerProcess) -> float:
     return sum(v for k, v in metrics(server.url, "promptdistill_text_encoder_names").items() if k.startswith("_total"))
 
 
+def _wait_live(server: ServerProcess, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx2.get(server.url + "/livez", timeout=2.0).status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"{server.url} never answered /livez:\n{server.output()}")
+
+
 def _vectors(state: Path) -> dict[str, int]:
     out = subprocess.run(
         [sys.executable, "-m", "promptdistill", "labelsets", "spaces", "--state-dir", str(state)],
@@ -169,13 +181,9 @@ def migrate_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
     encoded_runs: list[float] = []
     for k in range(kills):
         server.start()
-        time.sleep(
-            rng.uniform(0.2, 1.0) * seconds / kills
-        )  # a random point of the migration (a bench: fixed waits are its method)
-        try:
-            encoded_runs.append(_names_encoded(server))
-        except httpx2.TransportError:
-            encoded_runs.append(0.0)  # not listening yet: killed during start-up, before any encoding
+        _wait_live(server)  # the migration starts with the app; then a random point of it
+        time.sleep(rng.uniform(0.1, 1.0) * seconds / kills)
+        encoded_runs.append(_names_encoded(server))  # counted as a batch starts: what the kill throws away too
         server.kill()
         log.info("kill %d of %d: %.0f names encoded in that run", k + 1, kills, encoded_runs[-1])
     server.start()
