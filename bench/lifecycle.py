@@ -204,6 +204,7 @@ def migrate_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
         "names_encoded_all_runs": sum(encoded_runs),
         "redone": sum(encoded_runs) - encoded,
         "redone_per_kill": (sum(encoded_runs) - encoded) / kills,
+        "kills_during_migration": sum(1 for x in encoded_runs[:-1] if x > 0),
         "batch": 64,
         "complete": len(spaces) == 2 and all(v == total for v in spaces.values()),
     }

@@ -776,6 +776,48 @@ def towers_section(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def lifecycle_section(doc: dict[str, Any]) -> list[str]:
+    r, m, t = doc.get("reload", {}), doc.get("migrate", {}), doc.get("roundtrip", {})
+    title = "## A classifier's whole life: hot swap, migration to a new space, backup (issue 21)"
+    out = [title, "", _conditions(doc), "", f"Bundle: {doc['bundle']}; `python -m bench lifecycle`.", ""]
+    if r:
+        during, steady = r["during_swap"], r["steady"]
+        out.append(
+            f"- **Reload of a same-space bundle under {r['clients']} closed-loop clients**: {r['swap_outcome']} in "
+            f"{r['swap_seconds']:.2f} s; failed requests **{r['failed_requests']}** (goal 0: "
+            f"{_verdict(r['failed_requests'] == 0)}); p99 during the swap window {during['p99_ms']:.0f} ms vs steady "
+            f"{steady['p99_ms']:.0f} ms = **{r['p99_ratio']:.2f}x** (goal <= 2x: {_verdict(r['p99_ratio'] <= 2)}); "
+            f"`/readyz` polled {r['readyz_polls']} times, non-200 **{r['readyz_not_200']}** (goal 0: "
+            f"{_verdict(r['readyz_not_200'] == 0)}); throughput steady {steady['throughput_rps']:.0f} req/s, "
+            f"during {during['throughput_rps']:.0f} req/s."
+        )
+    if m:
+        u = m["uninterrupted"]
+        out += [
+            f"- **New space, {m['runtime_classes']:,} runtime classes** encoded by the new bundle's text side in the "
+            f"background: {u['seconds']:.1f} s, **{u['names_per_s']:.0f} names/s**.",
+            f"- **kill -9 at {m['kills']} random points** (of a fresh copy of the same migration): classes lost "
+            f"**{m['classes_lost']}** (goal 0: {_verdict(m['classes_lost'] == 0)}); names encoded in all runs "
+            f"{m['names_encoded_all_runs']:.0f} for {u['names_encoded']:.0f} needed: **{m['redone']:.0f} redone**, "
+            f"{m['redone_per_kill']:.1f} per kill (goal <= one batch of {m['batch']}: "
+            f"{_verdict(m['redone_per_kill'] <= m['batch'])}); a kill that falls after the migration finished "
+            f"redoes nothing; every space complete: {m['complete']} ({m['vectors_per_space']}).",
+        ]
+    if t:
+        out.append(f"- **Export -> import** ({t['lines']:,} lines): same sets, ids, versions: **{t['identical']}**.")
+    return [*out, ""]
+
+
+def kept_sections(existing: str) -> list[str]:
+    """Sections written by hand (their heading followed by a ``<!-- kept -->`` line) survive a re-render."""
+    out: list[str] = []
+    for block in existing.split("\n## ")[1:]:
+        title, _, body = block.partition("\n")
+        if body.startswith("<!-- kept -->") and not title.startswith("Reproduce"):
+            out += [f"## {title}", *body.rstrip("\n").split("\n"), ""]
+    return out
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "encoders": encoders_section,
     "labelsets": labelsets_section,
@@ -790,6 +832,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "server": server_section,
     "lanes": lanes_section,
     "towers": towers_section,
+    "lifecycle": lifecycle_section,
 }
 
 
@@ -802,6 +845,8 @@ def render(results: Path = RESULTS) -> str:
         else:
             lines += section(doc)
     lines += gpu_section(_load("gpu", results))
+    if (REPO / "BENCHMARKS.md").is_file():
+        lines += kept_sections((REPO / "BENCHMARKS.md").read_text())
     lines += [
         "## Reproduce",
         "",
