@@ -41,15 +41,18 @@ def _synthetic(n: int, d: int, rng: np.random.Generator, centres: np.ndarray) ->
     return out
 
 
-def seed_sets(state: Path, dim: int, sets: tuple[tuple[str, int, str], ...], seed: int = 0) -> dict[str, np.ndarray]:
-    """Write the label sets into a fresh state directory's database; returns their vectors."""
+def seed_sets(
+    state: Path, dim: int, space: str, sets: tuple[tuple[str, int, str], ...], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Write the label sets into a fresh state directory's database, as vectors of the served bundle's
+    embedding ``space`` (else the service would re-encode their names at start-up); returns them."""
     from service.store import LabelSetStore
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((N_CENTRES, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     state.mkdir(parents=True, exist_ok=True)
-    store = LabelSetStore(state, dim, "bench")
+    store = LabelSetStore(state, dim, space)
     out: dict[str, np.ndarray] = {}
     try:
         for name, n, kind in sets:
@@ -127,14 +130,15 @@ def ivf_quality(vectors: np.ndarray, centres: np.ndarray, n_queries: int, nprobe
 
 
 def run(cfg: BenchCfg) -> dict[str, Any]:
-    from models.bundle import load_bundle
+    from models.bundle import bundle_space, load_bundle
 
     sets = tuple((n, min(size, 20_000) if cfg.quick else size, k) for n, size, k in SETS)
     n_each = 3 if cfg.quick else 60
     with tempfile.TemporaryDirectory(prefix="pd-bench-sets-") as tmp:
         bundle_dir = build_bundle(str(TINY_CONFIG), Path(tmp) / "bundle")
-        dim = load_bundle(bundle_dir).manifest.embed_dim
-        vectors = seed_sets(Path(tmp) / "state", dim, sets)
+        bundle = load_bundle(bundle_dir)
+        dim, space = bundle.manifest.embed_dim, bundle_space(bundle)
+        vectors = seed_sets(Path(tmp) / "state", dim, space, sets)
         big = next(n for n, _, k in sets if k == "ivf")
         quality = ivf_quality(vectors[big], vectors["_centres"], 20 if cfg.quick else 200, 32)
         log.info("IVF quality: %s", quality)

@@ -40,6 +40,7 @@ class Header(_Line):
     exported_at: str
     store_id: str = ""
     clock: int = Field(ge=0)
+    applied: list[str] = Field(default_factory=list)  # bundles' label sets already brought in (registry.APPLIED)
 
 
 class SetLine(_Line):
@@ -71,7 +72,8 @@ def export_lines(store: Any, *, vectors: bool) -> Iterator[str]:
         q = store._sql
         clock = max([int(r[0]) for r in db.execute(q("SELECT version FROM label_sets")).fetchall()] or [0])
         head = Header(kind="header", version=FORMAT_VERSION, exported_at=_now(),
-                      store_id=store.meta("store_id") or "", clock=clock)  # fmt: skip
+                      store_id=store.meta("store_id") or "", clock=clock,
+                      applied=json.loads(store.meta("applied_label_sets") or "[]"))  # fmt: skip
         yield head.model_dump_json()
         sets = db.execute(q("SELECT name, version, next_id, created_at, index_kind FROM label_sets ORDER BY name"))
         for name, version, next_id, created, kind in sets.fetchall():
@@ -193,7 +195,9 @@ def import_lines(store: Any, lines: Iterable[str]) -> dict[str, int]:
                                        f"{space!r}, --embed-dim says {store.embed_dim}")  # fmt: skip
                 vectors.append((c.set, c.id, space, store._blob(np.frombuffer(blob, dtype="<f4"))))
         store._insert_vectors(db, vectors)
-        store.advance_clock(db, max([header.clock, *[s.version for s in sets]]))  # never behind an imported version
+        store.advance_clock(db, max([header.clock, *[s.version for s in sets]]))
+        applied = set(json.loads(store.meta("applied_label_sets") or "[]")) | set(header.applied)
+        store.set_meta(db, "applied_label_sets", json.dumps(sorted(applied)))  # a restart re-adds nothing deleted
         for s in sets:
             store.notify(db, s.name, s.version)
     return {"sets": len(sets), "classes": len(classes), "vectors": len(vectors)}

@@ -164,9 +164,9 @@ class Registry:
                 moved = self.store.retag(db, LEGACY + legacy, self.store.space)
                 applied.add(_label_sets_digest(bundle))
                 log.info("database made before spaces: its %d vectors are this bundle's (%s)", moved, self.store.space)
-            # A database from before this record (APPLIED unset) never gets classes back that its users
-            # removed: the bundle it was seeded with is unknown, so nothing is added to existing sets then.
-            known = bool(applied) or not self.store.set_names()
+            # A database the previous release served (its bundle_fingerprint, no APPLIED record) never gets
+            # classes back that its users removed: nothing is added to its existing sets then.
+            known = bool(applied) or legacy is None  # made by this release, or by a tool (bench, import)
             self._apply_bundle(db, bundle, add_new=known and _label_sets_digest(bundle) not in applied)
             applied.add(_label_sets_digest(bundle))
             self.store.set_meta(db, APPLIED, json.dumps(sorted(applied)))

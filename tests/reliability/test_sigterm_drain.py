@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 def _queue_depth(url: str) -> float:
     text = httpx2.get(url + "/metrics", timeout=5).text
-    m = re.search(r"^promptdistill_queue_depth\s+([0-9.e+-]+)$", text, re.MULTILINE)
+    m = re.search(r'^promptdistill_queue_depth\{tower="image"\}\s+([0-9.e+-]+)$', text, re.MULTILINE)
     return float(m.group(1)) if m else -1.0
 
 
