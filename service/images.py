@@ -18,6 +18,7 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -216,3 +217,18 @@ def _upright(img: Image.Image) -> Image.Image:
 def configure_pil(max_pixels: int) -> None:
     """PIL's own bomb guard: warn above ``max_pixels``, error above twice that (we turn warnings into 413)."""
     Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+async def read_uploads(form: Any, max_bytes: int) -> list[EncodedImage | str]:
+    """A multipart form's ``files`` parts as encoded images, each read no further than ``max_bytes`` + 1."""
+    from starlette.datastructures import UploadFile
+
+    files: list[EncodedImage | str] = []
+    for i, item in enumerate(form.getlist("files")):
+        if not isinstance(item, UploadFile):
+            raise InvalidInput(f"files[{i}]: must be a file upload (multipart part with a filename)")
+        data = await item.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ImageTooLarge(f"image {i}: larger than the {max_bytes} byte limit per image")
+        files.append(EncodedImage(data))
+    return files

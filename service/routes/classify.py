@@ -8,12 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.datastructures import FormData, UploadFile
+from starlette.datastructures import FormData
 
 from service.classifier import ClassifyJob
 from service.deps import ServicesDep
-from service.errors import ImageTooLarge, InvalidInput, UnsupportedMediaType
-from service.images import EncodedImage
+from service.errors import InvalidInput, UnsupportedMediaType
+from service.images import EncodedImage, read_uploads
 from service.schemas import ClassifyRequest, ClassifyResponse, HFAnswer, HFLabelScore
 from service.settings import Settings
 
@@ -133,14 +133,7 @@ async def _from_form(request: Request, settings: Settings) -> ClassifyJob:
 
 
 async def _job_from_form(form: FormData, settings: Settings) -> ClassifyJob:
-    files: list[EncodedImage | str] = []
-    for i, item in enumerate(form.getlist("files")):
-        if not isinstance(item, UploadFile):
-            raise InvalidInput(f"files[{i}]: must be a file upload (multipart part with a filename)")
-        data = await item.read(settings.max_image_bytes + 1)
-        if len(data) > settings.max_image_bytes:
-            raise ImageTooLarge(f"image {i}: larger than the {settings.max_image_bytes} byte limit per image")
-        files.append(EncodedImage(data))
+    files = await read_uploads(form, settings.max_image_bytes)
     unknown = set(form.keys()) - _FORM_FIELDS
     if unknown:
         raise InvalidInput(

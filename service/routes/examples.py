@@ -14,13 +14,13 @@ import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, BeforeValidator, ValidationError
-from starlette.datastructures import FormData, UploadFile
+from starlette.datastructures import FormData
 
 from service.curator import NO_DEADLINE
 from service.deps import ApiKeyDep, ServicesDep
-from service.errors import ImageTooLarge, InvalidInput, UnsupportedMediaType
+from service.errors import InvalidInput, UnsupportedMediaType
 from service.examples import Added, ExampleLimits, ExampleWriter, bundle_gap, image_sample
-from service.images import EncodedImage
+from service.images import EncodedImage, read_uploads
 from service.names import clean_names, clean_templates
 from service.routes.quality import quality_out
 from service.schemas import ChangeOut, ClassesIn, ClassOut, ExamplesIn
@@ -104,25 +104,13 @@ def _json(model: type[Any], body: bytes) -> Any:
         raise RequestValidationError(e.errors(include_url=False, include_context=False, include_input=False)) from e
 
 
-async def _files(form: FormData, settings: Settings) -> list[EncodedImage | str]:
-    files: list[EncodedImage | str] = []
-    for i, item in enumerate(form.getlist("files")):
-        if not isinstance(item, UploadFile):
-            raise InvalidInput(f"files[{i}]: must be a file upload (multipart part with a filename)")
-        data = await item.read(settings.max_image_bytes + 1)
-        if len(data) > settings.max_image_bytes:
-            raise ImageTooLarge(f"files[{i}]: larger than the {settings.max_image_bytes} byte limit per image")
-        files.append(EncodedImage(data))
-    return files
-
-
 async def _from_form(form: FormData, settings: Settings) -> ClassesRequest:
     unknown = set(form.keys()) - _FORM_FIELDS
     if unknown:
         raise InvalidInput(f"unknown form fields {sorted(unknown)}; expected names, name, files, templates, if_exists")
     names = [str(v) for v in form.getlist("names")]
     one = form.getlist("name")
-    files = await _files(form, settings)
+    files = await read_uploads(form, settings.max_image_bytes)
     if len(one) > 1 or (files and not one):
         raise InvalidInput("multipart: one 'name' for the uploaded 'files' (one class with examples per request)")
     examples = {str(one[0]): files} if one else {}
@@ -235,7 +223,7 @@ async def add_examples(
             unknown = set(form.keys()) - {"files"}
             if unknown:
                 raise InvalidInput(f"unknown form fields {sorted(unknown)}; expected files")
-            images = await _files(form, services.settings)
+            images = await read_uploads(form, services.settings.max_image_bytes)
     else:
         images = list(_json(ExamplesIn, await request.body()).examples)
     added = await writer.add_examples(name, class_id, images, request.is_disconnected)
