@@ -75,12 +75,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     fm.add_argument("--out", required=True, help="output folder (summary.json, table.md, fashion_mnist.png)")
     fm.add_argument("--root", help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
-    fm.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    fm.add_argument("--train-per-class", type=int, default=100, help="train images kept per class")
-    fm.add_argument("--test-per-class", type=int, default=100, help="test images kept per class")
-    fm.add_argument("--pretrain-epochs", type=int, default=20)
-    fm.add_argument("--prompt-epochs", type=int, default=20, help="PromptSRC / CoOp / MoPD epochs")
-    fm.add_argument("--distill-epochs", type=int, default=10)
+    fm.add_argument("--seeds", type=int, nargs="+", help="default: 1 2 3 4 5")
+    fm.add_argument("--train-per-class", type=int, help="train images kept per class (default: all 6,000)")
+    fm.add_argument("--test-per-class", type=int, help="test images kept per class (default: all 1,000)")
+    fm.add_argument("--pretrain-epochs", type=int, help="contrastive pre-training epochs of both CLIPs (default 4)")
+    fm.add_argument("--teacher-epochs", type=int, help="PromptSRC epochs (default 20)")
+    fm.add_argument("--prompt-epochs", type=int, help="CoOp / MoPD epochs (default 25)")
+    fm.add_argument("--distill-epochs", type=int, help="PromptKD epochs over the unlabeled pool (default 5)")
+    fm.add_argument("--pools", type=int, nargs="+", help="unlabeled images per class, 0 = all (default 100 1000 0)")
+    fm.add_argument("--cache-dir", help="pre-trained CLIPs (default ~/.cache/promptdistill/fashion-clip)")
+    fm.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any FashionCfg field, e.g. --set kd_weight=10 --set distill_lr=0.01")  # fmt: skip
     fm.set_defaults(func=_fashion)
     ec = esub.add_parser(
         "example-classes", help="classes from 1/5/16 example images vs by name, gap-corrected vs plain mean"
@@ -240,13 +246,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _fashion(args: argparse.Namespace) -> int:
-    from training.fashion import FashionCfg, format_table, run_fashion
+    from training.config import deep_merge, parse_overrides
+    from training.fashion import FashionCfg, format_claims, format_table, run_fashion
 
-    fields = ("seeds", "train_per_class", "test_per_class", "pretrain_epochs", "prompt_epochs", "distill_epochs")
-    raw = {k: getattr(args, k) for k in fields} | ({"root": args.root} if args.root else {})
-    cfg = FashionCfg.model_validate(raw)
+    fields = ("seeds", "train_per_class", "test_per_class", "pretrain_epochs", "teacher_epochs", "prompt_epochs",
+              "distill_epochs", "pools", "root", "cache_dir")  # fmt: skip
+    raw = {k: getattr(args, k) for k in fields if getattr(args, k) is not None} | {"progress": not args.no_progress}
+    cfg = FashionCfg.model_validate(deep_merge(raw, parse_overrides(args.set)))
     summary = run_fashion(args.out, cfg)
     sys.stdout.write(format_table(summary["table"], len(cfg.seeds)))
+    sys.stdout.write(format_claims(summary["claims"]))
     sys.stdout.write(f"wall time: {summary['seconds']['total']:.0f} s\n")
     return 0
 

@@ -1,30 +1,39 @@
-"""``promptdistill experiment fashion-mnist --out DIR``: a base-to-novel benchmark with meaningful
-class names, offline, on 2 CPU cores.
+"""``promptdistill experiment fashion-mnist --out DIR``: the papers' base-to-novel claims in miniature,
+offline, on 2 CPU cores (docs/experiments.md, "Fashion-MNIST base-to-novel").
 
 Data: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
-base = T-shirt/top, trouser, pullover, dress, coat; novel = sandal, shirt, sneaker, bag, ankle
-boot. To fit a shared 2-core machine the run subsamples (default 100 train / 100 test images per
-class, the same images for every method and seed) and uses the tiny CLIPs of the demo, upscaled
-images 64x64.
+28x28 grey images upscaled (bicubic) to the tiny CLIPs' 32x32 input; base = T-shirt/top, trouser,
+pullover, dress, coat; novel = sandal, shirt, sneaker, bag, ankle boot; all 60,000 train and all
+10,000 test images (1,000 per class).
 
 Steps:
 
-1. "Pre-training" (once, cached): the demo's CLIP-style alignment of each tiny CLIP's image tower
-   to its frozen random text tower on the train subsample with captions over all ten names
-   (training/demo.py). It stands in for web-scale pre-training, which cannot happen here; like
-   real CLIP it has seen every class, so "novel" means unseen by the prompt tuning only.
-2. For each seed, on the *student-sized* backbone (as the papers' ViT-B/16 rows): zero-shot
-   ("a photo of a {}."), CoOp (MoPD's student with w = 1, w2 = 0: CE only) and MoPD (generic
-   12-template pool); on the teacher backbone the PromptSRC teacher (16 shots of the base
-   classes); then the PromptKD student distilled from it on the unlabeled train subsample.
-3. ``DIR/summary.json`` (every run's base / novel / HM, mean ± sample std over seeds, wall
-   times), ``DIR/table.md`` and ``DIR/fashion_mnist.png``; each run's own outputs under
+1. Pre-training (once, cached on disk keyed by config + seed): both tiny CLIPs, teacher-sized
+   (training/configs/fashion-teacher-clip.json) and student-sized (fashion-student-clip.json),
+   trained from scratch, image AND text towers, with a symmetric label-aware InfoNCE on all
+   60,000 train images and captions from PromptSRC's 60 templates over all ten names
+   (training/contrastive.py). Like real CLIP it has seen every class: "novel" means unseen by the
+   prompt tuning only.
+2. For each seed: zero-shot ("a photo of a {}.") of both CLIPs; on the student-sized CLIP CoOp
+   (MoPD's student with w = 1, w2 = 0) and MoPD (generic 12-template pool), 16 shots of the base
+   classes; on the teacher-sized CLIP the PromptSRC teacher (16 shots of the base classes); then
+   the PromptKD student distilled from it on the unlabeled train images of all classes
+   (transductive, as the paper), for each unlabeled pool of ``pools`` (the data ablation).
+3. ``DIR/summary.json`` (every run, mean ± sample std over seeds, the claims judged against the
+   seed spread, image-tower cost, wall times, load average), ``DIR/table.md``, ``DIR/claims.md``,
+   ``DIR/fashion_mnist.png`` and ``DIR/fashion_mnist_pools.png``; each run's outputs under
    ``DIR/seed<N>/<method>/``.
+
+Hyper-parameters: the papers' recipes scaled by the rule in :class:`FashionCfg` (docs/experiments.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -32,68 +41,158 @@ from typing import Any
 
 import torch
 from pydantic import Field
+from tqdm import tqdm
 
 from models.backbone import Backbone, load_backbone
 from models.class_vectors import encode_class_names
 from models.prompts import PromptedImageEncoder, PromptedTextEncoder
 from models.staging import staged_file
+from models.template_sets import PROMPTSRC_TEMPLATES
 from training.benchmark import Benchmark, load_benchmark
 from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg, deep_merge, parse_overrides
+from training.contrastive import ContrastiveCfg, pixels_of, pretrain_contrastive, zero_shot_accuracy
 from training.data import build_transform
 from training.evaluate import mean_std, pyplot, save_figure, save_json
 from training.protocols import evaluate_classifier
-from training.variants import FASHION_MNIST_ROOT
+from training.variants import FASHION_MNIST_NAMES, FASHION_MNIST_ROOT, fashion_mnist_split
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-TEACHER_CONFIG = ROOT / "models" / "configs" / "tiny-clip.json"
-STUDENT_CONFIG = ROOT / "training" / "configs" / "tiny-student-clip.json"
-CAPTIONS = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
-METHODS = ["zero-shot", "CoOp", "MoPD", "PromptSRC teacher", "PromptKD student"]
+CONFIGS = Path(__file__).resolve().parent / "configs"
+TEACHER_CONFIG = CONFIGS / "fashion-teacher-clip.json"
+STUDENT_CONFIG = CONFIGS / "fashion-student-clip.json"
+CAPTIONS = list(PROMPTSRC_TEMPLATES)  # pre-training captions: varied, over all ten names
+ZERO_SHOT_TEMPLATE = "a photo of a {}."
+ALL = 0  # a pool size meaning "every train image"
+METHODS = ["zero-shot (student CLIP)", "zero-shot (teacher CLIP)", "CoOp", "MoPD", "PromptSRC teacher",
+           "PromptKD student"]  # fmt: skip
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "promptdistill" / "fashion-clip"
 
 
 class FashionCfg(Cfg):
+    """The documented run. Scaling rule (docs/experiments.md): the papers' shots, batch sizes,
+    epochs, learning rates, prompt tokens and loss weights unchanged for the few-shot stages;
+    prompt depth = the papers' share of the tower's layers (9/12, 9/24), rounded, at least 1;
+    distillation at the paper's lr x (batch / 8) (linear scaling) with an epoch cap."""
+
     root: Path = FASHION_MNIST_ROOT
-    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
-    train_per_class: int = Field(default=100, ge=16)
-    test_per_class: int = Field(default=100, ge=1)
-    pretrain_epochs: int = Field(default=20, ge=1)
-    prompt_epochs: int = Field(default=20, ge=1)  # PromptSRC, CoOp, MoPD (16 shots x 5 base classes)
-    distill_epochs: int = Field(default=10, ge=1)
-    progress: bool = False
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    train_per_class: int | None = Field(default=None, ge=16)  # None: all 6,000 per class
+    test_per_class: int | None = Field(default=None, ge=1)  # None: all 1,000 per class
+    teacher_config: Path = TEACHER_CONFIG
+    student_config: Path = STUDENT_CONFIG
+    pretrain_epochs: int = Field(default=4, ge=1)  # over the train images, both CLIPs
+    pretrain_seed: int = 0
+    cache_dir: Path | None = None  # pre-trained CLIPs; None: $XDG_CACHE_HOME/promptdistill/fashion-clip
+    # PromptSRC teacher (vit_l14_c2_ep20_batch8_4+4ctx): 16 shots, batch 8, lr 0.005, 20 epochs, GPA N(15, 1)
+    teacher_epochs: int = Field(default=20, ge=1)
+    teacher_lr: float = Field(default=0.005, gt=0)
+    # CoOp / MoPD (MoPD scripts, custom dataset): 16 shots, batch 128, lr 0.002, 25 epochs, w 0.8, w2 0.1, k 2
+    prompt_epochs: int = Field(default=25, ge=1)
+    prompt_lr: float = Field(default=0.002, gt=0)
+    # PromptKD (vit_b16_c2_ep20_batch8_4+4ctx): batch 8, lr 0.005, 20 epochs, KD_WEIGHT 1000 over (B*N)
+    distill_epochs: int = Field(default=5, ge=1)  # the cap (paper: 20 over the train split)
+    distill_batch: int = Field(default=64, ge=1)
+    distill_lr: float | None = Field(default=None, gt=0)  # None: 0.005 * distill_batch / 8
+    kd_weight: float = Field(default=1000.0, ge=0)
+    prompt_tokens: int = Field(default=4, ge=1)
+    # unlabeled pools per class for the data ablation, besides all images (0 = all)
+    pools: list[int] = Field(default_factory=lambda: [100, 1000, ALL])
+    progress: bool = True
+
+    def lr_distill(self) -> float:
+        return self.distill_lr if self.distill_lr is not None else 0.005 * self.distill_batch / 8
+
+
+def depth(paper_depth: int, paper_layers: int, layers: int) -> int:
+    """Prompt depth for a tower of ``layers``: the papers' share of their tower's layers."""
+    return max(1, min(layers, round(paper_depth / paper_layers * layers)))
+
+
+def _layers(config: Path) -> tuple[int, int]:
+    raw = json.loads(Path(config).read_text())
+    return int(raw["vision_cfg"]["layers"]), int(raw["text_cfg"]["layers"])
 
 
 def _data(cfg: FashionCfg, **update: Any) -> DataCfg:
+    """The papers' augmentation (random resized crop, flip) at a milder crop for 32-pixel images."""
     base = DataCfg(
         kind="fashion_mnist", root=cfg.root, subsample_train=cfg.train_per_class, subsample_test=cfg.test_per_class,
-        shots=16, batch_size=8, crop_scale_min=0.6, num_workers=0,
+        shots=16, batch_size=8, crop_scale_min=0.5, num_workers=0,
     )  # fmt: skip
     return base.model_copy(update=update)
 
 
-def pretrained(config: Path, bench: Benchmark, cfg: FashionCfg, cache: Path, what: str) -> Backbone:
-    """A tiny CLIP aligned on the train subsample (cached as safetensors)."""
+# ----------------------------------------------------------------------------------------------
+# Pre-training
+
+
+def pretrain_cfg(cfg: FashionCfg) -> ContrastiveCfg:
+    return ContrastiveCfg(epochs=cfg.pretrain_epochs, seed=cfg.pretrain_seed)
+
+
+def cache_path(config: Path, cfg: FashionCfg) -> Path:
+    """Where the pre-trained CLIP of ``config`` lives: keyed by the model config, the pre-training
+    config + seed, the captions, and the train data it reads."""
+    key = json.dumps(
+        {"model": json.loads(Path(config).read_text()), "pretrain": pretrain_cfg(cfg).model_dump(mode="json"),
+         "captions": CAPTIONS, "names": FASHION_MNIST_NAMES, "root": str(Path(cfg.root).resolve()),
+         "train_per_class": cfg.train_per_class},
+        sort_keys=True,
+    )  # fmt: skip
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return (cfg.cache_dir or DEFAULT_CACHE) / f"{Path(config).stem}-{digest}.safetensors"
+
+
+def _train_pixels(cfg: FashionCfg, size: int, part: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    per_class = cfg.train_per_class if part == "train" else cfg.test_per_class
+    images, labels = fashion_mnist_split(cfg.root, part, size, per_class)
+    return pixels_of(images), torch.tensor(labels)
+
+
+def pretrained(
+    config: Path,
+    bench: Benchmark | None = None,
+    cfg: FashionCfg | None = None,
+    cache: Path | None = None,
+    what: str = "clip",
+    progress: Any = None,
+) -> Backbone:
+    """The tiny CLIP of ``config`` after contrastive pre-training on the train images (both towers),
+    loaded from ``cache`` (default :func:`cache_path`) when there, else trained and stored there.
+    ``bench`` is accepted for older callers; the pre-training reads the train split itself."""
     from safetensors.torch import load_file, save_file
 
-    from training.demo import DemoCfg, pretrain_clip
-
-    torch.manual_seed(0)
+    cfg = cfg or FashionCfg()
+    cache = cache or cache_path(config, cfg)
+    torch.manual_seed(cfg.pretrain_seed)
     bb = load_backbone(str(config))
     if cache.is_file():
         bb.model.load_state_dict(load_file(cache))
         bb.model.eval()
+        log.info("pre-trained %s CLIP from %s", what, cache)
         return bb
-    pretrain_clip(bb, bench, DemoCfg(seed=0, pretrain_epochs=cfg.pretrain_epochs, progress=False), what, CAPTIONS)
+    pixels, labels = _train_pixels(cfg, bb.preprocess.size[0])
+    pretrain_contrastive(bb, pixels, labels, FASHION_MNIST_NAMES, CAPTIONS, pretrain_cfg(cfg), progress, what)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     with staged_file(cache) as tmp:  # a reader never sees a half-written cache; mode follows the umask
         save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, tmp)
     return bb
 
 
+def pretrain_steps(cfg: FashionCfg) -> int:
+    n = 10 * (cfg.train_per_class or 6000)
+    return cfg.pretrain_epochs * max(1, n // pretrain_cfg(cfg).batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+
+
 def zero_shot(bb: Backbone, bench: Benchmark) -> dict[str, Any]:
     text = PromptedTextEncoder(bb.model, bb.tokenizer)
     image = PromptedImageEncoder(bb.model).eval()
-    vectors = encode_class_names(text, bench.class_names, ["a photo of a {}."])
+    vectors = encode_class_names(text, bench.class_names, [ZERO_SHOT_TEMPLATE])
     scale = float(bb.model.logit_scale.exp())
     tf = build_transform(bb.preprocess, train=False)
     return evaluate_classifier(lambda x: image(x, normalize=True), vectors, scale, bench, tf)
@@ -103,37 +202,69 @@ def _mopd(bb: Backbone, cfg: FashionCfg, seed: int, out: Path, coop: bool) -> di
     from training.mopd.config import MoPDRunCfg
     from training.mopd.trainer import train
 
-    data = _data(cfg, batch_size=16)
-    sets = [f"backbone.name={STUDENT_CONFIG}", "backbone.pretrained=null", "mopd.pool=generic",
-            f"optim.epochs={cfg.prompt_epochs}", "optim.lr=0.002", f"loop.seed={seed}", "loop.resume=false",
-            f"loop.eval_every={cfg.prompt_epochs}", f"loop.progress={str(cfg.progress).lower()}"]  # fmt: skip
-    sets += ["mopd.w=1.0", "mopd.w2=0.0"] if coop else []
+    data = _data(cfg, batch_size=128)
+    sets = [f"backbone.name={cfg.student_config}", "backbone.pretrained=null", "mopd.pool=generic",
+            f"mopd.n_ctx={cfg.prompt_tokens}", f"optim.epochs={cfg.prompt_epochs}", f"optim.lr={cfg.prompt_lr}",
+            f"loop.seed={seed}", "loop.resume=false", "loop.tensorboard=false", "loop.progress=false",
+            f"loop.eval_every={cfg.prompt_epochs}"]  # fmt: skip
+    sets += ["mopd.w=1.0", "mopd.w2=0.0"] if coop else ["mopd.w=0.8", "mopd.w2=0.1", "mopd.top_k=2"]
     raw = deep_merge(parse_overrides(sets), {"data": data.model_dump(mode="json")})
-    run_cfg = MoPDRunCfg.model_validate(raw)
-    return train(run_cfg, out, backbone=bb).results
+    return train(MoPDRunCfg.model_validate(raw), out, backbone=bb).results
 
 
-def _promptkd(teacher_bb: Backbone, student_bb: Backbone, cfg: FashionCfg, seed: int, out: Path) -> tuple[Any, Any]:
-    from training.distill import DistillRunConfig, ExportCfg, run_distill
-    from training.promptkd import DistillCfg
+def _teacher(teacher_bb: Backbone, cfg: FashionCfg, seed: int, out: Path) -> dict[str, Any]:
     from training.promptsrc import PromptSRCCfg
     from training.teacher import TeacherRunConfig, run_teacher
 
-    loop = LoopCfg(seed=seed, progress=cfg.progress, tensorboard=False, resume=False)
+    vision_layers, text_layers = _layers(cfg.teacher_config)
+    prompts = PromptSRCCfg(
+        text_tokens=cfg.prompt_tokens, vision_tokens=cfg.prompt_tokens, text_depth=depth(9, 12, text_layers),
+        vision_depth=depth(9, 24, vision_layers), gpa_mean=0.75 * cfg.teacher_epochs, zs_templates="promptsrc",
+    )  # fmt: skip
     tcfg = TeacherRunConfig(
-        backbone=BackboneCfg(name=str(TEACHER_CONFIG)), data=_data(cfg),
-        optim=OptimCfg(epochs=cfg.prompt_epochs, lr=0.02),
-        loop=loop.model_copy(update={"eval_every": cfg.prompt_epochs}),
-        promptsrc=PromptSRCCfg(text_depth=2, vision_depth=2, gpa_mean=0.75 * cfg.prompt_epochs),
-        out_dir=out / "teacher",
+        backbone=BackboneCfg(name=str(cfg.teacher_config)), data=_data(cfg),
+        optim=OptimCfg(epochs=cfg.teacher_epochs, lr=cfg.teacher_lr),
+        loop=LoopCfg(seed=seed, progress=False, tensorboard=False, resume=False, eval_every=cfg.teacher_epochs),
+        promptsrc=prompts, out_dir=out,
     )  # fmt: skip
-    teacher = run_teacher(tcfg, backbone=teacher_bb)
+    return run_teacher(tcfg, backbone=teacher_bb)
+
+
+def _distill(student_bb: Backbone, cfg: FashionCfg, seed: int, teacher_dir: Path, out: Path, pool: int) -> Any:
+    from training.distill import DistillRunConfig, ExportCfg, run_distill
+    from training.promptkd import DistillCfg
+
+    vision_layers, _ = _layers(cfg.student_config)
     dcfg = DistillRunConfig(
-        student=BackboneCfg(name=str(STUDENT_CONFIG)), teacher_dir=out / "teacher", data=_data(cfg, batch_size=16),
-        optim=OptimCfg(epochs=cfg.distill_epochs, lr=0.05), loop=loop,
-        distill=DistillCfg(kd_weight=10.0, vision_depth=2), export=ExportCfg(onnx=False), out_dir=out / "student",
+        student=BackboneCfg(name=str(cfg.student_config)), teacher_dir=teacher_dir,
+        data=_data(cfg, batch_size=cfg.distill_batch, subsample_train=pool or cfg.train_per_class),
+        optim=OptimCfg(epochs=cfg.distill_epochs, lr=cfg.lr_distill()),
+        loop=LoopCfg(seed=seed, progress=False, tensorboard=False, resume=False),
+        distill=DistillCfg(kd_weight=cfg.kd_weight, vision_tokens=cfg.prompt_tokens,
+                           vision_depth=depth(9, 12, vision_layers)),
+        export=ExportCfg(onnx=False), out_dir=out,
     )  # fmt: skip
-    return teacher, run_distill(dcfg, student=student_bb)
+    return run_distill(dcfg, student=student_bb)
+
+
+def _promptkd(teacher_bb: Backbone, student_bb: Backbone, cfg: FashionCfg, seed: int, out: Path) -> tuple[Any, Any]:
+    """PromptSRC teacher, then the student distilled on all unlabeled train images: (teacher, student) results."""
+    teacher = _teacher(teacher_bb, cfg, seed, out / "teacher")
+    return teacher, _distill(student_bb, cfg, seed, out / "teacher", out / "student", ALL)
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment
+
+
+def _weights(cfg: FashionCfg) -> dict[str, float]:
+    """Rough cost of each stage (seconds on a quiet core) for the progress bar's ETA."""
+    n = 10 * (cfg.train_per_class or 6000)
+    per_image = 1.3e-3 * cfg.distill_epochs  # teacher forward + student forward/backward + loading, per epoch
+    w = {"zero-shot": 3.0, "CoOp": 6.0, "MoPD": 8.0, "teacher": 12.0}
+    for pool in cfg.pools:
+        w[f"distill{pool}"] = 10.0 + per_image * min(n, 10 * pool if pool else n)
+    return w
 
 
 def run_fashion(out: str | Path, cfg: FashionCfg | None = None) -> dict[str, Any]:
@@ -144,41 +275,178 @@ def run_fashion(out: str | Path, cfg: FashionCfg | None = None) -> dict[str, Any
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    weights = _weights(cfg)
+    per_seed = sum(weights.values())
+    pre_cost = 0.6 * pretrain_steps(cfg)  # two CLIPs, seconds per step of both together
+    bar = tqdm(total=round(pre_cost + per_seed * len(cfg.seeds)), unit="s", disable=not cfg.progress,
+               desc="fashion-mnist", bar_format="{l_bar}{bar}| {elapsed}<{remaining} (est.)")  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*METHODS, *map(pool_name, cfg.pools)]}
+    seconds: dict[str, float] = {}
     try:
-        bench = load_benchmark(_data(cfg), image_size=64)
-        teacher_bb = pretrained(TEACHER_CONFIG, bench, cfg, out / "pretrained-teacher.safetensors", "teacher")
-        student_bb = pretrained(STUDENT_CONFIG, bench, cfg, out / "pretrained-student.safetensors", "student")
-        seconds: dict[str, float] = {"pretrain": time.perf_counter() - t0}
-        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+        steps = pretrain_steps(cfg)
+        bb = {}
+        for what, config, share in (("teacher", cfg.teacher_config, 0.8), ("student", cfg.student_config, 0.2)):
+            bar.set_description(f"pre-training the {what} CLIP")
+            bb[what] = pretrained(config, None, cfg, what=what,
+                                  progress=lambda k, s=share: bar.update(s * pre_cost * k / steps))  # fmt: skip
+        bar.n = round(pre_cost)
+        bench = load_benchmark(_data(cfg), image_size=bb["student"].preprocess.size[0])
+        pre = _pretrained_facts(bb, cfg)
+        seconds["pretrain"] = time.perf_counter() - t0
         for seed in cfg.seeds:
             t = time.perf_counter()
             d = out / f"seed{seed}"
-            runs["zero-shot"].append(zero_shot(student_bb, bench))
-            runs["CoOp"].append(_mopd(student_bb, cfg, seed, d / "coop", coop=True))
-            runs["MoPD"].append(_mopd(student_bb, cfg, seed, d / "mopd", coop=False))
-            teacher, student = _promptkd(teacher_bb, student_bb, cfg, seed, d)
-            runs["PromptSRC teacher"].append(teacher)
-            runs["PromptKD student"].append(student["last"])
+
+            def stage(name: str, seed: int = seed) -> None:
+                bar.set_description(f"seed {seed}: {name}")
+
+            stage("zero-shot")
+            runs["zero-shot (student CLIP)"].append(zero_shot(bb["student"], bench))
+            runs["zero-shot (teacher CLIP)"].append(zero_shot(bb["teacher"], bench))
+            bar.update(weights["zero-shot"])
+            stage("CoOp")
+            runs["CoOp"].append(_mopd(bb["student"], cfg, seed, d / "coop", coop=True))
+            bar.update(weights["CoOp"])
+            stage("MoPD")
+            runs["MoPD"].append(_mopd(bb["student"], cfg, seed, d / "mopd", coop=False))
+            bar.update(weights["MoPD"])
+            stage("PromptSRC teacher")
+            runs["PromptSRC teacher"].append(_teacher(bb["teacher"], cfg, seed, d / "teacher"))
+            bar.update(weights["teacher"])
+            for pool in sorted(cfg.pools, key=lambda p: p or math.inf):
+                stage(pool_name(pool))
+                folder = d / ("student" if pool == ALL else f"student-{pool}pc")
+                student = _distill(bb["student"], cfg, seed, d / "teacher", folder, pool)
+                runs[pool_name(pool)].append(student["last"] | {"best": student.get("best"),
+                                                                "agreement": student["agreement"]})  # fmt: skip
+                if pool == ALL:
+                    runs["PromptKD student"].append(runs[pool_name(pool)][-1])
+                bar.update(weights[f"distill{pool}"])
             seconds[f"seed{seed}"] = time.perf_counter() - t
             log.info("fashion-mnist seed %d done in %.0f s", seed, seconds[f"seed{seed}"])
-            _write(out, cfg, runs, seconds | {"total": time.perf_counter() - t0})  # partial results survive
+            _write(out, cfg, runs, pre, seconds | {"total": time.perf_counter() - t0})  # partial results survive
     finally:
+        bar.close()
         torch.set_num_threads(threads)
-    return _write(out, cfg, runs, seconds | {"total": time.perf_counter() - t0})
+    return _write(out, cfg, runs, pre, seconds | {"total": time.perf_counter() - t0})
+
+
+def pool_name(pool: int) -> str:
+    return "PromptKD, all unlabeled" if pool == ALL else f"PromptKD, {10 * pool:,} unlabeled"
+
+
+def _pretrained_facts(bb: dict[str, Backbone], cfg: FashionCfg) -> dict[str, Any]:
+    """Zero-shot accuracy over all ten classes of each pre-trained CLIP, and image-tower cost."""
+    facts: dict[str, Any] = {}
+    for what, b in bb.items():
+        pixels, labels = _train_pixels(cfg, b.preprocess.size[0], part="t10k")
+        facts[what] = {
+            "zero_shot_10_class": zero_shot_accuracy(b, pixels, labels, FASHION_MNIST_NAMES, ZERO_SHOT_TEMPLATE),
+            "logit_scale": float(b.model.logit_scale.exp()),
+            **image_tower_cost(b),
+        }
+    facts["flops_ratio_student_to_teacher"] = facts["student"]["image_flops"] / facts["teacher"]["image_flops"]
+    facts["params_ratio_student_to_teacher"] = facts["student"]["image_params"] / facts["teacher"]["image_params"]
+    return facts
+
+
+def image_tower_cost(bb: Backbone) -> dict[str, float]:
+    """FLOPs of one image through the (plain) image tower, and its parameter count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = bb.preprocess.size
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        bb.model.encode_image(torch.zeros(1, 3, *size))
+    return {"image_flops": float(counter.get_total_flops()),
+            "image_params": float(sum(p.numel() for p in bb.model.visual.parameters()))}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Claims, table, plots
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Per-seed differences a - b: mean, std, standard error, and ``holds`` = a one-sided paired
+    t-test at 95 % (mean > t(0.95, n-1) x SE); None with a single seed (no spread to judge by)."""
+    from scipy.stats import t as student_t
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    ms = mean_std(diffs)
+    n = len(diffs)
+    se = ms["std"] / math.sqrt(n) if n > 1 else None
+    critical = float(student_t.ppf(0.95, n - 1)) if n > 1 else None
+    holds = None if se is None or critical is None else bool(ms["mean"] > critical * se)
+    return {"mean": ms["mean"], "std": ms["std"], "se": se, "t_critical": critical, "n": n, "holds": holds}
+
+
+def claims(runs: dict[str, list[dict[str, Any]]], pre: dict[str, Any], cfg: FashionCfg) -> list[dict[str, Any]]:
+    """The papers' claims, each as a paired per-seed comparison (see :func:`paired`)."""
+
+    def col(method: str, key: str) -> list[float]:
+        return [float(r[key]) for r in runs.get(method, [])]
+
+    out: list[dict[str, Any]] = []
+
+    def add(claim: str, what: str, a: list[float], b: list[float]) -> None:
+        k = min(len(a), len(b))
+        if k:
+            out.append({"claim": claim, "measure": what, **paired(a[:k], b[:k])})
+
+    add("CoOp loses novel accuracy against zero-shot", "novel: zero-shot - CoOp",
+        col("zero-shot (student CLIP)", "novel"), col("CoOp", "novel"))  # fmt: skip
+    add("MoPD recovers novel accuracy over CoOp", "novel: MoPD - CoOp", col("MoPD", "novel"), col("CoOp", "novel"))
+    add("the PromptSRC teacher beats zero-shot in HM", "HM: teacher - zero-shot (teacher CLIP)",
+        col("PromptSRC teacher", "hm"), col("zero-shot (teacher CLIP)", "hm"))  # fmt: skip
+    s, t = col("PromptKD student", "hm"), col("PromptSRC teacher", "hm")
+    ratio = pre["flops_ratio_student_to_teacher"]
+    add(f"the PromptKD student reaches >= 0.95x its teacher's HM at {ratio:.2f}x its image-tower FLOPs",
+        "HM: student - 0.95 x teacher", s, [0.95 * x for x in t[: len(s)]])  # fmt: skip
+    pools = sorted(cfg.pools, key=lambda p: p or math.inf)
+    for small, big in itertools.pairwise(pools):
+        a, b = pool_name(big), pool_name(small)
+        add(
+            f"the student improves as the unlabeled pool grows ({b} -> {a})",
+            f"HM: {a} - {b}",
+            col(a, "hm"),
+            col(b, "hm"),
+        )
+    return out
 
 
 def _write(
-    out: Path, cfg: FashionCfg, runs: dict[str, list[dict[str, Any]]], seconds: dict[str, float]
+    out: Path, cfg: FashionCfg, runs: dict[str, list[dict[str, Any]]], pre: dict[str, Any], seconds: dict[str, float]
 ) -> dict[str, Any]:
-    table = {m: {k: mean_std([r[k] for r in rs]) for k in ("base", "novel", "hm")} for m, rs in runs.items() if rs}
-    per_run = {m: [{k: r[k] for k in ("base", "novel", "hm")} for r in rs] for m, rs in runs.items()}
-    summary = {"config": cfg.model_dump(mode="json"), "table": table, "runs": per_run, "seconds": seconds,
-               "load_average_at_end": list(os.getloadavg())}  # fmt: skip
+    done = {m: rs for m, rs in runs.items() if rs}
+    table = {m: {k: mean_std([r[k] for r in rs]) for k in ("base", "novel", "hm")} for m, rs in done.items()}
+    best = [r["best"] for r in runs.get("PromptKD student", []) if r.get("best")]
+    if best:
+        table["PromptKD student (best base epoch)"] = {
+            k: mean_std([b[k] for b in best]) for k in ("base", "novel", "hm")
+        }
+    per_run = {m: [{k: r[k] for k in ("base", "novel", "hm")} | _extras(r) for r in rs] for m, rs in done.items()}
+    judged = claims(done, pre, cfg)
+    summary = {"config": cfg.model_dump(mode="json"), "pretrained": pre, "table": table, "claims": judged,
+               "runs": per_run, "seconds": seconds, "load_average_at_end": list(os.getloadavg())}  # fmt: skip
     save_json(summary, out / "summary.json")
-    (out / "table.md").write_text(format_table(table, len(next(iter(runs.values())))))
+    n_seeds = max((len(rs) for rs in done.values()), default=0)
+    (out / "table.md").write_text(format_table(table, n_seeds))
+    (out / "claims.md").write_text(format_claims(judged))
     if table:
-        plot_table(table, out / "fashion_mnist.png")
+        plot_table({m: r for m, r in table.items() if not m.startswith("PromptKD,")}, out / "fashion_mnist.png")
+        pools = {m: r for m, r in table.items() if m.startswith("PromptKD,")}
+        if pools:
+            plot_table(pools, out / "fashion_mnist_pools.png", title="PromptKD student vs unlabeled pool")
     return summary
+
+
+def _extras(r: dict[str, Any]) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if r.get("agreement"):
+        extra["agreement"] = r["agreement"]
+    if r.get("best"):
+        extra["best"] = {k: r["best"][k] for k in ("base", "novel", "hm", "epoch")}
+    return extra
 
 
 def format_table(table: dict[str, Any], n_seeds: int) -> str:
@@ -189,21 +457,30 @@ def format_table(table: dict[str, Any], n_seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_table(table: dict[str, Any], path: Path) -> Path:
+def format_claims(judged: list[dict[str, Any]]) -> str:
+    lines = ["| claim | measure (per-seed difference) | mean ± std | verdict (one-sided paired t, 95 %) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for c in judged:
+        verdict = "n/a (one seed)" if c["holds"] is None else ("holds" if c["holds"] else "does not hold")
+        lines.append(f"| {c['claim']} | {c['measure']} | {c['mean']:+.2f} ± {c['std']:.2f} (n={c['n']}) | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_table(table: dict[str, Any], path: Path, title: str | None = None) -> Path:
     import numpy as np
 
     plt = pyplot()
     names = list(table)
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4))
     x = np.arange(len(names))
     for i, key in enumerate(("base", "novel", "hm")):
         means = [table[n][key]["mean"] for n in names]
         stds = [table[n][key]["std"] for n in names]
         bars = ax.bar(x + (i - 1) * 0.25, means, 0.25, yerr=stds, capsize=3, label=key)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(x, names, fontsize=8)
+    ax.set_xticks(x, [n.replace(" (", "\n(") for n in names], fontsize=7)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.legend()
-    ax.set_title("Fashion-MNIST base-to-novel (tiny CLIPs, mean ± std over seeds)")
+    ax.legend(loc="lower right")
+    ax.set_title(title or "Fashion-MNIST base-to-novel (tiny CLIPs, mean ± std over seeds)")
     return save_figure(fig, path)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import gzip
 import logging
 import random
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +96,20 @@ def fashion_mnist_split(
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise DataError(f"Fashion-MNIST files {missing} are missing (apt-get install dataset-fashion-mnist)")
-    images, labels = _read_idx(files[0]), _read_idx(files[1])
+    stamp = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    images, labels = _split(stamp, size, per_class, seed)
+    return list(images), list(labels)
+
+
+@lru_cache(maxsize=4)
+def _split(
+    stamp: tuple[tuple[str, int, int], ...], size: int, per_class: int | None, seed: int
+) -> tuple[tuple[Image.Image, ...], tuple[int, ...]]:
+    """The decoded, resized split, kept in memory: every run of an experiment reads the same split
+    (60,000 images take seconds to decode and resize); keyed by the files' path, mtime and size."""
+    images, labels = _read_idx(Path(stamp[0][0])), _read_idx(Path(stamp[1][0]))
     if len(images) != len(labels):
-        raise DataError(f"{root}: {len(images)} {part} images but {len(labels)} labels")
+        raise DataError(f"{stamp[0][0]}: {len(images)} images but {len(labels)} labels")
     idx = list(range(len(labels)))
     if per_class is not None:
         random.Random(seed).shuffle(idx)
@@ -109,7 +121,7 @@ def fashion_mnist_split(
                 taken[y] = taken.get(y, 0) + 1
                 keep.append(i)
         idx = sorted(keep)
-    out = [
+    out = tuple(
         Image.fromarray(images[i], mode="L").resize((size, size), Image.Resampling.BICUBIC).convert("RGB") for i in idx
-    ]
-    return out, [int(labels[i]) for i in idx]
+    )
+    return out, tuple(int(labels[i]) for i in idx)
