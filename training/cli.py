@@ -84,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     fm.add_argument("--distill-epochs", type=int, help="PromptKD epochs over the unlabeled pool (default 5)")
     fm.add_argument("--pools", type=int, nargs="+", help="unlabeled images per class, 0 = all (default 100 1000 0)")
     fm.add_argument("--cache-dir", help="pre-trained CLIPs (default ~/.cache/promptdistill/fashion-clip)")
+    fm.add_argument("--jobs", type=int, help="seeds run at once, one process each (default 1)")
     fm.add_argument("--no-progress", action="store_true", help="no progress bar")
     fm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any FashionCfg field, e.g. --set kd_weight=10 --set distill_lr=0.01")  # fmt: skip
@@ -250,7 +251,7 @@ def _fashion(args: argparse.Namespace) -> int:
     from training.fashion import FashionCfg, format_claims, format_table, run_fashion
 
     fields = ("seeds", "train_per_class", "test_per_class", "pretrain_epochs", "teacher_epochs", "prompt_epochs",
-              "distill_epochs", "pools", "root", "cache_dir")  # fmt: skip
+              "distill_epochs", "pools", "root", "cache_dir", "jobs")  # fmt: skip
     raw = {k: getattr(args, k) for k in fields if getattr(args, k) is not None} | {"progress": not args.no_progress}
     cfg = FashionCfg.model_validate(deep_merge(raw, parse_overrides(args.set)))
     summary = run_fashion(args.out, cfg)

@@ -37,7 +37,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -61,8 +61,9 @@ log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TEACHER_CONFIG = CONFIGS / "fashion-teacher-clip.json"
 STUDENT_CONFIG = CONFIGS / "fashion-student-clip.json"
-CAPTIONS = list(PROMPTSRC_TEMPLATES)  # pre-training captions: varied, over all ten names
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
+CAPTIONS = list(PROMPTSRC_TEMPLATES)  # pre-training captions: varied, over all ten names
+CAPTION_SETS = {"promptsrc": CAPTIONS, "photo": [ZERO_SHOT_TEMPLATE]}  # "photo": the one-template ablation
 ALL = 0  # a pool size meaning "every train image"
 METHODS = ["zero-shot (student CLIP)", "zero-shot (teacher CLIP)", "CoOp", "MoPD", "PromptSRC teacher",
            "PromptKD student"]  # fmt: skip
@@ -83,6 +84,7 @@ class FashionCfg(Cfg):
     student_config: Path = STUDENT_CONFIG
     pretrain_epochs: int = Field(default=4, ge=1)  # over the train images, both CLIPs
     pretrain_seed: int = 0
+    pretrain_captions: Literal["promptsrc", "photo"] = "promptsrc"  # caption templates (CAPTION_SETS)
     cache_dir: Path | None = None  # pre-trained CLIPs; None: $XDG_CACHE_HOME/promptdistill/fashion-clip
     # PromptSRC teacher (vit_l14_c2_ep20_batch8_4+4ctx): 16 shots, batch 8, lr 0.005, 20 epochs, GPA N(15, 1)
     teacher_epochs: int = Field(default=20, ge=1)
@@ -104,6 +106,7 @@ class FashionCfg(Cfg):
     prompt_tokens: int = Field(default=4, ge=1)
     # unlabeled pools per class for the data ablation, besides all images (0 = all)
     pools: list[int] = Field(default_factory=lambda: [100, 1000, ALL])
+    jobs: int = Field(default=1, ge=1)  # seeds run at once, each in its own single-threaded process
     progress: bool = True
 
     def lr_distill(self) -> float:
@@ -142,8 +145,8 @@ def cache_path(config: Path, cfg: FashionCfg) -> Path:
     config + seed, the captions, and the train data it reads."""
     key = json.dumps(
         {"model": json.loads(Path(config).read_text()), "pretrain": pretrain_cfg(cfg).model_dump(mode="json"),
-         "captions": CAPTIONS, "names": FASHION_MNIST_NAMES, "root": str(Path(cfg.root).resolve()),
-         "train_per_class": cfg.train_per_class},
+         "captions": CAPTION_SETS[cfg.pretrain_captions], "names": FASHION_MNIST_NAMES,
+         "root": str(Path(cfg.root).resolve()), "train_per_class": cfg.train_per_class},
         sort_keys=True,
     )  # fmt: skip
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -179,7 +182,8 @@ def pretrained(
         log.info("pre-trained %s CLIP from %s", what, cache)
         return bb
     pixels, labels = _train_pixels(cfg, bb.preprocess.size[0])
-    pretrain_contrastive(bb, pixels, labels, FASHION_MNIST_NAMES, CAPTIONS, pretrain_cfg(cfg), progress, what)
+    captions = CAPTION_SETS[cfg.pretrain_captions]
+    pretrain_contrastive(bb, pixels, labels, FASHION_MNIST_NAMES, captions, pretrain_cfg(cfg), progress, what)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with staged_file(cache) as tmp:  # a reader never sees a half-written cache; mode follows the umask
         save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, tmp)
@@ -211,8 +215,8 @@ def _mopd(bb: Backbone, cfg: FashionCfg, seed: int, out: Path, coop: bool) -> di
     data = _data(cfg, batch_size=128)
     sets = [f"backbone.name={cfg.student_config}", "backbone.pretrained=null", "mopd.pool=generic",
             f"mopd.n_ctx={cfg.prompt_tokens}", f"optim.epochs={cfg.prompt_epochs}", f"optim.lr={cfg.prompt_lr}",
-            f"loop.seed={seed}", "loop.resume=false", "loop.tensorboard=false", "loop.progress=false",
-            f"loop.eval_every={cfg.prompt_epochs}"]  # fmt: skip
+            f"loop.seed={seed}", "loop.resume=false", "loop.checkpoint=false", "loop.tensorboard=false",
+            "loop.progress=false", f"loop.eval_every={cfg.prompt_epochs}"]  # fmt: skip
     sets += ["mopd.w=1.0", "mopd.w2=0.0"] if coop else [f"mopd.w={cfg.mopd_w}", f"mopd.w2={cfg.mopd_w2}"]
     sets += [f"mopd.top_k={cfg.mopd_top_k}"]
     raw = deep_merge(parse_overrides(sets), {"data": data.model_dump(mode="json")})
@@ -231,7 +235,8 @@ def _teacher(teacher_bb: Backbone, cfg: FashionCfg, seed: int, out: Path) -> dic
     tcfg = TeacherRunConfig(
         backbone=BackboneCfg(name=str(cfg.teacher_config)), data=_data(cfg),
         optim=OptimCfg(epochs=cfg.teacher_epochs, lr=cfg.teacher_lr),
-        loop=LoopCfg(seed=seed, progress=False, tensorboard=False, resume=False, eval_every=cfg.teacher_epochs),
+        loop=LoopCfg(seed=seed, progress=False, tensorboard=False, resume=False, checkpoint=False,
+                     eval_every=cfg.teacher_epochs),
         promptsrc=prompts, out_dir=out,
     )  # fmt: skip
     return run_teacher(tcfg, backbone=teacher_bb)
@@ -246,7 +251,7 @@ def _distill(student_bb: Backbone, cfg: FashionCfg, seed: int, teacher_dir: Path
         student=BackboneCfg(name=str(cfg.student_config)), teacher_dir=teacher_dir,
         data=_data(cfg, batch_size=cfg.distill_batch, subsample_train=pool or cfg.train_per_class),
         optim=OptimCfg(epochs=cfg.distill_epochs, lr=cfg.lr_distill(), warmup_epochs=cfg.distill_warmup_epochs),
-        loop=LoopCfg(seed=seed, progress=False, tensorboard=False, resume=False),
+        loop=LoopCfg(seed=seed, progress=False, tensorboard=False, resume=False, checkpoint=False),
         distill=DistillCfg(kd_weight=cfg.kd_weight, vision_tokens=cfg.prompt_tokens,
                            vision_depth=depth(9, 12, vision_layers)),
         export=ExportCfg(onnx=False), out_dir=out,
@@ -275,7 +280,8 @@ def _weights(cfg: FashionCfg) -> dict[str, float]:
 
 
 def run_fashion(out: str | Path, cfg: FashionCfg | None = None) -> dict[str, Any]:
-    """The whole experiment (see module docstring); single-threaded like the demo."""
+    """The whole experiment (see module docstring). Every run is single-threaded like the demo;
+    ``cfg.jobs`` seeds run at once in separate processes (their results do not depend on it)."""
     cfg = cfg or FashionCfg()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,10 +289,10 @@ def run_fashion(out: str | Path, cfg: FashionCfg | None = None) -> dict[str, Any
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     weights = _weights(cfg)
-    per_seed = sum(weights.values())
     pre_cost = 0.6 * pretrain_steps(cfg)  # two CLIPs, seconds per step of both together
-    bar = tqdm(total=round(pre_cost + per_seed * len(cfg.seeds)), unit="s", disable=not cfg.progress,
-               desc="fashion-mnist", bar_format="{l_bar}{bar}| {elapsed}<{remaining} (est.)")  # fmt: skip
+    total = pre_cost + sum(weights.values()) * len(cfg.seeds) / min(cfg.jobs, len(cfg.seeds))
+    bar = tqdm(total=round(total), unit="s", disable=not cfg.progress, desc="fashion-mnist",
+               bar_format="{l_bar}{bar}| {elapsed}<{remaining} (est.)")  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*METHODS, *map(pool_name, cfg.pools)]}
     seconds: dict[str, float] = {}
     try:
@@ -297,45 +303,96 @@ def run_fashion(out: str | Path, cfg: FashionCfg | None = None) -> dict[str, Any
             bb[what] = pretrained(config, None, cfg, what=what,
                                   progress=lambda k, s=share: bar.update(s * pre_cost * k / steps))  # fmt: skip
         bar.n = round(pre_cost)
-        bench = load_benchmark(_data(cfg), image_size=bb["student"].preprocess.size[0])
         pre = _pretrained_facts(bb, cfg)
         seconds["pretrain"] = time.perf_counter() - t0
-        for seed in cfg.seeds:
-            t = time.perf_counter()
-            d = out / f"seed{seed}"
 
-            def stage(name: str, seed: int = seed) -> None:
-                bar.set_description(f"seed {seed}: {name}")
-
-            stage("zero-shot")
-            runs["zero-shot (student CLIP)"].append(zero_shot(bb["student"], bench))
-            runs["zero-shot (teacher CLIP)"].append(zero_shot(bb["teacher"], bench))
-            bar.update(weights["zero-shot"])
-            stage("CoOp")
-            runs["CoOp"].append(_mopd(bb["student"], cfg, seed, d / "coop", coop=True))
-            bar.update(weights["CoOp"])
-            stage("MoPD")
-            runs["MoPD"].append(_mopd(bb["student"], cfg, seed, d / "mopd", coop=False))
-            bar.update(weights["MoPD"])
-            stage("PromptSRC teacher")
-            runs["PromptSRC teacher"].append(_teacher(bb["teacher"], cfg, seed, d / "teacher"))
-            bar.update(weights["teacher"])
-            for pool in sorted(cfg.pools, key=lambda p: p or math.inf):
-                stage(pool_name(pool))
-                folder = d / ("student" if pool == ALL else f"student-{pool}pc")
-                student = _distill(bb["student"], cfg, seed, d / "teacher", folder, pool)
-                runs[pool_name(pool)].append(student["last"] | {"best": student.get("best"),
-                                                                "agreement": student["agreement"]})  # fmt: skip
-                if pool == ALL:
-                    runs["PromptKD student"].append(runs[pool_name(pool)][-1])
-                bar.update(weights[f"distill{pool}"])
-            seconds[f"seed{seed}"] = time.perf_counter() - t
-            log.info("fashion-mnist seed %d done in %.0f s", seed, seconds[f"seed{seed}"])
+        def collect(seed: int, result: dict[str, dict[str, Any]], took: float) -> None:
+            for method, r in result.items():
+                runs[method].append(r | {"seed": seed})
+            seconds[f"seed{seed}"] = took
+            log.info("fashion-mnist seed %d done in %.0f s", seed, took)
             _write(out, cfg, runs, pre, seconds | {"total": time.perf_counter() - t0})  # partial results survive
+
+        if cfg.jobs > 1 and len(cfg.seeds) > 1:
+            _parallel_seeds(cfg, out, bar, weights, collect)
+        else:
+            bench = load_benchmark(_data(cfg), image_size=bb["student"].preprocess.size[0])
+            for seed in cfg.seeds:
+                t = time.perf_counter()
+                collect(seed, _one_seed(cfg, seed, out, bb, bench, bar, weights), time.perf_counter() - t)
     finally:
         bar.close()
         torch.set_num_threads(threads)
     return _write(out, cfg, runs, pre, seconds | {"total": time.perf_counter() - t0})
+
+
+def _one_seed(
+    cfg: FashionCfg,
+    seed: int,
+    out: Path,
+    bb: dict[str, Backbone],
+    bench: Benchmark,
+    bar: Any,
+    weights: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """Every method for one seed: {table row: result}."""
+    d = out / f"seed{seed}"
+    res: dict[str, dict[str, Any]] = {}
+
+    def stage(name: str) -> None:
+        if bar is not None:
+            bar.set_description(f"seed {seed}: {name}")
+
+    def done(key: str) -> None:
+        if bar is not None:
+            bar.update(weights[key])
+
+    stage("zero-shot")
+    res["zero-shot (student CLIP)"] = zero_shot(bb["student"], bench)
+    res["zero-shot (teacher CLIP)"] = zero_shot(bb["teacher"], bench)
+    done("zero-shot")
+    stage("CoOp")
+    res["CoOp"] = _mopd(bb["student"], cfg, seed, d / "coop", coop=True)
+    done("CoOp")
+    stage("MoPD")
+    res["MoPD"] = _mopd(bb["student"], cfg, seed, d / "mopd", coop=False)
+    done("MoPD")
+    stage("PromptSRC teacher")
+    res["PromptSRC teacher"] = _teacher(bb["teacher"], cfg, seed, d / "teacher")
+    done("teacher")
+    for pool in sorted(cfg.pools, key=lambda p: p or math.inf):
+        stage(pool_name(pool))
+        folder = d / ("student" if pool == ALL else f"student-{pool}pc")
+        student = _distill(bb["student"], cfg, seed, d / "teacher", folder, pool)
+        res[pool_name(pool)] = student["last"] | {"best": student.get("best"), "agreement": student["agreement"]}
+        if pool == ALL:
+            res["PromptKD student"] = res[pool_name(pool)]
+        done(f"distill{pool}")
+    return res
+
+
+def _seed_job(cfg: FashionCfg, seed: int, out: Path) -> tuple[dict[str, dict[str, Any]], float]:
+    """One seed in a worker process: the cached CLIPs, the data, every method."""
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    t = time.perf_counter()
+    bb = {"teacher": pretrained(cfg.teacher_config, cfg=cfg), "student": pretrained(cfg.student_config, cfg=cfg)}
+    bench = load_benchmark(_data(cfg), image_size=bb["student"].preprocess.size[0])
+    return _one_seed(cfg, seed, out, bb, bench, None, {}), time.perf_counter() - t
+
+
+def _parallel_seeds(cfg: FashionCfg, out: Path, bar: Any, weights: dict[str, float], collect: Any) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    per_seed = sum(weights.values()) / min(cfg.jobs, len(cfg.seeds))
+    bar.set_description(f"{len(cfg.seeds)} seeds, {cfg.jobs} at a time")
+    with ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_seed_job, cfg, seed, out): seed for seed in cfg.seeds}
+        for fut in as_completed(futures):
+            result, took = fut.result()
+            collect(futures[fut], result, took)
+            bar.update(per_seed)
 
 
 def pool_name(pool: int) -> str:
@@ -350,11 +407,33 @@ def _pretrained_facts(bb: dict[str, Backbone], cfg: FashionCfg) -> dict[str, Any
         facts[what] = {
             "zero_shot_10_class": zero_shot_accuracy(b, pixels, labels, FASHION_MNIST_NAMES, ZERO_SHOT_TEMPLATE),
             "logit_scale": float(b.model.logit_scale.exp()),
+            **template_invariance(b),
             **image_tower_cost(b),
         }
     facts["flops_ratio_student_to_teacher"] = facts["student"]["image_flops"] / facts["teacher"]["image_flops"]
     facts["params_ratio_student_to_teacher"] = facts["student"]["image_params"] / facts["teacher"]["image_params"]
     return facts
+
+
+@torch.no_grad()
+def template_invariance(bb: Backbone, templates: list[str] = CAPTIONS) -> dict[str, float]:
+    """How much the text tower's class embedding depends on the words around the name: mean cosine
+    between one class's embeddings under different templates, and between different classes'
+    (template-averaged) embeddings. Near 1 for the first: the tower ignores the context."""
+    import torch.nn.functional as F
+
+    emb = torch.stack(
+        [F.normalize(bb.model.encode_text(bb.tokenizer([t.format(n) for n in FASHION_MNIST_NAMES])), dim=-1)
+         for t in templates]
+    )  # fmt: skip  # [T, C, D]
+    n_t, n_c, _ = emb.shape
+    off_t, off_c = ~torch.eye(n_t, dtype=torch.bool), ~torch.eye(n_c, dtype=torch.bool)
+    same = torch.stack([(emb[:, c] @ emb[:, c].t())[off_t].mean() for c in range(n_c)]).mean()
+    mean = F.normalize(emb.mean(0), dim=-1)
+    return {
+        "cos_same_class_across_templates": float(same),
+        "cos_across_classes": float((mean @ mean.t())[off_c].mean()),
+    }
 
 
 def image_tower_cost(bb: Backbone) -> dict[str, float]:
@@ -448,7 +527,7 @@ def _write(
 
 
 def _extras(r: dict[str, Any]) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"seed": r.get("seed")}
     if r.get("agreement"):
         extra["agreement"] = r["agreement"]
     if r.get("best"):
