@@ -74,17 +74,19 @@ def test_pipeline_end_to_end_on_tiny_idx_files(tmp_path: Path) -> None:
     _write(root, 24)  # 240 train / 240 test random 28x28 images
     cfg = FashionCfg(
         root=root, seeds=[1, 2], train_per_class=20, test_per_class=4, pretrain_epochs=1, teacher_epochs=1,
-        prompt_epochs=1, distill_epochs=1, pools=[16, ALL], cache_dir=tmp_path / "cache", progress=False,
+        prompt_epochs=1, distill_epochs=1, pools=[16, ALL], cache_dir=tmp_path / "cache", progress=False, jobs=2,
     )  # fmt: skip
     summary = run_fashion(tmp_path / "out", cfg)
 
     table = summary["table"]
+    assert sorted(r["seed"] for r in summary["runs"]["CoOp"]) == [1, 2]  # the seeds ran in two processes
     for row in ("zero-shot (student CLIP)", "zero-shot (teacher CLIP)", "CoOp", "MoPD", "PromptSRC teacher",
                 "PromptKD student", pool_name(16), pool_name(ALL)):  # fmt: skip
         assert table[row]["hm"]["n"] == 2, row
     assert len(summary["claims"]) == 5 and all(c["holds"] is not None for c in summary["claims"])
     pre = summary["pretrained"]
     assert 0 < pre["flops_ratio_student_to_teacher"] < 1 and 0 < pre["params_ratio_student_to_teacher"] < 1
+    assert -1 <= pre["student"]["cos_same_class_across_templates"] <= 1
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["table"] == table
     assert "PromptKD student" in (tmp_path / "out" / "table.md").read_text()
