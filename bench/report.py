@@ -805,7 +805,44 @@ def lifecycle_section(doc: dict[str, Any]) -> list[str]:
         ]
     if t:
         out.append(f"- **Export -> import** ({t['lines']:,} lines): same sets, ids, versions: **{t['identical']}**.")
+    out += _lifecycle_rates(doc.get("rates", {})) + _lifecycle_rolling(doc.get("rolling", {}))
     return [*out, ""]
+
+
+def _ran(part: dict[str, Any]) -> str:
+    ran = part.get("ran")
+    return f" _(this part: commit `{ran['commit']}`, {ran['time_utc']}, load {ran['load_1m_start']})_" if ran else ""
+
+
+def _lifecycle_rates(r: dict[str, Any]) -> list[str]:
+    if not r:
+        return []
+    cells = "; ".join(
+        f"{arch} text side: **{v['names_per_s']:.0f} names/s** ({v['names']:,} names in {v['seconds']:.0f} s, "
+        f"all {v['served']:,} served after; load {v['load_1m_start']} at its start)"
+        for arch, v in r.items()
+        if arch != "ran"
+    )
+    return [
+        f"- **Names re-encoded per second by a new space** (a set of names with no vector, imported, then served "
+        f"by a bundle with one template): {cells}.{_ran(r)}"
+    ]
+
+
+def _lifecycle_rolling(g: dict[str, Any]) -> list[str]:
+    if not g:
+        return []
+    steps = ", ".join(f"{s['drain_s']:.0f} s drain + {s['ready_s']:.0f} s to ready" for s in g["steps"])
+    return [
+        f"- **Rolling upgrade**, {g['replicas']} replicas on PostgreSQL moved one by one from v1 to v2 (a new space; "
+        f"{steps}) under a writer ({g['writes']} writes, {g['removals']} removals, each read back on another replica "
+        f"with `min_version`) and {g['readers']} readers ({g['reads_checked']:,} answers checked against the "
+        f"writer's log): classes lost **{g['classes_lost']}** (goal 0: {_verdict(g['classes_lost'] == 0)}), 5xx "
+        f"**{g['other_5xx']}** besides {g['retry_503']} `min_version` 503 + Retry-After (goal 0: "
+        f"{_verdict(g['other_5xx'] == 0)}), read-your-writes violations **{g['violations']}** (goal 0: "
+        f"{_verdict(g['violations'] == 0)}); refused connections {g['unreachable']}; v2's space holds every "
+        f"class's vector: {g['v2_space_complete']}.{_ran(g)}"
+    ]
 
 
 def kept_sections(existing: str) -> list[str]:
