@@ -38,6 +38,7 @@ FORMAT_VERSION = 2  # 2: example lines and text_vectors; version 1 files import 
 MAX_EXAMPLE_BYTES = 2 * 1024 * 1024  # a kept example is at most ExampleLimits.keep_bytes (256 KiB) by default
 _MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
 _FLUSH = 1000  # classes inserted together while importing
+EXAMPLE_PAGE = 64  # example lines read together while exporting (each image up to keep_bytes)
 
 
 class _Line(BaseModel):
@@ -124,8 +125,9 @@ def _vectors_of(db: Any, q: Any, table: str) -> dict[tuple[str, int], dict[str, 
     return out
 
 
-def _example_lines(db: Any, q: Any, page: int = 64) -> Iterator[str]:
+def _example_lines(db: Any, q: Any) -> Iterator[str]:
     """Every kept example, a page at a time (images are up to keep_bytes each: never all in memory)."""
+    page = EXAMPLE_PAGE
     cols = "label_set, class_id, seq, digest, media_type, data, space, embedding, created_at"
     after: tuple[str, int, int] = ("", -1, -1)
     while True:

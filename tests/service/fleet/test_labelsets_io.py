@@ -72,8 +72,13 @@ def _other_database(backend: str, request: pytest.FixtureRequest, tmp_path: Path
 
 
 def test_export_then_import_gives_identical_sets_ids_versions_and_vectors(
-    backend: str, make_store: Callable[..., Store], request: pytest.FixtureRequest, tmp_path: Path
+    backend: str,
+    make_store: Callable[..., Store],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr("service.labelsets_io.EXAMPLE_PAGE", 2)  # examples read over several pages
     source = make_store()
     _fill(source)
     lines = list(export_lines(source, vectors=True))
