@@ -45,6 +45,7 @@ class Reloader:
     async def reload(self, trigger: str) -> dict[str, str]:
         """Swap in the bundle at the configured path; returns the history entry (raises on refusal)."""
         if self._lock.locked():
+            log.warning("reload (%s) refused: a reload is already running", trigger)
             raise ReloadRefused("a reload is already running; try again when it has finished")
         async with self._lock:
             try:
