@@ -225,14 +225,17 @@ class Store(abc.ABC):
             missing=tuple(int(r[0]) for r in rows if r[3] is None),
         )
 
-    def missing(self, name: str, limit: int) -> tuple[list[int], list[str], list[str]]:
-        """Up to ``limit`` classes of ``name`` (ids, names, provenance; ascending id) with no vector in this space."""
+    def missing(self, name: str, limit: int, after: int = -1) -> tuple[list[int], list[str], list[str]]:
+        """Up to ``limit`` classes of ``name`` with id > ``after`` (ids, names, provenance; ascending id) with no
+        vector in this space. ``after``: the last id of the previous batch, so that a pass over a set reads each
+        class once (from the start every batch would re-read every class encoded before it)."""
         q = (
-            "SELECT c.id, c.name, c.provenance FROM classes c WHERE c.label_set = ? AND NOT EXISTS (SELECT 1 FROM "
-            "vectors v WHERE v.label_set = c.label_set AND v.class_id = c.id AND v.space = ?) ORDER BY c.id LIMIT ?"
+            "SELECT c.id, c.name, c.provenance FROM classes c WHERE c.label_set = ? AND c.id > ? AND NOT EXISTS "
+            "(SELECT 1 FROM vectors v WHERE v.label_set = c.label_set AND v.class_id = c.id AND v.space = ?) "
+            "ORDER BY c.id LIMIT ?"
         )
         with self.read() as db:
-            rows = db.execute(self._sql(q), (name, self.space, limit)).fetchall()
+            rows = db.execute(self._sql(q), (name, after, self.space, limit)).fetchall()
         return [int(r[0]) for r in rows], [str(r[1]) for r in rows], [str(r[2]) for r in rows]
 
     def missing_counts(self) -> dict[str, int]:
