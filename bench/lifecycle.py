@@ -279,9 +279,13 @@ def _encode_all(bundle: Path, state: Path, n: int, threads: int) -> dict[str, An
     return {"names": n, "served": served, "seconds": round(seconds, 1), "names_per_s": (done - first[1]) / seconds}
 
 
-def rates_part(tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for arch, (config, n) in RATES.items():
+def rates_part(tmp: Path, cfg: BenchCfg, previous: dict[str, Any]) -> dict[str, Any]:
+    """``BENCH_LIFECYCLE_RATES=tiny`` measures some text sides; the others keep their last figures."""
+    arches = os.environ.get("BENCH_LIFECYCLE_RATES", ",".join(RATES)).split(",")
+    kept = {k: v for k, v in previous.items() if k in RATES and k not in arches}
+    out: dict[str, Any] = {k: {"ran": previous.get("ran"), **v} for k, v in kept.items()}  # its own run's info
+    for arch in arches:
+        config, n = RATES[arch]
         n = 500 if cfg.quick else n
         bundle = _variant(cached_bundle(config), tmp / f"rates-{arch}", other_space=True)  # one template
         state, file = tmp / f"rates-{arch}-state", tmp / f"rates-{arch}.jsonl"
@@ -290,11 +294,17 @@ def rates_part(tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
         cli = [sys.executable, "-m", "promptdistill", "labelsets", "import", str(file), "--state-dir", str(state)]
         subprocess.run(cli, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         imported = time.perf_counter() - t0
-        load = round(os.getloadavg()[0], 2)
+        ran = _ran()
         out[arch] = {**_encode_all(bundle, state, n, cfg.threads), "import_seconds": round(imported, 1),
-                     "load_1m_start": load, "templates": 1}  # fmt: skip
+                     "templates": 1, "ran": ran}  # fmt: skip
         log.info("rates %s: %s", arch, out[arch])
     return out
+
+
+def _ran() -> dict[str, Any]:
+    """Which code ran a part, when, and how loaded the machine was as it started."""
+    sha = (git_commit() or {}).get("sha", "")[:7]
+    return {"commit": sha, "time_utc": _now(), "load_1m_start": round(os.getloadavg()[0], 2)}
 
 
 def run(cfg: BenchCfg) -> dict[str, Any]:
@@ -312,15 +322,14 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
             "reload": lambda: reload_part(bundle, tmp, cfg),
             "migrate": lambda: migrate_part(bundle, tmp, cfg),
             "roundtrip": lambda: roundtrip_part(tmp),
-            "rates": lambda: rates_part(tmp, cfg),
+            "rates": lambda: rates_part(tmp, cfg, kept.get("rates", {})),
             "rolling": lambda: rolling_part(
                 bundle, _variant(bundle, tmp / "rolling-v2", other_space=True), _jpegs(1)[0], tmp, cfg.quick
             ),
         }
         for part in PARTS:
             if part in parts:
-                ran = {"commit": (git_commit() or {}).get("sha", "")[:7], "time_utc": _now(),
-                       "load_1m_start": round(os.getloadavg()[0], 2)}  # fmt: skip
+                ran = _ran()
                 result[part] = {**runs[part](), "ran": ran}
                 log.info("%s: %s", part, {k: v for k, v in result[part].items() if k not in ("steady", "during_swap")})
     write_result("lifecycle", result, cfg)

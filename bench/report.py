@@ -819,13 +819,13 @@ def _lifecycle_rates(r: dict[str, Any]) -> list[str]:
         return []
     cells = "; ".join(
         f"{arch} text side: **{v['names_per_s']:.0f} names/s** ({v['names']:,} names in {v['seconds']:.0f} s, "
-        f"all {v['served']:,} served after; load {v['load_1m_start']} at its start)"
+        f"all {v['served']:,} served after){_ran(v)}"
         for arch, v in r.items()
         if arch != "ran"
     )
     return [
         f"- **Names re-encoded per second by a new space** (a set of names with no vector, imported, then served "
-        f"by a bundle with one template): {cells}.{_ran(r)}"
+        f"by a bundle with one template): {cells}."
     ]
 
 
