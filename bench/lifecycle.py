@@ -301,6 +301,14 @@ def rates_part(tmp: Path, cfg: BenchCfg, previous: dict[str, Any]) -> dict[str, 
     return out
 
 
+def _with_ran(part: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """A kept part from a file written before parts named their own run: the file's commit and time."""
+    if "ran" in part:
+        return part
+    sha = str((doc.get("commit") or {}).get("sha", ""))[:7]
+    return {**part, "ran": {"commit": sha, "time_utc": doc["machine"]["time_utc"], "load_1m_start": None}}
+
+
 def _ran() -> dict[str, Any]:
     """Which code ran a part, when, and how loaded the machine was as it started."""
     sha = (git_commit() or {}).get("sha", "")[:7]
@@ -314,7 +322,7 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
     bundle = cached_bundle(str(TINY_CONFIG))
     previous = cfg.out_dir / "lifecycle.json"
     kept = json.loads(previous.read_text()) if previous.is_file() else {}
-    result: dict[str, Any] = {k: v for k, v in kept.items() if k in PARTS and k not in parts}
+    result: dict[str, Any] = {k: _with_ran(v, kept) for k, v in kept.items() if k in PARTS and k not in parts}
     result["bundle"] = "tiny zero-shot (models/configs/tiny-clip.json)"
     with tempfile.TemporaryDirectory(prefix="pd-bench-lifecycle-") as name:
         tmp = Path(name)

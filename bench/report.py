@@ -789,7 +789,7 @@ def lifecycle_section(doc: dict[str, Any]) -> list[str]:
             f"{steady['p99_ms']:.0f} ms = **{r['p99_ratio']:.2f}x** (goal <= 2x: {_verdict(r['p99_ratio'] <= 2)}); "
             f"`/readyz` polled {r['readyz_polls']} times, non-200 **{r['readyz_not_200']}** (goal 0: "
             f"{_verdict(r['readyz_not_200'] == 0)}); throughput steady {steady['throughput_rps']:.0f} req/s, "
-            f"during {during['throughput_rps']:.0f} req/s."
+            f"during {during['throughput_rps']:.0f} req/s.{_ran(r)}"
         )
     if m:
         u = m["uninterrupted"]
@@ -801,17 +801,22 @@ def lifecycle_section(doc: dict[str, Any]) -> list[str]:
             f"{m['names_encoded_all_runs']:.0f} for {u['names_encoded']:.0f} needed: **{m['redone']:.0f} redone**, "
             f"{m['redone_per_kill']:.1f} per kill (goal <= one batch of {m['batch']}: "
             f"{_verdict(m['redone_per_kill'] <= m['batch'])}); a kill that falls after the migration finished "
-            f"redoes nothing; every space complete: {m['complete']} ({m['vectors_per_space']}).",
+            f"redoes nothing; every space complete: {m['complete']} ({m['vectors_per_space']}).{_ran(m)}",
         ]
     if t:
-        out.append(f"- **Export -> import** ({t['lines']:,} lines): same sets, ids, versions: **{t['identical']}**.")
+        out.append(
+            f"- **Export -> import** ({t['lines']:,} lines): same sets, ids, versions: **{t['identical']}**.{_ran(t)}"
+        )
     out += _lifecycle_rates(doc.get("rates", {})) + _lifecycle_rolling(doc.get("rolling", {}))
     return [*out, ""]
 
 
 def _ran(part: dict[str, Any]) -> str:
     ran = part.get("ran")
-    return f" _(this part: commit `{ran['commit']}`, {ran['time_utc']}, load {ran['load_1m_start']})_" if ran else ""
+    if not ran:
+        return ""
+    load = f", load {ran['load_1m_start']}" if ran.get("load_1m_start") is not None else ""
+    return f" _(this part: commit `{ran['commit']}`, {ran['time_utc']}{load})_"
 
 
 def _lifecycle_rates(r: dict[str, Any]) -> list[str]:
