@@ -74,6 +74,7 @@ class ExampleRow:
     media_type: str  # of ``data``: image/png or image/jpeg
     data: bytes  # the re-encoded image (bounded size) that another model can re-embed
     embedding: np.ndarray  # [D] float32: the served image tower's embedding of the upload (store's space)
+    space: str | None = None  # read back: the space of ``embedding`` (the last one that embedded the example)
 
 
 @dataclass(frozen=True)
@@ -525,10 +526,27 @@ class Store(abc.ABC):
 
     def examples(self, name: str, class_id: int) -> list[ExampleRow]:
         """A class's examples (images and embeddings) in the order they were added (one read)."""
-        q = "SELECT digest, media_type, data, embedding FROM examples WHERE label_set = ? AND class_id = ? ORDER BY seq"
+        q = (
+            "SELECT digest, media_type, data, embedding, space FROM examples WHERE label_set = ? AND class_id = ? "
+            "ORDER BY seq"
+        )
         with self.read() as db:
             rows = db.execute(self._sql(q), (name, class_id)).fetchall()
-        return [ExampleRow(str(r[0]), str(r[1]), bytes(r[2]), np.frombuffer(bytes(r[3]), dtype="<f4")) for r in rows]
+        return [
+            ExampleRow(str(r[0]), str(r[1]), bytes(r[2]), np.frombuffer(bytes(r[3]), dtype="<f4"), str(r[4]))
+            for r in rows
+        ]
+
+    def put_example_embeddings(self, db: Tx, name: str, class_id: int, embeddings: dict[str, np.ndarray]) -> int:
+        """Store this space's embeddings of a class's kept examples (digest -> [D]), re-embedded after a
+        model change, in place of the other space's (an example keeps one embedding: the last space's).
+        Examples gone meanwhile are left out; returns how many were stored."""
+        q = "UPDATE examples SET space = ?, embedding = ? WHERE label_set = ? AND class_id = ? AND digest = ?"
+        done = 0
+        for digest, vec in embeddings.items():
+            cur = db.execute(self._sql(q), (self.space, self._text_blob(vec), name, class_id, digest))
+            done += max(int(cur.rowcount), 0)
+        return done
 
     def example_counts(self, name: str) -> dict[int, int]:
         """Class id -> number of stored examples (classes without examples are absent)."""
