@@ -19,7 +19,7 @@ from starlette.datastructures import FormData
 from service.curator import NO_DEADLINE
 from service.deps import ApiKeyDep, ServicesDep
 from service.errors import InvalidInput, UnsupportedMediaType
-from service.examples import Added, ExampleLimits, ExampleWriter, bundle_gap, image_sample
+from service.examples import Added, ExampleLimits, ExampleWriter, bundle_gap, image_sample, near_duplicate_cosine
 from service.images import EncodedImage, read_uploads
 from service.names import clean_names, clean_templates
 from service.routes.quality import quality_out
@@ -60,13 +60,16 @@ async def get_writer(request: Request, services: ServicesDep) -> ExampleWriter:
     if held is not None and held[0] is services.bundle and held[1] is services.registry:
         return held[2]
     vectors = [v.float().numpy() for v in services.bundle.class_vectors.values()]
-    gap = bundle_gap(vectors, image_sample(services.bundle))
+    sample = image_sample(services.bundle)
+    gap = bundle_gap(vectors, sample)
     text = services.text
 
     async def encode_names(names: list[str], templates: list[str] | None) -> np.ndarray:
         return await text.encode(names, templates, urgent=True, timeout_s=NO_DEADLINE)  # as the curator's
 
-    writer = ExampleWriter(services.classifier, services.registry, gap, encode_names, LIMITS, services.curator.gate)
+    near = near_duplicate_cosine(sample)
+    gate = services.curator.gate
+    writer = ExampleWriter(services.classifier, services.registry, gap, encode_names, LIMITS, gate, near)
     request.app.state.example_writer = (services.bundle, services.registry, writer)
     return writer
 
