@@ -92,6 +92,19 @@ def accuracy_of_scores(scores: np.ndarray, classes: list[int], labels: np.ndarra
     return 100.0 * float((pred == labels[mask]).mean())
 
 
+def named_to_examples(
+    vectors: np.ndarray, n_named: int, emb: np.ndarray, labels: np.ndarray, named: list[int]
+) -> float:
+    """% of the named classes' images whose top-1 is an example class (rows ``n_named:`` of ``vectors``)."""
+    return 100.0 * float(((emb[np.isin(labels, named)] @ vectors.T).argmax(1) >= n_named).mean())
+
+
+def score_spread(vectors: np.ndarray, sample: np.ndarray) -> dict[str, float]:
+    """Mean over class vectors [C, D] of the mean and the standard deviation of their sample cosines."""
+    scores = sample @ np.asarray(vectors, dtype=np.float64).T  # [M, C]
+    return {"mean": float(scores.mean(0).mean()), "std": float(scores.std(0).mean())}
+
+
 def score_references(vectors: np.ndarray, sample: np.ndarray, test_emb: np.ndarray) -> dict[str, np.ndarray]:
     """Test scores [N, C] of the class vectors [C, D] under per-class corrections from the sample [M, D]."""
     raw, cohort = test_emb @ vectors.T, sample @ vectors.T  # [N, C], [M, C]
@@ -150,7 +163,10 @@ def run_example_classes(out: str | Path, cfg: ExampleClassesCfg) -> dict[str, An
         "all_by_name": {
             "example_classes": accuracy(text, everyone, test_emb, test_y, by_example),
             "named_classes": accuracy(text, everyone, test_emb, test_y, named),
+            "named_to_examples": named_to_examples(text, half, test_emb, test_y, named),
         },
+        # why: the sample cosines of the text vectors (named and example classes) vs the prototypes' (below)
+        "text_scores": {"named": score_spread(text[named], sample), "examples": score_spread(text[by_example], sample)},
         "shots": {},
     }
     for k in cfg.shots:
@@ -168,6 +184,12 @@ def run_example_classes(out: str | Path, cfg: ExampleClassesCfg) -> dict[str, An
                     r = runs.setdefault(label, {"example_classes": [], "named_classes": []})
                     r["example_classes"].append(accuracy(mixed, everyone, test_emb, test_y, by_example))
                     r["named_classes"].append(accuracy(mixed, everyone, test_emb, test_y, named))
+                    r.setdefault("named_to_examples", []).append(
+                        named_to_examples(mixed, half, test_emb, test_y, named)
+                    )
+                    spread = score_spread(np.stack(vecs), sample)
+                    r.setdefault("sample_score_std", []).append(spread["std"])
+                    r.setdefault("sample_score_mean", []).append(spread["mean"])
                 if mode == "centroid":
                     mixed = np.concatenate([text[named], np.stack(protos)])
                     for label, scores in score_references(mixed, sample, test_emb).items():
@@ -197,4 +219,23 @@ def format_table(r: dict[str, Any]) -> str:
         for mode, v in modes.items():
             e, n = v["example_classes"], v["named_classes"]
             lines.append(f"| {k} | {mode} | {e['mean']:.2f} ± {e['std']:.2f} | {n['mean']:.2f} ± {n['std']:.2f} |")
+    if "text_scores" in r:
+        t = r["text_scores"]
+        lines += [
+            "",
+            f"Why (sample cosines, mean over classes): named text vectors mean {t['named']['mean']:.4f} / std "
+            f"{t['named']['std']:.4f}; example classes' text vectors {t['examples']['mean']:.4f} / "
+            f"{t['examples']['std']:.4f}; all by name, named images to example classes "
+            f"{ref['named_to_examples']:.1f} %",
+            "",
+            "| examples | class vector | sample cosine mean | sample cosine std | named images -> example classes % |",
+            "|---|---|---|---|---|",
+        ]
+        for k, modes in r["shots"].items():
+            for mode, v in modes.items():
+                if "sample_score_std" in v and not mode.startswith("name+"):
+                    lines.append(
+                        f"| {k} | {mode} | {v['sample_score_mean']['mean']:.4f} | {v['sample_score_std']['mean']:.4f} "
+                        f"| {v['named_to_examples']['mean']:.1f} |"
+                    )
     return "\n".join(lines) + "\n"
