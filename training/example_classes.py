@@ -159,6 +159,8 @@ def run_example_classes(out: str | Path, cfg: ExampleClassesCfg) -> dict[str, An
         },
         "sample": sample_source,
         "gap_norm": float(np.linalg.norm(liang.shift)),
+        # how far the sample's image centroid (the gap's estimate) is from the test images' own
+        "centroid_error": float(np.linalg.norm(normalise(test_emb).mean(0) - normalise(sample).mean(0))),
         "named_alone": accuracy(text[named], named, test_emb, test_y, named),
         "all_by_name": {
             "example_classes": accuracy(text, everyone, test_emb, test_y, by_example),
@@ -210,7 +212,8 @@ def format_table(r: dict[str, Any]) -> str:
     lines = [
         f"named classes alone (before): {r['named_alone']:.2f} %; all classes by name: example classes "
         f"{ref['example_classes']:.2f} %, named classes {ref['named_classes']:.2f} %; |gap| {r['gap_norm']:.3f}; "
-        f"in-domain sample: {r.get('sample', 'unlabeled train images')}",
+        f"in-domain sample: {r.get('sample', 'unlabeled train images')}"
+        + (f"; |test image centroid - sample's| {r['centroid_error']:.3f}" if "centroid_error" in r else ""),
         "",
         "| examples per class | class vector | example classes top-1 % | named classes top-1 % |",
         "|---|---|---|---|",
