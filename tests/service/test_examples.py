@@ -296,7 +296,11 @@ def test_examples_embedded_by_another_model_are_embedded_again(shared_server: An
         more = http.post(f"/v1/label-sets/ex6/classes/{cid}/examples", json={"examples": [b64(imgs[2])]})
         assert more.status_code == 201, more.text
     want = image_prototype(embed(server, imgs), no_gap(server))  # the kept PNGs are the uploads' pixels
-    np.testing.assert_allclose(vector_of(server, "ex6", more.json()["classes"][0]["id"]), want, atol=1e-5)
+    new_id = more.json()["classes"][0]["id"]
+    np.testing.assert_allclose(vector_of(server, "ex6", new_id), want, atol=1e-5)
+    rows = store.examples("ex6", new_id)  # the two embedded again were written back in this space
+    assert [e.space for e in rows] == [store.space] * 3
+    np.testing.assert_allclose(np.stack([e.embedding for e in rows]), embed(server, imgs), atol=1e-5)
 
 
 def test_example_classes_get_the_quality_check(shared_server: Any, photos: list[Any]) -> None:
