@@ -107,6 +107,11 @@ class Engine(Generic[Item]):
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done() and not self._closing
 
+    def seed_rate(self, seconds_per_cost: float) -> None:
+        """A first measured rate (a warm-up), so the first normal batch is already sized to ``target_batch_s``."""
+        if self._seconds_per_cost is None and seconds_per_cost > 0:
+            self._seconds_per_cost = seconds_per_cost
+
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.cfg.tower}-engine")
 
@@ -175,13 +180,28 @@ class Engine(Generic[Item]):
         deadline: float,
         is_disconnected: Callable[[], Awaitable[bool]] | None,
     ) -> None:
+        if not futures:
+            return
         loop = asyncio.get_running_loop()
+        # one future for all items, so each poll costs O(1), not one callback per item (a 5,000-name
+        # add polled with asyncio.wait(futures) spent most of its time on the event loop, not encoding)
+        all_done: asyncio.Future[None] = loop.create_future()
+        left = len(futures)
+
+        def one_done(_: asyncio.Future[np.ndarray]) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0 and not all_done.done():
+                all_done.set_result(None)
+
+        for f in futures:
+            f.add_done_callback(one_done)
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise DeadlineExceeded(f"the request's deadline passed before the {self.cfg.tower} encoder reached it")
-            _, pending = await asyncio.wait(futures, timeout=min(POLL_S, remaining))
-            if not pending:
+            done, _ = await asyncio.wait([all_done], timeout=min(POLL_S, remaining))
+            if done:
                 return
             if is_disconnected is not None and await is_disconnected():
                 raise ClientGone("client disconnected; its queued work was dropped")

@@ -15,6 +15,7 @@ touches it.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from service.errors import InvalidInput, NoTextSide
 ANONYMOUS_BATCH_S = 0.03  # an anonymous batch takes about this long, so a write waits about that much
 MAX_BATCH_PROMPTS = 256  # forward-pass rows per batch at most (what one exporter forward pass takes)
 CACHE_SIZE = 4096  # encoded candidate labels kept (LRU)
+WARM_UP_ROWS = 32  # forward-pass rows timed at start-up: the text engine's first rate estimate
 QUEUED_REQUESTS = 4  # the anonymous queue holds this many maximal candidate-label requests (then 429)
 Disconnected = Callable[[], Awaitable[bool]]
 
@@ -67,6 +69,19 @@ class TextTower:
         self.engine: Engine[Prompt] = Engine(self._encode_batch, cfg, hooks, collate=list)
         self._cache_lock = threading.Lock()
         self._cache: OrderedDict[tuple[tuple[str, ...], str], np.ndarray] = OrderedDict()
+
+    def warm_up(self) -> float:
+        """Time one forward pass at start-up and give the engine its rate, so that the first anonymous
+        batch is already sized to ``ANONYMOUS_BATCH_S`` (not the maximum, which on a big text side would
+        hold a write, or run on for clients that left, for seconds). Not counted in ``calls``."""
+        if self.side is None:
+            return 0.0
+        names = ["a warm-up"] * max(1, WARM_UP_ROWS // self._per_name(None))
+        start = time.perf_counter()
+        self.side.class_vectors(names, None)
+        seconds = time.perf_counter() - start
+        self.engine.seed_rate(seconds / self.prompts(len(names), None))
+        return seconds
 
     @property
     def available(self) -> bool:
