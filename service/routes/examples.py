@@ -6,6 +6,7 @@ examples to :class:`service.examples.ExampleWriter`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -61,13 +62,15 @@ async def get_writer(request: Request, services: ServicesDep) -> ExampleWriter:
         return held[2]
     vectors = [v.float().numpy() for v in services.bundle.class_vectors.values()]
     sample = image_sample(services.bundle)
-    gap = bundle_gap(vectors, sample)
+    # off the event loop: with a sample, both read it against itself / the shipped class vectors (~1e9 mult-adds)
+    gap, near = await asyncio.gather(
+        asyncio.to_thread(bundle_gap, vectors, sample), asyncio.to_thread(near_duplicate_cosine, sample)
+    )
     text = services.text
 
     async def encode_names(names: list[str], templates: list[str] | None) -> np.ndarray:
         return await text.encode(names, templates, urgent=True, timeout_s=NO_DEADLINE)  # as the curator's
 
-    near = near_duplicate_cosine(sample)
     gate = services.curator.gate
     writer = ExampleWriter(services.classifier, services.registry, gap, encode_names, LIMITS, gate, near)
     request.app.state.example_writer = (services.bundle, services.registry, writer)
