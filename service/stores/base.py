@@ -16,7 +16,8 @@ A class row never changes under its id (replicas cache rows by id and read only 
 a change to a class's vector (examples added) replaces the row by a new id with the same name, in the
 same transaction, and its examples move with it. Examples (the re-encoded images a class was made
 from, kept so that another model can re-embed them) live in their own table, keyed by
-(set, class id, seq), each with its embedding and the space of that embedding; ``text_vectors`` holds,
+(set, class id, seq), each with one embedding and the space of that embedding (a model that
+re-embeds it writes its own in place: ``put_example_embeddings``); ``text_vectors`` holds,
 per space, the name's own vector of a class that mixes a name and examples. All are added, moved and
 deleted in the transaction that changes their class.
 
