@@ -4,8 +4,10 @@ Only two things run the text encoder: label-set writes (creating a set, adding c
 curator sends them *urgent*), and anonymous requests that bring their own candidate labels or ask
 for text embeddings. Both go through a second :class:`service.engine.Engine`, so anonymous text work
 gets what images get (the request's deadline, dropped when its client leaves, drain on SIGTERM, a
-bounded queue with 429 + Retry-After, batching across requests) and a write waits for at most the
-one anonymous batch running when it arrives (normal batches are sized to take about
+bounded queue with 429 + Retry-After, batching across requests), plus one thing images do not: a
+running batch stops at its next transformer block once every request it serves has gone (a forward
+pre-hook installed here, so clients that leave cost at most one block). A write waits for at most
+the one anonymous batch running when it arrives (normal batches are sized to take about
 ``ANONYMOUS_BATCH_S``). Recently encoded candidate labels come from an LRU cache.
 
 ``calls`` counts encoder invocations so tests (and /metrics) can prove the query path never
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.towers import TextSide
-from service.engine import Engine, EngineCfg, EngineHooks
+from service.engine import Abandoned, Engine, EngineCfg, EngineHooks
 from service.errors import InvalidInput, NoTextSide
 
 ANONYMOUS_BATCH_S = 0.03  # an anonymous batch takes about this long, so a write waits about that much
@@ -67,8 +69,15 @@ class TextTower:
             tower="text",
         )
         self.engine: Engine[Prompt] = Engine(self._encode_batch, cfg, hooks, collate=list)
+        if side is not None:  # a batch every client of which has left stops at the next transformer block
+            for block in side.encoder.clip.transformer.resblocks:
+                block.register_forward_pre_hook(self._stop_if_abandoned)
         self._cache_lock = threading.Lock()
         self._cache: OrderedDict[tuple[tuple[str, ...], str], np.ndarray] = OrderedDict()
+
+    def _stop_if_abandoned(self, _module: object, _args: object) -> None:
+        if self.engine.abandoned.is_set():
+            raise Abandoned("every request of this text batch has gone")
 
     def warm_up(self) -> float:
         """Time one forward pass at start-up and give the engine its rate, so that the first anonymous
