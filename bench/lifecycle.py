@@ -48,7 +48,7 @@ from bench.rolling import rolling_part
 
 log = logging.getLogger(__name__)
 PARTS = ("reload", "migrate", "roundtrip", "rates", "rolling")
-RATES = {"tiny": (str(TINY_CONFIG), 100_000), "ViT-B-32": ("ViT-B-32", 2_000)}  # arch -> (config, names)
+RATES = {"tiny": (str(TINY_CONFIG), 100_000), "ViT-B-32": ("ViT-B-32", 10_000)}  # arch -> (config, names)
 CLIENTS = 16
 
 
