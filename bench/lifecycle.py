@@ -14,7 +14,8 @@
 * ``roundtrip``: ``promptdistill labelsets export --vectors`` of that database, imported into an
   empty one: identical sets, ids, versions [yes].
 * ``rates``: names re-encoded per second by a new space's text side, for 100k runtime classes
-  (tiny text side) and for a ViT-B/32 text side (open_clip ``ViT-B-32``, random weights): a label
+  (tiny text side) and 10k for a ViT-B/32 text side (open_clip ``ViT-B-32``, random weights; 100k
+  would take about an hour on this 2-core machine at the rate 10k gives): a label
   set of N names with no vector (``labelsets import``) served by a bundle of that space, timed from
   the first batch encoded to the last (bundles with one template: one prompt per name).
 * ``rolling``: 3 replicas on PostgreSQL moved one by one from bundle v1 to v2 (a new space) while a
