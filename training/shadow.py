@@ -123,6 +123,8 @@ def shadow(teacher_dir: Path, serving_dir: Path, candidate_dir: Path, images: Pa
     spaces = {bundle_space(b) for b in (serving, candidate)}
     if len(spaces) != 1:
         raise ValueError(f"the candidate's embedding space differs from the serving bundle's ({sorted(spaces)})")
+    if bundle_space(teacher) not in spaces:  # a student's space is its teacher's (training/distill.py)
+        raise ValueError("the students are not students of this teacher: its embedding space is another one")
     spec = teacher.manifest.label_sets[0]
     vectors = teacher.class_vectors[spec.name].float().numpy()  # [C, D]
     paths, labels = _images(images, [c.name for c in spec.classes])
