@@ -808,6 +808,53 @@ def lifecycle_section(doc: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+def capture_section(doc: dict[str, Any]) -> list[str]:
+    title = "## Distil on your own traffic: capture, promotion (issue 23)"
+    out = [title, "", _conditions(doc), "", f"Bundle: {doc['bundle']}; `python -m bench capture`.", ""]
+    t, f, p = doc.get("throughput"), doc.get("failures"), doc.get("promotion")
+    if t:
+        out += [
+            f"**Classify throughput, capture on vs off** ({t['clients']} closed-loop clients, one distinct 320x240 "
+            f"JPEG per request, {t['rounds']} alternated rounds of {t['window_s'][1]:.0f} s after "
+            f"{t['window_s'][0]:.0f} s warm-up; goal >= 0.95x):",
+            "",
+            "| capture | req/s per round | over off, per round | over off, all rounds | median round | captured "
+            "(skipped: writer behind) | goal |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, c in t["configs"].items():
+            rounds = ", ".join(f"{x:.0f}" for x in c["throughput_rps"])
+            ratios = ", ".join(f"{x:.2f}" for x in c["over_off_rounds"])
+            median = c.get("over_off_median_round", c["over_off"])
+            kept = f"{c['captured_images']:.0f} ({c.get('skipped_writer_behind') or 0:.0f})" if name != "off" else "-"
+            verdict = _verdict(c["over_off"] >= 0.95) if name != "off" else "-"
+            out.append(
+                f"| {name} | {rounds} | {ratios} | **{c['over_off']:.3f}x** | {median:.3f}x | {kept} | {verdict} |"
+            )
+        out.append("")
+    if f:
+        out += [
+            f"**Classify failures while capture cannot write** ({f['clients']} clients, capture rate 1.0; goal 0: "
+            f"{_verdict(f['failed_total'] == 0)}):",
+            "",
+            "| folder | requests | failed | `/readyz` (status: capture check) |",
+            "|---|---|---|---|",
+        ]
+        for name, c in f["cases"].items():
+            out.append(f"| {name} | {c['requests']} | **{c['failed']}** | {c['readyz_status']}: {c['readyz']} |")
+        out.append("")
+    if p:
+        s = p["steps"]
+        out.append(
+            f"- **Promotion under {p['clients']} closed-loop clients** (capture on): `promptdistill shadow` on "
+            f"{p['shadow']['images']} held-out captures, then `promote --url` ({s['promote']['seconds']:.1f} s, exit "
+            f"{s['promote']['rc']}) and `promote --rollback` ({s['rollback']['seconds']:.1f} s, exit "
+            f"{s['rollback']['rc']}) while the clients classify: {p['during']['ok']} requests answered, failed "
+            f"**{p['failed_requests']}** (goal 0: {_verdict(p['failed_requests'] == 0)}); reloads {p['reloads']}."
+        )
+    return [*out, ""]
+
+
 def kept_sections(existing: str) -> list[str]:
     """Sections written by hand (their heading followed by a ``<!-- kept -->`` line) survive a re-render."""
     out: list[str] = []
@@ -833,6 +880,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "lanes": lanes_section,
     "towers": towers_section,
     "lifecycle": lifecycle_section,
+    "capture": capture_section,
 }
 
 
