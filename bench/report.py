@@ -826,8 +826,9 @@ def capture_section(doc: dict[str, Any]) -> list[str]:
             rounds = ", ".join(f"{x:.0f}" for x in c["throughput_rps"])
             ratios = ", ".join(f"{x:.2f}" for x in c["over_off_rounds"])
             median = c.get("over_off_median_round", c["over_off"])
-            kept = f"{c['captured_images']:.0f} ({c.get('skipped_writer_behind') or 0:.0f})" if name != "off" else "-"
-            verdict = _verdict(c["over_off"] >= 0.95) if name != "off" else "-"
+            on = not name.startswith("off")
+            kept = f"{c['captured_images']:.0f} ({c.get('skipped_writer_behind') or 0:.0f})" if on else "-"
+            verdict = _verdict(c["over_off"] >= 0.95) if not name.startswith("off") else "-"
             out.append(
                 f"| {name} | {rounds} | {ratios} | **{c['over_off']:.3f}x** | {median:.3f}x | {kept} | {verdict} |"
             )
@@ -845,12 +846,14 @@ def capture_section(doc: dict[str, Any]) -> list[str]:
         out.append("")
     if p:
         s = p["steps"]
+        within = s.get("within_load", False)
         out.append(
             f"- **Promotion under {p['clients']} closed-loop clients** (capture on): `promptdistill shadow` on "
             f"{p['shadow']['images']} held-out captures, then `promote --url` ({s['promote']['seconds']:.1f} s, exit "
             f"{s['promote']['rc']}) and `promote --rollback` ({s['rollback']['seconds']:.1f} s, exit "
             f"{s['rollback']['rc']}) while the clients classify: {p['during']['ok']} requests answered, failed "
-            f"**{p['failed_requests']}** (goal 0: {_verdict(p['failed_requests'] == 0)}); reloads {p['reloads']}."
+            f"**{p['failed_requests']}** (goal 0: {_verdict(p['failed_requests'] == 0 and within)}); both steps "
+            f"inside the load window: {within}; reloads {p['reloads']}."
         )
     return [*out, ""]
 
