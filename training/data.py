@@ -338,7 +338,8 @@ class CaptureSet:
                 "list_reused_on_resume": self.resumed}  # fmt: skip
 
 
-def _readable(path: Path) -> bool:
+def readable_image(path: Path) -> bool:
+    """Whether ``path`` decodes as an image (all of it read; a JPEG decoded at a fraction of its size)."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (64, 64))  # a JPEG decodes at a fraction of its size: every byte still read
@@ -372,7 +373,7 @@ def capture_set(folder: str | Path, listing: Path, reuse: bool) -> CaptureSet:
     paths: list[Path] = []
     damaged: list[Path] = []
     for p in capture_images(folder, held_out=False):
-        (paths if _readable(p) else damaged).append(p)
+        (paths if readable_image(p) else damaged).append(p)
     if foreign:
         log.warning("capture folder %s: skipped %d foreign files, not <sha[:2]>/<sha>.jpg (first: %s)",
                     folder, len(foreign), foreign[0])  # fmt: skip

@@ -27,6 +27,7 @@ def test_shadow_then_promote_and_roll_back_through_a_live_reload(
     for i, photo in enumerate(photos[:4]):
         (images / ("cat" if i % 2 else "rocket")).mkdir(parents=True, exist_ok=True)
         photo.save(images / ("cat" if i % 2 else "rocket") / f"{i}.png")
+    (images / "rocket" / "damaged.png").write_bytes(b"\x89PNG not really")  # skipped and counted
     link = tmp_path / "current"
     link.symlink_to(tiny_bundle_dir)
     promote = ["promote", "--link", str(link), "--candidate", str(candidate)]
@@ -35,6 +36,7 @@ def test_shadow_then_promote_and_roll_back_through_a_live_reload(
     assert main([*args, "--images", str(images), "--out", str(tmp_path / "shadow.json")]) == 0
     report = json.loads((tmp_path / "shadow.json").read_text())
     assert report["images"] == 4 and report["labelled_images"] == 4 and report["students_disagree"] == 0.0
+    assert report["damaged_skipped"] == 1
     assert report["serving"] == report["candidate"]  # one tower in two packagings: the same answers
     assert load_bundle(candidate).manifest.extra["shadow"]["serving_version"] == bundle_version(load_bundle(link))
     with live(bundle=link, api_key="k") as server:
