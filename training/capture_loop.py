@@ -272,7 +272,11 @@ def _cli(args: Any) -> int:
 
     fields = ("root", "seeds", "train_per_class", "test_per_class", "traffic", "capture_rate")
     raw = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    cfg = CaptureLoopCfg.model_validate(raw | {"fashion": json.loads(args.fashion)})
+    try:
+        cfg = CaptureLoopCfg.model_validate(raw | {"fashion": json.loads(args.fashion)})
+    except ValueError as e:  # json.JSONDecodeError and pydantic's ValidationError are ValueErrors
+        sys.stderr.write(f"promptdistill experiment capture-loop: error: {e}\n")
+        return 2
     summary = run_capture_loop(args.out, cfg)
     sys.stdout.write(format_table(summary["table"], summary["runs"]))
     sys.stdout.write(f"failed requests: {summary['failed_requests']}; wall time: {summary['seconds']:.0f} s\n")
