@@ -213,11 +213,24 @@ def format_table(table: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_capture_loop(out: str | Path, cfg: CaptureLoopCfg | None = None) -> dict[str, Any]:
+def _backbones(cfg: CaptureLoopCfg, out: Path) -> tuple[int, Any, tuple[Any, Any]]:
+    """Image size, the benchmark (train / test subsamples) and the pre-trained (teacher, student) CLIPs
+    (training/fashion.py's, cached in ``out``)."""
     from models.backbone import configured_image_size
     from training.benchmark import load_benchmark
     from training.fashion import STUDENT_CONFIG, TEACHER_CONFIG, pretrained
 
+    fcfg = _fashion_cfg(cfg)
+    size = configured_image_size(str(STUDENT_CONFIG)) or 64
+    data = DataCfg(kind="fashion_mnist", root=cfg.root, subsample_train=cfg.train_per_class,
+                   subsample_test=cfg.test_per_class)  # fmt: skip
+    bench = load_benchmark(data, image_size=size)
+    bbs = (pretrained(TEACHER_CONFIG, bench, fcfg, out / "pretrained-teacher.safetensors", "teacher"),
+           pretrained(STUDENT_CONFIG, bench, fcfg, out / "pretrained-student.safetensors", "student"))  # fmt: skip
+    return size, bench, bbs
+
+
+def run_capture_loop(out: str | Path, cfg: CaptureLoopCfg | None = None) -> dict[str, Any]:
     cfg = cfg or CaptureLoopCfg()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,12 +240,7 @@ def run_capture_loop(out: str | Path, cfg: CaptureLoopCfg | None = None) -> dict
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
     try:
-        size = configured_image_size(str(STUDENT_CONFIG)) or 64
-        data = DataCfg(kind="fashion_mnist", root=cfg.root, subsample_train=cfg.train_per_class,
-                       subsample_test=cfg.test_per_class)  # fmt: skip
-        bench = load_benchmark(data, image_size=size)
-        bbs = (pretrained(TEACHER_CONFIG, bench, fcfg, out / "pretrained-teacher.safetensors", "teacher"),
-               pretrained(STUDENT_CONFIG, bench, fcfg, out / "pretrained-student.safetensors", "student"))  # fmt: skip
+        size, bench, bbs = _backbones(cfg, out)
         traffic = traffic_images(cfg, size, bench.train_items)
         for seed in cfg.seeds:
             runs.append(one_seed(seed, out / f"seed{seed}", cfg, fcfg, bbs, traffic))
@@ -241,6 +249,36 @@ def run_capture_loop(out: str | Path, cfg: CaptureLoopCfg | None = None) -> dict
     finally:
         torch.set_num_threads(threads)
     return _write(out, cfg, runs, time.perf_counter() - t0)
+
+
+def steps_control(out: str | Path) -> dict[str, Any]:
+    """On a finished run's folder: per seed, the first student's config on its own 1,000 images with the
+    epochs scaled by (images after / images before), i.e. about the re-distillation's optimiser steps
+    without the captures. Separates "more in-domain images" from "more steps"; ``DIR/steps_control.json``."""
+    from training.config import load_config
+    from training.distill import DistillRunConfig, run_distill
+
+    out = Path(out)
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = CaptureLoopCfg.model_validate(summary["config"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows: list[dict[str, Any]] = []
+    try:
+        _, _, (_, student_bb) = _backbones(cfg, out)
+        for run in summary["runs"]:
+            d = out / f"seed{run['seed']}"
+            first = load_config(DistillRunConfig, d / "student" / "config.yaml")
+            epochs = round(first.optim.epochs * run["n_unlabeled"]["after"] / run["n_unlabeled"]["before"])
+            ccfg = first.model_copy(update={"out_dir": d / "steps-control",
+                                            "optim": first.optim.model_copy(update={"epochs": epochs})})  # fmt: skip
+            res = run_distill(DistillRunConfig.model_validate(ccfg.model_dump()), student=student_bb)
+            rows.append({"seed": run["seed"], "epochs": epochs, "before": run["before"], "after": run["after"],
+                         "steps_control": _row(res)})  # fmt: skip
+            save_json({"runs": rows}, out / "steps_control.json")
+    finally:
+        torch.set_num_threads(threads)
+    return {"runs": rows}
 
 
 def _write(out: Path, cfg: CaptureLoopCfg, runs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -264,11 +302,21 @@ def register(esub: Any) -> None:
     p.add_argument("--traffic", type=int, help="other train images sent as classify requests (5000)")
     p.add_argument("--capture-rate", type=float, help="the service's capture_rate (1.0)")
     p.add_argument("--fashion", default="{}", help="FashionCfg overrides as JSON, e.g. '{\"distill_epochs\": 5}'")
+    p.add_argument(
+        "--steps-control",
+        action="store_true",
+        help="on a finished --out folder: the first students trained for as many steps, without captures",
+    )
     p.set_defaults(func=_cli)
 
 
 def _cli(args: Any) -> int:
     import sys
+
+    if args.steps_control:
+        for r in steps_control(args.out)["runs"]:
+            sys.stdout.write(f"seed {r['seed']}: {r['epochs']} epochs on the first images: {r['steps_control']}\n")
+        return 0
 
     fields = ("root", "seeds", "train_per_class", "test_per_class", "traffic", "capture_rate")
     raw = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
