@@ -188,6 +188,25 @@ def ort_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def part_run() -> dict[str, Any]:
+    """Which code ran one part of a benchmark whose parts run separately, when, and how loaded the
+    machine was as it started (the renderer prints it beside the part's figures)."""
+    sha = str((git_commit() or {}).get("sha", ""))[:7]
+    return {
+        "commit": sha,
+        "time_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_1m_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def with_part_run(part: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """A kept part from a file written before parts named their own run: the file's commit and time."""
+    if "ran" in part:
+        return part
+    sha = str((doc.get("commit") or {}).get("sha", ""))[:7]
+    return {**part, "ran": {"commit": sha, "time_utc": doc["machine"]["time_utc"], "load_1m_start": None}}
+
+
 def write_result(name: str, payload: dict[str, Any], cfg: BenchCfg) -> Path:
     """``<out_dir>/<name>.json`` with the machine description and the config attached."""
     cfg.out_dir.mkdir(parents=True, exist_ok=True)

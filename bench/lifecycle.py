@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx2
 
-from bench.common import REPO, TINY_CONFIG, BenchCfg, git_commit, real_photos, write_result
+from bench.common import REPO, TINY_CONFIG, BenchCfg, part_run, real_photos, with_part_run, write_result
 from bench.harness import Classify, ServerProcess, Window, closed_loop, metrics
 from bench.hostile import cached_bundle
 from bench.rolling import rolling_part
@@ -295,25 +295,11 @@ def rates_part(tmp: Path, cfg: BenchCfg, previous: dict[str, Any]) -> dict[str, 
         cli = [sys.executable, "-m", "promptdistill", "labelsets", "import", str(file), "--state-dir", str(state)]
         subprocess.run(cli, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         imported = time.perf_counter() - t0
-        ran = _ran()
+        ran = part_run()
         out[arch] = {**_encode_all(bundle, state, n, cfg.threads), "import_seconds": round(imported, 1),
                      "templates": 1, "ran": ran}  # fmt: skip
         log.info("rates %s: %s", arch, out[arch])
     return out
-
-
-def _with_ran(part: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
-    """A kept part from a file written before parts named their own run: the file's commit and time."""
-    if "ran" in part:
-        return part
-    sha = str((doc.get("commit") or {}).get("sha", ""))[:7]
-    return {**part, "ran": {"commit": sha, "time_utc": doc["machine"]["time_utc"], "load_1m_start": None}}
-
-
-def _ran() -> dict[str, Any]:
-    """Which code ran a part, when, and how loaded the machine was as it started."""
-    sha = (git_commit() or {}).get("sha", "")[:7]
-    return {"commit": sha, "time_utc": _now(), "load_1m_start": round(os.getloadavg()[0], 2)}
 
 
 def run(cfg: BenchCfg) -> dict[str, Any]:
@@ -323,7 +309,7 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
     bundle = cached_bundle(str(TINY_CONFIG))
     previous = cfg.out_dir / "lifecycle.json"
     kept = json.loads(previous.read_text()) if previous.is_file() else {}
-    result: dict[str, Any] = {k: _with_ran(v, kept) for k, v in kept.items() if k in PARTS and k not in parts}
+    result: dict[str, Any] = {k: with_part_run(v, kept) for k, v in kept.items() if k in PARTS and k not in parts}
     result["bundle"] = "tiny zero-shot (models/configs/tiny-clip.json)"
     with tempfile.TemporaryDirectory(prefix="pd-bench-lifecycle-") as name:
         tmp = Path(name)
@@ -338,12 +324,8 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
         }
         for part in PARTS:
             if part in parts:
-                ran = _ran()
+                ran = part_run()
                 result[part] = {**runs[part](), "ran": ran}
                 log.info("%s: %s", part, {k: v for k, v in result[part].items() if k not in ("steady", "during_swap")})
     write_result("lifecycle", result, cfg)
     return result
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

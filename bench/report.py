@@ -709,7 +709,8 @@ def towers_section(doc: dict[str, Any]) -> list[str]:
             f"Two `serve` processes on one SQLite database (as `serve --workers 2`, each on its own port). While the "
             f"busy one encodes a {big['names']:,}-name add (x {big['templates']} templates) to set a, set b gets one "
             f"class through the other process, then {n} classify requests on b at once go to the busy one with b's "
-            "new version as `min_version` (it must refresh b); last, one more class for b through the busy process.",
+            "new version as `min_version` (it must refresh b); last, one more class for b through the busy process."
+            + _ran(r),
             "",
             "| while set a's big add encodes | old | new | goal |",
             "|---|---|---|---|",
@@ -776,13 +777,17 @@ def towers_section(doc: dict[str, Any]) -> list[str]:
                 f"{n['labels_dropped_after_disconnect']:.0f} of them after the disconnect was read)."
                 if "labels_dropped_after_disconnect" in n
                 else "."
-            ),
+            )
+            + _ran(d),
             "",
         ]
     if "throughput" in doc:
         t = doc["throughput"]
         orders = "; ".join(", ".join(e["order"]) for e in t["rounds"])
-        out += [f"Classify, one JPEG per request, steady-state windows as `bench peers`; rounds ({orders}).", ""]
+        out += [
+            f"Classify, one JPEG per request, steady-state windows as `bench peers`; rounds ({orders}).{_ran(t)}",
+            "",
+        ]
         out += ["| c | old img/s (median) | new img/s (median) | new / old per round | median | goal >= 0.95x |",
                 "|---|---|---|---|---|---|"]  # fmt: skip
         for i, lv in enumerate(t["systems"]["new"]):
@@ -799,7 +804,7 @@ def towers_section(doc: dict[str, Any]) -> list[str]:
         cells = ", ".join(f"{d}/ {old[d]:,} -> {new[d]:,}" for d in old if d != "total")
         out += [
             f"Lines of Python: {cells}; together {old['total']:,} -> {new['total']:,} "
-            f"({new['total'] - old['total']:+,}).",
+            f"({new['total'] - old['total']:+,}).{_ran(doc['lines'])}",
             "",
         ]
     return out

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, TINY_CONFIG, BenchCfg, write_result
+from bench.common import REPO, TINY_CONFIG, BenchCfg, part_run, with_part_run, write_result
 from bench.harness import Classify, ServerProcess, metrics
 from bench.hostile import cached_bundle
 from bench.http_load import ARCH, jpegs
@@ -317,19 +317,24 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
         for who, repo in checkouts.items():
             if "refresh" in parts:
                 log.info("refresh: %s", who)
-                result.setdefault("refresh", {})[who] = refresh_round(repo, tiny, tmp / f"refresh-{who}", cfg.quick)
+                result.setdefault("refresh", {"ran": part_run()})[who] = refresh_round(
+                    repo, tiny, tmp / f"refresh-{who}", cfg.quick
+                )
                 log.info("  %s", result["refresh"][who])
             if "disconnect" in parts:
                 log.info("disconnect: %s", who)
-                result.setdefault("disconnect", {})[who] = disconnect_round(repo, big, tmp / f"gone-{who}", cfg.quick)
+                result.setdefault("disconnect", {"ran": part_run()})[who] = disconnect_round(
+                    repo, big, tmp / f"gone-{who}", cfg.quick
+                )
                 log.info("  %s", result["disconnect"][who])
         if "throughput" in parts:
-            result["throughput"] = throughput(checkouts, big, tmp, cfg)
+            ran = part_run()
+            result["throughput"] = {**throughput(checkouts, big, tmp, cfg), "ran": ran}
     if "lines" in parts:
-        result["lines"] = {"old": lines(OLD_COMMIT), "new": lines("HEAD")}
+        result["lines"] = {"old": lines(OLD_COMMIT), "new": lines("HEAD"), "ran": part_run()}
     previous = cfg.out_dir / "towers.json"
     if previous.is_file():  # parts not run this time keep their last measurement
         old = json.loads(previous.read_text())
-        result = {**{k: old[k] for k in PARTS if k in old and k not in parts}, **result}
+        result = {**{k: with_part_run(old[k], old) for k in PARTS if k in old and k not in parts}, **result}
     write_result("towers", result, cfg)
     return result
