@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, TINY_CONFIG, BenchCfg, real_photos, write_result
+from bench.common import REPO, TINY_CONFIG, BenchCfg, photo_jpegs, write_result
 from bench.harness import Classify, ServerProcess, Window, closed_loop, metrics
 from bench.hostile import cached_bundle
 from bench.lifecycle import _variant
@@ -48,15 +47,6 @@ log = logging.getLogger(__name__)
 PARTS = ("throughput", "failures", "promotion")
 CLIENTS = 16
 DEFAULT_RATE = 0.1  # service/settings.py's capture_rate default
-
-
-def _photos(n: int) -> list[bytes]:
-    out = []
-    for photo in real_photos()[:n]:
-        buf = io.BytesIO()
-        photo.convert("RGB").resize((320, 240)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 class Distinct(Classify):
@@ -96,7 +86,7 @@ def _capture_state(url: str) -> dict[str, Any]:
 
 
 def throughput_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
-    images = _photos(32)
+    images = photo_jpegs(32, (320, 240))
     rounds = 1 if cfg.quick else 6  # many short rounds: a shared machine's load drifts within minutes
     window = Window(1.0, 2.0) if cfg.quick else Window(2.0, 6.0)
     configs: dict[str, dict[str, Any]] = {
@@ -165,7 +155,7 @@ def _failure_case(
 
 
 def failures_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
-    images = _photos(16)
+    images = photo_jpegs(16, (320, 240))
     cases: dict[str, Any] = {}
     ro = tmp / "read-only"
     ro.mkdir()
@@ -200,7 +190,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def promotion_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
-    images = _photos(32)
+    images = photo_jpegs(32, (320, 240))
     link = tmp / "current"
     link.symlink_to(bundle)
     candidate = _variant(bundle, tmp / "candidate", other_space=False)

@@ -145,6 +145,18 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def photo_jpegs(n: int | None = None, size: tuple[int, int] | None = None, mirror: bool = True) -> list[bytes]:
+    """The first ``n`` real photos (all: None) as JPEG (quality 90), resized to ``size`` (None: as shipped)."""
+    import io
+
+    out = []
+    for photo in real_photos(mirror=mirror)[:n]:
+        buf = io.BytesIO()
+        (photo.convert("RGB") if size is None else photo.convert("RGB").resize(size)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
 def real_photos(mirror: bool = True) -> list[Any]:
     """Real photographs shipped in scikit-learn / scikit-image (PIL RGB), plus their mirror images."""
     from PIL import Image, ImageOps

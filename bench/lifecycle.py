@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx2
 
-from bench.common import REPO, TINY_CONFIG, BenchCfg, part_run, real_photos, with_part_run, write_result
+from bench.common import REPO, TINY_CONFIG, BenchCfg, part_run, photo_jpegs, with_part_run, write_result
 from bench.harness import Classify, ServerProcess, Window, closed_loop, metrics
 from bench.hostile import cached_bundle
 from bench.rolling import rolling_part
@@ -74,22 +74,11 @@ def _variant(bundle: Path, dest: Path, *, other_space: bool) -> Path:
     return dest
 
 
-def _jpegs(n: int) -> list[bytes]:
-    import io
-
-    out = []
-    for photo in real_photos()[:n]:
-        buf = io.BytesIO()
-        photo.convert("RGB").resize((320, 240)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 def reload_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
     link = tmp / "current"
     link.symlink_to(bundle)
     variant = _variant(bundle, tmp / "same-space", other_space=False)
-    images = _jpegs(8)
+    images = photo_jpegs(8, (320, 240))
     steady_s, swap_s = (3.0, 6.0) if cfg.quick else (10.0, 15.0)
     ready_codes: list[int] = []
     stop = threading.Event()
@@ -319,7 +308,11 @@ def run(cfg: BenchCfg) -> dict[str, Any]:
             "roundtrip": lambda: roundtrip_part(tmp),
             "rates": lambda: rates_part(tmp, cfg, kept.get("rates", {})),
             "rolling": lambda: rolling_part(
-                bundle, _variant(bundle, tmp / "rolling-v2", other_space=True), _jpegs(1)[0], tmp, cfg.quick
+                bundle,
+                _variant(bundle, tmp / "rolling-v2", other_space=True),
+                photo_jpegs(1, (320, 240))[0],
+                tmp,
+                cfg.quick,
             ),
         }
         for part in PARTS:
