@@ -21,7 +21,7 @@ from bench.common import RESULTS, BenchCfg
 QUICK_OUT = Path(tempfile.gettempdir()) / "promptdistill-bench-quick"
 BENCHES = ("encoders", "labelsets", "http_load", "payoff", "preprocess", "server", "hostile", "admission", "fairness")
 # not in ``all``: peers installs its own virtualenv, gpu needs CUDA, towers runs an older commit beside this one
-EXTRA = ("peers", "gpu", "towers", "lifecycle")
+EXTRA = ("peers", "gpu", "towers", "lifecycle", "capture")
 
 
 def main(argv: list[str] | None = None) -> int:

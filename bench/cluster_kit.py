@@ -89,12 +89,14 @@ class PostgresServer:
             self.stop()
 
 
-def replica(bundle: Path, state_dir: Path, database_url: str | None, *extra: str, **env: str) -> ServerProcess:
+def replica(
+    bundle: Path, state_dir: Path, database_url: str | None, *extra: str, port: int | None = None, **env: str
+) -> ServerProcess:
     """One ``promptdistill serve`` process (not started) with its own state dir, on ``database_url``
-    (None: its own SQLite file)."""
+    (None: its own SQLite file); ``port``: a given one (a replica restarted in place), else a free one."""
     if database_url:
         env["PROMPTDISTILL_DATABASE_URL"] = database_url
-    return ServerProcess.serve(bundle, state_dir, *extra, env=env)
+    return ServerProcess.serve(bundle, state_dir, *extra, env=env, port=port)
 
 
 def start_replicas(replicas: list[ServerProcess], timeout_s: float = 180.0) -> None:

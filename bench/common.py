@@ -145,6 +145,18 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def photo_jpegs(n: int | None = None, size: tuple[int, int] | None = None, mirror: bool = True) -> list[bytes]:
+    """The first ``n`` real photos (all: None) as JPEG (quality 90), resized to ``size`` (None: as shipped)."""
+    import io
+
+    out = []
+    for photo in real_photos(mirror=mirror)[:n]:
+        buf = io.BytesIO()
+        (photo.convert("RGB") if size is None else photo.convert("RGB").resize(size)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
 def real_photos(mirror: bool = True) -> list[Any]:
     """Real photographs shipped in scikit-learn / scikit-image (PIL RGB), plus their mirror images."""
     from PIL import Image, ImageOps
@@ -186,6 +198,25 @@ def ort_session(path: Path, threads: int) -> Any:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def part_run() -> dict[str, Any]:
+    """Which code ran one part of a benchmark whose parts run separately, when, and how loaded the
+    machine was as it started (the renderer prints it beside the part's figures)."""
+    sha = str((git_commit() or {}).get("sha", ""))[:7]
+    return {
+        "commit": sha,
+        "time_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_1m_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def with_part_run(part: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """A kept part from a file written before parts named their own run: the file's commit and time."""
+    if "ran" in part:
+        return part
+    sha = str((doc.get("commit") or {}).get("sha", ""))[:7]
+    return {**part, "ran": {"commit": sha, "time_utc": doc["machine"]["time_utc"], "load_1m_start": None}}
 
 
 def write_result(name: str, payload: dict[str, Any], cfg: BenchCfg) -> Path:

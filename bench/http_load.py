@@ -10,7 +10,6 @@ cores, so the ratio is a lower bound of what a dedicated server achieves.
 
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
 from functools import partial
@@ -19,7 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import TINY_CONFIG, BenchCfg, ort_session, real_photos, save_figure, time_call, write_result
+from bench.common import (
+    TINY_CONFIG,
+    BenchCfg,
+    ort_session,
+    photo_jpegs,
+    real_photos,
+    save_figure,
+    time_call,
+    write_result,
+)
 from bench.harness import Classify, ServerProcess, closed_loop
 
 log = logging.getLogger(__name__)
@@ -43,12 +51,7 @@ def build_bundle(arch: str, out: Path) -> Path:
 
 def jpegs() -> list[bytes]:
     """The real photos as JPEG (quality 90), one request's image each."""
-    out = []
-    for photo in real_photos(mirror=False):
-        buf = io.BytesIO()
-        photo.save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+    return photo_jpegs(mirror=False)
 
 
 def raw_encoder(onnx_path: Path, pixels: np.ndarray, cfg: BenchCfg) -> dict[str, float]:

@@ -13,6 +13,14 @@
   against one batch per kill [<= 64 per kill].
 * ``roundtrip``: ``promptdistill labelsets export --vectors`` of that database, imported into an
   empty one: identical sets, ids, versions [yes].
+* ``rates``: names re-encoded per second by a new space's text side, for 100k runtime classes
+  (tiny text side) and 10k for a ViT-B/32 text side (open_clip ``ViT-B-32``, random weights; 100k
+  would take about an hour on this 2-core machine at the rate 10k gives): a label
+  set of N names with no vector (``labelsets import``) served by a bundle of that space, timed from
+  the first batch encoded to the last (bundles with one template: one prompt per name).
+* ``rolling``: 3 replicas on PostgreSQL moved one by one from bundle v1 to v2 (a new space) while a
+  writer adds and removes classes and readers classify with ``min_version`` (bench/rolling.py):
+  classes lost [0], 5xx [0], read-your-writes violations [0].
 
 ``BENCH_LIFECYCLE_PARTS=reload,migrate`` runs some parts. ``--quick``: tiny sizes.
 """
@@ -34,19 +42,26 @@ from typing import Any
 
 import httpx2
 
-from bench.common import REPO, TINY_CONFIG, BenchCfg, real_photos, write_result
+from bench.common import REPO, TINY_CONFIG, BenchCfg, part_run, photo_jpegs, with_part_run, write_result
 from bench.harness import Classify, ServerProcess, Window, closed_loop, metrics
 from bench.hostile import cached_bundle
+from bench.rolling import rolling_part
 
 log = logging.getLogger(__name__)
-PARTS = ("reload", "migrate", "roundtrip")
+PARTS = ("reload", "migrate", "roundtrip", "rates", "rolling")
+RATES = {"tiny": (str(TINY_CONFIG), 100_000), "ViT-B-32": ("ViT-B-32", 10_000)}  # arch -> (config, names)
 CLIENTS = 16
 
 
 def _variant(bundle: Path, dest: Path, *, other_space: bool) -> Path:
-    """The same tower without its ONNX graph (same space), or with another text side (another space)."""
-    shutil.copytree(bundle, dest)
-    manifest = json.loads((dest / "manifest.json").read_text())
+    """The same tower without its ONNX graph (same space), or with another text side (another space).
+
+    Files are linked, not copied (a ViT-B/32 bundle is hundreds of MB); only the manifest differs."""
+    dest.mkdir(parents=True)
+    for entry in bundle.iterdir():
+        if entry.name != "manifest.json":
+            (dest / entry.name).symlink_to(entry.resolve())
+    manifest = json.loads((bundle / "manifest.json").read_text())
     if other_space:
         manifest["text_encoder"]["templates"] = ["a {}."]
     else:
@@ -59,22 +74,11 @@ def _variant(bundle: Path, dest: Path, *, other_space: bool) -> Path:
     return dest
 
 
-def _jpegs(n: int) -> list[bytes]:
-    import io
-
-    out = []
-    for photo in real_photos()[:n]:
-        buf = io.BytesIO()
-        photo.convert("RGB").resize((320, 240)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 def reload_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
     link = tmp / "current"
     link.symlink_to(bundle)
     variant = _variant(bundle, tmp / "same-space", other_space=False)
-    images = _jpegs(8)
+    images = photo_jpegs(8, (320, 240))
     steady_s, swap_s = (3.0, 6.0) if cfg.quick else (10.0, 15.0)
     ready_codes: list[int] = []
     stop = threading.Event()
@@ -225,20 +229,96 @@ def roundtrip_part(tmp: Path) -> dict[str, Any]:
     return {"lines": len(a), "identical": a == b}
 
 
+def _names_only(path: Path, n: int) -> None:
+    """A labelsets export of one set of ``n`` runtime classes and no vectors (what a new space starts from)."""
+    from service.labelsets_io import FORMAT_VERSION, ClassLine, Header, SetLine
+
+    stamp = "2026-12-01T00:00:00+00:00"
+    with path.open("w", encoding="utf-8") as out:
+        out.write(Header(kind="header", version=FORMAT_VERSION, exported_at=stamp, clock=1).model_dump_json() + "\n")
+        out.write(SetLine(kind="set", name="runtime", version=1, next_id=n, created_at=stamp).model_dump_json() + "\n")
+        for i, name in enumerate(_names(n)):
+            line = ClassLine(kind="class", set="runtime", id=i, name=name, provenance="runtime", created_at=stamp)
+            out.write(line.model_dump_json(exclude_defaults=True) + "\n")
+
+
+def _encode_all(bundle: Path, state: Path, n: int, threads: int) -> dict[str, Any]:
+    """Serve ``state`` with ``bundle`` until no class lacks a vector; the encoding rate from the metrics."""
+    server = ServerProcess.serve(bundle, state, threads=threads).start()
+    try:
+        _wait_live(server)
+        first: tuple[float, float] | None = None
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            count, now = _names_encoded(server), time.monotonic()
+            if first is None and count > 0:
+                first = (now, count)
+            ready = httpx2.get(server.url + "/readyz", timeout=30)
+            if ready.status_code == 200 and "vectors" not in ready.json()["checks"] and count >= n:
+                break
+            time.sleep(0.1)
+        else:
+            raise TimeoutError(f"{n} names not encoded within an hour:\n{server.output()}")
+        assert first is not None
+        done = _names_encoded(server)
+        with server.client() as client:
+            served = sum(1 for _ in client.iter_classes("runtime"))
+    finally:
+        server.stop()
+    seconds = max(now - first[0], 0.1)  # a quick run can finish between two polls
+    return {"names": n, "served": served, "seconds": round(seconds, 1), "names_per_s": (done - first[1]) / seconds}
+
+
+def rates_part(tmp: Path, cfg: BenchCfg, previous: dict[str, Any]) -> dict[str, Any]:
+    """``BENCH_LIFECYCLE_RATES=tiny`` measures some text sides; the others keep their last figures."""
+    arches = os.environ.get("BENCH_LIFECYCLE_RATES", ",".join(RATES)).split(",")
+    kept = {k: v for k, v in previous.items() if k in RATES and k not in arches}
+    out: dict[str, Any] = {k: {"ran": previous.get("ran"), **v} for k, v in kept.items()}  # its own run's info
+    for arch in arches:
+        config, n = RATES[arch]
+        n = 500 if cfg.quick else n
+        bundle = _variant(cached_bundle(config), tmp / f"rates-{arch}", other_space=True)  # one template
+        state, file = tmp / f"rates-{arch}-state", tmp / f"rates-{arch}.jsonl"
+        _names_only(file, n)
+        t0 = time.perf_counter()
+        cli = [sys.executable, "-m", "promptdistill", "labelsets", "import", str(file), "--state-dir", str(state)]
+        subprocess.run(cli, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        imported = time.perf_counter() - t0
+        ran = part_run()
+        out[arch] = {**_encode_all(bundle, state, n, cfg.threads), "import_seconds": round(imported, 1),
+                     "templates": 1, "ran": ran}  # fmt: skip
+        log.info("rates %s: %s", arch, out[arch])
+    return out
+
+
 def run(cfg: BenchCfg) -> dict[str, Any]:
+    """The parts in BENCH_LIFECYCLE_PARTS; parts not run keep their figures from the last result file
+    (each part records the commit, time and load it ran at)."""
     parts = os.environ.get("BENCH_LIFECYCLE_PARTS", ",".join(PARTS)).split(",")
     bundle = cached_bundle(str(TINY_CONFIG))
-    result: dict[str, Any] = {"bundle": "tiny zero-shot (models/configs/tiny-clip.json)"}
+    previous = cfg.out_dir / "lifecycle.json"
+    kept = json.loads(previous.read_text()) if previous.is_file() else {}
+    result: dict[str, Any] = {k: with_part_run(v, kept) for k, v in kept.items() if k in PARTS and k not in parts}
+    result["bundle"] = "tiny zero-shot (models/configs/tiny-clip.json)"
     with tempfile.TemporaryDirectory(prefix="pd-bench-lifecycle-") as name:
         tmp = Path(name)
-        if "reload" in parts:
-            result["reload"] = reload_part(bundle, tmp, cfg)
-            log.info("reload: %s", {k: v for k, v in result["reload"].items() if k not in ("steady", "during_swap")})
-        if "migrate" in parts:
-            result["migrate"] = migrate_part(bundle, tmp, cfg)
-            log.info("migrate: %s", result["migrate"])
-        if "roundtrip" in parts:
-            result["roundtrip"] = roundtrip_part(tmp)
-            log.info("roundtrip: %s", result["roundtrip"])
+        runs: dict[str, Any] = {
+            "reload": lambda: reload_part(bundle, tmp, cfg),
+            "migrate": lambda: migrate_part(bundle, tmp, cfg),
+            "roundtrip": lambda: roundtrip_part(tmp),
+            "rates": lambda: rates_part(tmp, cfg, kept.get("rates", {})),
+            "rolling": lambda: rolling_part(
+                bundle,
+                _variant(bundle, tmp / "rolling-v2", other_space=True),
+                photo_jpegs(1, (320, 240))[0],
+                tmp,
+                cfg.quick,
+            ),
+        }
+        for part in PARTS:
+            if part in parts:
+                ran = part_run()
+                result[part] = {**runs[part](), "ran": ran}
+                log.info("%s: %s", part, {k: v for k, v in result[part].items() if k not in ("steady", "during_swap")})
     write_result("lifecycle", result, cfg)
     return result

@@ -17,6 +17,17 @@ tower and text side, as the service would for a label set created and grown at r
 3. **Duplicate flag**: every class of the 10-class set added again under a case or punctuation
    variant of its name (flag rate), and the other 5 classes added one by one to the 5-class set
    (false flags).
+4. **Why a calibrated point misses** (``diagnosis``, cosine): the benchmark's labeled train split (the
+   images the bundle's sample was drawn from) stands in for the sample with its labels known. The
+   service's weighting on it (the weight it gives images of the set's classes and of the others),
+   the threshold with the true labels as weights ("oracle": what a perfect posterior would give),
+   the oracle's spread over 200 bootstrap draws of the sample (sample size), and the 5 % quantile of
+   the known images' top-1 cosine on train vs test (distribution shift).
+5. **Near-duplicate examples** (service/examples.py's rule: cosine >= the 99th percentile of the
+   sample's nearest-neighbour cosines): 60 train images each re-encoded (JPEG 90 and 60), halved
+   and restored, and enlarged 1.5x, through the bundle's image tower: the share of variants
+   flagged against their original, and the share of the labeled train images flagged against
+   their nearest *other* train image.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from sklearn.metrics import roc_auc_score
 from models.bundle import Bundle, load_bundle
 from models.towers import build_image_tower, build_text_side
 from service.calibration import Calibrator, ScoreKind, threshold, top1
+from service.examples import near_duplicate_cosine
 from service.index import adhoc_rank
 from service.quality import check_new_classes
 from training.benchmark import Benchmark, digits_benchmark, load_benchmark
@@ -192,10 +204,13 @@ def run(bundle_dir: Path, data: str, per_class: int = 200) -> dict[str, Any]:
     assert text is not None
     names = list(bench.class_names)
     base, novel = list(range(5)), list(range(5, 10))
-    sets = {}
+    pre = bundle.manifest.image_encoder.preprocess.to_config()
+    train = embed(bundle, bench.dataset("train", "all", build_transform(pre, train=False)))
+    sets, why = {}, {}
     for label, known in (("base", base), ("novel", novel)):
         vectors = text.class_vectors([names[i] for i in known]).numpy()
         sets[label] = open_set(cal, emb, labels, vectors, known)
+        why[label] = diagnosis(cal, train, (emb, labels), vectors, known)
     return {
         "bundle": str(bundle_dir),
         "data": data,
@@ -204,11 +219,97 @@ def run(bundle_dir: Path, data: str, per_class: int = 200) -> dict[str, Any]:
         "logit_scale": cal.logit_scale,
         "n_test": len(labels),
         "open_set": sets,
+        "diagnosis": why,
+        "near_duplicates": near_duplicates(bundle, bench, train[0]),
         "growth": {
             "base_first": growth(cal, emb, labels, text, names, base + novel),
             "novel_first": growth(cal, emb, labels, text, names, novel + base),
         },
         "duplicates": duplicates(cal, text, names, base + novel),
+    }
+
+
+def diagnosis(
+    cal: Calibrator,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    vectors: np.ndarray,
+    known: list[int],
+    draws: int = 200,
+) -> dict[str, Any]:
+    """Where a calibrated cosine threshold's error comes from (module docstring, item 4)."""
+    (a, ay), (x, xy) = train, test
+    labelled = Calibrator(a, cal.vocabulary, cal.logit_scale)  # the service's weighting, labels at hand
+    point = labelled.scores_for(lambda q: adhoc_rank(q, vectors, cal.logit_scale, 1))
+    own, is_known = np.isin(ay, known), np.isin(xy, known)
+    sx = scores(x, vectors, cal.logit_scale, "cosine")
+
+    def at(t: float) -> dict[str, float]:
+        return {"threshold": t, "acceptance_known": float((sx[is_known] >= t).mean()),
+                "far_unknown": float((sx[~is_known] >= t).mean())}  # fmt: skip
+
+    rng = np.random.default_rng(0)
+    boot = [
+        float((sx[is_known] >= threshold(point.scores[rng.choice(np.flatnonzero(own), own.sum())], ACCEPT)).mean())
+        for _ in range(draws)
+    ]
+    return {
+        "service_weights": at(point.threshold(ACCEPT)),
+        "oracle_weights": at(threshold(point.scores[own], ACCEPT)),
+        "mean_weight_set_images": float(point.weights[own].mean()),
+        "mean_weight_other_images": float(point.weights[~own].mean()),
+        "oracle_bootstrap_acceptance": {
+            "mean": float(np.mean(boot)),
+            "std": float(np.std(boot)),
+            "rows": int(own.sum()),
+        },
+        "known_top1_q05": {"train": threshold(point.scores[own], ACCEPT), "test": threshold(sx[is_known], ACCEPT)},
+    }
+
+
+def near_duplicates(bundle: Bundle, bench: Benchmark, train_emb: np.ndarray, n: int = 60) -> dict[str, Any]:
+    """Module docstring, item 5: variants of one image flagged vs distinct in-domain images flagged."""
+    import io
+
+    from PIL import Image
+
+    from models.backbone import PreprocessConfig
+
+    def jpeg(im: Image.Image, q: int) -> Image.Image:
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=q)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+    kinds: dict[str, Callable[[Image.Image], Image.Image]] = {
+        "jpeg 90": lambda im: jpeg(im, 90),
+        "jpeg 60": lambda im: jpeg(im, 60),
+        "half size and back": lambda im: im.resize((im.width // 2, im.height // 2)).resize(im.size),
+        "1.5x larger": lambda im: im.resize((im.width * 3 // 2, im.height * 3 // 2)),
+    }
+    pre: PreprocessConfig = bundle.manifest.image_encoder.preprocess.to_config()
+    tf = build_transform(pre, train=False)
+    as_rgb: Any = lambda im: im.convert("RGB")  # noqa: E731  (the dataset's items as pictures, untransformed)
+    pictures: Any = bench.dataset("train", "all", as_rgb)
+    tower = build_image_tower(bundle).eval()
+    near = near_duplicate_cosine(bundle.calibration.float().numpy() if bundle.calibration is not None else None)
+    assert near is not None
+    flagged: dict[str, list[bool]] = {k: [] for k in kinds}
+    with torch.no_grad():
+        for i in range(min(n, len(pictures))):
+            im = pictures[i][0]
+            batch = torch.stack([tf(im)] + [tf(f(im)) for f in kinds.values()])
+            e = torch.nn.functional.normalize(tower(batch).float(), dim=-1).numpy()
+            for k, cos in zip(kinds, e[1:] @ e[0], strict=True):
+                flagged[k].append(bool(cos >= near))
+    unit = train_emb / np.linalg.norm(train_emb, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    np.fill_diagonal(cos, -np.inf)
+    return {
+        "threshold": near,
+        "variants_flagged": {k: float(np.mean(v)) for k, v in flagged.items()},
+        "variants": n,
+        "distinct_flagged": float((cos.max(axis=1) >= near).mean()),
+        "distinct_images": len(unit),
     }
 
 

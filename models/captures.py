@@ -31,8 +31,8 @@ def scan(folder: Path) -> Iterator[Kept]:
     """Every kept image under ``folder`` (files of another shape are not captures and are skipped)."""
     for sub in sorted(folder.glob("??")):
         for f in sorted(sub.glob("*" + SUFFIX)):
-            sha = f.name[: -len(SUFFIX)]
-            if len(sha) == 64 and sha.startswith(sub.name) and all(c in "0123456789abcdef" for c in sha):
+            if is_capture_name(f"{sub.name}/{f.name}"):
+                sha = f.name[: -len(SUFFIX)]
                 try:
                     st = f.stat()
                 except OSError:
@@ -43,3 +43,22 @@ def scan(folder: Path) -> Iterator[Kept]:
 def capture_images(folder: Path, held_out: bool) -> list[Path]:
     """The training part (``held_out=False``) or the held-out part of a capture folder, in a fixed order."""
     return [k.path for k in scan(folder) if is_held_out(k.sha256) == held_out]
+
+
+def is_capture_name(relative: str) -> bool:
+    """``<sha[:2]>/<sha>.jpg`` (relative to the folder, ``/``-separated): the one shape a capture has."""
+    sub, _, name = relative.partition("/")
+    sha = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else ""
+    return len(sha) == 64 and sha.startswith(sub) and len(sub) == 2 and all(c in "0123456789abcdef" for c in sha)
+
+
+def foreign_files(folder: Path) -> list[Path]:
+    """Files under ``folder`` that are not captures (a writer's hidden ``.<sha>.<pid>.tmp`` in progress is not
+    counted: it becomes a capture when renamed into place)."""
+    out = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_dir() or (f.name.startswith(".") and f.name.endswith(".tmp")):
+            continue
+        if not is_capture_name(f.relative_to(folder).as_posix()):
+            out.append(f)
+    return out

@@ -19,7 +19,7 @@ from models.runtime_check import check_flavour
 COMMAND_MODULES = (
     "models.cli",
     "service.cli",
-    "service.labelsets_io",
+    "service.labelsets_cli",
     "service.capture",
     "training.cli",
     "training.shadow",

@@ -47,7 +47,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(services.classifier.capture.start)  # scans the folder: off the loop
     app.state.services = services
     app.state.reloader = reloader = Reloader(services)
-    hangup = _on_sighup(reloader) if settings.workers == 1 else None  # --workers N: gunicorn's arbiter owns SIGHUP
+    hangup = _on_sighup(reloader)  # --workers N: the supervisor forwards SIGHUP to every worker
     grpc = GrpcServer(services, settings.host, settings.grpc_port) if settings.grpc_port is not None else None
     if grpc is not None:
         await grpc.start()

@@ -16,7 +16,8 @@ GPU, small ones on a CPU).
 Admission (service/admission.py) decides which images enter before any decoding; the engine's own
 bound on queued cost (``max_queued``) refuses the rest with 429 + Retry-After (urgent work is
 never refused for it). Work whose client disconnected or whose deadline passed is dropped before
-it reaches the tower; on SIGTERM the engine refuses new work (503) and drains what is queued.
+it reaches the tower (and a tower may stop a running batch once none of its requests is left: see
+``Engine.abandoned``); on SIGTERM the engine refuses new work (503) and drains what is queued.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 POLL_S = 0.05  # how often a waiting request checks whether its client is still there
 RATE_WEIGHT = 0.2  # EWMA weight of one batch in the measured seconds per unit of cost
 Item = TypeVar("Item")
+
+
+class Abandoned(Exception):
+    """Raised by a tower (on the encoder thread) that stopped a batch whose every request has gone."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,9 @@ class Engine(Generic[Item]):
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self.batches = 0
+        # set while the running batch has no request left waiting for it: a tower may check it between
+        # its layers and raise Abandoned (service/text.py does, so clients that leave cost no more work)
+        self.abandoned = threading.Event()
 
     @property
     def depth(self) -> int:
@@ -106,6 +115,11 @@ class Engine(Generic[Item]):
     @property
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done() and not self._closing
+
+    def seed_rate(self, seconds_per_cost: float) -> None:
+        """A first measured rate (a warm-up), so the first normal batch is already sized to ``target_batch_s``."""
+        if self._seconds_per_cost is None and seconds_per_cost > 0:
+            self._seconds_per_cost = seconds_per_cost
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.cfg.tower}-engine")
@@ -175,13 +189,28 @@ class Engine(Generic[Item]):
         deadline: float,
         is_disconnected: Callable[[], Awaitable[bool]] | None,
     ) -> None:
+        if not futures:
+            return
         loop = asyncio.get_running_loop()
+        # one future for all items, so each poll costs O(1), not one callback per item (a 5,000-name
+        # add polled with asyncio.wait(futures) spent most of its time on the event loop, not encoding)
+        all_done: asyncio.Future[None] = loop.create_future()
+        left = len(futures)
+
+        def one_done(_: asyncio.Future[np.ndarray]) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0 and not all_done.done():
+                all_done.set_result(None)
+
+        for f in futures:
+            f.add_done_callback(one_done)
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise DeadlineExceeded(f"the request's deadline passed before the {self.cfg.tower} encoder reached it")
-            _, pending = await asyncio.wait(futures, timeout=min(POLL_S, remaining))
-            if not pending:
+            done, _ = await asyncio.wait([all_done], timeout=min(POLL_S, remaining))
+            if done:
                 return
             if is_disconnected is not None and await is_disconnected():
                 raise ClientGone("client disconnected; its queued work was dropped")
@@ -267,10 +296,25 @@ class Engine(Generic[Item]):
     async def _encode(self, batch: list[_Entry[Item]]) -> None:
         loop = asyncio.get_running_loop()
         payload = self.collate([e.item for e in batch])
+        self.abandoned = abandoned = threading.Event()
+        left = len(batch)
+
+        def cancelled(future: asyncio.Future[np.ndarray]) -> None:
+            nonlocal left
+            if future.cancelled():
+                left -= 1
+                if left == 0:
+                    abandoned.set()
+
+        for entry in batch:
+            entry.future.add_done_callback(cancelled)
         start = loop.time()
         try:
             with batch_span("encode", [e.trace for e in batch], tower=self.cfg.tower, batch_size=len(batch)):
                 out = await loop.run_in_executor(self._executor, self.encode, payload)
+        except Abandoned:
+            self.hooks.dropped(self.cfg.tower, "cancelled", len(batch))
+            return
         except Exception as e:
             log.exception("%s encoder failed on a batch of %d", self.cfg.tower, len(batch))
             for entry in batch:

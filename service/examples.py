@@ -7,7 +7,10 @@ transaction, so a refusal anywhere leaves the set as it was):
    base64 decoded (the classify limits), no example twice (by the sha256 of its bytes);
 2. names already in the set: 409, or left out (``if_exists="skip"``);
 3. the examples through the image engine with classify's admission, decode limits and deadline
-   (:meth:`service.classifier.Classifier.embed_images`), one class at a time;
+   (:meth:`service.classifier.Classifier.embed_images`), one class at a time; an example as close to
+   an earlier one of its class (in the request or stored) as the same image re-encoded or resized is
+   refused too: cosine >= :func:`near_duplicate_cosine`, the 99th percentile of the nearest-neighbour
+   cosines of the bundle's calibration sample (no such check without a sample);
 4. each example re-encoded for keeping (RGB, long side capped, PNG if small enough else JPEG), so
    that another model can re-embed it later;
 5. the names' text vectors (``encode_names``: the text engine's urgent queue, as the curator's);
@@ -15,6 +18,10 @@ transaction, so a refusal anywhere leaves the set as it was):
    with the text vector when the class also has a name);
 7. one commit with the classes and their examples (:meth:`service.registry.Registry.add_vectors` /
    :meth:`~service.registry.Registry.replace_class`).
+
+A kept example has one embedding, tagged with its space. After a model change the migration's
+rebuild (:func:`rebuilt_vector`) and ``add_examples`` re-embed the examples of another space and write
+the new embeddings back, so neither a restart nor the next change embeds them again.
 
 Provenance: ``examples`` (no name encoded), ``<origin>+examples`` (a name and examples, e.g.
 ``runtime+examples``); classes from names alone keep ``runtime``.
@@ -53,6 +60,8 @@ from service.stores.base import ClassRow, ExampleRow
 EXAMPLES = "examples"
 SUFFIX = "+" + EXAMPLES
 EncodeNames = Callable[[list[str], list[str] | None], Awaitable[np.ndarray]]
+NEAR_QUANTILE = 0.99  # near-duplicate examples: cosine above 99 % of in-domain nearest-neighbour cosines
+MAX_NEAR_SAMPLE = 2000  # sample images the near-duplicate threshold is derived from
 
 
 @dataclass(frozen=True)
@@ -90,18 +99,50 @@ class Added:
 async def rebuilt_vector(
     classifier: Classifier, registry: Registry, gap: Gap, set_name: str, class_id: int, text: np.ndarray | None
 ) -> np.ndarray:
-    """[D] a class's vector in the served space from its kept examples (re-embedded by the served image
-    tower), combined with ``text`` (its name's vector there) when it has a name: the migration's rebuild."""
-    kept = await asyncio.to_thread(registry.store.examples, set_name, class_id)
+    """[D] a class's vector in the served space from its kept examples, combined with ``text`` (its name's
+    vector there) when it has a name: the migration's rebuild. Examples embedded in another space are
+    re-embedded by the served image tower and their new embeddings written back (one transaction per
+    chunk), so a restart or a later ``add_examples`` reuses them instead of embedding them again."""
+    store = registry.store
+    kept = await asyncio.to_thread(store.examples, set_name, class_id)
     if not kept:
         raise InvalidInput(f"class {class_id} of {set_name!r} is made of examples but none is kept")
+    emb = np.stack([e.embedding for e in kept]).astype(np.float32)  # [K, D]; rows of other spaces replaced below
+    stale = [k for k, e in enumerate(kept) if e.space != store.space]
     chunk = classifier.settings.max_images_per_request
-    parts = []
-    for start in range(0, len(kept), chunk):
+    for start in range(0, len(stale), chunk):
+        rows = stale[start : start + chunk]
         deadline = asyncio.get_running_loop().time() + classifier.settings.request_timeout_s
-        images = [EncodedImage(e.data) for e in kept[start : start + chunk]]
-        parts.append(await classifier.embed_images(images, deadline))
-    return class_vector(text, np.concatenate(parts), gap, ExampleLimits().text_weight)
+        emb[rows] = await classifier.embed_images([EncodedImage(kept[k].data) for k in rows], deadline)
+        await asyncio.to_thread(write_back, store, set_name, class_id, {kept[k].digest: emb[k] for k in rows})
+    return class_vector(text, emb, gap, ExampleLimits().text_weight)
+
+
+def write_back(store: Any, set_name: str, class_id: int, embeddings: dict[str, np.ndarray]) -> int:
+    """Store re-embedded examples' embeddings (digest -> [D]) in the store's space; returns how many."""
+    with store.transaction() as db:
+        return int(store.put_example_embeddings(db, set_name, class_id, embeddings))
+
+
+def near_duplicate_cosine(sample: np.ndarray | None, quantile: float = NEAR_QUANTILE) -> float | None:
+    """The cosine at or above which two examples count as the same image (re-encoded, resized): the
+    ``quantile`` of the sample's nearest-neighbour cosines (each in-domain image with its nearest *other*
+    one), so about 1 - ``quantile`` of distinct in-domain images would be flagged against their nearest
+    neighbour. None without a sample (then only identical bytes are refused)."""
+    if sample is None or len(sample) < 2:
+        return None
+    rows = normalise_rows(sample[:MAX_NEAR_SAMPLE])
+    nearest = np.full(len(rows), -np.inf)
+    for start in range(0, len(rows), 512):  # [512, M] at a time
+        block = rows[start : start + 512] @ rows.T
+        block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf  # not with itself
+        nearest[start : start + len(block)] = block.max(axis=1)
+    return float(np.quantile(nearest, quantile))
+
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def image_sample(bundle: object) -> np.ndarray | None:
@@ -126,7 +167,9 @@ class ExampleWriter:
         encode_names: EncodeNames,
         limits: ExampleLimits | None = None,
         gate: QualityGate | None = None,
+        near_duplicate: float | None = None,
     ) -> None:
+        self.near_duplicate = near_duplicate  # cosine of two examples counted as one image (near_duplicate_cosine)
         self.gate = gate  # the curator's quality check of new classes (service/quality.py); None: none
         self.classifier = classifier
         self.registry = registry
@@ -209,6 +252,8 @@ class ExampleWriter:
             return Added(Change(snap, snap.version, [], [], skipped=skipped), [], [], self.gap.mode)
         deadline = asyncio.get_running_loop().time() + self.classifier.settings.request_timeout_s
         kept = [await self._embed_and_keep(c.name, c.images, deadline, is_disconnected) for c in classes]
+        for cls, rows in zip(classes, kept, strict=True):
+            self._no_near_repeats(cls.name, [r.embedding for r in rows], np.zeros((0, 0), np.float32))
         text_names = [c.name for c in classes if c.named]
         texts = await self._encode_names(text_names, templates) if text_names else np.zeros((0, 0), np.float32)
         text_of = dict(zip(text_names, texts, strict=True))
@@ -258,7 +303,10 @@ class ExampleWriter:
             stored = await self._embed_only(
                 row.name, [EncodedImage(e.data) for e in kept_before], deadline, is_disconnected
             )
+            again = {e.digest: v for e, v in zip(kept_before, stored, strict=True)}
+            await asyncio.to_thread(write_back, self.registry.store, set_name, class_id, again)
         kept = await self._embed_and_keep(row.name, decoded, deadline, is_disconnected)
+        self._no_near_repeats(row.name, [k.embedding for k in kept], stored)
         emb = np.concatenate([stored, np.stack([k.embedding for k in kept])])  # [K, D]
         provenance = row.provenance if example_only or row.provenance.endswith(SUFFIX) else row.provenance + SUFFIX
         vector = class_vector(text, emb, self.gap, self.limits.text_weight)
@@ -300,6 +348,25 @@ class ExampleWriter:
             except (BadImage, ImageTooLarge, InvalidInput) as e:
                 raise _named(e, name, start) from e
         return np.concatenate(parts)
+
+    def _no_near_repeats(self, name: str, new: Sequence[np.ndarray], stored: np.ndarray) -> None:
+        """Refuse an example whose embedding is as close to an earlier one of the request's class, or to one
+        stored for the class, as the same image re-encoded (cosine >= ``near_duplicate``); no check without
+        a threshold (a bundle without a calibration sample)."""
+        if self.near_duplicate is None or not new:
+            return
+        fresh = normalise_rows(np.stack(new))  # [K, D]
+        kept = normalise_rows(stored) if len(stored) else np.zeros((0, fresh.shape[1]))
+        for k in range(1 if not len(kept) else 0, len(fresh)):
+            others = np.concatenate([fresh[:k], kept])  # [k + S, D]
+            cos = others @ fresh[k]
+            j = int(cos.argmax())
+            if cos[j] >= self.near_duplicate:
+                where = f"example {j} of the request" if j < k else "an example already stored for this class"
+                raise DuplicateExample(
+                    f"examples[{name!r}][{k}]: a near-duplicate of {where} (cosine {cos[j]:.5f} >= "
+                    f"{self.near_duplicate:.5f}, the bundle's threshold for the same image re-encoded or resized)"
+                )
 
 
 def keep(

@@ -61,6 +61,9 @@ class Metrics(EngineHooks):
         self.capture_errors = Gauge(
             p + "capture_write_errors", "capture writes that failed (capture then stops)", registry=r
         )
+        self.capture_skipped = Gauge(
+            p + "capture_skipped", "sampled images not kept: the writer was behind (never waited for)", registry=r
+        )
         self.info = Gauge(p + "image_encoder_info", "image encoder in use", ["backend", "provider"], registry=r)
 
     # engine hooks

@@ -113,10 +113,15 @@ class Migrator:
         if not self.progress.started:
             self.progress.started = time.monotonic()
         left = self.registry.pending().get(name, 0)
+        after = -1  # the last id encoded in this pass (ids only grow: classes added meanwhile come later)
         while True:
-            ids, names, provenance = await asyncio.to_thread(store.missing, name, BATCH)
+            ids, names, provenance = await asyncio.to_thread(store.missing, name, BATCH, after)
+            if not ids and after >= 0:  # the end of a pass: one more from the start finds anything passed over
+                after = -1
+                continue
             if not ids:
                 break
+            after = ids[-1]
             vectors, texts = await self._vectors(name, ids, names, provenance)
             stored = await asyncio.to_thread(self._commit, name, ids, vectors, texts)
             self.progress.done += stored

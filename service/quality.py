@@ -101,7 +101,7 @@ def check_new_classes(
     """
     m = len(names)
     ex_ids, ex_cos = _existing_neighbours(vectors, search, k)  # [m, k'] each
-    new_cos = vectors @ vectors.T  # [m, m]
+    new_ids, new_cos = _new_neighbours(vectors, k)  # [m, k''] each: the nearest other new classes
     wanted = sorted({int(c) for c in ex_ids.ravel() if c >= 0})
     other_vectors = dict(zip(wanted, existing(wanted), strict=True)) if sample is not None and wanted else {}
     best = None
@@ -115,7 +115,7 @@ def check_new_classes(
         cands: list[tuple[float, int | None, int]] = [
             (float(c), int(j), -1) for j, c in zip(ex_ids[i], ex_cos[i], strict=True) if j >= 0
         ]
-        cands += [(float(new_cos[i, j]), None, j) for j in range(m) if j != i]
+        cands += [(float(c), None, int(j)) for j, c in zip(new_ids[i], new_cos[i], strict=True)]
         out = []
         for cos, cid, j in sorted(cands, key=lambda t: -t[0])[:k]:
             rate, support = None, 0
@@ -126,6 +126,23 @@ def check_new_classes(
             out.append(Neighbour(name, cid, cos, rate, support, flag(cos, rate, support, logit_scale)))
         checks.append(ClassCheck(names[i], out))
     return checks
+
+
+def _new_neighbours(vectors: np.ndarray, k: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Each new class's ``k`` nearest among the other new classes: ids and cosines [m, min(k, m - 1)].
+    Blocks of ``rows`` bound the memory (a 5,000-name add would need a 5,000 x 5,000 matrix) and
+    argpartition keeps it linear in m per row (sorting every pair made a bulk add quadratic in Python)."""
+    m = len(vectors)
+    kk = min(k, m - 1)
+    if kk <= 0:
+        return np.zeros((m, 0), np.int64), np.zeros((m, 0), np.float32)
+    ids, cos = np.zeros((m, kk), np.int64), np.zeros((m, kk), np.float32)
+    for start in range(0, m, rows):
+        block = vectors[start : start + rows] @ vectors.T  # [b, m]
+        block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf  # not itself
+        top = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
+        ids[start : start + rows], cos[start : start + rows] = top, np.take_along_axis(block, top, axis=1)
+    return ids, cos
 
 
 def _existing_neighbours(vectors: np.ndarray, search: Search | None, k: int) -> tuple[np.ndarray, np.ndarray]:

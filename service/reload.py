@@ -7,13 +7,20 @@ the old one, on its own batching engine; then one step on the event loop points 
 the readiness probe at it, so every request that already took the old tower finishes on it while
 new ones take the new; the old engine then drains and stops. A bundle that fails to load, has
 another embedding size or space, or answers the probe badly leaves the old one serving and says why
-(the response, the log, ``/readyz`` and ``GET /v1/model``'s history).
+(the response, the log, ``/readyz`` and ``GET /v1/model``'s history); so does a reload while another
+runs, or while class vectors are being encoded for the served space.
+
+With ``serve --workers N`` every worker swaps its own tower: the supervisor forwards SIGHUP to each
+worker (service/workers.py), and a worker that swapped on ``POST /v1/admin/reload`` then signals the
+supervisor so that the others follow (to itself the bundle it already serves is "unchanged").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from datetime import UTC, datetime
 
 import numpy as np
@@ -38,9 +45,11 @@ class Reloader:
     async def reload(self, trigger: str) -> dict[str, str]:
         """Swap in the bundle at the configured path; returns the history entry (raises on refusal)."""
         if self._lock.locked():
+            log.warning("reload (%s) refused: a reload is already running", trigger)
             raise ReloadRefused("a reload is already running; try again when it has finished")
         async with self._lock:
             try:
+                self._not_migrating()
                 entry = await self._swap(trigger)
             except (BadBundle, ReloadRefused) as e:
                 self._record(trigger, "refused", e.message)
@@ -48,9 +57,30 @@ class Reloader:
                 raise
             return entry
 
+    def tell_workers(self) -> str:
+        """``serve --workers N``: after this worker swapped, ask the supervisor (gunicorn's arbiter, our
+        parent) to forward SIGHUP to every worker, so that all N serve the new tower; returns a note."""
+        workers = self.services.settings.workers
+        if workers <= 1:
+            return ""
+        os.kill(os.getppid(), signal.SIGHUP)
+        return (
+            f"; the other {workers - 1} worker(s) were signalled and swap too (each logs its outcome; "
+            "GET /v1/model names the worker that answers)"
+        )
+
+    def _not_migrating(self) -> None:
+        """Classes still being encoded (service/migration.py) would be encoded by one tower and served by
+        another halfway: the swap waits until the served space is complete."""
+        encoding = self.services.migrator.status()
+        if encoding:
+            raise ReloadRefused(f"{encoding}; reload when that has finished (/readyz then lists no 'vectors')")
+
     async def _swap(self, trigger: str) -> dict[str, str]:
         s = self.services
         bundle = await asyncio.to_thread(self._load)
+        if bundle_version(bundle) == s.classifier.model_version:  # e.g. a SIGHUP forwarded to every worker
+            return self._record(trigger, "unchanged", "the configured bundle is the one serving")
         device = "cuda" if s.encoder.provider.endswith("cuda") or "CUDA" in s.encoder.provider else "cpu"
         try:
             encoder, _ = await asyncio.to_thread(build_encoders, bundle, s.settings, device, text=False)

@@ -269,11 +269,12 @@ class ChangeOut(BaseModel):
     version: int
     classes: list[ClassOut] = Field(description="the classes added or removed")
     skipped: list[str] = Field(default_factory=list, description="names already in the set (if_exists='skip')")
-    gap: Literal["centroid", "none"] | None = Field(
+    gap: Literal["standardised", "centroid", "none"] | None = Field(
         default=None,
         description="classes from examples: how their prototype crossed the image-text modality gap; centroid: "
-        "shifted by the bundle's text centroid minus its in-domain image centroid (Liang et al. 2022); none: the "
-        "bundle has no in-domain image sample, so the plain mean of the examples",
+        "shifted by the bundle's text centroid minus its in-domain image centroid (Liang et al. 2022); standardised: "
+        "that shift with the prototype's scores over the bundle's in-domain sample matched to its text vectors' "
+        "(mean and spread, Z-norm); none: the bundle has no in-domain image sample, so the plain mean of the examples",
     )
     quality: list[ClassQuality] = Field(
         default_factory=list, description="per new class: its nearest classes, likely duplicates flagged"

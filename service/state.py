@@ -144,6 +144,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         hooks=metrics,
         on_call=metrics.text_call,
     )
+    text.warm_up()
     store = open_store(settings, bundle.manifest.embed_dim, bundle_space(bundle))
     use_gpu = settings.faiss_gpu and device == "cuda"
     # FAISS threads are applied by the searching thread itself (OpenMP's setting is per thread).

@@ -4,8 +4,10 @@ Only two things run the text encoder: label-set writes (creating a set, adding c
 curator sends them *urgent*), and anonymous requests that bring their own candidate labels or ask
 for text embeddings. Both go through a second :class:`service.engine.Engine`, so anonymous text work
 gets what images get (the request's deadline, dropped when its client leaves, drain on SIGTERM, a
-bounded queue with 429 + Retry-After, batching across requests) and a write waits for at most the
-one anonymous batch running when it arrives (normal batches are sized to take about
+bounded queue with 429 + Retry-After, batching across requests), plus one thing images do not: a
+running batch stops at its next transformer block once every request it serves has gone (a forward
+pre-hook installed here, so clients that leave cost at most one block). A write waits for at most
+the one anonymous batch running when it arrives (normal batches are sized to take about
 ``ANONYMOUS_BATCH_S``). Recently encoded candidate labels come from an LRU cache.
 
 ``calls`` counts encoder invocations so tests (and /metrics) can prove the query path never
@@ -15,6 +17,7 @@ touches it.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,12 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.towers import TextSide
-from service.engine import Engine, EngineCfg, EngineHooks
+from service.engine import Abandoned, Engine, EngineCfg, EngineHooks
 from service.errors import InvalidInput, NoTextSide
 
 ANONYMOUS_BATCH_S = 0.03  # an anonymous batch takes about this long, so a write waits about that much
 MAX_BATCH_PROMPTS = 256  # forward-pass rows per batch at most (what one exporter forward pass takes)
 CACHE_SIZE = 4096  # encoded candidate labels kept (LRU)
+WARM_UP_ROWS = 32  # forward-pass rows timed at start-up: the text engine's first rate estimate
 QUEUED_REQUESTS = 4  # the anonymous queue holds this many maximal candidate-label requests (then 429)
 Disconnected = Callable[[], Awaitable[bool]]
 
@@ -65,8 +69,28 @@ class TextTower:
             tower="text",
         )
         self.engine: Engine[Prompt] = Engine(self._encode_batch, cfg, hooks, collate=list)
+        if side is not None:  # a batch every client of which has left stops at the next transformer block
+            for block in side.encoder.clip.transformer.resblocks:
+                block.register_forward_pre_hook(self._stop_if_abandoned)
         self._cache_lock = threading.Lock()
         self._cache: OrderedDict[tuple[tuple[str, ...], str], np.ndarray] = OrderedDict()
+
+    def _stop_if_abandoned(self, _module: object, _args: object) -> None:
+        if self.engine.abandoned.is_set():
+            raise Abandoned("every request of this text batch has gone")
+
+    def warm_up(self) -> float:
+        """Time one forward pass at start-up and give the engine its rate, so that the first anonymous
+        batch is already sized to ``ANONYMOUS_BATCH_S`` (not the maximum, which on a big text side would
+        hold a write, or run on for clients that left, for seconds). Not counted in ``calls``."""
+        if self.side is None:
+            return 0.0
+        names = ["a warm-up"] * max(1, WARM_UP_ROWS // self._per_name(None))
+        start = time.perf_counter()
+        self.side.class_vectors(names, None)
+        seconds = time.perf_counter() - start
+        self.engine.seed_rate(seconds / self.prompts(len(names), None))
+        return seconds
 
     @property
     def available(self) -> bool:

@@ -15,7 +15,12 @@ What this module adds on top:
 * a worker dies with its supervisor: ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` (Linux) makes the kernel send
   it SIGTERM when the arbiter dies, even by ``kill -9``, and the heartbeat also checks the parent id;
 * each worker marks itself ready in ``worker_dir`` once it serves (and unmarks when it stops), so
-  ``/readyz`` can say how many of the N workers are up.
+  ``/readyz`` can say how many of the N workers are up;
+* SIGHUP to the supervisor is forwarded to every worker, each of which swaps in the bundle at
+  ``--bundle`` as a single process does (service/reload.py: same space only, no gap in serving).
+  gunicorn's own SIGHUP (a new set of workers, the old ones stopped at once) would leave no worker
+  accepting while the new ones load the model, and would take a bundle of another space without the
+  refusal a single process gives.
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ class Worker(UvicornWorker):  # type: ignore[misc]
 
     def init_signals(self) -> None:
         super().init_signals()
+        # gunicorn resets SIGHUP to its default (exit): a SIGHUP forwarded before the app's lifespan
+        # installs its reload handler (service/app.py) is ignored instead -- nothing is loaded yet anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         # After the signal reset: a SIGTERM from the kernel now kills (or, once serving, drains) this worker.
         die_with_parent(signal.SIGTERM)
         if os.getppid() != self.ppid:  # the arbiter died before the request above took effect
@@ -98,6 +106,15 @@ class Worker(UvicornWorker):  # type: ignore[misc]
             self.server.should_exit = True
             return
         self.notify()
+
+
+class ForwardingArbiter(Arbiter):  # type: ignore[misc]
+    """gunicorn's arbiter, except that SIGHUP goes to every worker (each reloads its own bundle)."""
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP: forwarding to %d worker(s), each re-reads the bundle", len(self.WORKERS))
+        for pid in list(self.WORKERS):
+            self.kill_worker(pid, signal.SIGHUP)
 
 
 class Supervisor(BaseApplication):  # type: ignore[misc]
@@ -128,3 +145,6 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
         from service.app import create_app_from_env
 
         return create_app_from_env()
+
+    def run(self) -> None:
+        ForwardingArbiter(self).run()

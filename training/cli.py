@@ -97,6 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ec.add_argument("--out", required=True, help="output folder (summary.json, table.md)")
     ec.add_argument("--draws", type=int, default=10, help="random draws of the examples per count")
     ec.set_defaults(func=_example_classes)
+    from training.capture_loop import register as register_capture_loop
+
+    register_capture_loop(esub)
 
     demo = sub.add_parser("demo", help="offline end-to-end PromptKD run on scikit-learn digits (~1 min on CPU)")
     demo.add_argument("--out", required=True, help="output folder (the bundle goes to OUT/bundle)")

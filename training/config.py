@@ -56,6 +56,9 @@ class DataCfg(Cfg):
     # CSV: one class name per line in label-id order; image_folder: "<folder> <class name>" lines
     classnames_file: Path | None = None
     unlabeled_root: Path | None = None  # distillation: extra unlabeled image folder (all of it is used)
+    # distillation: a service's capture folder (service/capture.py): its training part joins the unlabeled
+    # images; its held-out tenth (models/captures.py) is never read; the list is fixed at the run's start
+    capture_dir: Path | None = None
     shots: int = Field(default=16, ge=0)  # labeled images per class for prompt tuning; 0 = all
     batch_size: int = Field(default=8, ge=1)
     test_batch_size: int = Field(default=100, ge=1)
@@ -122,6 +125,7 @@ DATASET_FIELDS = frozenset(
         "test_csv",
         "classnames_file",
         "unlabeled_root",
+        "capture_dir",
         "digits_test_fraction",
         "subsample_train",
         "subsample_test",

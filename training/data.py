@@ -311,6 +311,87 @@ class UnlabeledImageFolder(Dataset[tuple[torch.Tensor, int]]):
         return self.inner[index]
 
 
+@dataclass(frozen=True)
+class CaptureSet:
+    """The training part of a service's capture folder (models/captures.py) that one run reads.
+
+    The folder keeps growing while a run trains (the service writes on), so a run fixes its list at
+    its start (``listing``, one ``<sha[:2]>/<sha>.jpg`` a line, in its output folder) and a resumed run
+    reads that list again: resuming gives the same images, hence the same weights. The held-out tenth
+    is never listed. Foreign files (another shape of name) and damaged captures (the name of a capture,
+    but not a readable image) are skipped, counted and logged on one line each.
+    """
+
+    folder: Path
+    paths: list[Path]
+    held_out: int
+    foreign: list[Path]
+    damaged: list[Path]
+    resumed: bool
+
+    def dataset(self, transform: Transform) -> Dataset[tuple[torch.Tensor, int]]:
+        return RecordDataset([ImageRecord(p, -1, "") for p in self.paths], transform)
+
+    def summary(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "images": len(self.paths), "held_out_not_read": self.held_out,
+                "foreign_skipped": len(self.foreign), "damaged_skipped": len(self.damaged),
+                "list_reused_on_resume": self.resumed}  # fmt: skip
+
+
+def readable_image(path: Path) -> bool:
+    """Whether ``path`` decodes as an image (all of it read; a JPEG decoded at a fraction of its size)."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))  # a JPEG decodes at a fraction of its size: every byte still read
+            im.load()
+        return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def capture_set(folder: str | Path, listing: Path, reuse: bool) -> CaptureSet:
+    """The capture folder's training images for one run (see :class:`CaptureSet`); ``reuse``: a resumed
+    run reads ``listing`` as its first start wrote it. Raises :class:`DataError` (one line) when the
+    folder is missing or holds no readable capture."""
+    from models.captures import capture_images, foreign_files, is_capture_name, is_held_out, scan
+    from models.staging import staged_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"capture folder {folder} does not exist (data.capture_dir)")
+    held_out = sum(1 for k in scan(folder) if is_held_out(k.sha256))
+    if reuse and listing.is_file():
+        names = [n for n in listing.read_text().splitlines() if n]
+        bad = [n for n in names if not is_capture_name(n) or is_held_out(n.split("/")[1])]
+        if bad:
+            raise DataError(f"{listing}: {len(bad)} lines are not training captures (first: {bad[0]!r})")
+        log.info("capture folder %s: resuming with the %d images listed in %s", folder, len(names), listing)
+        return CaptureSet(folder, [folder / n for n in names], held_out, [], [], True)
+    if reuse:
+        log.warning("%s is missing: the resumed run reads the capture folder as it is now", listing)
+    foreign = foreign_files(folder)
+    paths: list[Path] = []
+    damaged: list[Path] = []
+    for p in capture_images(folder, held_out=False):
+        (paths if readable_image(p) else damaged).append(p)
+    if foreign:
+        log.warning("capture folder %s: skipped %d foreign files, not <sha[:2]>/<sha>.jpg (first: %s)",
+                    folder, len(foreign), foreign[0])  # fmt: skip
+    if damaged:
+        log.warning("capture folder %s: skipped %d damaged captures, not readable images (first: %s)",
+                    folder, len(damaged), damaged[0])  # fmt: skip
+    if not paths:
+        raise DataError(
+            f"capture folder {folder} holds no readable capture outside its held-out tenth ({held_out} held out, "
+            f"{len(foreign)} foreign files, {len(damaged)} damaged); captures are <sha[:2]>/<sha>.jpg as "
+            "`promptdistill serve` writes them (a plain image folder goes in data.unlabeled_root)"
+        )
+    with staged_file(listing) as tmp:
+        tmp.write_text("".join(p.relative_to(folder).as_posix() + "\n" for p in paths))
+    log.info("capture folder %s: %d training images (%d held out, never read)", folder, len(paths), held_out)
+    return CaptureSet(folder, paths, held_out, foreign, damaged, False)
+
+
 class InMemoryDataset(Dataset[tuple[torch.Tensor, int]]):
     """(transformed PIL image, label) from images held in memory."""
 

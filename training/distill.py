@@ -5,8 +5,14 @@ official "val"); the reported protocol takes the epoch with the best base-test a
 novel accuracy ("best"), and the plain last epoch is reported too ("last"). The bundle holds the
 weights chosen by ``export.weights`` (default ``last``: no selection on test data).
 
+Unlabeled images: the train split (labels unused), ``data.unlabeled_root`` and, with
+``data.capture_dir``, the training part of a service's capture folder (training/data.py
+:class:`~training.data.CaptureSet`: never its held-out tenth; the list is fixed at the run's start in
+``captures.txt`` so a resumed run reads the same images).
+
 Output folder: results.json, history.csv, tb/, loss.png, base_novel.png, checkpoint.pt,
-config.yaml, and the bundle (``bundle/`` unless ``export.bundle_dir`` says otherwise).
+config.yaml, captures.txt (with a capture folder), and the bundle (``bundle/`` unless
+``export.bundle_dir`` says otherwise).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import ConcatDataset, Dataset
 
 from models.backbone import Backbone
 from models.bundle import bundle_space, load_bundle
@@ -24,7 +31,7 @@ from models.card import bundle_version
 from models.class_vectors import encode_class_names
 from training.benchmark import Benchmark
 from training.config import BackboneCfg, Cfg, DataCfg, LoopCfg, OptimCfg
-from training.data import Subset
+from training.data import CaptureSet, Subset, Transform, capture_set
 from training.evaluate import plot_base_novel, predict
 from training.export import (
     ImageParts,
@@ -35,7 +42,7 @@ from training.export import (
     label_set,
     write_bundle,
 )
-from training.loop import BestState, EvalCallback, load_trainable_state, trainable_state
+from training.loop import CHECKPOINT, BestState, EvalCallback, load_trainable_state, trainable_state
 from training.promptkd import DistillCfg, PromptKDStudent, batchmean_equivalent_weight
 from training.promptsrc import LEARNED_TEMPLATES
 from training.protocols import EvalProtocol, evaluate_classifier, headline
@@ -43,6 +50,7 @@ from training.run import Run
 from training.teacher import Teacher, load_teacher, teacher_bundle_dir
 
 log = logging.getLogger(__name__)
+CAPTURE_LIST = "captures.txt"
 
 
 class ExportCfg(Cfg):
@@ -114,13 +122,17 @@ def _check_compatible(teacher: Teacher, student: Backbone, bench: Benchmark, pro
 
 def run_distill(cfg: DistillRunConfig, student: Backbone | None = None) -> dict[str, Any]:
     """Distill, evaluate (best-base-epoch and last-epoch protocols), export the bundle."""
+    captures = None  # read (and checked) before any model is built, as the rest of the data
+    if cfg.data.capture_dir is not None:
+        resuming = cfg.loop.resume and (Path(cfg.out_dir) / CHECKPOINT).is_file()
+        captures = capture_set(cfg.data.capture_dir, Path(cfg.out_dir) / CAPTURE_LIST, reuse=resuming)
     run = Run.start(cfg, cfg.out_dir, student or cfg.student, cfg.data, cfg.loop)
     bench, sbb, device = run.bench, run.backbone, run.device
     teacher = load_teacher(cfg.teacher_dir)
     _check_compatible(teacher, sbb, bench, cfg.protocol)
     if cfg.protocol == "cross_dataset":
         teacher = retarget(teacher, bench.class_names)
-    unlabeled = bench.unlabeled(run.transform(train=True))
+    unlabeled = unlabeled_images(bench, captures, run.transform(train=True))
     test_tf = run.transform(train=False)
     torch.manual_seed(cfg.loop.seed)  # prompt and projector initialisation
     model = PromptKDStudent(sbb, teacher.image_encoder, teacher.class_vectors, cfg.distill, teacher.logit_scale)
@@ -149,17 +161,25 @@ def run_distill(cfg: DistillRunConfig, student: Backbone | None = None) -> dict[
         "exported_weights": cfg.export.weights,
         "seed": cfg.loop.seed,
         "n_unlabeled_images": len(unlabeled),  # type: ignore[arg-type]
+        **({"captures": captures.summary()} if captures is not None else {}),
         "kd_weight": cfg.distill.kd_weight,
         "kd_weight_batchmean_equivalent": batchmean_equivalent_weight(cfg.distill.kd_weight, len(bench.class_names)),
         "teacher": _teacher_results(cfg.teacher_dir),
     }
     bundle_dir = cfg.export.bundle_dir or run.out / "bundle"
-    export_student(model, sbb, teacher, bundle_dir, cfg, results, calibration=bench.unlabeled(test_tf))
+    calibration = unlabeled_images(bench, captures, test_tf)
+    export_student(model, sbb, teacher, bundle_dir, cfg, results, calibration=calibration)
     results["bundle"] = str(bundle_dir)
     run.finish(results, state.history, "PromptKD distillation")
     _plot_base_novel(results, run.out)
     log.info("student (last epoch): %s; bundle -> %s", headline(results["last"]), bundle_dir)
     return results
+
+
+def unlabeled_images(bench: Benchmark, captures: CaptureSet | None, transform: Transform) -> Dataset[Any]:
+    """The train split (labels unused) and ``unlabeled_root`` (Benchmark.unlabeled), then the captures."""
+    pool = bench.unlabeled(transform)
+    return pool if captures is None else ConcatDataset([pool, captures.dataset(transform)])
 
 
 def retarget(teacher: Teacher, class_names: list[str]) -> Teacher:

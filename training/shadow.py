@@ -99,20 +99,29 @@ def compare(
     return out
 
 
-def _images(folder: Path, names: list[str]) -> tuple[list[Path], np.ndarray]:
-    """Image files under ``folder`` (sorted) and their class index from a sub-folder name (else -1)."""
+def _images(folder: Path, names: list[str]) -> tuple[list[Path], np.ndarray, int]:
+    """Image files under ``folder`` (sorted), their class index from a sub-folder name (else -1), and how
+    many damaged ones (not readable images) were skipped."""
     import numpy as np
 
     from models.captures import capture_images, scan
-    from training.data import IMAGE_EXTENSIONS
+    from training.data import IMAGE_EXTENSIONS, readable_image
 
-    if next(scan(folder), None) is not None:  # a capture folder: its held-out slice only, unlabelled
+    captures = next(scan(folder), None) is not None
+    if captures:  # a capture folder: its held-out slice only, unlabelled
         paths = capture_images(folder, held_out=True)
-        return paths, np.full(len(paths), -1, dtype=np.int64)
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    else:
+        paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    readable = [p for p in paths if readable_image(p)]
+    if len(readable) < len(paths):
+        bad = sorted(set(paths) - set(readable))
+        log.warning("shadow: skipped %d damaged images, not readable (first: %s)", len(bad), bad[0])
+    skipped, paths = len(paths) - len(readable), readable
+    if captures:
+        return paths, np.full(len(paths), -1, dtype=np.int64), skipped
     index = {n: i for i, n in enumerate(names)}
     labels = [index.get(p.parent.name.replace("_", " "), -1) if p.parent != folder else -1 for p in paths]
-    return paths, np.asarray(labels, dtype=np.int64)
+    return paths, np.asarray(labels, dtype=np.int64), skipped
 
 
 def shadow(teacher_dir: Path, serving_dir: Path, candidate_dir: Path, images: Path) -> dict[str, Any]:
@@ -123,9 +132,11 @@ def shadow(teacher_dir: Path, serving_dir: Path, candidate_dir: Path, images: Pa
     spaces = {bundle_space(b) for b in (serving, candidate)}
     if len(spaces) != 1:
         raise ValueError(f"the candidate's embedding space differs from the serving bundle's ({sorted(spaces)})")
+    if bundle_space(teacher) not in spaces:  # a student's space is its teacher's (training/distill.py)
+        raise ValueError("the students are not students of this teacher: its embedding space is another one")
     spec = teacher.manifest.label_sets[0]
     vectors = teacher.class_vectors[spec.name].float().numpy()  # [C, D]
-    paths, labels = _images(images, [c.name for c in spec.classes])
+    paths, labels, damaged = _images(images, [c.name for c in spec.classes])
     if not paths:
         raise ValueError(f"no images under {images}")
     report = compare(
@@ -136,6 +147,7 @@ def shadow(teacher_dir: Path, serving_dir: Path, candidate_dir: Path, images: Pa
         "serving_version": bundle_version(serving),
         "teacher": bundle_version(teacher),
         "images_dir": str(images),
+        "damaged_skipped": damaged,
     }
     return report
 

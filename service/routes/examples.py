@@ -6,6 +6,7 @@ examples to :class:`service.examples.ExampleWriter`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -19,7 +20,7 @@ from starlette.datastructures import FormData
 from service.curator import NO_DEADLINE
 from service.deps import ApiKeyDep, ServicesDep
 from service.errors import InvalidInput, UnsupportedMediaType
-from service.examples import Added, ExampleLimits, ExampleWriter, bundle_gap, image_sample
+from service.examples import Added, ExampleLimits, ExampleWriter, bundle_gap, image_sample, near_duplicate_cosine
 from service.images import EncodedImage, read_uploads
 from service.names import clean_names, clean_templates
 from service.routes.quality import quality_out
@@ -60,13 +61,18 @@ async def get_writer(request: Request, services: ServicesDep) -> ExampleWriter:
     if held is not None and held[0] is services.bundle and held[1] is services.registry:
         return held[2]
     vectors = [v.float().numpy() for v in services.bundle.class_vectors.values()]
-    gap = bundle_gap(vectors, image_sample(services.bundle))
+    sample = image_sample(services.bundle)
+    # off the event loop: with a sample, both read it against itself / the shipped class vectors (~1e9 mult-adds)
+    gap, near = await asyncio.gather(
+        asyncio.to_thread(bundle_gap, vectors, sample), asyncio.to_thread(near_duplicate_cosine, sample)
+    )
     text = services.text
 
     async def encode_names(names: list[str], templates: list[str] | None) -> np.ndarray:
         return await text.encode(names, templates, urgent=True, timeout_s=NO_DEADLINE)  # as the curator's
 
-    writer = ExampleWriter(services.classifier, services.registry, gap, encode_names, LIMITS, services.curator.gate)
+    gate = services.curator.gate
+    writer = ExampleWriter(services.classifier, services.registry, gap, encode_names, LIMITS, gate, near)
     request.app.state.example_writer = (services.bundle, services.registry, writer)
     return writer
 

@@ -92,6 +92,7 @@ async def metrics(services: ServicesDep) -> Response:
     m.capture_active.set(1 if capture.active else 0)
     m.capture_images.set(capture.kept)
     m.capture_errors.set(capture.errors)
+    m.capture_skipped.set(capture.skipped)
     m.admission_capacity.set(admission.capacity)
     m.admission_in_flight.set(admission.in_flight)
     m.admission_image_seconds.set(admission.image_s)

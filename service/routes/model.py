@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -32,6 +33,7 @@ async def get_model(services: ServicesDep) -> ModelInfo:
             "backend": services.encoder.backend,
             "provider": services.encoder.provider,
             "space": services.registry.store.space,
+            "worker_pid": str(os.getpid()),  # serve --workers N: which worker answered
         },
         reloads=list(services.history),
     )
@@ -44,10 +46,15 @@ async def get_model(services: ServicesDep) -> ModelInfo:
     summary="re-read the configured bundle and swap its image tower in without a restart (same space only)",
     responses={
         401: {"description": "API key missing or wrong"},
-        409: {"description": "a reload is running, or the bundle is of another embedding space (restart)"},
+        409: {
+            "description": "a reload is running, class vectors are being encoded, or the bundle is of another "
+            "embedding space (restart)"
+        },
         422: {"description": "the configured path holds no servable bundle; the old one keeps serving"},
     },
 )
 async def reload_bundle(reloader: ReloaderDep) -> ReloadOut:
     entry = await reloader.reload("POST /v1/admin/reload")
+    if entry["outcome"] == "swapped":
+        entry = {**entry, "detail": entry["detail"] + reloader.tell_workers()}
     return ReloadOut(**entry, version=reloader.services.classifier.model_version)

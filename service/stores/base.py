@@ -16,7 +16,8 @@ A class row never changes under its id (replicas cache rows by id and read only 
 a change to a class's vector (examples added) replaces the row by a new id with the same name, in the
 same transaction, and its examples move with it. Examples (the re-encoded images a class was made
 from, kept so that another model can re-embed them) live in their own table, keyed by
-(set, class id, seq), each with its embedding and the space of that embedding; ``text_vectors`` holds,
+(set, class id, seq), each with one embedding and the space of that embedding (a model that
+re-embeds it writes its own in place: ``put_example_embeddings``); ``text_vectors`` holds,
 per space, the name's own vector of a class that mixes a name and examples. All are added, moved and
 deleted in the transaction that changes their class.
 
@@ -74,6 +75,7 @@ class ExampleRow:
     media_type: str  # of ``data``: image/png or image/jpeg
     data: bytes  # the re-encoded image (bounded size) that another model can re-embed
     embedding: np.ndarray  # [D] float32: the served image tower's embedding of the upload (store's space)
+    space: str | None = None  # read back: the space of ``embedding`` (the last one that embedded the example)
 
 
 @dataclass(frozen=True)
@@ -225,14 +227,17 @@ class Store(abc.ABC):
             missing=tuple(int(r[0]) for r in rows if r[3] is None),
         )
 
-    def missing(self, name: str, limit: int) -> tuple[list[int], list[str], list[str]]:
-        """Up to ``limit`` classes of ``name`` (ids, names, provenance; ascending id) with no vector in this space."""
+    def missing(self, name: str, limit: int, after: int = -1) -> tuple[list[int], list[str], list[str]]:
+        """Up to ``limit`` classes of ``name`` with id > ``after`` (ids, names, provenance; ascending id) with no
+        vector in this space. ``after``: the last id of the previous batch, so that a pass over a set reads each
+        class once (from the start every batch would re-read every class encoded before it)."""
         q = (
-            "SELECT c.id, c.name, c.provenance FROM classes c WHERE c.label_set = ? AND NOT EXISTS (SELECT 1 FROM "
-            "vectors v WHERE v.label_set = c.label_set AND v.class_id = c.id AND v.space = ?) ORDER BY c.id LIMIT ?"
+            "SELECT c.id, c.name, c.provenance FROM classes c WHERE c.label_set = ? AND c.id > ? AND NOT EXISTS "
+            "(SELECT 1 FROM vectors v WHERE v.label_set = c.label_set AND v.class_id = c.id AND v.space = ?) "
+            "ORDER BY c.id LIMIT ?"
         )
         with self.read() as db:
-            rows = db.execute(self._sql(q), (name, self.space, limit)).fetchall()
+            rows = db.execute(self._sql(q), (name, after, self.space, limit)).fetchall()
         return [int(r[0]) for r in rows], [str(r[1]) for r in rows], [str(r[2]) for r in rows]
 
     def missing_counts(self) -> dict[str, int]:
@@ -525,10 +530,27 @@ class Store(abc.ABC):
 
     def examples(self, name: str, class_id: int) -> list[ExampleRow]:
         """A class's examples (images and embeddings) in the order they were added (one read)."""
-        q = "SELECT digest, media_type, data, embedding FROM examples WHERE label_set = ? AND class_id = ? ORDER BY seq"
+        q = (
+            "SELECT digest, media_type, data, embedding, space FROM examples WHERE label_set = ? AND class_id = ? "
+            "ORDER BY seq"
+        )
         with self.read() as db:
             rows = db.execute(self._sql(q), (name, class_id)).fetchall()
-        return [ExampleRow(str(r[0]), str(r[1]), bytes(r[2]), np.frombuffer(bytes(r[3]), dtype="<f4")) for r in rows]
+        return [
+            ExampleRow(str(r[0]), str(r[1]), bytes(r[2]), np.frombuffer(bytes(r[3]), dtype="<f4"), str(r[4]))
+            for r in rows
+        ]
+
+    def put_example_embeddings(self, db: Tx, name: str, class_id: int, embeddings: dict[str, np.ndarray]) -> int:
+        """Store this space's embeddings of a class's kept examples (digest -> [D]), re-embedded after a
+        model change, in place of the other space's (an example keeps one embedding: the last space's).
+        Examples gone meanwhile are left out; returns how many were stored."""
+        q = "UPDATE examples SET space = ?, embedding = ? WHERE label_set = ? AND class_id = ? AND digest = ?"
+        done = 0
+        for digest, vec in embeddings.items():
+            cur = db.execute(self._sql(q), (self.space, self._text_blob(vec), name, class_id, digest))
+            done += max(int(cur.rowcount), 0)
+        return done
 
     def example_counts(self, name: str) -> dict[int, int]:
         """Class id -> number of stored examples (classes without examples are absent)."""

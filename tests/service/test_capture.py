@@ -67,7 +67,8 @@ def test_captured_images_are_sampled_deduplicated_reencoded_and_opt_out_is_honou
             assert im.format == "JPEG" and max(im.size) == MAX_SIDE and im.mode == "RGB"
         bad = http.post("/v1/classify", json={**body, "capture": "no"})
         assert bad.status_code == 422  # strictly a boolean
-        assert metric(http.get("/metrics").text, "promptdistill_capture_images") == 3
+        text = http.get("/metrics").text
+        assert metric(text, "promptdistill_capture_images") == 3 and metric(text, "promptdistill_capture_skipped") == 0
 
 
 def test_a_broken_capture_folder_never_fails_a_request(live: Any, photos: list[Any], tmp_path: Path) -> None:

@@ -295,3 +295,29 @@ def test_items_cost_counts_against_the_batch_and_normal_batches_follow_the_time_
     assert untargeted[0] == 1 and max(untargeted) == 4, untargeted  # 16 units of cost: 4 items of 4
     targeted = asyncio.run(run(0.05))  # 5 units at 0.01 s: one item of cost 4 per batch
     assert targeted[0] == 1 and max(targeted) == 1, targeted
+
+
+def test_a_seeded_rate_sizes_the_first_batch_and_a_large_request_is_answered_whole() -> None:
+    """The text tower's start-up warm-up seeds the rate, so the very first normal batch already
+    follows the time target (not max_batch_size); a request of many items gets every row back."""
+
+    async def run(seed: float | None) -> tuple[list[int], np.ndarray]:
+        sizes: list[int] = []
+
+        def encode(pixels: np.ndarray) -> np.ndarray:
+            sizes.append(len(pixels))
+            return _encoder()(pixels)
+
+        engine = Engine(encode, EngineCfg(max_batch_size=64, target_batch_s=0.03))
+        if seed is not None:
+            engine.seed_rate(seed)
+        engine.start()
+        out = await engine.embed(_px(1, 40), timeout_s=10)  # all 40 queue before the worker's first look
+        await engine.stop()
+        return sizes, out
+
+    sizes, out = asyncio.run(run(0.01))
+    assert sizes[0] == 3, sizes  # 0.03 s at 0.01 s per item
+    assert sum(sizes) == 40 and out.shape == (40, 4) and np.allclose(out, 2.0), (sizes, out.shape)
+    unseeded, _ = asyncio.run(run(None))
+    assert unseeded[0] == 40, unseeded  # no rate yet: the whole queue at once

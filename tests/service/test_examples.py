@@ -20,7 +20,7 @@ from PIL import Image
 from models.prototypes import Gap, centroid, class_vector, combine, image_prototype
 from promptdistill.cli import main
 from service.client import Client, ServiceClientError
-from service.examples import ExampleLimits
+from service.examples import ExampleLimits, near_duplicate_cosine
 from service.images import EncodedImage
 from tests.service.conftest import jpeg_bytes, png_bytes
 
@@ -113,16 +113,41 @@ def test_with_an_image_sample_the_prototype_crosses_the_gap(live: Any, photos: l
         with server.client() as http:
             resp = http.post("/v1/label-sets/default/classes", json={"examples": {"gizmo": [b64(b) for b in imgs]}})
         assert resp.status_code == 201, resp.text
-        assert resp.json()["gap"] == "centroid"
+        assert resp.json()["gap"] == "standardised"
         shipped = server.services.bundle.class_vectors["default"].float().numpy()
         gap = Gap.between(shipped, sample.to(torch.float16).float().numpy())
-        assert gap.mode == "centroid" and np.linalg.norm(gap.shift) > 0.01
+        assert gap.mode == "standardised" and np.linalg.norm(gap.shift) > 0.01
         want = class_vector(None, embed(server, imgs), gap)
         got = vector_of(server, "default", resp.json()["classes"][0]["id"])
         np.testing.assert_allclose(got, want, atol=1e-5)
         plain = image_prototype(embed(server, imgs), Gap.between(shipped, None))
         assert float(got @ plain) < 0.9999  # the shift is really applied
         np.testing.assert_allclose(centroid(shipped) - centroid(sample.float().numpy()), gap.shift, atol=1e-2)
+        # near-duplicates: the same example re-encoded (JPEG) or resized is refused, by embedding
+        near = near_duplicate_cosine(sample.to(torch.float16).float().numpy())
+        assert near is not None
+        gizmo = resp.json()["classes"][0]["id"]
+        again = [
+            jpeg_bytes(Image.open(io.BytesIO(imgs[0]))),
+            png_bytes(Image.open(io.BytesIO(imgs[1])).resize((120, 100))),
+        ]
+        assert all(float(e @ embed(server, imgs[:1])[0]) >= near for e in embed(server, again[:1]))  # the premise
+        before = state(server, "default")
+        with server.client() as http:
+            resp = http.post(
+                "/v1/label-sets/default/classes", json={"examples": {"twin": [b64(imgs[0]), b64(again[0])]}}
+            )
+            assert resp.status_code == 409 and resp.json()["code"] == "duplicate_example", resp.text
+            assert "near-duplicate of example 0" in resp.json()["detail"]
+            resp = http.post(f"/v1/label-sets/default/classes/{gizmo}/examples", json={"examples": [b64(again[1])]})
+            assert resp.status_code == 409 and "already stored" in resp.json()["detail"], resp.text
+            assert state(server, "default") == before
+            other = variants(photos, 6, seed=21)
+            cos = embed(server, other) @ embed(server, imgs).T  # [6, 3]
+            distinct = other[int(cos.max(1).argmin())]
+            assert float(cos.max(1).min()) < near  # the premise: a different picture
+            resp = http.post(f"/v1/label-sets/default/classes/{gizmo}/examples", json={"examples": [b64(distinct)]})
+            assert resp.status_code == 201, resp.text
 
 
 def test_multipart_and_more_examples_later(shared_server: Any, photos: list[Any]) -> None:
@@ -271,7 +296,11 @@ def test_examples_embedded_by_another_model_are_embedded_again(shared_server: An
         more = http.post(f"/v1/label-sets/ex6/classes/{cid}/examples", json={"examples": [b64(imgs[2])]})
         assert more.status_code == 201, more.text
     want = image_prototype(embed(server, imgs), no_gap(server))  # the kept PNGs are the uploads' pixels
-    np.testing.assert_allclose(vector_of(server, "ex6", more.json()["classes"][0]["id"]), want, atol=1e-5)
+    new_id = more.json()["classes"][0]["id"]
+    np.testing.assert_allclose(vector_of(server, "ex6", new_id), want, atol=1e-5)
+    rows = store.examples("ex6", new_id)  # the two embedded again were written back in this space
+    assert [e.space for e in rows] == [store.space] * 3
+    np.testing.assert_allclose(np.stack([e.embedding for e in rows]), embed(server, imgs), atol=1e-5)
 
 
 def test_example_classes_get_the_quality_check(shared_server: Any, photos: list[Any]) -> None:
@@ -322,3 +351,7 @@ def test_a_new_space_rebuilds_example_classes_from_their_kept_examples(
         assert float(got @ text[1]) < 0.999  # not the name's vector
         want = class_vector(text[0], kept["comet"], gap, ExampleLimits().text_weight)
         np.testing.assert_allclose(vector_of(server, "default", ids["comet"]), want, atol=1e-5)
+        for n in ("part 7-B", "comet"):  # the re-embedded examples were written back in the new space
+            rows = store.examples("default", ids[n])
+            assert {e.space for e in rows} == {store.space}
+            np.testing.assert_allclose(np.stack([e.embedding for e in rows]), kept[n], atol=1e-5)

@@ -119,3 +119,19 @@ def test_report_pairs_equal_the_brute_force_tie_rates() -> None:
     assert [p for p in pairs if p.flagged] == [pairs[0]]
     nearest = confusable_pairs(ids, names, vectors, search, None, SCALE)
     assert (nearest[0].a, nearest[0].b) == ("c0", "c6") and nearest[0].tie_rate is None
+
+
+def test_nearest_new_classes_equal_a_full_sort_across_blocks() -> None:
+    """A bulk add ranks its new classes against each other in blocks; the result is the full sort's."""
+    from service.quality import _new_neighbours
+
+    vectors = normalise(np.random.default_rng(3).standard_normal((37, 8)).astype(np.float32))
+    ids, cos = _new_neighbours(vectors, k=4, rows=10)  # 4 blocks, the last one short
+    full = vectors @ vectors.T
+    np.fill_diagonal(full, -np.inf)
+    for i in range(len(vectors)):
+        want = np.argsort(-full[i])[:4]
+        assert sorted(ids[i].tolist()) == sorted(want.tolist()), i
+        np.testing.assert_allclose(np.sort(cos[i]), np.sort(full[i, want]), rtol=1e-5)
+    one_ids, _ = _new_neighbours(vectors[:1], k=4)
+    assert one_ids.shape == (1, 0)  # a single new class has no new neighbours

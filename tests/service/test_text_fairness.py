@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -66,3 +67,51 @@ def test_text_work_per_request_is_bounded(live: Any, photos: list[Any]) -> None:
         labels = [f"m{i}" for i in range(70)]
         one_template = {"images": [image], "candidate_labels": labels, "hypothesis_template": "{}"}
         assert http.post("/v1/classify", json=one_template).status_code == 200
+
+
+def test_a_text_batch_whose_clients_all_left_stops_at_the_next_transformer_block(live: Any, photos: list[Any]) -> None:
+    """Open-vocabulary work already running for a client that disconnects: the real text side's
+    blocks see the batch abandoned and stop (the forward pre-hook service/text.py installs); the
+    labels count as dropped, no batch is recorded as encoded, and the server answers the next request."""
+    from service.engine import Abandoned
+    from tests.service.test_classify import metric
+
+    image = base64.b64encode(png_bytes(photos[0].resize((32, 32)))).decode()
+    with live() as server:
+        side, engine = server.services.text.side, server.services.text.engine
+        real = side.class_vectors
+        outcome: list[str] = []
+
+        def held(names: list[str], templates: Any = None, progress: bool = False) -> Any:
+            abandoned = engine.abandoned  # this batch's flag (set by the engine when its requests are gone)
+            if not abandoned.wait(30):  # the batch is running; its client hangs up meanwhile
+                outcome.append("never abandoned")
+            try:
+                return real(names, templates)
+            except Abandoned:
+                outcome.append("stopped")
+                raise
+
+        side.class_vectors = held  # type: ignore[method-assign]
+        labels = [f"gone label {i}" for i in range(5)]
+        before = httpx2.get(server.url + "/metrics").text
+        with contextlib.suppress(httpx2.TimeoutException):  # the client gives up while its labels encode
+            httpx2.post(server.url + "/v1/classify", json={"images": [image], "candidate_labels": labels}, timeout=1.0)
+        deadline = time.monotonic() + 30
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.01)
+        side.class_vectors = real  # type: ignore[method-assign]
+        after = httpx2.get(server.url + "/metrics").text
+        again = httpx2.post(
+            server.url + "/v1/classify", json={"images": [image], "candidate_labels": ["a cat", "a dog"]}, timeout=60
+        )
+    assert outcome == ["stopped"], outcome
+    text = {"tower": "text"}
+    encoded = metric(after, "promptdistill_batch_seconds_count", text) - metric(
+        before, "promptdistill_batch_seconds_count", text
+    )
+    dropped = metric(after, "promptdistill_dropped_images_total", {**text, "reason": "cancelled"}) - metric(
+        before, "promptdistill_dropped_images_total", {**text, "reason": "cancelled"}
+    )
+    assert encoded == 0 and dropped == len(labels), (encoded, dropped)
+    assert again.status_code == 200, again.text

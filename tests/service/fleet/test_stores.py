@@ -234,3 +234,16 @@ def test_a_database_of_the_release_before_spaces_migrates_in_place_losing_nothin
     assert ids == [4] and version == 8
     again = make_store()  # a second start (another worker) finds the migrated schema and changes nothing
     assert again.load("animals").names == ["cat", "dog", "k\u00e4fer", "owl"] and again.spaces() == {"test": 5}
+
+
+def test_missing_reads_a_pass_over_a_set_in_batches_after_the_last_id(make_store: Callable[..., Store]) -> None:
+    store = make_store()
+    with store.transaction() as db:
+        store.create_set(db, "s", [f"c{i}" for i in range(6)], vecs(6), "runtime")
+    store.space = "another space"  # the same database read by a bundle of another space
+    assert store.missing("s", 4) == ([0, 1, 2, 3], ["c0", "c1", "c2", "c3"], ["runtime"] * 4)
+    assert store.missing("s", 4, after=3)[0] == [4, 5]
+    with store.transaction() as db:
+        assert store.put_vectors(db, "s", [4, 1], vecs(2, seed=1)) == 2
+    assert store.missing("s", 10, after=2)[0] == [3, 5] and store.missing("s", 10)[0] == [0, 2, 3, 5]
+    assert store.missing_counts() == {"s": 4}
