@@ -443,8 +443,13 @@ def image_tower_cost(bb: Backbone) -> dict[str, float]:
 
     size = bb.preprocess.size
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        bb.model.encode_image(torch.zeros(1, 3, *size))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel hides its matmuls from the counter
+    try:
+        with torch.no_grad(), counter:
+            bb.model.encode_image(torch.zeros(1, 3, *size))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return {"image_flops": float(counter.get_total_flops()),
             "image_params": float(sum(p.numel() for p in bb.model.visual.parameters()))}  # fmt: skip
 
