@@ -15,7 +15,9 @@
 #    written on the host by another uid (umask 022) served from a read-only bind mount;
 #    `docker stop -t 40` exits 0; `docker-compose up` of docker-compose.yml becomes healthy; its
 #    `cluster` profile (PostgreSQL + 3 replicas + nginx; Debian's postgres and nginx stand in for the
-#    official images) serves a class added through the load balancer from every replica.
+#    official images) serves a class added through the load balancer from every replica, and keeps
+#    serving every class when replica-1 is moved to a bundle of another embedding space (the first
+#    step of a rolling upgrade).
 # Everything (containers, volumes, images, the daemon and its ~20 GB of vfs layers) is removed
 # at the end, on failure too. Each phase prints its duration.
 #
@@ -273,6 +275,9 @@ services:
   lb:
     image: $INFRA
     command: ["nginx", "-g", "daemon off;"]
+  replica-1:
+    volumes:
+      - $WORK/host-bundle:/v2:ro
 EOF
 cluster() { PROMPTDISTILL_CLUSTER_PORT=$CLUSTER_PORT compose --profile cluster "$@"; }
 cluster up -d postgres replica-1 replica-2 replica-3 lb >"$WORK/cluster.log" 2>&1 \
@@ -291,13 +296,13 @@ added=$(curl -fsS -H "X-API-Key: $KEY" -H 'content-type: application/json' -d '{
 version=$("$PYTHON" -c 'import json, sys; print(json.loads(sys.argv[1])["version"])' "$added")
 # every replica, asked directly inside its container without a token, serves the class (NOTIFY)
 # from the one database (one X-Store-Id)
-replica_sees() {
+replica_sees() {  # replica_sees REPLICA [CLASS]: it serves CLASS (default: cluster okapi) at $version or later
     cluster exec -T "$1" python3 -c '
 import json, sys, urllib.request as u
 r = u.urlopen("http://127.0.0.1:8000/v1/label-sets/default/classes?limit=10000", timeout=10)
 body = json.load(r)
-assert body["version"] >= int(sys.argv[1]) and any(c["name"] == "cluster okapi" for c in body["classes"])
-print(r.headers["X-Store-Id"])' "$version" >"$WORK/store-$1" 2>/dev/null
+assert body["version"] >= int(sys.argv[1]) and any(c["name"] == sys.argv[2] for c in body["classes"])
+print(r.headers["X-Store-Id"])' "$version" "${2:-cluster okapi}" >"$WORK/store-$1" 2>/dev/null
 }
 for r in replica-1 replica-2 replica-3; do
     wait_for 30 "$r to serve the class added through the load balancer" replica_sees "$r"
@@ -308,6 +313,30 @@ curl -fsS "$C/v1/label-sets/default/classes?min_version=$version&limit=10000" | 
 curl -fsS -F "files=@$WORK/chelsea.jpg" -F top_k=1 "$C/v1/classify" | grep -q '"predictions"' \
     || die "classify through the load balancer failed"
 log "cluster: class added at version $version, served by 3 replicas of store $(head -1 "$WORK/store-replica-1")"
+# The first step of a rolling upgrade to a bundle of another embedding space (README, "A classifier's whole life"):
+# replica-1 restarts on the host bundle above (a random tiny CLIP: another space), encodes every class
+# its space lacks, and serves beside the two old replicas; a class added now reaches both spaces.
+space_of() {
+    cluster exec -T "$1" python3 -c '
+import json, urllib.request as u
+print(json.load(u.urlopen("http://127.0.0.1:8000/v1/model", timeout=10))["loaded"]["space"])'
+}
+old_space=$(space_of replica-1)
+PROMPTDISTILL_BUNDLE=/v2 cluster up -d --no-deps replica-1 >>"$WORK/cluster.log" 2>&1 \
+    || { tail -30 "$WORK/cluster.log" >&2; die "restarting replica-1 on another bundle failed"; }
+replica1_healthy() { [[ $(docker inspect -f '{{.State.Health.Status}}' "$(cluster ps -q replica-1)") == healthy ]]; }
+wait_for 300 "replica-1 to become healthy on the bundle of another space" replica1_healthy
+new_space=$(space_of replica-1)
+[[ $new_space != "$old_space" && $(space_of replica-2) == "$old_space" ]] \
+    || die "replica-1 should serve another space than replica-2 (got $new_space and $(space_of replica-2))"
+wait_for 120 "replica-1 to serve the class added before its upgrade" replica_sees replica-1
+added=$(curl -fsS -H "X-API-Key: $KEY" -H 'content-type: application/json' -d '{"names": ["rolled zebra"]}' \
+    "$C/v1/label-sets/default/classes") || die "adding a class during the rolling upgrade failed"
+version=$("$PYTHON" -c 'import json, sys; print(json.loads(sys.argv[1])["version"])' "$added")
+for r in replica-1 replica-2 replica-3; do
+    wait_for 60 "$r to serve the class added during the rolling upgrade" replica_sees "$r" "rolled zebra"
+done
+log "cluster: rolling upgrade, replica-1 on space $new_space beside two on $old_space: both serve every class"
 cluster stop -t 40 >/dev/null 2>&1
 for r in replica-1 replica-2 replica-3; do
     [[ $(docker inspect -f '{{.State.ExitCode}}' "$(cluster ps -q "$r")") == 0 ]] || die "$r did not exit 0"
