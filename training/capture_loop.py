@@ -292,25 +292,8 @@ def _write(out: Path, cfg: CaptureLoopCfg, runs: list[dict[str, Any]], seconds: 
 
 
 # ----------------------------------------------------------------- CLI
-def register(esub: Any) -> None:
-    p = esub.add_parser("capture-loop", help="Fashion-MNIST: serve a student, capture traffic, re-distil, promote")
-    p.add_argument("--out", required=True, help="output folder (summary.json, table.md, seedN/)")
-    p.add_argument("--root", help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--train-per-class", type=int, help="the first student's unlabeled images per class (100)")
-    p.add_argument("--test-per-class", type=int, help="test images per class (100)")
-    p.add_argument("--traffic", type=int, help="other train images sent as classify requests (5000)")
-    p.add_argument("--capture-rate", type=float, help="the service's capture_rate (1.0)")
-    p.add_argument("--fashion", default="{}", help="FashionCfg overrides as JSON, e.g. '{\"distill_epochs\": 5}'")
-    p.add_argument(
-        "--steps-control",
-        action="store_true",
-        help="on a finished --out folder: the first students trained for as many steps, without captures",
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: Any) -> int:
+def cli(args: Any) -> int:
+    """`promptdistill experiment capture-loop` (its arguments: training/cli.py)."""
     import sys
 
     if args.steps_control:

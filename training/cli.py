@@ -97,9 +97,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ec.add_argument("--out", required=True, help="output folder (summary.json, table.md)")
     ec.add_argument("--draws", type=int, default=10, help="random draws of the examples per count")
     ec.set_defaults(func=_example_classes)
-    from training.capture_loop import register as register_capture_loop
-
-    register_capture_loop(esub)
+    p = esub.add_parser("capture-loop", help="Fashion-MNIST: serve a student, capture traffic, re-distil, promote")
+    p.add_argument("--out", required=True, help="output folder (summary.json, table.md, seedN/)")
+    p.add_argument("--root", help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--train-per-class", type=int, help="the first student's unlabeled images per class (100)")
+    p.add_argument("--test-per-class", type=int, help="test images per class (100)")
+    p.add_argument("--traffic", type=int, help="other train images sent as classify requests (5000)")
+    p.add_argument("--capture-rate", type=float, help="the service's capture_rate (1.0)")
+    p.add_argument("--fashion", default="{}", help="FashionCfg overrides as JSON, e.g. '{\"distill_epochs\": 5}'")
+    p.add_argument(
+        "--steps-control",
+        action="store_true",
+        help="on a finished --out folder: the first students trained for as many steps, without captures",
+    )
+    p.set_defaults(func=_capture_loop)
 
     demo = sub.add_parser("demo", help="offline end-to-end PromptKD run on scikit-learn digits (~1 min on CPU)")
     demo.add_argument("--out", required=True, help="output folder (the bundle goes to OUT/bundle)")
@@ -107,6 +119,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     demo.set_defaults(func=_demo)
+
+
+def _capture_loop(args: argparse.Namespace) -> int:
+    from training.capture_loop import cli
+
+    return cli(args)
 
 
 def _register_convert(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
