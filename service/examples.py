@@ -53,7 +53,7 @@ from service.errors import (
 )
 from service.images import EncodedImage, ImagePreprocessor, decode_base64_image
 from service.names import clean_name
-from service.quality import ClassCheck, QualityGate
+from service.quality import ClassCheck, QualityGate, nearest_others
 from service.registry import RUNTIME, Change, Registry
 from service.stores.base import ClassRow, ExampleRow
 
@@ -131,13 +131,8 @@ def near_duplicate_cosine(sample: np.ndarray | None, quantile: float = NEAR_QUAN
     neighbour. None without a sample (then only identical bytes are refused)."""
     if sample is None or len(sample) < 2:
         return None
-    rows = normalise_rows(sample[:MAX_NEAR_SAMPLE])
-    nearest = np.full(len(rows), -np.inf)
-    for start in range(0, len(rows), 512):  # [512, M] at a time
-        block = rows[start : start + 512] @ rows.T
-        block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf  # not with itself
-        nearest[start : start + len(block)] = block.max(axis=1)
-    return float(np.quantile(nearest, quantile))
+    _, nearest = nearest_others(normalise_rows(sample[:MAX_NEAR_SAMPLE]), k=1, rows=512)  # [M, 1]
+    return float(np.quantile(nearest[:, 0], quantile))
 
 
 def normalise_rows(x: np.ndarray) -> np.ndarray:

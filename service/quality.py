@@ -101,7 +101,7 @@ def check_new_classes(
     """
     m = len(names)
     ex_ids, ex_cos = _existing_neighbours(vectors, search, k)  # [m, k'] each
-    new_ids, new_cos = _new_neighbours(vectors, k)  # [m, k''] each: the nearest other new classes
+    new_ids, new_cos = nearest_others(vectors, k)  # [m, k''] each: the nearest other new classes
     wanted = sorted({int(c) for c in ex_ids.ravel() if c >= 0})
     other_vectors = dict(zip(wanted, existing(wanted), strict=True)) if sample is not None and wanted else {}
     best = None
@@ -128,15 +128,16 @@ def check_new_classes(
     return checks
 
 
-def _new_neighbours(vectors: np.ndarray, k: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Each new class's ``k`` nearest among the other new classes: ids and cosines [m, min(k, m - 1)].
+def nearest_others(vectors: np.ndarray, k: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest among the other rows (unit vectors; new classes, sample images): ids and
+    cosines [m, min(k, m - 1)], in the rows' dtype.
     Blocks of ``rows`` bound the memory (a 5,000-name add would need a 5,000 x 5,000 matrix) and
     argpartition keeps it linear in m per row (sorting every pair made a bulk add quadratic in Python)."""
     m = len(vectors)
     kk = min(k, m - 1)
     if kk <= 0:
         return np.zeros((m, 0), np.int64), np.zeros((m, 0), np.float32)
-    ids, cos = np.zeros((m, kk), np.int64), np.zeros((m, kk), np.float32)
+    ids, cos = np.zeros((m, kk), np.int64), np.zeros((m, kk), vectors.dtype)
     for start in range(0, m, rows):
         block = vectors[start : start + rows] @ vectors.T  # [b, m]
         block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf  # not itself

@@ -123,15 +123,15 @@ def test_report_pairs_equal_the_brute_force_tie_rates() -> None:
 
 def test_nearest_new_classes_equal_a_full_sort_across_blocks() -> None:
     """A bulk add ranks its new classes against each other in blocks; the result is the full sort's."""
-    from service.quality import _new_neighbours
+    from service.quality import nearest_others
 
     vectors = normalise(np.random.default_rng(3).standard_normal((37, 8)).astype(np.float32))
-    ids, cos = _new_neighbours(vectors, k=4, rows=10)  # 4 blocks, the last one short
+    ids, cos = nearest_others(vectors, k=4, rows=10)  # 4 blocks, the last one short
     full = vectors @ vectors.T
     np.fill_diagonal(full, -np.inf)
     for i in range(len(vectors)):
         want = np.argsort(-full[i])[:4]
         assert sorted(ids[i].tolist()) == sorted(want.tolist()), i
         np.testing.assert_allclose(np.sort(cos[i]), np.sort(full[i, want]), rtol=1e-5)
-    one_ids, _ = _new_neighbours(vectors[:1], k=4)
+    one_ids, _ = nearest_others(vectors[:1], k=4)
     assert one_ids.shape == (1, 0)  # a single new class has no new neighbours
