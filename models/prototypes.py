@@ -21,9 +21,8 @@ and the prototype is the plain normalised mean (``gap="none"``): stated, never g
 
 The shift moves the prototype into the text cone but not onto the text vectors' *score scale*:
 its cosines with in-domain images can vary with the image much more than a text vector's do
-(image-image agreement is stronger than image-text agreement; 2.5x on the Fashion-MNIST student)
-or sit higher on average (the digits student), so a shifted prototype wins images of named classes
-(measured in docs/experiments.md: the named classes' drop). With the sample at hand
+(image-image agreement is stronger than image-text agreement) or sit higher on average, so a
+shifted prototype wins images of named classes (docs/experiments.md has the measurements). With the sample at hand
 (``gap="standardised"``, the default where there is one), the prototype's sample scores are also
 standardised to those of the shipped text vectors, Z-norm style (Auckenthaler, Carey,
 Lloyd-Thomas, "Score Normalization for Text-Independent Speaker Verification Systems", Digital
