@@ -49,7 +49,7 @@ class CaptureLoopCfg(Cfg):
     root: Path = FASHION_MNIST_ROOT
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
     train_per_class: int = Field(default=100, ge=16)  # the first student's unlabeled pool (x 10 classes)
-    test_per_class: int = Field(default=100, ge=1)
+    test_per_class: int | None = Field(default=None, ge=1)  # None: all 1,000 per class
     traffic: int = Field(default=5000, ge=10)  # other train images sent as traffic (the issue: 20,000)
     capture_rate: float = Field(default=1.0, gt=0, le=1)
     clients: int = Field(default=16, ge=1)
@@ -213,20 +213,26 @@ def format_table(table: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _backbones(cfg: CaptureLoopCfg, out: Path) -> tuple[int, Any, tuple[Any, Any]]:
+def pretrain_cfg(cfg: CaptureLoopCfg) -> Any:
+    """The Fashion-MNIST experiment's pre-training: its tiny CLIPs on *all* train images (the fixed starting
+    point, the same cache as ``promptdistill experiment fashion-mnist``), whatever the loop's own pools."""
+    return _fashion_cfg(cfg).model_copy(update={"train_per_class": None})
+
+
+def _backbones(cfg: CaptureLoopCfg) -> tuple[int, Any, tuple[Any, Any]]:
     """Image size, the benchmark (train / test subsamples) and the pre-trained (teacher, student) CLIPs
-    (training/fashion.py's, cached in ``out``)."""
+    (training/fashion.py's, from its cache: :func:`pretrain_cfg`)."""
     from models.backbone import configured_image_size
     from training.benchmark import load_benchmark
     from training.fashion import STUDENT_CONFIG, TEACHER_CONFIG, pretrained
 
-    fcfg = _fashion_cfg(cfg)
-    size = configured_image_size(str(STUDENT_CONFIG)) or 64
+    pcfg = pretrain_cfg(cfg)
+    size = configured_image_size(str(STUDENT_CONFIG)) or 32
     data = DataCfg(kind="fashion_mnist", root=cfg.root, subsample_train=cfg.train_per_class,
                    subsample_test=cfg.test_per_class)  # fmt: skip
     bench = load_benchmark(data, image_size=size)
-    bbs = (pretrained(TEACHER_CONFIG, bench, fcfg, out / "pretrained-teacher.safetensors", "teacher"),
-           pretrained(STUDENT_CONFIG, bench, fcfg, out / "pretrained-student.safetensors", "student"))  # fmt: skip
+    bbs = (pretrained(TEACHER_CONFIG, None, pcfg, what="teacher"),
+           pretrained(STUDENT_CONFIG, None, pcfg, what="student"))  # fmt: skip
     return size, bench, bbs
 
 
@@ -240,7 +246,7 @@ def run_capture_loop(out: str | Path, cfg: CaptureLoopCfg | None = None) -> dict
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
     try:
-        size, bench, bbs = _backbones(cfg, out)
+        size, bench, bbs = _backbones(cfg)
         traffic = traffic_images(cfg, size, bench.train_items)
         for seed in cfg.seeds:
             runs.append(one_seed(seed, out / f"seed{seed}", cfg, fcfg, bbs, traffic))
@@ -265,13 +271,15 @@ def steps_control(out: str | Path) -> dict[str, Any]:
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
     try:
-        _, _, (_, student_bb) = _backbones(cfg, out)
+        _, _, (_, student_bb) = _backbones(cfg)
         for run in summary["runs"]:
             d = out / f"seed{run['seed']}"
             first = load_config(DistillRunConfig, d / "student" / "config.yaml")
             epochs = round(first.optim.epochs * run["n_unlabeled"]["after"] / run["n_unlabeled"]["before"])
+            # evaluated at its last epoch only: the "last" figures compared here do not depend on it
             ccfg = first.model_copy(update={"out_dir": d / "steps-control",
-                                            "optim": first.optim.model_copy(update={"epochs": epochs})})  # fmt: skip
+                                            "optim": first.optim.model_copy(update={"epochs": epochs}),
+                                            "loop": first.loop.model_copy(update={"eval_every": epochs})})  # fmt: skip
             res = run_distill(DistillRunConfig.model_validate(ccfg.model_dump()), student=student_bb)
             rows.append({"seed": run["seed"], "epochs": epochs, "before": run["before"], "after": run["after"],
                          "steps_control": _row(res)})  # fmt: skip

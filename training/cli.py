@@ -102,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--root", help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--train-per-class", type=int, help="the first student's unlabeled images per class (100)")
-    p.add_argument("--test-per-class", type=int, help="test images per class (100)")
+    p.add_argument("--test-per-class", type=int, help="test images per class (all 1,000)")
     p.add_argument("--traffic", type=int, help="other train images sent as classify requests (5000)")
     p.add_argument("--capture-rate", type=float, help="the service's capture_rate (1.0)")
     p.add_argument("--fashion", default="{}", help="FashionCfg overrides as JSON, e.g. '{\"distill_epochs\": 5}'")

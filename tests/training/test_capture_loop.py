@@ -27,3 +27,17 @@ def test_up_by_more_than_the_seed_spread() -> None:
     assert close["up_by_more_than_spread"] is False
     text = format_table(table, runs)
     assert "| HM | 52.00 ± 2.00 | 55.00 ± 2.65 | 3.00 ± 1.00 | yes |" in text
+
+
+def test_the_loop_starts_from_the_fashion_experiments_pretrained_clips() -> None:
+    """The CLIPs are the fixed starting point: pre-trained on all train images, the Fashion-MNIST
+    experiment's cache, whatever the loop's first pool or its recipe overrides."""
+    from training.capture_loop import CaptureLoopCfg, _fashion_cfg, pretrain_cfg
+    from training.fashion import STUDENT_CONFIG, TEACHER_CONFIG, FashionCfg, cache_path
+
+    cfg = CaptureLoopCfg(train_per_class=100, test_per_class=10, fashion={"distill_epochs": 3})
+    assert pretrain_cfg(cfg).train_per_class is None
+    for config in (TEACHER_CONFIG, STUDENT_CONFIG):
+        assert cache_path(config, pretrain_cfg(cfg)) == cache_path(config, FashionCfg())
+        assert cache_path(config, _fashion_cfg(cfg)) != cache_path(config, FashionCfg())  # a 1,000-image one
+    assert _fashion_cfg(cfg).train_per_class == 100 and _fashion_cfg(cfg).distill_epochs == 3
