@@ -142,7 +142,12 @@ class Settings(BaseSettings):
         description="keep a sample of classified images here (re-encoded JPEGs named by content hash; a folder "
         "replicas may share). None: capture off",
     )
-    capture_rate: float = Field(default=0.1, ge=0.0, le=1.0, description="fraction of classified images kept")
+    capture_rate: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="fraction of classified images kept; its cost in throughput grows with it (BENCHMARKS.md)",
+    )
     capture_max_images: int = Field(default=100_000, ge=1, description="capture pauses when the folder holds this many")
     capture_max_bytes: int = Field(default=10 * 1024 * MiB, ge=MiB, description="... or this many bytes")
     capture_retention_days: float = Field(default=30.0, gt=0, description="kept images older than this are deleted")

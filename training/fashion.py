@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from models.backbone import Backbone, load_backbone
@@ -67,6 +67,8 @@ CAPTION_SETS = {"promptsrc": CAPTIONS, "photo": [ZERO_SHOT_TEMPLATE]}  # "photo"
 ALL = 0  # a pool size meaning "every train image"
 METHODS = ["zero-shot (student CLIP)", "zero-shot (teacher CLIP)", "CoOp", "MoPD", "PromptSRC teacher",
            "PromptKD student"]  # fmt: skip
+Stage = Literal["zero-shot", "coop", "mopd", "teacher", "student"]
+STAGES: list[Stage] = ["zero-shot", "coop", "mopd", "teacher", "student"]
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "promptdistill" / "fashion-clip"
 
 
@@ -105,10 +107,24 @@ class FashionCfg(Cfg):
     distill_warmup_epochs: int = Field(default=0, ge=0)
     kd_weight: float = Field(default=1000.0, ge=0)
     prompt_tokens: int = Field(default=4, ge=1)
+    # the student's visual prompts (ablation); None: prompt_tokens, and the depth rule
+    student_tokens: int | None = Field(default=None, ge=1)
+    student_depth: int | None = Field(default=None, ge=1)
     # unlabeled pools per class for the data ablation, besides all images (0 = all)
     pools: list[int] = Field(default_factory=lambda: [100, 1000, ALL])
     jobs: int = Field(default=1, ge=1)  # seeds run at once, each in its own single-threaded process
     progress: bool = True
+    stages: list[Stage] = Field(default_factory=lambda: list(STAGES), min_length=1)  # which methods run
+    # an earlier run's output folder whose seed<N>/teacher the students distil from (stage "teacher" off)
+    teacher_from: Path | None = None
+
+    @model_validator(mode="after")
+    def _teacher_source(self) -> FashionCfg:
+        if "teacher" in self.stages and self.teacher_from is not None:
+            raise ValueError("teacher_from reuses an earlier teacher: leave 'teacher' out of stages")
+        if "student" in self.stages and "teacher" not in self.stages and self.teacher_from is None:
+            raise ValueError("the student stage needs a teacher: add 'teacher' to stages or set teacher_from")
+        return self
 
     def lr_distill(self) -> float:
         return self.distill_lr if self.distill_lr is not None else 0.005 * self.distill_batch / 8
@@ -253,8 +269,8 @@ def _distill(student_bb: Backbone, cfg: FashionCfg, seed: int, teacher_dir: Path
         data=_data(cfg, batch_size=cfg.distill_batch, subsample_train=pool or cfg.train_per_class),
         optim=OptimCfg(epochs=cfg.distill_epochs, lr=cfg.lr_distill(), warmup_epochs=cfg.distill_warmup_epochs),
         loop=LoopCfg(seed=seed, progress=False, tensorboard=False, resume=False, checkpoint=False),
-        distill=DistillCfg(kd_weight=cfg.kd_weight, vision_tokens=cfg.prompt_tokens,
-                           vision_depth=depth(9, 12, vision_layers)),
+        distill=DistillCfg(kd_weight=cfg.kd_weight, vision_tokens=cfg.student_tokens or cfg.prompt_tokens,
+                           vision_depth=cfg.student_depth or depth(9, 12, vision_layers)),
         export=ExportCfg(onnx=False), out_dir=out,
     )  # fmt: skip
     return run_distill(dcfg, student=student_bb)
@@ -275,9 +291,20 @@ def _weights(cfg: FashionCfg) -> dict[str, float]:
     n = 10 * (cfg.train_per_class or 6000)
     per_image = 1.3e-3 * cfg.distill_epochs  # teacher forward + student forward/backward + loading, per epoch
     w = {"zero-shot": 3.0, "CoOp": 6.0, "MoPD": 8.0, "teacher": 12.0}
-    for pool in cfg.pools:
+    w = {k: v for k, v in w.items() if k.lower() in cfg.stages}
+    for pool in cfg.pools if "student" in cfg.stages else []:
         w[f"distill{pool}"] = 10.0 + per_image * min(n, 10 * pool if pool else n)
     return w
+
+
+def reused_teacher(cfg: FashionCfg, seed: int) -> tuple[Path, dict[str, Any]]:
+    """The teacher of ``seed`` in the earlier run ``cfg.teacher_from``: its folder and its results."""
+    assert cfg.teacher_from is not None
+    folder = Path(cfg.teacher_from) / f"seed{seed}" / "teacher"
+    results = folder / "results.json"
+    if not results.is_file():
+        raise FileNotFoundError(f"no teacher for seed {seed} under {cfg.teacher_from} ({results} is missing)")
+    return folder, json.loads(results.read_text())
 
 
 def run_fashion(out: str | Path, cfg: FashionCfg | None = None) -> dict[str, Any]:
@@ -348,23 +375,30 @@ def _one_seed(
         if bar is not None:
             bar.update(weights[key])
 
-    stage("zero-shot")
-    res["zero-shot (student CLIP)"] = zero_shot(bb["student"], bench)
-    res["zero-shot (teacher CLIP)"] = zero_shot(bb["teacher"], bench)
-    done("zero-shot")
-    stage("CoOp")
-    res["CoOp"] = _mopd(bb["student"], cfg, seed, d / "coop", coop=True)
-    done("CoOp")
-    stage("MoPD")
-    res["MoPD"] = _mopd(bb["student"], cfg, seed, d / "mopd", coop=False)
-    done("MoPD")
-    stage("PromptSRC teacher")
-    res["PromptSRC teacher"] = _teacher(bb["teacher"], cfg, seed, d / "teacher")
-    done("teacher")
-    for pool in sorted(cfg.pools, key=lambda p: p or math.inf):
+    if "zero-shot" in cfg.stages:
+        stage("zero-shot")
+        res["zero-shot (student CLIP)"] = zero_shot(bb["student"], bench)
+        res["zero-shot (teacher CLIP)"] = zero_shot(bb["teacher"], bench)
+        done("zero-shot")
+    if "coop" in cfg.stages:
+        stage("CoOp")
+        res["CoOp"] = _mopd(bb["student"], cfg, seed, d / "coop", coop=True)
+        done("CoOp")
+    if "mopd" in cfg.stages:
+        stage("MoPD")
+        res["MoPD"] = _mopd(bb["student"], cfg, seed, d / "mopd", coop=False)
+        done("MoPD")
+    teacher_dir = d / "teacher"
+    if "teacher" in cfg.stages:
+        stage("PromptSRC teacher")
+        res["PromptSRC teacher"] = _teacher(bb["teacher"], cfg, seed, teacher_dir)
+        done("teacher")
+    elif cfg.teacher_from is not None:
+        teacher_dir, res["PromptSRC teacher"] = reused_teacher(cfg, seed)
+    for pool in sorted(cfg.pools, key=lambda p: p or math.inf) if "student" in cfg.stages else []:
         stage(pool_name(pool))
         folder = d / ("student" if pool == ALL else f"student-{pool}pc")
-        student = _distill(bb["student"], cfg, seed, d / "teacher", folder, pool)
+        student = _distill(bb["student"], cfg, seed, teacher_dir, folder, pool)
         res[pool_name(pool)] = student["last"] | {"best": student.get("best"), "agreement": student["agreement"]}
         if pool == ALL:
             res["PromptKD student"] = res[pool_name(pool)]

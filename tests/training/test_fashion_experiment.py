@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from pydantic import ValidationError
 
 from tests.training.test_fashion_data import _write
 from training.contrastive import augment, unicl_loss
@@ -109,6 +111,30 @@ def test_pipeline_end_to_end_on_tiny_idx_files(tmp_path: Path) -> None:
     assert cache_path(cfg.student_config, cfg) != cache_path(
         cfg.student_config, cfg.model_copy(update={"pretrain_seed": 1})
     )
+
+    # the student stage alone, distilled from the run above's teacher with other visual prompts
+    again_cfg = cfg.model_copy(
+        update={"seeds": [1], "jobs": 1, "pools": [ALL], "stages": ["student"], "teacher_from": tmp_path / "out",
+                "student_tokens": 2, "student_depth": 1}
+    )  # fmt: skip
+    student_only = run_fashion(tmp_path / "student-only", again_cfg)
+    assert set(student_only["runs"]) == {"PromptSRC teacher", "PromptKD student", pool_name(ALL)}
+    teacher_seed1 = next(r for r in summary["runs"]["PromptSRC teacher"] if r["seed"] == 1)
+    assert student_only["runs"]["PromptSRC teacher"] == [teacher_seed1]  # read back, not re-trained
+    assert sorted(p.name for p in (tmp_path / "student-only" / "seed1").iterdir()) == ["student"]
+    used = yaml.safe_load((tmp_path / "student-only" / "seed1" / "student" / "config.yaml").read_text())
+    assert Path(used["teacher_dir"]) == tmp_path / "out" / "seed1" / "teacher"
+    assert (used["distill"]["vision_tokens"], used["distill"]["vision_depth"]) == (2, 1)
+    assert [c["n"] for c in student_only["claims"]] == [1]  # student vs 0.95x teacher, one seed
+
+
+def test_stages_without_the_teacher_need_an_earlier_one(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="needs a teacher"):
+        FashionCfg(stages=["student"])
+    with pytest.raises(ValidationError, match="leave 'teacher' out"):
+        FashionCfg(teacher_from=tmp_path)
+    assert FashionCfg(stages=["coop", "mopd"]).teacher_from is None  # no student: no teacher needed
+    assert FashionCfg(stages=["student"], teacher_from=tmp_path).stages == ["student"]
 
 
 @pytest.mark.parametrize("changed", [{"pretrain_epochs": 2}, {"train_per_class": 30}])
