@@ -53,15 +53,17 @@ DEFAULT_RATE = float(Settings.model_fields["capture_rate"].default)
 
 
 class Distinct(Classify):
-    """One image per request, each one distinct: the i-th photo with ``i`` (and a run tag) after its end."""
+    """One image per request, each one distinct: the i-th photo with ``i`` (and a run tag) after its end;
+    ``capture`` False: every request opts out (the server keeps none of it); None: the field is not sent."""
 
-    def __init__(self, url: str, images: list[bytes], tag: bytes) -> None:
+    def __init__(self, url: str, images: list[bytes], tag: bytes, capture: bool | None = None) -> None:
         super().__init__(url, images)
         self.tag = tag
+        self.params = {} if capture is None else {"capture": capture}
 
     def __call__(self, i: int) -> Any:
         data = self.images[i % len(self.images)] + self.tag + i.to_bytes(8, "big")
-        return self.client.classify_bytes([data])
+        return self.client.classify_bytes([data], **self.params)
 
 
 class Unprivileged(ServerProcess):
@@ -88,18 +90,6 @@ def _capture_state(url: str) -> dict[str, Any]:
     return {"readyz": ready.json()["checks"]["capture"], "readyz_status": ready.status_code, "metrics": m}
 
 
-class OptOut(Distinct):
-    """:class:`Distinct`, every request with ``"capture": capture`` (false: the server keeps none of it)."""
-
-    def __init__(self, url: str, images: list[bytes], tag: bytes, capture: bool) -> None:
-        super().__init__(url, images, tag)
-        self.capture = capture
-
-    def __call__(self, i: int) -> Any:
-        data = self.images[i % len(self.images)] + self.tag + i.to_bytes(8, "big")
-        return self.client.classify_bytes([data], capture=self.capture)
-
-
 def _mean_ci(values: list[float]) -> dict[str, Any]:
     """Mean and a 95 % bootstrap interval of the mean (seeded: the same rounds give the same interval)."""
     x = np.asarray(values, dtype=float)
@@ -114,9 +104,9 @@ def throughput_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
     """Per capture rate, one server; inside it, blocks of requests that opt out (the server keeps
     nothing of them: capture's cost is absent) against blocks that do not, in ABBA order per round.
 
-    One process serves both sides: separate capture-off / capture-on servers differed by up to ±5 %
-    from process to process on this machine (two identical capture-off servers: 0.92x-1.02x over five
-    runs), more than the effect measured; ABBA cancels a drift that is linear within the round.
+    One process serves both sides: separate capture-off and capture-on servers differed from process
+    to process by more than the effect measured (BENCHMARKS.md); ABBA cancels a drift that is linear
+    within the round.
     """
     images = photo_jpegs(32, (320, 240))
     rounds, block = (1, 100) if cfg.quick else (12, 500)
@@ -131,7 +121,7 @@ def throughput_part(bundle: Path, tmp: Path, cfg: BenchCfg) -> dict[str, Any]:
             for r in range(rounds):
                 got = []
                 for k, capture in enumerate((False, True, True, False)):  # A B B A
-                    make = partial(OptOut, server.url, images, f"/{i}/{r}/{k}/".encode(), capture)
+                    make = partial(Distinct, server.url, images, f"/{i}/{r}/{k}/".encode(), capture)
                     res = closed_loop(make, CLIENTS, requests=block)
                     if sum(res["errors"].values()):
                         raise RuntimeError(f"{name}: classify errors {res['errors']}")
